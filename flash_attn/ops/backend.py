@@ -1,0 +1,68 @@
+"""Backend selection shared by every op.
+
+- ``triton``: the Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was
+  set before ``flash_attn`` was imported (the interpreter reads it when a kernel is defined).
+- ``torch``: plain PyTorch, any device.
+- ``auto`` (default): ``triton`` for CUDA tensors when Triton imports, else ``torch``.
+
+``FLASH_ATTN_BACKEND`` overrides ``auto``. Asking for a backend that cannot serve the input
+is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` works (it is optional: CPU-only installs may lack it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_serves(device: torch.device) -> bool:
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    Args:
+        backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``. ``None`` reads
+            ``FLASH_ATTN_BACKEND`` (default ``"auto"``).
+        device: the device of the op's inputs.
+    Raises:
+        ValueError: unknown backend name, or ``"triton"`` for a device it cannot serve.
+    """
+    if backend is None:
+        backend = os.environ.get("FLASH_ATTN_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not _triton_serves(device):
+        if not triton_available():
+            why = "Triton is not installed"
+        else:
+            why = (
+                f"tensors are on {device.type}; Triton runs CUDA tensors, or CPU tensors when "
+                "TRITON_INTERPRET=1 is set before flash_attn is imported"
+            )
+        raise ValueError(f"backend='triton' cannot serve this input: {why}")
+    return backend
