@@ -1,0 +1,212 @@
+"""Fused cross-entropy: Triton (interpreter on CPU) and torch backends against an fp64 oracle
+and against F.cross_entropy with the same options."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flash_attn.ops.cross_entropy import CrossEntropyLoss, cross_entropy_loss
+from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
+from tests.conftest import HAS_CUDA, kernel_device
+
+BACKENDS = ["triton", "torch"]
+
+
+def _device(backend):
+    return kernel_device() if backend == "triton" else "cpu"
+
+
+def _inputs(n_rows, vocab, dtype, device, n_ignored=0, ignore_index=-100):
+    logits = (torch.randn(n_rows, vocab, dtype=torch.float32) * 3).to(dtype).to(device)
+    labels = torch.randint(0, vocab, (n_rows,))
+    labels[:n_ignored] = ignore_index
+    return logits.requires_grad_(), labels.to(device)
+
+
+def _plain(logits, labels, eps, z, ignore_index, reduction):
+    """Plain PyTorch at the logits' precision: the error budget of the tolerance criterion."""
+    loss = F.cross_entropy(
+        logits, labels, ignore_index=ignore_index, label_smoothing=eps, reduction="none"
+    )
+    if z:
+        loss = loss + z * torch.logsumexp(logits, -1).square() * (labels != ignore_index)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / (labels != ignore_index).sum()
+
+
+def _loss_and_grad(fn, logits, labels, **kw):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, labels, **kw)
+    # A weighted sum, so reduction="none" also checks a per-row upstream gradient.
+    weights = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+    (loss * weights).sum().backward()
+    return loss.detach().double(), x.grad.double()
+
+
+def _err(a, b):
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_rows, vocab", [(7, 1), (7, 7), (13, 1000), (5, 4099), (3, 50257)])
+@pytest.mark.parametrize("eps, z", [(0.0, 0.0), (0.1, 1e-3)])
+def test_within_twice_plain_pytorch_error(backend, dtype, n_rows, vocab, eps, z):
+    device = _device(backend)
+    logits, labels = _inputs(n_rows, vocab, dtype, device, n_ignored=1)
+    opts = dict(label_smoothing=eps, lse_square_scale=z, reduction="none")
+    loss, grad = _loss_and_grad(cross_entropy_loss, logits, labels, backend=backend, **opts)
+    ref_loss, ref_grad = _loss_and_grad(cross_entropy_ref, logits.double(), labels, **opts)
+    pt_loss, pt_grad = _loss_and_grad(
+        _plain, logits, labels, eps=eps, z=z, ignore_index=-100, reduction="none"
+    )
+    atol = 1e-6 if dtype == torch.float32 else 1e-3
+    assert _err(loss, ref_loss) <= 2 * _err(pt_loss, ref_loss) + atol
+    assert _err(grad, ref_grad) <= 2 * _err(pt_grad, ref_grad) + atol
+    assert grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_matches_f_cross_entropy(backend, reduction, eps, ignore_index):
+    device = _device(backend)
+    logits, labels = _inputs(11, 257, torch.float32, device, n_ignored=3, ignore_index=ignore_index)
+    kw = dict(label_smoothing=eps, ignore_index=ignore_index, reduction=reduction)
+    loss, grad = _loss_and_grad(cross_entropy_loss, logits, labels, backend=backend, **kw)
+    ref_loss, ref_grad = _loss_and_grad(F.cross_entropy, logits, labels, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_z_loss_adds_lse_squared(backend):
+    device = _device(backend)
+    logits, labels = _inputs(9, 130, torch.float32, device, n_ignored=2)
+    base = cross_entropy_loss(logits, labels, reduction="none", backend=backend)
+    with_z = cross_entropy_loss(
+        logits, labels, lse_square_scale=0.3, reduction="none", backend=backend
+    )
+    z = 0.3 * torch.logsumexp(logits.detach(), -1).square() * (labels != -100)
+    torch.testing.assert_close(with_z - base, z, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_backward_writes_gradient_into_logits():
+    device = kernel_device()
+    weight = torch.randn(33, 301, device=device, requires_grad=True)
+    hidden = torch.randn(6, 33, device=device)
+    labels = torch.randint(0, 301, (6,), device=device)
+    grads = []
+    for inplace in (False, True):
+        weight.grad = None
+        logits = hidden @ weight  # (6, 301), not a leaf: its storage may receive the gradient
+        logits.retain_grad()
+        loss = cross_entropy_loss(
+            logits, labels, 0.1, 1e-2, inplace_backward=inplace, backend="triton"
+        )
+        loss.backward()
+        grads.append(weight.grad.clone())
+        if inplace:
+            # After the backward, the logits' storage holds dlogits.
+            torch.testing.assert_close(logits.detach(), logits.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_matches_f_cross_entropy(backend):
+    device = _device(backend)
+    logits, labels = _inputs(4, 10, torch.float32, device, n_ignored=4)
+    assert torch.isnan(cross_entropy_loss(logits, labels, backend=backend))
+    assert cross_entropy_loss(logits, labels, reduction="sum", backend=backend).item() == 0.0
+    assert torch.isnan(F.cross_entropy(logits, labels))
+
+
+def test_large_vocab_is_split_into_column_blocks():
+    # 65536 columns are 4 blocks under the interpreter (16384 on a GPU is 8): the partial lse
+    # must combine exactly, and the label may fall in any block.
+    device = kernel_device()
+    logits, _ = _inputs(4, 65536, torch.float32, device)
+    labels = torch.tensor([0, 16383, 16384, 65535], device=device)
+    loss, grad = _loss_and_grad(cross_entropy_loss, logits, labels, backend="triton")
+    ref_loss, ref_grad = _loss_and_grad(F.cross_entropy, logits, labels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16 needs CUDA (the interpreter mishandles bf16)")
+def test_bf16_cuda():
+    logits, labels = _inputs(64, 32003, torch.bfloat16, "cuda", n_ignored=5)
+    loss, grad = _loss_and_grad(cross_entropy_loss, logits, labels, backend="triton")
+    ref_loss, ref_grad = _loss_and_grad(cross_entropy_ref, logits.double(), labels)
+    pt_loss, pt_grad = _loss_and_grad(_plain, logits, labels, 0.0, 0.0, -100, "mean")
+    assert _err(loss, ref_loss) <= 2 * _err(pt_loss, ref_loss) + 1e-3
+    assert _err(grad, ref_grad) <= 2 * _err(pt_grad, ref_grad) + 1e-3
+
+
+def test_module_matches_nn_cross_entropy():
+    device = kernel_device()
+    logits, labels = _inputs(8, 50, torch.float32, device, n_ignored=2)
+    ours = CrossEntropyLoss(label_smoothing=0.1, reduction="sum", backend="triton")
+    theirs = torch.nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(ours(logits, labels), theirs(logits, labels))
+    assert "label_smoothing=0.1" in repr(ours)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_traces_triton_path(inplace):
+    device = kernel_device()
+
+    def loss_fn(x, labels):
+        return cross_entropy_loss(
+            x * 2.0, labels, 0.1, 1e-3, inplace_backward=inplace, backend="triton"
+        )
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    logits, labels = _inputs(5, 77, torch.float32, device, n_ignored=1)
+    loss, grad = _loss_and_grad(compiled, logits, labels)
+    ref_loss, ref_grad = _loss_and_grad(loss_fn, logits, labels)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_custom_op_registration_is_consistent():
+    device = kernel_device()
+    logits, labels = _inputs(3, 20, torch.float32, device, n_ignored=1)
+    torch.library.opcheck(
+        torch.ops.flash_attn.cross_entropy_fwd.default,
+        (logits, labels, 0.1, 1e-3, -100, False),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    device = _device(backend)
+    logits, labels = _inputs(4, 10, torch.float32, device)
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy_loss(logits, torch.tensor([0, 1, 10, 2], device=device), backend=backend)
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy_loss(logits, torch.tensor([0, -1, 3, 2], device=device), backend=backend)
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy_loss(logits, labels[:3], backend=backend)
+    with pytest.raises(TypeError, match="labels"):
+        cross_entropy_loss(logits, labels.float(), backend=backend)
+    with pytest.raises(ValueError, match="logits"):
+        cross_entropy_loss(logits[None], labels, backend=backend)
+    with pytest.raises(TypeError, match="logits"):
+        cross_entropy_loss(logits.long(), labels, backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy_loss(logits, labels, reduction="avg", backend=backend)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy_loss(logits, labels, label_smoothing=1.5, backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        CrossEntropyLoss(reduction="avg")
+
+
+def test_triton_rejects_fp64():
+    logits, labels = _inputs(4, 10, torch.float64, kernel_device())
+    with pytest.raises(TypeError, match="logits"):
+        cross_entropy_loss(logits, labels, backend="triton")
