@@ -11,7 +11,6 @@ is an error, never a silent fallback.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -19,14 +18,17 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+try:
+    import triton  # noqa: F401
+
+    _TRITON_IMPORTS = True
+except ImportError:
+    _TRITON_IMPORTS = False
+
+
 def triton_available() -> bool:
     """True when ``import triton`` works (it is optional: CPU-only installs may lack it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_IMPORTS
 
 
 def interpreter_enabled() -> bool:

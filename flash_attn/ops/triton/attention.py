@@ -78,23 +78,46 @@ def _causal_key_end(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, CAUSAL: 
     return seqlen_k
 
 
-@triton.autotune(configs=_configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]), key=_TUNE_KEY,
-                 prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]),
+    key=_TUNE_KEY,
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D)
+    Q,
+    K,
+    V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D)
     Out,  # (B, Sq, H, D) contiguous
     Lse,  # (B, H, Sq) fp32 contiguous
     Seed,  # (1,) int64, read only when DROPOUT
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_om, stride_oh,
-    nheads, seqlen_q, seqlen_k, head_dim, group_size,
-    softmax_scale, dropout_p,
-    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_om,
+    stride_oh,
+    nheads,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    group_size,
+    softmax_scale,
+    dropout_p,
+    seqlen_q_bucket,
+    seqlen_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -124,10 +147,16 @@ def _attn_fwd_kernel(
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + offs_n
         in_keys = cols < seqlen_k
-        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
-                     mask=in_keys[None, :] & in_dim[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
-                    mask=in_keys[:, None] & in_dim[None, :], other=0.0)
+        kT = tl.load(
+            k_base + cols[None, :] * stride_kn + offs_d[:, None],
+            mask=in_keys[None, :] & in_dim[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + offs_d[None, :],
+            mask=in_keys[:, None] & in_dim[None, :],
+            other=0.0,
+        )
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(_visible(rows, cols, seqlen_q, seqlen_k, CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -149,16 +178,24 @@ def _attn_fwd_kernel(
         acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
     tl.store(Lse + bh * seqlen_q + rows, lse, mask=rows < seqlen_q)
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & in_dim[None, :])
+    o_ptrs = (
+        Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+    )
+    tl.store(
+        o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & in_dim[None, :]
+    )
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO,  # (B, Sq, H, D) contiguous
+    Out,
+    DO,  # (B, Sq, H, D) contiguous
     Delta,  # (B, H, Sq) fp32: rowsum(dO * O), the D_i of the paper's backward
-    nheads, seqlen_q, head_dim,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    nheads,
+    seqlen_q,
+    head_dim,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -173,22 +210,47 @@ def _attn_bwd_delta_kernel(
     tl.store(Delta + bh * seqlen_q + rows, tl.sum(o * do, 1), mask=rows < seqlen_q)
 
 
-@triton.autotune(configs=_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]), key=_TUNE_KEY,
-                 prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    key=_TUNE_KEY,
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # as in the forward; DO like Out, contiguous
-    Lse, Delta,  # (B, H, Sq) fp32
-    DK, DV,  # (B, Sk, Hk, D) contiguous
+    Q,
+    K,
+    V,
+    DO,  # as in the forward; DO like Out, contiguous
+    Lse,
+    Delta,  # (B, H, Sq) fp32
+    DK,
+    DV,  # (B, Sk, Hk, D) contiguous
     Seed,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim, group_size,
-    softmax_scale, dropout_p,
-    seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    nheads,
+    nheads_k,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    group_size,
+    softmax_scale,
+    dropout_p,
+    seqlen_q_bucket,
+    seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
     # its group, so dK and dV are written once, without atomics.
@@ -201,10 +263,16 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + cols[:, None] * stride_kn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + cols[:, None] * stride_vn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + off_b * stride_kb + off_hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + off_b * stride_vb + off_hk * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     qk_scale = softmax_scale * 1.4426950408889634
     if DROPOUT:
         seed = tl.load(Seed)
@@ -224,9 +292,14 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(start_m0, seqlen_q, BLOCK_M):
             rows = start_m + offs_m
             q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * (nheads * head_dim) + offs_d[None, :],
-                         mask=q_mask, other=0.0)
+            q = tl.load(
+                q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
+            )
+            do = tl.load(
+                do_base + rows[:, None] * (nheads * head_dim) + offs_d[None, :],
+                mask=q_mask,
+                other=0.0,
+            )
             # Padding rows read lse = +inf, so their probabilities are exactly 0.
             lse = tl.load(Lse + bh * seqlen_q + rows, mask=rows < seqlen_q, other=float("inf"))
             delta = tl.load(Delta + bh * seqlen_q + rows, mask=rows < seqlen_q, other=0.0)
@@ -238,8 +311,11 @@ def _attn_bwd_dkdv_kernel(
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if DROPOUT:
                 keepT = tl.trans(_dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p))
-                dv += tl.dot(tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype), do,
-                             input_precision=DOT_PRECISION)
+                dv += tl.dot(
+                    tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype),
+                    do,
+                    input_precision=DOT_PRECISION,
+                )
                 dpT = tl.where(keepT, dpT * inv_keep, 0.0)
             else:
                 dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -252,21 +328,45 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]), key=_TUNE_KEY,
-                 prune_configs_by=_PRUNE)
+@triton.autotune(
+    configs=_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    key=_TUNE_KEY,
+    prune_configs_by=_PRUNE,
+)
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
     DQ,  # (B, Sq, H, D) contiguous
     Seed,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    nheads, seqlen_q, seqlen_k, head_dim, group_size,
-    softmax_scale, dropout_p,
-    seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    nheads,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    group_size,
+    softmax_scale,
+    dropout_p,
+    seqlen_q_bucket,
+    seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -278,8 +378,11 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     do_offs = ((off_b * seqlen_q + rows[:, None]) * nheads + off_h) * head_dim + offs_d[None, :]
     do = tl.load(DO + do_offs, mask=q_mask, other=0.0)
     lse = tl.load(Lse + bh * seqlen_q + rows, mask=rows < seqlen_q, other=float("inf"))
@@ -314,14 +417,30 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_probs_kernel(
-    Q, K, Lse, Seed,
+    Q,
+    K,
+    Lse,
+    Seed,
     P,  # (B, H, Sq, Sk) contiguous: probabilities, negated where dropout drops them
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    nheads, seqlen_q, seqlen_k, head_dim, group_size,
-    softmax_scale, dropout_p,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qb,
+    stride_qm,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    nheads,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    group_size,
+    softmax_scale,
+    dropout_p,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -331,16 +450,26 @@ def _attn_probs_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :], mask=(rows[:, None] < seqlen_q) & in_dim[None, :], other=0.0)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+        mask=(rows[:, None] < seqlen_q) & in_dim[None, :],
+        other=0.0,
+    )
     lse = tl.load(Lse + bh * seqlen_q + rows, mask=rows < seqlen_q, other=float("inf"))
     qk_scale = softmax_scale * 1.4426950408889634
     if DROPOUT:
         seed = tl.load(Seed)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(K + off_b * stride_kb + off_hk * stride_kh + cols[None, :] * stride_kn
-                     + offs_d[:, None], mask=(cols[None, :] < seqlen_k) & in_dim[:, None], other=0.0)
+        kT = tl.load(
+            K
+            + off_b * stride_kb
+            + off_hk * stride_kh
+            + cols[None, :] * stride_kn
+            + offs_d[:, None],
+            mask=(cols[None, :] < seqlen_k) & in_dim[:, None],
+            other=0.0,
+        )
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None] * 1.4426950408889634)
         p = tl.where(_visible(rows, cols, seqlen_q, seqlen_k, CAUSAL), p, 0.0)
@@ -348,8 +477,11 @@ def _attn_probs_kernel(
             keep = _dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p)
             p = tl.where(keep, p, -p)
         out_offs = (bh.to(tl.int64) * seqlen_q + rows[:, None]) * seqlen_k + cols[None, :]
-        tl.store(P + out_offs, p.to(P.dtype.element_ty),
-                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+        tl.store(
+            P + out_offs,
+            p.to(P.dtype.element_ty),
+            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+        )
 
 
 def _device_guard(t: torch.Tensor):
@@ -403,19 +535,39 @@ def attention_fwd(
         lse: (batch, nheads, seqlen_q) fp32, natural log, +inf for rows with no visible key.
     """
     consts, (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim) = _common_args(
-        q, k, softmax_scale, dropout_p, causal)
+        q, k, softmax_scale, dropout_p, causal
+    )
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
     with _device_guard(q):
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse, _seed_arg(seed, q.device),
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            nheads, seqlen_q, seqlen_k, head_dim, nheads // nheads_k,
-            softmax_scale, dropout_p, *_buckets(seqlen_q, seqlen_k),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            _seed_arg(seed, q.device),
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            nheads,
+            seqlen_q,
+            seqlen_k,
+            head_dim,
+            nheads // nheads_k,
+            softmax_scale,
+            dropout_p,
+            *_buckets(seqlen_q, seqlen_k),
             **consts,
         )
     return out, lse
@@ -443,32 +595,74 @@ def attention_bwd(
         contiguous, in the inputs' dtypes.
     """
     consts, (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim) = _common_args(
-        q, k, softmax_scale, dropout_p, causal)
+        q, k, softmax_scale, dropout_p, causal
+    )
     do = do.contiguous()
     out = out.contiguous()
     seed = _seed_arg(seed, q.device)
     buckets = _buckets(seqlen_q, seqlen_k)
-    strides = (q.stride(0), q.stride(1), q.stride(2),
-               k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2))
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+    )
     delta = torch.empty_like(lse)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     with _device_guard(q):
         _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
-            out, do, delta, nheads, seqlen_q, head_dim, HEAD_DIM=consts["HEAD_DIM"], BLOCK_M=64)
+            out, do, delta, nheads, seqlen_q, head_dim, HEAD_DIM=consts["HEAD_DIM"], BLOCK_M=64
+        )
         grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)  # noqa: E731
         _attn_bwd_dkdv_kernel[grid_kv](
-            q, k, v, do, lse, delta, dk, dv, seed, *strides,
-            nheads, nheads_k, seqlen_q, seqlen_k, head_dim, nheads // nheads_k,
-            softmax_scale, dropout_p, *buckets, **consts,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            seed,
+            *strides,
+            nheads,
+            nheads_k,
+            seqlen_q,
+            seqlen_k,
+            head_dim,
+            nheads // nheads_k,
+            softmax_scale,
+            dropout_p,
+            *buckets,
+            **consts,
         )
         grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
         _attn_bwd_dq_kernel[grid_q](
-            q, k, v, do, lse, delta, dq, seed, *strides,
-            nheads, seqlen_q, seqlen_k, head_dim, nheads // nheads_k,
-            softmax_scale, dropout_p, *buckets, **consts,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            seed,
+            *strides,
+            nheads,
+            seqlen_q,
+            seqlen_k,
+            head_dim,
+            nheads // nheads_k,
+            softmax_scale,
+            dropout_p,
+            *buckets,
+            **consts,
         )
     return dq, dk, dv
 
@@ -489,14 +683,31 @@ def attention_probs(
         negated where dropout dropped the weight.
     """
     consts, (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim) = _common_args(
-        q, k, softmax_scale, dropout_p, causal)
+        q, k, softmax_scale, dropout_p, causal
+    )
     probs = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=q.dtype, device=q.device)
     with _device_guard(q):
         _attn_probs_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
-            q, k, lse, _seed_arg(seed, q.device), probs,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            nheads, seqlen_q, seqlen_k, head_dim, nheads // nheads_k,
-            softmax_scale, dropout_p, BLOCK_M=64, BLOCK_N=64, **consts,
+            q,
+            k,
+            lse,
+            _seed_arg(seed, q.device),
+            probs,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            nheads,
+            seqlen_q,
+            seqlen_k,
+            head_dim,
+            nheads // nheads_k,
+            softmax_scale,
+            dropout_p,
+            BLOCK_M=64,
+            BLOCK_N=64,
+            **consts,
         )
     return probs

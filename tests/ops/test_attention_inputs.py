@@ -1,0 +1,142 @@
+"""Bad input to the attention API gets a clear error naming the argument; backend selection."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from flash_attn.ops import backend as backend_module
+from flash_attn.ops.backend import resolve_backend
+
+
+def qkv(batch=2, seqlen_q=8, seqlen_k=8, nheads=4, nheads_k=4, headdim=16, dtype=torch.float16):
+    return (
+        torch.randn(batch, seqlen_q, nheads, headdim, dtype=dtype),
+        torch.randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype),
+        torch.randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype),
+    )
+
+
+def _replace(index, tensor):
+    def build():
+        args = list(qkv())
+        args[index] = tensor
+        return args
+
+    return build
+
+
+BAD_INPUTS = [
+    ("rank", _replace(0, torch.randn(8, 4, 16)), ValueError, "q must have 4 dimensions"),
+    ("batch", lambda: [qkv()[0], *qkv(batch=3)[1:]], ValueError, "batch 2 like q"),
+    ("headdim", lambda: [qkv()[0], *qkv(headdim=32)[1:]], ValueError, "headdim 16"),
+    (
+        "k vs v",
+        _replace(2, torch.randn(2, 9, 4, 16, dtype=torch.float16)),
+        ValueError,
+        "k and v must have the same shape",
+    ),
+    ("gqa", lambda: qkv(nheads=4, nheads_k=3), ValueError, "divisible"),
+    ("headdim > 256", lambda: qkv(headdim=264), ValueError, "at most 256"),
+    ("int dtype", _replace(0, torch.ones(2, 8, 4, 16, dtype=torch.int32)), TypeError, "q must be"),
+    ("mixed dtype", _replace(2, torch.randn(2, 8, 4, 16)), TypeError, "v has dtype"),
+    ("not a tensor", _replace(1, [1, 2]), TypeError, "k must be a torch.Tensor"),
+    (
+        "last dim stride",
+        _replace(0, torch.randn(2, 8, 4, 32, dtype=torch.float16)[..., ::2]),
+        ValueError,
+        "contiguous in its last dimension",
+    ),
+    ("empty", lambda: qkv(seqlen_k=0), ValueError, "empty dimension"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name,build,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_rejected(backend, name, build, error, message):
+    with pytest.raises(error, match=message):
+        flash_attn_func(*build(), backend=backend)
+
+
+@pytest.mark.parametrize("dropout_p", [-0.1, 1.0, 1.5])
+def test_dropout_p_out_of_range(dropout_p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        flash_attn_func(*qkv(), dropout_p=dropout_p)
+
+
+def test_different_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        flash_attn_func(q, k.to("meta"), v.to("meta"))
+
+
+def test_packed_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3"):
+        flash_attn_qkvpacked_func(torch.randn(2, 8, 2, 4, 16))
+    with pytest.raises(ValueError, match=r"kv must have shape \(batch, seqlen_k, 2"):
+        flash_attn_kvpacked_func(torch.randn(2, 8, 4, 16), torch.randn(2, 8, 3, 4, 16))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(window_size=(4, 0)), dict(softcap=30.0), dict(alibi_slopes=torch.ones(4))]
+)
+def test_features_not_yet_supported_say_so(kwargs):
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        flash_attn_func(*qkv(), **kwargs)
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend(None, cpu) == "torch"
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("triton", cpu) == "triton"  # the interpreter serves CPU tensors
+    monkeypatch.setenv("FLASH_ATTN_BACKEND", "triton")
+    assert resolve_backend(None, cpu) == "triton"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot serve this input"):
+        resolve_backend("triton", cpu)
+    monkeypatch.setattr(backend_module, "_TRITON_IMPORTS", False)
+    with pytest.raises(ValueError, match="Triton is not installed"):
+        resolve_backend("triton", torch.device("cuda"))
+
+
+def test_env_override_selects_backend(monkeypatch):
+    q, k, v = qkv(dtype=torch.float32)
+    monkeypatch.setenv("FLASH_ATTN_BACKEND", "triton")
+    _, lse_triton, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    monkeypatch.setenv("FLASH_ATTN_BACKEND", "torch")
+    _, lse_torch, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    torch.testing.assert_close(lse_triton, lse_torch)
+    monkeypatch.setenv("FLASH_ATTN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flash_attn_func(q, k, v)
+
+
+def test_import_and_cpu_path_without_triton(tmp_path):
+    """With triton unimportable, flash_attn imports and the torch backend works."""
+    blocker = tmp_path / "triton"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('triton blocked for this test')\n")
+    code = (
+        "import torch, flash_attn\n"
+        "from flash_attn.ops.backend import triton_available\n"
+        "assert not triton_available()\n"
+        "q = torch.randn(1, 5, 2, 8)\n"
+        "out = flash_attn.flash_attn_func(q, q, q, causal=True)\n"
+        "assert out.shape == q.shape\n"
+        "try:\n"
+        "    flash_attn.flash_attn_func(q, q, q, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    assert 'Triton is not installed' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('expected an error')\n"
+    )
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
