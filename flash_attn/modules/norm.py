@@ -1,0 +1,94 @@
+"""LayerNorm and RMSNorm modules with fused dropout + residual add.
+
+Their state dicts match ``torch.nn.LayerNorm`` (weight, bias) and Hugging Face's Llama RMSNorm
+(weight), so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flash_attn.ops.layer_norm import layer_norm_fn
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension of dropout(x) + residual.
+
+    Args:
+        hidden_size: size of the last dimension.
+        eps: added to the variance.
+        dropout_p: dropout on x before the residual add, applied in training mode only.
+        prenorm: forward returns (out, residual_out) for pre-norm blocks.
+        residual_in_fp32: residual_out is fp32.
+        bias: learn a bias (LayerNorm) / no bias (default for RMSNorm).
+        backend: passed to :func:`flash_attn.ops.layer_norm.layer_norm_fn`.
+    """
+
+    is_rms_norm = False
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        dropout_p: float = 0.0,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        bias: bool = True,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.hidden_size, self.eps, self.dropout_p = hidden_size, eps, dropout_p
+        self.prenorm, self.residual_in_fp32, self.backend = prenorm, residual_in_fp32, backend
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.bias = (
+            nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype)) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x, residual: (..., hidden_size) -> out, or (out, residual_out) when prenorm."""
+        return layer_norm_fn(
+            x,
+            self.weight,
+            self.bias,
+            residual,
+            self.eps,
+            self.dropout_p if self.training else 0.0,
+            self.prenorm,
+            self.residual_in_fp32,
+            is_rms_norm=self.is_rms_norm,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.hidden_size}, eps={self.eps}, dropout_p={self.dropout_p}, "
+            f"prenorm={self.prenorm}, bias={self.bias is not None}"
+        )
+
+
+class RMSNorm(LayerNorm):
+    """RMSNorm over the last dimension of dropout(x) + residual (weight only by default).
+
+    Same arguments as :class:`LayerNorm`; eps defaults to 1e-6 as in Llama.
+    """
+
+    is_rms_norm = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        dropout_p: float = 0.0,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        bias: bool = False,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            hidden_size, eps, dropout_p, prenorm, residual_in_fp32, bias, backend, device, dtype
+        )

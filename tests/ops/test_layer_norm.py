@@ -1,0 +1,394 @@
+"""Fused dropout + residual + LayerNorm/RMSNorm: kernels, torch path, modules, errors.
+
+Criterion (DESIGN.md): error against an fp64 reference at most twice the error of plain
+PyTorch (F.layer_norm / F.rms_norm on the same low-precision inputs), plus a tiny atol.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, kernel_device
+
+from flash_attn.modules.norm import LayerNorm, RMSNorm
+from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
+from flash_attn.ops.reference.layer_norm import layer_norm_ref
+from flash_attn.ops.triton.layer_norm import layer_norm_bwd, layer_norm_fwd
+
+DEVICE = kernel_device()
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            not HAS_CUDA or DEVICE != "cuda", reason="bf16 kernels are checked on CUDA only"
+        ),
+    ),
+]
+BACKENDS = ["triton", "torch"]
+
+
+def _plain(x, weight, bias, residual, eps, is_rms_norm):
+    """Plain PyTorch at the inputs' precision: the error baseline of the criterion."""
+    h = x if residual is None else x + residual
+    if is_rms_norm:
+        y = F.rms_norm(h, (x.shape[-1],), weight, eps)
+        return y + bias if bias is not None else y
+    return F.layer_norm(h, (x.shape[-1],), weight, bias, eps)
+
+
+def _check(name, got, plain, oracle, dtype):
+    oracle = oracle.double()
+    err = (got.double() - oracle).abs().max().item()
+    base = (plain.double() - oracle).abs().max().item()
+    atol = ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert err <= 2 * base + atol, f"{name}: error {err:.3g} > 2 * plain {base:.3g} + {atol:.3g}"
+
+
+def _inputs(rows, hidden, dtype, with_bias=True, with_residual=True, residual_dtype=None):
+    x = torch.randn(rows, hidden, dtype=dtype, device=DEVICE)
+    weight = (1 + 0.5 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    bias = torch.randn(hidden, dtype=dtype, device=DEVICE) if with_bias else None
+    residual = None
+    if with_residual:
+        residual = torch.randn(rows, hidden, dtype=residual_dtype or dtype, device=DEVICE)
+    return x, weight, bias, residual
+
+
+def _leaves(*tensors, dtype=None):
+    return [
+        None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors
+    ]
+
+
+def _run_and_grads(fn, tensors, dy, dres):
+    out = fn(*tensors)
+    y, residual_out = out if isinstance(out, tuple) else (out, None)
+    loss = (y.double() * dy).sum()
+    if residual_out is not None:
+        loss = loss + (residual_out.double() * dres).sum()
+    loss.backward()
+    return y, residual_out, [t.grad if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_rms_norm", [False, True])
+@pytest.mark.parametrize(
+    "rows, hidden, with_bias, with_residual, prenorm",
+    [
+        (1, 1, True, False, False),
+        (3, 7, True, True, True),
+        (113, 1000, True, True, False),
+        (5, 4099, False, True, True),
+        (2, 250, False, False, True),
+    ],
+)
+def test_matches_reference(
+    backend, dtype, is_rms_norm, rows, hidden, with_bias, with_residual, prenorm
+):
+    eps = 1e-5
+    x, weight, bias, residual = _inputs(rows, hidden, dtype, with_bias, with_residual)
+    dy = torch.randn(rows, hidden, dtype=torch.float64, device=DEVICE)
+    dres = torch.randn(rows, hidden, dtype=torch.float64, device=DEVICE)
+
+    def fused(x, w, b, r):
+        return layer_norm_fn(
+            x, w, b, r, eps, prenorm=prenorm, is_rms_norm=is_rms_norm, backend=backend
+        )
+
+    def oracle(x, w, b, r):
+        return layer_norm_ref(x, w, b, r, eps, prenorm=prenorm, is_rms_norm=is_rms_norm)
+
+    def plain(x, w, b, r):
+        y = _plain(x, w, b, r, eps, is_rms_norm)
+        return (y, x if r is None else x + r) if prenorm else y
+
+    y, res_out, grads = _run_and_grads(fused, _leaves(x, weight, bias, residual), dy, dres)
+    y_ref, res_ref, grads_ref = _run_and_grads(
+        oracle, _leaves(x, weight, bias, residual, dtype=torch.float64), dy, dres
+    )
+    y_pl, res_pl, grads_pl = _run_and_grads(plain, _leaves(x, weight, bias, residual), dy, dres)
+
+    assert y.dtype == dtype and y.shape == x.shape
+    _check("out", y, y_pl, y_ref, dtype)
+    if prenorm:
+        assert res_out.dtype == dtype
+        _check("residual_out", res_out, res_pl, res_ref, dtype)
+    for name, g, g_pl, g_ref in zip(
+        ["dx", "dweight", "dbias", "dresidual"], grads, grads_pl, grads_ref
+    ):
+        if g_ref is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype, name
+        _check(name, g, g_pl, g_ref, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+@pytest.mark.parametrize("residual_dtype", [torch.float16, torch.float32, None])
+def test_residual_dtypes(backend, residual_in_fp32, residual_dtype):
+    """fp16 x with an fp16/fp32/no residual: residual_out's dtype and every gradient."""
+    dtype = torch.float16
+    x, weight, bias, residual = _inputs(
+        17, 96, dtype, with_residual=residual_dtype is not None, residual_dtype=residual_dtype
+    )
+    dy = torch.randn(17, 96, dtype=torch.float64, device=DEVICE)
+    dres = torch.randn(17, 96, dtype=torch.float64, device=DEVICE)
+
+    def fused(x, w, b, r):
+        return layer_norm_fn(
+            x, w, b, r, prenorm=True, residual_in_fp32=residual_in_fp32, backend=backend
+        )
+
+    y, res_out, grads = _run_and_grads(fused, _leaves(x, weight, bias, residual), dy, dres)
+    expected = torch.float32 if residual_in_fp32 else (residual_dtype or dtype)
+    assert res_out.dtype == expected
+    leaves64 = _leaves(x, weight, bias, residual, dtype=torch.float64)
+    y_ref, res_ref, grads_ref = _run_and_grads(
+        lambda *t: layer_norm_ref(*t, prenorm=True), leaves64, dy, dres
+    )
+    torch.testing.assert_close(y.double(), y_ref, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(res_out.double(), res_ref, atol=5e-3, rtol=5e-3)
+    for g, g_ref, t in zip(grads, grads_ref, (x, weight, bias, residual)):
+        if t is None:
+            continue
+        assert g.dtype == t.dtype
+        torch.testing.assert_close(g.double(), g_ref, atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("is_rms_norm", [False, True])
+@pytest.mark.parametrize("hidden", [1000, 4099])
+def test_chunked_rows_launcher(is_rms_norm, hidden):
+    """Rows longer than the block limit are walked in chunks: lower the limit to reach it."""
+    rows = 6
+    x, weight, bias, residual = _inputs(rows, hidden, torch.float32)
+    bias = None if is_rms_norm else bias
+    dy = torch.randn(rows, hidden, device=DEVICE)
+    dres = torch.randn(rows, hidden, device=DEVICE)
+    outs = {}
+    for max_block in (8192, 256):
+        y, res_out, mean, rstd = layer_norm_fwd(
+            x,
+            weight,
+            bias,
+            1e-5,
+            residual,
+            is_rms_norm=is_rms_norm,
+            store_residual_out=True,
+            max_block=max_block,
+        )
+        grads = layer_norm_bwd(
+            dy,
+            res_out,
+            weight,
+            mean,
+            rstd,
+            dres,
+            is_rms_norm=is_rms_norm,
+            residual_dtype=torch.float32,
+            max_block=max_block,
+        )
+        outs[max_block] = (y, res_out, *grads)
+    leaves = _leaves(x, weight, bias, residual, dtype=torch.float64)
+    y_ref, res_ref, grads_ref = _run_and_grads(
+        lambda *t: layer_norm_ref(*t, prenorm=True, is_rms_norm=is_rms_norm),
+        leaves,
+        dy.double(),
+        dres.double(),
+    )
+    dx_ref, dw_ref, db_ref, dr_ref = grads_ref
+    if db_ref is None:
+        db_ref = dy.double().sum(0)
+    for got in outs.values():
+        for g, ref in zip(got, (y_ref, res_ref, dx_ref, dw_ref, db_ref, dr_ref)):
+            torch.testing.assert_close(g.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_rms_norm", [False, True])
+def test_very_long_rows(is_rms_norm):
+    """hidden = 65536 goes through the chunked kernels at the default block limit."""
+    x, weight, bias, residual = _inputs(2, 65536, torch.float32)
+    leaves = _leaves(x, weight, bias, residual)
+    dy = torch.randn(2, 65536, dtype=torch.float64, device=DEVICE)
+    y, _, grads = _run_and_grads(
+        lambda *t: layer_norm_fn(*t, is_rms_norm=is_rms_norm, backend="triton"), leaves, dy, None
+    )
+    y_ref, _, grads_ref = _run_and_grads(
+        lambda *t: layer_norm_ref(*t, is_rms_norm=is_rms_norm),
+        _leaves(x, weight, bias, residual, dtype=torch.float64),
+        dy,
+        None,
+    )
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-4)
+
+
+def _keep_mask(residual_out, residual):
+    """The dropout mask, recovered from residual_out = dropout(x) + residual (x != 0)."""
+    return residual_out != residual
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_keep_rate_and_seed(backend):
+    p, rows, hidden = 0.3, 64, 257
+    x = torch.randn(rows, hidden, device=DEVICE)
+    weight, bias = torch.ones(hidden, device=DEVICE), torch.zeros(hidden, device=DEVICE)
+    residual = torch.zeros(rows, hidden, device=DEVICE)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return layer_norm_fn(x, weight, bias, residual, dropout_p=p, prenorm=True, backend=backend)
+
+    y, res_out = run(1)
+    keep = _keep_mask(res_out, residual)
+    n = keep.numel()
+    # Within 5 standard deviations of a Bernoulli(1 - p) count.
+    assert abs(keep.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
+    torch.testing.assert_close(res_out[keep], x[keep] / (1 - p))
+    y2, res_out2 = run(1)
+    assert torch.equal(y, y2) and torch.equal(res_out, res_out2)
+    _, res_out3 = run(2)
+    assert not torch.equal(keep, _keep_mask(res_out3, residual))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_rms_norm", [False, True])
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_dropout_backward_uses_the_forward_mask(dtype, is_rms_norm, prenorm):
+    """The kernel's output and gradients equal the reference run with the kernel's own mask."""
+    p, rows, hidden = 0.2, 33, 300
+    x, weight, bias, residual = _inputs(rows, hidden, dtype)
+    dy = torch.randn(rows, hidden, dtype=torch.float64, device=DEVICE)
+    dres = torch.randn(rows, hidden, dtype=torch.float64, device=DEVICE)
+    # A run with a zero residual and the same seed reveals the mask (x is nonzero).
+    torch.manual_seed(7)
+    _, probe = layer_norm_fn(
+        x,
+        weight,
+        bias,
+        torch.zeros_like(residual),
+        dropout_p=p,
+        prenorm=True,
+        is_rms_norm=is_rms_norm,
+        backend="triton",
+    )
+    keep = probe != 0
+    torch.manual_seed(7)
+    y, res_out, grads = _run_and_grads(
+        lambda *t: layer_norm_fn(
+            *t, dropout_p=p, prenorm=prenorm, is_rms_norm=is_rms_norm, backend="triton"
+        ),
+        _leaves(x, weight, bias, residual),
+        dy,
+        dres,
+    )
+    y_ref, res_ref, grads_ref = _run_and_grads(
+        lambda *t: layer_norm_ref(
+            *t, dropout_p=p, prenorm=prenorm, is_rms_norm=is_rms_norm, dropout_mask=keep
+        ),
+        _leaves(x, weight, bias, residual, dtype=torch.float64),
+        dy,
+        dres,
+    )
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    if prenorm:
+        torch.testing.assert_close(res_out.double(), res_ref, **tol)
+    dx = grads[0]
+    assert torch.all(dx[~keep] == 0), "dx must vanish where x was dropped"
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, **tol)
+
+
+def test_torch_compile_traces_the_triton_path():
+    x, weight, bias, residual = _inputs(9, 40, torch.float32)
+
+    def f(x, w, b, r):
+        out, res = layer_norm_fn(x, w, b, r, prenorm=True, backend="triton")
+        return rms_norm_fn(out, w, None, res, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    dy = torch.randn(9, 40, dtype=torch.float64, device=DEVICE)
+    y, _, grads = _run_and_grads(compiled, _leaves(x, weight, bias, residual), dy, None)
+    y_ref, _, grads_ref = _run_and_grads(f, _leaves(x, weight, bias, residual), dy, None)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_module_loads_torch_state_dict(backend):
+    torch_ln = torch.nn.LayerNorm(48, eps=1e-5, device=DEVICE)
+    with torch.no_grad():
+        torch_ln.weight.normal_()
+        torch_ln.bias.normal_()
+    ours = LayerNorm(48, backend=backend, device=DEVICE)
+    ours.load_state_dict(torch_ln.state_dict())
+    x = torch.randn(2, 5, 48, device=DEVICE)
+    torch.testing.assert_close(ours(x), torch_ln(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_module_loads_llama_state_dict(backend):
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    hf_norm = llama.LlamaRMSNorm(48, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        hf_norm.weight.normal_()
+    ours = RMSNorm(48, eps=1e-6, backend=backend, device=DEVICE)
+    ours.load_state_dict(hf_norm.state_dict())
+    x = torch.randn(2, 5, 48, device=DEVICE)
+    torch.testing.assert_close(ours(x), hf_norm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_modules_dropout_only_in_training_and_prenorm():
+    norm = LayerNorm(
+        32, dropout_p=0.5, prenorm=True, residual_in_fp32=True, backend="triton", device=DEVICE
+    )
+    x = torch.randn(4, 32, device=DEVICE)
+    residual = torch.randn(4, 32, device=DEVICE)
+    norm.eval()
+    y, res = norm(x, residual)
+    torch.testing.assert_close(res, x + residual)
+    torch.testing.assert_close(y, F.layer_norm(x + residual, (32,), eps=1e-5))
+    norm.train()
+    _, res = norm(x, residual)
+    assert (res == residual).any(), "training mode drops elements of x"
+    from flash_attn.ops.layer_norm import LayerNorm as Reexported
+
+    assert Reexported is LayerNorm
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    x = torch.randn(4, 8, device=DEVICE)
+    w, b = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        layer_norm_fn(x, torch.ones(7, device=DEVICE), b, backend=backend)
+    with pytest.raises(ValueError, match="bias"):
+        layer_norm_fn(x, w, torch.zeros(9, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="residual"):
+        layer_norm_fn(x, w, b, torch.zeros(4, 9, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm_fn(x, w, b, eps=0.0, backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm_fn(x, w, None, eps=-1e-6, backend=backend)
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="dropout_p"):
+            layer_norm_fn(x, w, b, dropout_p=p, backend=backend)
+    with pytest.raises(TypeError, match="x"):
+        layer_norm_fn(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), w, b, backend=backend)
+
+
+def test_triton_rejects_fp64():
+    x = torch.randn(4, 8, dtype=torch.float64, device=DEVICE)
+    w = torch.ones(8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        layer_norm_fn(x, w, None, backend="triton")
+    # The torch path serves fp64.
+    torch.testing.assert_close(
+        layer_norm_fn(x, w, None, backend="torch"), F.layer_norm(x, (8,), w, None, 1e-5)
+    )
