@@ -72,13 +72,14 @@ def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interl
 
 
 def _setup_context(ctx, inputs, output):
-    _, cos, sin, seqlen_offsets, *rest = inputs
-    ctx.save_for_backward(cos, sin, seqlen_offsets)
-    ctx.seqlen_offset, ctx.cu_seqlens, ctx.max_seqlen, ctx.interleaved, ctx.conjugate = rest
+    _, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, *rest = inputs
+    ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+    ctx.seqlen_offset = seqlen_offset
+    ctx.max_seqlen, ctx.interleaved, ctx.conjugate = rest
 
 
 def _backward(ctx, dout):
-    cos, sin, seqlen_offsets = ctx.saved_tensors
+    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
     # A rotation's inverse is its transpose: rotate the gradient back by -angle.
     dx = _rotary_op(
         dout,
@@ -86,7 +87,7 @@ def _backward(ctx, dout):
         sin,
         seqlen_offsets,
         ctx.seqlen_offset,
-        ctx.cu_seqlens,
+        cu_seqlens,
         ctx.max_seqlen,
         ctx.interleaved,
         not ctx.conjugate,
@@ -157,14 +158,14 @@ class _RotaryInplace(torch.autograd.Function):
             conjugate,
         )
         ctx.mark_dirty(x)
-        ctx.save_for_backward(cos, sin, seqlen_offsets)
-        ctx.args = (seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate)
+        ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+        ctx.args = (seqlen_offset, max_seqlen, interleaved, conjugate)
         return x
 
     @staticmethod
     def backward(ctx, dout):
-        cos, sin, seqlen_offsets = ctx.saved_tensors
-        seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate = ctx.args
+        cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
+        seqlen_offset, max_seqlen, interleaved, conjugate = ctx.args
         dx = _rotary_op(
             dout,
             cos,

@@ -331,3 +331,20 @@ def test_module_bad_config():
         RotaryEmbedding(8, scaling={"type": "linear"})
     with pytest.raises(ValueError, match="max_position_embeddings"):
         RotaryEmbedding(8, scaling={"rope_type": "dynamic", "factor": 2.0})
+
+
+def test_torch_compile_varlen():
+    cos, sin = _tables(40, 8)
+    cu_seqlens = torch.tensor([0, 6, 17], dtype=torch.int32, device=DEVICE)
+
+    def f(x):
+        return apply_rotary(x, cos, sin, 2, cu_seqlens, 11, backend="triton")
+
+    x = torch.randn(17, 2, 8, device=DEVICE, requires_grad=True)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    out_ref, dx_ref = _value_and_grad(
+        lambda t: apply_rotary_ref(t, cos, sin, 2, cu_seqlens), x, 2 * out.detach()
+    )
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(dx, dx_ref)
