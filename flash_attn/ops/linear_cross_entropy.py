@@ -29,13 +29,14 @@ from flash_attn.ops.reference.cross_entropy import REDUCTIONS
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden_dim: int) -> int:
-    """Tokens per chunk so that a chunk of logits is about as large as the hidden states.
+    """Tokens per chunk: hidden_dim, so a chunk of logits is as large as the weight.
 
-    With at least 2**22 elements per chunk (16 MB in fp32), so small inputs are not cut into
-    tiny matmuls.
+    The gradient of the weight is held anyway, so this bounds the extra memory by a small
+    multiple of the weight whatever the number of tokens, and keeps the matmuls at least
+    hidden_dim rows tall (on a 2-core CPU, 83-row chunks ran 1.6x slower than 1024-row ones).
+    Tiny heads get at least 2**22 logits (16 MB in fp32) per chunk.
     """
-    budget = max(n_tokens * hidden_dim, 2**22)
-    return max(1, min(n_tokens, budget // max(vocab, 1)))
+    return max(1, min(n_tokens, max(hidden_dim, 2**22 // max(vocab, 1))))
 
 
 def _loss_and_dlogits_(logits, labels, dloss, options, backend):
