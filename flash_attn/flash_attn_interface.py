@@ -1,7 +1,20 @@
 """The official flash-attn 2.x functional API: same names, argument order, defaults and shapes.
 
-Extensions are keyword-only and come last: ``backend`` ("auto", "triton" or "torch"; see
-``flash_attn.ops.backend``).
+Extensions are keyword-only and come last: ``attn_bias`` (an additive float bias or a boolean
+mask, broadcastable to (batch, nheads, seqlen_q, seqlen_k)) and ``backend`` ("auto", "triton" or
+"torch"; see ``flash_attn.ops.backend``).
+
+Common arguments:
+    dropout_p: dropout probability on the attention weights (pass 0.0 at evaluation).
+    softmax_scale: scaling of q k^T, default 1 / sqrt(headdim).
+    causal: causal mask aligned to the bottom-right corner of the score matrix; rows that see
+        no key (seqlen_q > seqlen_k) give zeros.
+    window_size: (left, right) sliding window around that diagonal, -1 for unlimited.
+    softcap: scores become softcap * tanh(scores / softcap) when > 0.
+    alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j|.
+    deterministic: accepted for compatibility; the backward is always bit-reproducible.
+    return_attn_probs: also return softmax_lse and S_dmask (for tests): the probabilities with
+        dropped entries negated.
 """
 
 from __future__ import annotations
@@ -11,27 +24,13 @@ from torch import Tensor
 from flash_attn.ops.attention import attention
 
 
-def _reject_unsupported(window_size, softcap, alibi_slopes) -> None:
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(
-            "window_size (sliding-window attention) is not supported yet; pass window_size=(-1, -1)"
-        )
-    if softcap != 0.0:
-        raise NotImplementedError("softcap is not supported yet; pass softcap=0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes is not supported yet; pass alibi_slopes=None")
-
-
-def _result(out, lse, probs, return_attn_probs):
-    return (out, lse, probs) if return_attn_probs else out
-
-
 def _unpack(packed: Tensor, name: str, count: int, layout: str) -> tuple[Tensor, ...]:
     if not isinstance(packed, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
-    if packed.dim() != 5 or packed.shape[2] != count:
+    dim = packed.dim() - 3
+    if packed.dim() not in (4, 5) or packed.shape[dim] != count:
         raise ValueError(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
-    return packed.unbind(dim=2)
+    return packed.unbind(dim=dim)
 
 
 def flash_attn_func(
@@ -47,6 +46,7 @@ def flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     *,
+    attn_bias: Tensor | None = None,
     backend: str | None = None,
 ):
     """Multi-head attention with FlashAttention.
@@ -55,24 +55,26 @@ def flash_attn_func(
         q: (batch, seqlen_q, nheads, headdim), fp16/bf16/fp32, headdim <= 256.
         k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (MQA/GQA: query head h
             uses key/value head h // (nheads // nheads_k)).
-        dropout_p: dropout probability on the attention weights (pass 0.0 at evaluation).
-        softmax_scale: scaling of q k^T, default 1 / sqrt(headdim).
-        causal: causal mask aligned to the bottom-right corner of the score matrix; rows that see
-            no key (seqlen_q > seqlen_k) give zeros.
-        window_size, softcap, alibi_slopes: must keep their defaults for now.
-        deterministic: accepted for compatibility; the backward is always bit-reproducible.
-        return_attn_probs: also return softmax_lse and S_dmask (for tests).
-        backend: "auto" (default), "triton" or "torch".
+        others: see the module docstring.
     Returns:
         out (batch, seqlen_q, nheads, headdim); with return_attn_probs, (out, softmax_lse
-        (batch, nheads, seqlen_q) fp32, S_dmask (batch, nheads, seqlen_q, seqlen_k): the
-        probabilities with dropped entries negated).
+        (batch, nheads, seqlen_q) fp32, S_dmask (batch, nheads, seqlen_q, seqlen_k)).
     """
-    _reject_unsupported(window_size, softcap, alibi_slopes)
     out, lse, probs = attention(
-        q, k, v, dropout_p, softmax_scale, causal, return_attn_probs, backend=backend
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        attn_bias,
+        return_attn_probs,
+        backend=backend,
     )
-    return _result(out, lse, probs, return_attn_probs)
+    return (out, lse, probs) if return_attn_probs else out
 
 
 def flash_attn_qkvpacked_func(
@@ -86,6 +88,7 @@ def flash_attn_qkvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     *,
+    attn_bias: Tensor | None = None,
     backend: str | None = None,
 ):
     """:func:`flash_attn_func` on packed qkv (batch, seqlen, 3, nheads, headdim).
@@ -105,6 +108,7 @@ def flash_attn_qkvpacked_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        attn_bias=attn_bias,
         backend=backend,
     )
 
@@ -121,6 +125,7 @@ def flash_attn_kvpacked_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     *,
+    attn_bias: Tensor | None = None,
     backend: str | None = None,
 ):
     """:func:`flash_attn_func` with packed kv (batch, seqlen_k, 2, nheads_k, headdim)."""
@@ -137,5 +142,143 @@ def flash_attn_kvpacked_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    attn_bias: Tensor | None = None,
+    backend: str | None = None,
+):
+    """Attention over packed sequences of different lengths, with no compute on padding.
+
+    Args:
+        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim): the sequences of the
+            batch one after another (see ``flash_attn.bert_padding.unpad_input``).
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32, sequence b is rows
+            cu_seqlens[b]:cu_seqlens[b + 1].
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths.
+        attn_bias: broadcastable to (batch, nheads, max_seqlen_q, max_seqlen_k), indexed by
+            positions within each sequence.
+        others: see the module docstring.
+    Returns:
+        out (total_q, nheads, headdim); with return_attn_probs, (out, softmax_lse (nheads,
+        total_q) fp32, S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k)).
+    """
+    out, lse, probs = attention(
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        attn_bias,
+        return_attn_probs,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        backend=backend,
+    )
+    return (out, lse, probs) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    attn_bias: Tensor | None = None,
+    backend: str | None = None,
+):
+    """:func:`flash_attn_varlen_func` on packed qkv (total, 3, nheads, headdim)."""
+    q, k, v = _unpack(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    attn_bias: Tensor | None = None,
+    backend: str | None = None,
+):
+    """:func:`flash_attn_varlen_func` with packed kv (total_k, 2, nheads_k, headdim)."""
+    k, v = _unpack(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        attn_bias=attn_bias,
         backend=backend,
     )

@@ -1,20 +1,22 @@
-"""flash_attn_func on the Triton kernels (interpreter on CPU) and on the torch backend.
-
-Criterion (the official one): the error of ours against an fp64 reference is at most twice the
-error of plain PyTorch at the same precision, plus a tiny atol.
-"""
+"""flash_attn_func on the Triton kernels (interpreter on CPU) and on the torch backend, against
+an fp64 reference with the official criterion (see attention_testing.py)."""
 
 import itertools
 
 import pytest
 import torch
+from attention_testing import (
+    BACKENDS,
+    assert_within_criterion,
+    compare,
+    device_and_dtypes,
+    forward_backward,
+    make_inputs,
+)
 from conftest import HAS_CUDA, INTERPRET, kernel_device
 
 from flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 from flash_attn.ops.reference.attention import attention_ref
-
-BACKENDS = ["triton", "torch"]
-ATOL = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal): every seqlen, head-dim class
 # and GQA ratio appears at least once; the product of all of them runs with -m slow.
@@ -40,76 +42,31 @@ SLOW_CASES = [
 ]
 
 
-def _device_and_dtypes(backend):
-    device = kernel_device() if backend == "triton" else "cpu"
-    dtypes = [torch.float32, torch.float16]
-    if device == "cuda":
-        dtypes.append(torch.bfloat16)
-    return device, dtypes
-
-
-def _inputs(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device):
-    q = torch.randn(batch, seqlen_q, nheads, headdim, dtype=dtype, device=device)
-    k = torch.randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype, device=device)
-    v = torch.randn(batch, seqlen_k, nheads_k, headdim, dtype=dtype, device=device)
-    return [t.requires_grad_() for t in (q, k, v)]
-
-
-def _forward_backward(fn, q, k, v, dout):
-    """Run fn(q, k, v) -> out on detached leaf copies; return out, dq, dk, dv."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(dout.to(out.dtype))
-    return (out.detach(), *(t.grad for t in leaves))
-
-
-def assert_within_criterion(ours, ref, plain, dtype, name):
-    """|ours - ref| <= 2 |plain - ref| + atol, in max norm."""
-    err = (ours.double() - ref).abs().max().item()
-    plain_err = (plain.double() - ref).abs().max().item()
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    assert err <= 2 * plain_err + ATOL[dtype], (
-        f"{name}: error {err:.3g} > 2 x plain PyTorch error {plain_err:.3g} + {ATOL[dtype]}"
-    )
-
-
-def check_against_reference(
-    backend, case, dtype, device, dropout_keep=None, dropout_p=0.0, ours_fn=None
-):
+def check_against_reference(backend, case, dtype, device):
     batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal = case
-    q, k, v = _inputs(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device)
+    q, k, v = make_inputs(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device)
     dout = torch.randn(batch, seqlen_q, nheads, headdim, dtype=dtype, device=device)
 
-    def ref_at(precision):
+    def reference_at(precision):
         def run(q, k, v):
-            return attention_ref(
-                q.to(precision),
-                k.to(precision),
-                v.to(precision),
-                causal=causal,
-                dropout_p=dropout_p,
-                dropout_keep=dropout_keep,
-            )[0]
+            return attention_ref(q.to(precision), k.to(precision), v.to(precision), causal=causal)[
+                0
+            ]
 
         return run
 
-    if ours_fn is None:
+    def ours(q, k, v):
+        out = flash_attn_func(q, k, v, causal=causal, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype
+        return out
 
-        def ours_fn(q, k, v):
-            return flash_attn_func(q, k, v, causal=causal, backend=backend)
-
-    ref = _forward_backward(ref_at(torch.float64), q, k, v, dout.double())
-    plain = _forward_backward(ref_at(dtype), q, k, v, dout)
-    ours = _forward_backward(ours_fn, q, k, v, dout)
-    assert ours[0].shape == (batch, seqlen_q, nheads, headdim) and ours[0].dtype == dtype
-    for name, o, r, p in zip(["out", "dq", "dk", "dv"], ours, ref, plain):
-        assert_within_criterion(o, r, p, dtype, f"{backend} {case} {dtype} {name}")
+    compare(ours, reference_at, (q, k, v), dout, dtype, f"{backend} {case} {dtype}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_reference(backend, case):
-    device, dtypes = _device_and_dtypes(backend)
+    device, dtypes = device_and_dtypes(backend)
     for dtype in dtypes:
         check_against_reference(backend, case, dtype, device)
 
@@ -118,15 +75,15 @@ def test_matches_reference(backend, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", SLOW_CASES, ids=str)
 def test_matches_reference_full_sweep(backend, case):
-    device, dtypes = _device_and_dtypes(backend)
+    device, dtypes = device_and_dtypes(backend)
     for dtype in dtypes:
         check_against_reference(backend, case, dtype, device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_keys_are_zero_with_finite_gradients(backend):
-    device, _ = _device_and_dtypes(backend)
-    q, k, v = _inputs(2, 9, 4, 2, 2, 16, torch.float32, device)
+    device, _ = device_and_dtypes(backend)
+    q, k, v = make_inputs(2, 9, 4, 2, 2, 16, torch.float32, device)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
     out.sum().backward()
     # Bottom-right alignment: the first 9 - 4 queries see no key.
@@ -138,7 +95,7 @@ def test_rows_without_keys_are_zero_with_finite_gradients(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_variants_match_unpacked(backend):
-    device, _ = _device_and_dtypes(backend)
+    device, _ = device_and_dtypes(backend)
     qkv = torch.randn(2, 33, 3, 4, 32, device=device, requires_grad=True)
     out = flash_attn_qkvpacked_func(qkv, causal=True, backend=backend)
     out.sum().backward()
@@ -159,7 +116,7 @@ def test_packed_variants_match_unpacked(backend):
 
 
 def test_backends_agree_on_probabilities_and_lse():
-    q, k, v = _inputs(1, 37, 53, 4, 2, 24, torch.float32, kernel_device())
+    q, k, v = make_inputs(1, 37, 53, 4, 2, 24, torch.float32, kernel_device())
     out_t, lse_t, probs_t = flash_attn_func(
         q, k, v, causal=True, return_attn_probs=True, backend="triton"
     )
@@ -173,8 +130,8 @@ def test_backends_agree_on_probabilities_and_lse():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softmax_scale(backend):
-    device, _ = _device_and_dtypes(backend)
-    q, k, v = _inputs(1, 20, 30, 2, 2, 32, torch.float32, device)
+    device, _ = device_and_dtypes(backend)
+    q, k, v = make_inputs(1, 20, 30, 2, 2, 32, torch.float32, device)
     ours = flash_attn_func(q, k, v, softmax_scale=0.3, backend=backend)
     ref = attention_ref(q.double(), k.double(), v.double(), softmax_scale=0.3)[0]
     torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-5)
@@ -186,9 +143,9 @@ def test_softmax_scale(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_keep_rate_within_statistical_bounds(backend):
-    device, _ = _device_and_dtypes(backend)
+    device, _ = device_and_dtypes(backend)
     p = 0.17
-    q, k, v = _inputs(2, 128, 96, 4, 4, 16, torch.float32, device)
+    q, k, v = make_inputs(2, 128, 96, 4, 4, 16, torch.float32, device)
     _, _, probs = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True, backend=backend)
     n = probs.numel()
     dropped = (probs < 0).sum().item() / n
@@ -198,8 +155,8 @@ def test_dropout_keep_rate_within_statistical_bounds(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_reproducible_under_a_seed(backend):
-    device, _ = _device_and_dtypes(backend)
-    q, k, v = _inputs(1, 40, 40, 2, 2, 16, torch.float32, device)
+    device, _ = device_and_dtypes(backend)
+    q, k, v = make_inputs(1, 40, 40, 2, 2, 16, torch.float32, device)
     runs = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)
@@ -212,7 +169,7 @@ def test_dropout_is_reproducible_under_a_seed(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_gradients_consistent_with_returned_mask(backend, dtype):
     """The kernel's own mask (read back from S_dmask) fed to the reference gives its gradients."""
-    device, _ = _device_and_dtypes(backend)
+    device, _ = device_and_dtypes(backend)
     p = 0.25
     case = (2, 57, 71, 4, 2, 32, True)
     keep = {}
@@ -227,44 +184,36 @@ def test_dropout_gradients_consistent_with_returned_mask(backend, dtype):
 
     torch.manual_seed(3)
     batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, _ = case
-    q, k, v = _inputs(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device)
+    q, k, v = make_inputs(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device)
     dout = torch.randn_like(q)
-    ours_out = _forward_backward(ours, q, k, v, dout)
+    ours_out = forward_backward(ours, (q, k, v), dout)
     mask = keep["mask"].to(device)
-    ref = _forward_backward(
-        lambda q, k, v: attention_ref(
-            q.double(), k.double(), v.double(), causal=True, dropout_p=p, dropout_keep=mask
-        )[0],
-        q,
-        k,
-        v,
-        dout.double(),
-    )
-    plain = _forward_backward(
-        lambda q, k, v: attention_ref(q, k, v, causal=True, dropout_p=p, dropout_keep=mask)[0],
-        q,
-        k,
-        v,
-        dout,
-    )
+
+    def reference_at(precision):
+        def run(q, k, v):
+            q, k, v = (t.to(precision) for t in (q, k, v))
+            return attention_ref(q, k, v, causal=True, dropout_p=p, dropout_keep=mask)[0]
+
+        return run
+
+    ref = forward_backward(reference_at(torch.float64), (q, k, v), dout.double())
+    plain = forward_backward(reference_at(dtype), (q, k, v), dout)
     for name, o, r, pl in zip(["out", "dq", "dk", "dv"], ours_out, ref, plain):
         assert_within_criterion(o, r, pl, dtype, f"dropout {backend} {dtype} {name}")
 
 
 def test_triton_backward_is_bit_reproducible():
-    q, k, v = _inputs(2, 70, 90, 4, 2, 32, torch.float16, kernel_device())
+    q, k, v = make_inputs(2, 70, 90, 4, 2, 32, torch.float16, kernel_device())
     dout = torch.randn_like(q)
     grads = []
     for _ in range(2):
         torch.manual_seed(11)
         grads.append(
-            _forward_backward(
+            forward_backward(
                 lambda q, k, v: flash_attn_func(
                     q, k, v, dropout_p=0.1, causal=True, deterministic=True, backend="triton"
                 ),
-                q,
-                k,
-                v,
+                (q, k, v),
                 dout,
             )
         )
@@ -278,14 +227,14 @@ def test_triton_backward_is_bit_reproducible():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
-    device, _ = _device_and_dtypes(backend)
+    device, _ = device_and_dtypes(backend)
     torch._dynamo.reset()
 
     def layer(q, k, v):
         return flash_attn_func(q * 2.0, k, v, dropout_p=0.0, causal=True, backend=backend).sum()
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    q, k, v = _inputs(1, 19, 23, 2, 1, 16, torch.float32, device)
+    q, k, v = make_inputs(1, 19, 23, 2, 1, 16, torch.float32, device)
     eager_grads = torch.autograd.grad(layer(q, k, v), (q, k, v))
     compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for a, b in zip(eager_grads, compiled_grads):

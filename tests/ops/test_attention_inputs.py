@@ -6,7 +6,12 @@ import sys
 import pytest
 import torch
 
-from flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from flash_attn import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+)
 from flash_attn.ops import backend as backend_module
 from flash_attn.ops.backend import resolve_backend
 
@@ -79,12 +84,58 @@ def test_packed_shapes_are_checked():
         flash_attn_kvpacked_func(torch.randn(2, 8, 4, 16), torch.randn(2, 8, 3, 4, 16))
 
 
-@pytest.mark.parametrize(
-    "kwargs", [dict(window_size=(4, 0)), dict(softcap=30.0), dict(alibi_slopes=torch.ones(4))]
-)
-def test_features_not_yet_supported_say_so(kwargs):
-    with pytest.raises(NotImplementedError, match="not supported yet"):
+BAD_OPTIONS = [
+    (dict(window_size=(-2, 0)), ValueError, "window_size must be two integers >= -1"),
+    (dict(window_size=(1,)), ValueError, "window_size"),
+    (dict(softcap=-1.0), ValueError, "softcap must be"),
+    (
+        dict(alibi_slopes=torch.ones(4, dtype=torch.float16)),
+        TypeError,
+        "alibi_slopes must be float32",
+    ),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \(4,\)"),
+    (dict(attn_bias=torch.zeros(3, 8, 8)), ValueError, "attn_bias must broadcast"),
+    (dict(attn_bias=torch.zeros(8, 9)), ValueError, "attn_bias must broadcast"),
+    (dict(attn_bias=torch.zeros(8, 8, dtype=torch.int64)), TypeError, "attn_bias must be a float"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_OPTIONS, ids=lambda x: str(x)[:30])
+def test_bad_options_are_rejected(kwargs, error, message):
+    with pytest.raises(error, match=message):
         flash_attn_func(*qkv(), **kwargs)
+
+
+def test_bad_varlen_input_is_rejected():
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cases = [
+        (dict(cu_seqlens_q=cu.long()), ValueError, "cu_seqlens_q must be int32"),
+        (
+            dict(cu_seqlens_k=torch.tensor([0, 6, 4, 10], dtype=torch.int32)),
+            ValueError,
+            "same length",
+        ),
+        (
+            dict(cu_seqlens_q=torch.tensor([0, 7, 3], dtype=torch.int32)),
+            ValueError,
+            "non-decreasing",
+        ),
+        (
+            dict(cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32)),
+            ValueError,
+            "must end at the number of tokens",
+        ),
+        (dict(max_seqlen_q=5), ValueError, r"max_seqlen_q \(5\) is smaller"),
+        (dict(max_seqlen_k=0), ValueError, "max_seqlen_k must be a positive int"),
+    ]
+    for override, error, message in cases:
+        kwargs = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6)
+        kwargs.update(override)
+        with pytest.raises(error, match=message):
+            flash_attn_varlen_func(q, q, q, **kwargs)
+    with pytest.raises(ValueError, match=r"q must have 3 dimensions \(total_tokens"):
+        flash_attn_varlen_func(q[None], q, q, cu, cu, 6, 6)
 
 
 def test_backend_resolution(monkeypatch):

@@ -1,18 +1,23 @@
-"""FlashAttention-2 forward and backward in Triton, and their launchers.
+"""FlashAttention-2 forward in Triton, the score modifiers shared with the backward, launchers.
 
-Layout: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim), any
-strides with a unit last stride. Query head h reads key/value head h // (nheads // nheads_k).
-The causal mask is aligned to the bottom-right corner (query i sees keys j <= i + seqlen_k -
-seqlen_q). No sequence length has to be a multiple of a block: loads and stores are masked.
+Layout: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim), or,
+for variable-length batches, (total_tokens, nheads, headdim) with cu_seqlens (batch + 1,) int32.
+Any strides with a unit last stride. Query head h reads key/value head h // (nheads // nheads_k).
+No sequence length has to be a multiple of a block: loads and stores are masked.
 
-Numerics: scores are scaled by softmax_scale * log2(e) so the softmax uses exp2; the running
-max, running sum and the output accumulator stay in fp32; the log-sum-exp is stored in natural
-log units, +inf for a row that attends to nothing (its output is zero, never NaN).
+Scores, in order: s = q k^T * softmax_scale; softcap * tanh(s / softcap) when softcap > 0;
++ bias[b, h, i, j]; - slope[b, h] * |i + seqlen_k - seqlen_q - j| (ALiBi); then masked to
+-inf outside the window seqlen_k - seqlen_q + i - left <= j <= seqlen_k - seqlen_q + i + right
+(causal is right = 0: the diagonal is aligned to the bottom-right corner). Blocks entirely
+outside the window are skipped, so work grows with the window, not with the sequence.
+
+Numerics: the softmax uses exp2 on scores scaled by log2(e); the running max, running sum and
+output accumulator stay in fp32; the log-sum-exp is stored in natural-log units, +inf for a row
+that attends to nothing (its output is zero, never NaN).
 
 Dropout draws from Philox keyed by a seed tensor and the element's position
-((batch * nheads + head) * seqlen_q + i) * seqlen_k + j, so the backward regenerates the mask
-instead of storing it. The backward runs two kernels (dK/dV per key block, dQ per query block)
-that each own their output rows: no atomics, so it is bit-reproducible.
+((batch * nheads + head) * max_seqlen_q + i) * max_seqlen_k + j, so the backward regenerates
+the mask instead of storing it.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = 1.4426950408889634
 
 
-def _configs(block_ms, block_ns, warps, stages):
+def autotune_configs(block_ms, block_ns, warps, stages):
+    """Autotune candidates; a single large-block config under the CPU interpreter."""
     if interpreter_enabled():
         # The interpreter runs programs one by one in NumPy: few, large blocks are fastest.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
@@ -50,101 +56,206 @@ def _prune_for_head_dim(configs, named_args, **kwargs):
 
 
 # Retune when head dim, masking or the order of magnitude of the lengths change.
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "seqlen_q_bucket", "seqlen_k_bucket"]
-_PRUNE = {"early_config_prune": _prune_for_head_dim}
+TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "seqlen_q_bucket", "seqlen_k_bucket"]
+PRUNE = {"early_config_prune": _prune_for_head_dim}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by every attention kernel
 
 
 @triton.jit
-def _dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p):
-    """(len(rows), len(cols)) bool, True where the weight at (row, col) of head bh is kept."""
-    offsets = (bh.to(tl.int64) * seqlen_q + rows[:, None]) * seqlen_k + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
-
-
-@triton.jit
-def _visible(rows, cols, seqlen_q, seqlen_k, CAUSAL: tl.constexpr):
-    """(len(rows), len(cols)) bool: key col exists and, if causal, row may see it."""
-    visible = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q))
-    return visible
-
-
-@triton.jit
-def _causal_key_end(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key that a query block starting at start_m can see."""
-    if CAUSAL:
-        return tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + seqlen_k - seqlen_q), 0)
-    return seqlen_k
-
-
-@triton.autotune(
-    configs=_configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]),
-    key=_TUNE_KEY,
-    prune_configs_by=_PRUNE,
-)
-@triton.jit
-def _attn_fwd_kernel(
-    Q,
-    K,
-    V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D)
-    Out,  # (B, Sq, H, D) contiguous
-    Lse,  # (B, H, Sq) fp32 contiguous
-    Seed,  # (1,) int64, read only when DROPOUT
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_ob,
-    stride_om,
-    stride_oh,
-    nheads,
+def sequence(
+    CuSeqlensQ,
+    CuSeqlensK,
+    SeqlensK,
+    off_b,
     seqlen_q,
     seqlen_k,
-    head_dim,
-    group_size,
-    softmax_scale,
-    dropout_p,
-    seqlen_q_bucket,
-    seqlen_k_bucket,  # autotune key only
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQLENS_K: tl.constexpr,
+):
+    """(q_start, seqlen_q, k_start, seqlen_k) of batch entry off_b: its first row in the token
+    dimension and its lengths (packed varlen batches, or per-batch cache lengths)."""
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    if HAS_SEQLENS_K:
+        seqlen_k = tl.load(SeqlensK + off_b)
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def key_range(
+    start_m,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """[lo, hi) of the keys that some query of the block starting at start_m can see; lo is a
+    multiple of BLOCK_N."""
+    diag = seqlen_k - seqlen_q
+    lo = tl.maximum(start_m + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
+    return lo, hi
+
+
+@triton.jit
+def query_range(
+    start_n,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """[lo, hi) of the queries that can see some key of the block starting at start_n; lo is a
+    multiple of BLOCK_M."""
+    diag = seqlen_k - seqlen_q
+    lo = tl.maximum(start_n - diag - window_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(start_n + BLOCK_N - diag + window_left, seqlen_q)
+    return lo, hi
+
+
+@triton.jit
+def tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def scores(
+    qk,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    softmax_scale,
+    softcap,
+    bias_base,
+    stride_bias_m,
+    stride_bias_n,
+    slope,
+    window_left,
+    window_right,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+):
+    """Attention scores of a (BLOCK_M, BLOCK_N) tile from its q k^T, in natural-log units and
+    -inf where not visible, with d(score)/d(q k^T * softmax_scale) from the softcap (1 without)."""
+    s = qk * softmax_scale
+    dsoftcap = 1.0
+    if SOFTCAP:
+        t = tanh(s / softcap)
+        s = softcap * t
+        dsoftcap = 1.0 - t * t
+    visible = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    if HAS_BIAS:
+        bias = tl.load(
+            bias_base + rows[:, None] * stride_bias_m + cols[None, :] * stride_bias_n,
+            mask=visible,
+            other=0.0,
+        )
+        s += bias.to(tl.float32)
+    distance = cols[None, :] - rows[:, None] - (seqlen_k - seqlen_q)
+    if HAS_ALIBI:
+        s -= slope * tl.abs(distance).to(tl.float32)
+    if MASK_WINDOW:
+        visible = visible & (distance >= -window_left) & (distance <= window_right)
+    return tl.where(visible, s, float("-inf")), dsoftcap
+
+
+@triton.jit
+def dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p):
+    """(len(rows), len(cols)) bool, True where the weight at (row, col) of head bh is kept."""
+    offsets = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.autotune(
+    configs=autotune_configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]),
+    key=TUNE_KEY,
+    prune_configs_by=PRUNE,
+)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B, stride_*b = 0
+    Out,  # like Q, contiguous
+    Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
+    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32, read when VARLEN
+    SeqlensK,  # (B,) int32 keys per batch entry (KV cache), read when HAS_SEQLENS_K
+    KBatchIdx,  # (B,) int32 batch entry of k/v for each of q's (KV cache), when HAS_KV_BATCH_IDX
+    Bias,  # broadcastable to (B, H, Sq, Sk), read when HAS_BIAS
+    Slopes,  # (H,) or (B, H) fp32, read when HAS_ALIBI
+    Seed,  # (1,) int64, read when DROPOUT
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+    stride_lse_b, stride_lse_h,
+    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, softcap, dropout_p, window_left, window_right,
+    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     off_b = bh // nheads
     off_h = bh % nheads
-    off_hk = off_h // group_size
+    off_hk = off_h // (nheads // nheads_k)
+    max_seqlen_q = seqlen_q
+    max_seqlen_k = seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k = sequence(
+        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+    )
+    if start_m >= seqlen_q:
+        return
+    off_bk = off_b
+    if HAS_KV_BATCH_IDX:
+        off_bk = tl.load(KBatchIdx + off_b)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
 
     # q stays in SRAM for the whole loop over keys.
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = (
+        Q
+        + off_b * stride_qb
+        + off_h * stride_qh
+        + (q_start + rows[:, None]) * stride_qm
+        + offs_d[None, :]
+    )
     q = tl.load(q_ptrs, mask=(rows[:, None] < seqlen_q) & in_dim[None, :], other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
-    # exp2 with log2(e) folded into the scale.
-    qk_scale = softmax_scale * 1.4426950408889634
+    k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_bk * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
     if DROPOUT:
         seed = tl.load(Seed)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Causal: key blocks entirely above the diagonal are never loaded.
-    end_n = _causal_key_end(start_m, seqlen_q, seqlen_k, BLOCK_M, CAUSAL)
-    for start_n in range(0, end_n, BLOCK_N):
+    lo, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_keys = cols < seqlen_k
         kT = tl.load(
@@ -157,16 +268,35 @@ def _attn_fwd_kernel(
             mask=in_keys[:, None] & in_dim[None, :],
             other=0.0,
         )
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        qk = tl.where(_visible(rows, cols, seqlen_q, seqlen_k, CAUSAL), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        s, _ = scores(
+            qk,
+            rows,
+            cols,
+            seqlen_q,
+            seqlen_k,
+            softmax_scale,
+            softcap,
+            bias_base,
+            stride_bias_m,
+            stride_bias_n,
+            slope,
+            window_left,
+            window_right,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            MASK_WINDOW,
+        )
+        s = s * LOG2E  # exp2 is cheaper than exp
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key so far keeps m = -inf; shift by 0 to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
+        p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p)
+            keep = dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -176,10 +306,15 @@ def _attn_fwd_kernel(
     acc = acc / l_safe[:, None]
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
-    tl.store(Lse + bh * seqlen_q + rows, lse, mask=rows < seqlen_q)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
+    lse_ptrs = Lse + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows
+    tl.store(lse_ptrs, lse, mask=rows < seqlen_q)
     o_ptrs = (
-        Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+        Out
+        + off_b * stride_ob
+        + off_h * stride_oh
+        + (q_start + rows[:, None]) * stride_om
+        + offs_d[None, :]
     )
     tl.store(
         o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & in_dim[None, :]
@@ -187,527 +322,267 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(
-    Out,
-    DO,  # (B, Sq, H, D) contiguous
-    Delta,  # (B, H, Sq) fp32: rowsum(dO * O), the D_i of the paper's backward
-    nheads,
-    seqlen_q,
-    head_dim,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
-    offs = ((off_b * seqlen_q + rows[:, None]) * nheads + off_h) * head_dim + offs_d[None, :]
-    o = tl.load(Out + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh * seqlen_q + rows, tl.sum(o * do, 1), mask=rows < seqlen_q)
-
-
-@triton.autotune(
-    configs=_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
-    key=_TUNE_KEY,
-    prune_configs_by=_PRUNE,
-)
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,  # as in the forward; DO like Out, contiguous
-    Lse,
-    Delta,  # (B, H, Sq) fp32
-    DK,
-    DV,  # (B, Sk, Hk, D) contiguous
-    Seed,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    nheads,
-    nheads_k,
-    seqlen_q,
-    seqlen_k,
-    head_dim,
-    group_size,
-    softmax_scale,
-    dropout_p,
-    seqlen_q_bucket,
-    seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program owns BLOCK_N keys of one key/value head and sums over every query head of
-    # its group, so dK and dV are written once, without atomics.
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    off_b = bhk // nheads_k
-    off_hk = bhk % nheads_k
-    cols = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_dim = offs_d < head_dim
-    kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
-    k = tl.load(
-        K + off_b * stride_kb + off_hk * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + off_b * stride_vb + off_hk * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    qk_scale = softmax_scale * 1.4426950408889634
-    if DROPOUT:
-        seed = tl.load(Seed)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    # Causal: query blocks that end before the first query seeing key start_n are skipped.
-    start_m0 = 0
-    if CAUSAL:
-        start_m0 = tl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
-    for g in range(0, group_size):
-        off_h = off_hk * group_size + g
-        bh = off_b * nheads + off_h
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + (off_b * seqlen_q * nheads + off_h) * head_dim
-        for start_m in range(start_m0, seqlen_q, BLOCK_M):
-            rows = start_m + offs_m
-            q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-            q = tl.load(
-                q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
-            )
-            do = tl.load(
-                do_base + rows[:, None] * (nheads * head_dim) + offs_d[None, :],
-                mask=q_mask,
-                other=0.0,
-            )
-            # Padding rows read lse = +inf, so their probabilities are exactly 0.
-            lse = tl.load(Lse + bh * seqlen_q + rows, mask=rows < seqlen_q, other=float("inf"))
-            delta = tl.load(Delta + bh * seqlen_q + rows, mask=rows < seqlen_q, other=0.0)
-            # Transposed tiles, (BLOCK_N, BLOCK_M): rows of the result are this program's keys.
-            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-            pT = tl.math.exp2(qkT - lse[None, :] * 1.4426950408889634)
-            visibleT = tl.trans(_visible(rows, cols, seqlen_q, seqlen_k, CAUSAL))
-            pT = tl.where(visibleT, pT, 0.0)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            if DROPOUT:
-                keepT = tl.trans(_dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p))
-                dv += tl.dot(
-                    tl.where(keepT, pT * inv_keep, 0.0).to(do.dtype),
-                    do,
-                    input_precision=DOT_PRECISION,
-                )
-                dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-            else:
-                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
-
-    dk = dk * softmax_scale
-    out_offs = ((off_b * seqlen_k + cols[:, None]) * nheads_k + off_hk) * head_dim + offs_d[None, :]
-    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.autotune(
-    configs=_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
-    key=_TUNE_KEY,
-    prune_configs_by=_PRUNE,
-)
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    Lse,
-    Delta,
-    DQ,  # (B, Sq, H, D) contiguous
-    Seed,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    nheads,
-    seqlen_q,
-    seqlen_k,
-    head_dim,
-    group_size,
-    softmax_scale,
-    dropout_p,
-    seqlen_q_bucket,
-    seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
-    off_hk = off_h // group_size
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_dim = offs_d < head_dim
-    q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    )
-    do_offs = ((off_b * seqlen_q + rows[:, None]) * nheads + off_h) * head_dim + offs_d[None, :]
-    do = tl.load(DO + do_offs, mask=q_mask, other=0.0)
-    lse = tl.load(Lse + bh * seqlen_q + rows, mask=rows < seqlen_q, other=float("inf"))
-    delta = tl.load(Delta + bh * seqlen_q + rows, mask=rows < seqlen_q, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh
-    v_base = V + off_b * stride_vb + off_hk * stride_vh
-    qk_scale = softmax_scale * 1.4426950408889634
-    if DROPOUT:
-        seed = tl.load(Seed)
-        inv_keep = 1.0 / (1.0 - dropout_p)
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    end_n = _causal_key_end(start_m, seqlen_q, seqlen_k, BLOCK_M, CAUSAL)
-    for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None] * 1.4426950408889634)
-        p = tl.where(_visible(rows, cols, seqlen_q, seqlen_k, CAUSAL), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-
-    dq = dq * softmax_scale
-    tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit
 def _attn_probs_kernel(
-    Q,
-    K,
-    Lse,
-    Seed,
-    P,  # (B, H, Sq, Sk) contiguous: probabilities, negated where dropout drops them
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    nheads,
-    seqlen_q,
-    seqlen_k,
-    head_dim,
-    group_size,
-    softmax_scale,
-    dropout_p,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, Lse, CuSeqlensQ, CuSeqlensK, SeqlensK, KBatchIdx, Bias, Slopes, Seed,
+    P,  # (B, H, max_Sq, max_Sk): probabilities, negated where dropout drops them
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+    stride_lse_b, stride_lse_h,
+    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, softcap, dropout_p, window_left, window_right,
+    seqlen_q_bucket, seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     off_b = bh // nheads
     off_h = bh % nheads
-    off_hk = off_h // group_size
+    off_hk = off_h // (nheads // nheads_k)
+    max_seqlen_q = seqlen_q
+    max_seqlen_k = seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k = sequence(
+        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+    )
+    off_bk = off_b
+    if HAS_KV_BATCH_IDX:
+        off_bk = tl.load(KBatchIdx + off_b)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+        Q
+        + off_b * stride_qb
+        + off_h * stride_qh
+        + (q_start + rows[:, None]) * stride_qm
+        + offs_d[None, :],
         mask=(rows[:, None] < seqlen_q) & in_dim[None, :],
         other=0.0,
     )
-    lse = tl.load(Lse + bh * seqlen_q + rows, mask=rows < seqlen_q, other=float("inf"))
-    qk_scale = softmax_scale * 1.4426950408889634
+    lse = tl.load(
+        Lse + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows,
+        mask=rows < seqlen_q,
+        other=float("inf"),
+    )
+    k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
     if DROPOUT:
         seed = tl.load(Seed)
-    for start_n in range(0, seqlen_k, BLOCK_N):
+    for start_n in range(0, max_seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(
-            K
-            + off_b * stride_kb
-            + off_hk * stride_kh
-            + cols[None, :] * stride_kn
-            + offs_d[:, None],
+            k_base + cols[None, :] * stride_kn + offs_d[:, None],
             mask=(cols[None, :] < seqlen_k) & in_dim[:, None],
             other=0.0,
         )
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None] * 1.4426950408889634)
-        p = tl.where(_visible(rows, cols, seqlen_q, seqlen_k, CAUSAL), p, 0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        s, _ = scores(
+            qk,
+            rows,
+            cols,
+            seqlen_q,
+            seqlen_k,
+            softmax_scale,
+            softcap,
+            bias_base,
+            stride_bias_m,
+            stride_bias_n,
+            slope,
+            window_left,
+            window_right,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            MASK_WINDOW,
+        )
+        p = tl.math.exp(s - lse[:, None])
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, seqlen_q, seqlen_k, rows, cols, dropout_p)
+            keep = dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p)
             p = tl.where(keep, p, -p)
-        out_offs = (bh.to(tl.int64) * seqlen_q + rows[:, None]) * seqlen_k + cols[None, :]
+        out_offs = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
         tl.store(
             P + out_offs,
             p.to(P.dtype.element_ty),
-            mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+            mask=(rows[:, None] < max_seqlen_q) & (cols[None, :] < max_seqlen_k),
         )
 
 
-def _device_guard(t: torch.Tensor):
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's GPU the current one for the launch (no-op on CPU)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _head_dim_block(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def _strides3(t: torch.Tensor | None, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; batch stride 0 for packed varlen tensors."""
+    if t is None:
+        return (0, 0, 0)
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def problem(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    causal=False,
+    dropout_p=0.0,
+    seed=None,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    bias=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqlens_k=None,
+    k_batch_idx=None,
+):
+    """Everything the attention kernels share, as keyword arguments for any of them.
 
-
-def _common_args(q, k, softmax_scale, dropout_p, causal):
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    Inputs are assumed validated by ``flash_attn.ops.attention``. Shapes as in the module
+    docstring; ``bias`` already expanded (stride 0 on broadcast dims) to (B, H, Sq, Sk);
+    ``seqlens_k`` (B,) int32 and ``k_batch_idx`` (B,) int32 for KV-cache decoding.
+    """
+    varlen = cu_seqlens_q is not None
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+    else:
+        batch, seqlen_q = q.shape[0], q.shape[1]
+        seqlen_k = k.shape[1]
+    left, right = window_size
+    unlimited = seqlen_q + seqlen_k  # farther than any query-key distance
+    left = unlimited if left < 0 else left
+    right = 0 if causal else (unlimited if right < 0 else right)
+    placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
+    slope_stride = 0
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        slope_stride = alibi_slopes.stride(0)
     return dict(
-        HEAD_DIM=_head_dim_block(head_dim),
-        CAUSAL=causal,
+        Q=q,
+        K=k,
+        V=v,
+        CuSeqlensQ=cu_seqlens_q if varlen else placeholder,
+        CuSeqlensK=cu_seqlens_k if varlen else placeholder,
+        SeqlensK=seqlens_k if seqlens_k is not None else placeholder,
+        KBatchIdx=k_batch_idx if k_batch_idx is not None else placeholder,
+        Bias=bias if bias is not None else placeholder,
+        Slopes=alibi_slopes if alibi_slopes is not None else placeholder,
+        Seed=seed if seed is not None else placeholder,
+        **dict(zip(("stride_qb", "stride_qm", "stride_qh"), _strides3(q, varlen))),
+        **dict(zip(("stride_kb", "stride_kn", "stride_kh"), _strides3(k, varlen))),
+        **dict(zip(("stride_vb", "stride_vn", "stride_vh"), _strides3(v, varlen))),
+        **dict(
+            zip(("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n"), bias_strides)
+        ),
+        stride_slope_b=slope_stride,
+        nheads=nheads,
+        nheads_k=nheads_k,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        head_dim=head_dim,
+        softmax_scale=softmax_scale,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        window_left=left,
+        window_right=right,
+        seqlen_q_bucket=triton.next_power_of_2(seqlen_q),
+        seqlen_k_bucket=triton.next_power_of_2(seqlen_k),
+        HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
+        VARLEN=varlen,
+        HAS_SEQLENS_K=seqlens_k is not None,
+        HAS_KV_BATCH_IDX=k_batch_idx is not None,
+        HAS_BIAS=bias is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        SOFTCAP=softcap > 0.0,
+        MASK_WINDOW=left < unlimited or right < unlimited,
         DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(q.dtype),
-    ), (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim)
+        # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    ), batch
+    # fmt: skip
 
 
-def _buckets(seqlen_q, seqlen_k):
-    return triton.next_power_of_2(seqlen_q), triton.next_power_of_2(seqlen_k)
+def _lse_buffer(q, args, batch):
+    """Lse as the official API lays it out: (B, H, Sq), or (H, total_q) for varlen."""
+    if args["VARLEN"]:
+        lse = torch.empty((args["nheads"], q.shape[0]), dtype=torch.float32, device=q.device)
+        return lse, (0, lse.stride(0))
+    lse = torch.empty(
+        (batch, args["nheads"], args["seqlen_q"]), dtype=torch.float32, device=q.device
+    )
+    return lse, (lse.stride(0), lse.stride(1))
 
 
-def _seed_arg(seed, device):
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
-
-
-def attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Inputs are assumed validated (see ``flash_attn.ops.attention``).
+def attention_fwd(q, k, v, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
 
     Args:
-        q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
-        seed: (1,) int64 on q's device, required when dropout_p > 0.
+        q, k, v and options: see :func:`problem` (softmax_scale is required).
     Returns:
-        out: (batch, seqlen_q, nheads, headdim) contiguous, q's dtype.
-        lse: (batch, nheads, seqlen_q) fp32, natural log, +inf for rows with no visible key.
+        out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
+        varlen, fp32, natural log, +inf for rows with no visible key.
     """
-    consts, (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim) = _common_args(
-        q, k, softmax_scale, dropout_p, causal
-    )
+    args, batch = problem(q, k, v, **options)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
-    with _device_guard(q):
+    lse, (stride_lse_b, stride_lse_h) = _lse_buffer(q, args, batch)
+    varlen = args["VARLEN"]
+    stride_ob, stride_om, stride_oh = _strides3(out, varlen)
+    grid = lambda meta: (triton.cdiv(args["seqlen_q"], meta["BLOCK_M"]), batch * args["nheads"])  # noqa: E731
+    with device_guard(q):
         _attn_fwd_kernel[grid](
-            q,
-            k,
-            v,
-            out,
-            lse,
-            _seed_arg(seed, q.device),
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            nheads,
-            seqlen_q,
-            seqlen_k,
-            head_dim,
-            nheads // nheads_k,
-            softmax_scale,
-            dropout_p,
-            *_buckets(seqlen_q, seqlen_k),
-            **consts,
+            Out=out,
+            Lse=lse,
+            stride_ob=stride_ob,
+            stride_om=stride_om,
+            stride_oh=stride_oh,
+            stride_lse_b=stride_lse_b,
+            stride_lse_h=stride_lse_h,
+            **args,
         )
     return out, lse
 
 
-def attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels: delta = rowsum(dO * O), then dK/dV, then dQ.
-
-    Args:
-        do, out: (batch, seqlen_q, nheads, headdim); lse: the forward's (batch, nheads, seqlen_q).
-        q, k, v, softmax_scale, causal, dropout_p, seed: exactly as given to the forward.
-    Returns:
-        dq (batch, seqlen_q, nheads, headdim), dk and dv (batch, seqlen_k, nheads_k, headdim),
-        contiguous, in the inputs' dtypes.
-    """
-    consts, (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim) = _common_args(
-        q, k, softmax_scale, dropout_p, causal
-    )
-    do = do.contiguous()
-    out = out.contiguous()
-    seed = _seed_arg(seed, q.device)
-    buckets = _buckets(seqlen_q, seqlen_k)
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-    )
-    delta = torch.empty_like(lse)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    with _device_guard(q):
-        _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
-            out, do, delta, nheads, seqlen_q, head_dim, HEAD_DIM=consts["HEAD_DIM"], BLOCK_M=64
-        )
-        grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)  # noqa: E731
-        _attn_bwd_dkdv_kernel[grid_kv](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            seed,
-            *strides,
-            nheads,
-            nheads_k,
-            seqlen_q,
-            seqlen_k,
-            head_dim,
-            nheads // nheads_k,
-            softmax_scale,
-            dropout_p,
-            *buckets,
-            **consts,
-        )
-        grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
-        _attn_bwd_dq_kernel[grid_q](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dq,
-            seed,
-            *strides,
-            nheads,
-            seqlen_q,
-            seqlen_k,
-            head_dim,
-            nheads // nheads_k,
-            softmax_scale,
-            dropout_p,
-            *buckets,
-            **consts,
-        )
-    return dq, dk, dv
-
-
-def attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    lse: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
-) -> torch.Tensor:
+def attention_probs(q, k, v, lse, **options) -> torch.Tensor:
     """The forward's attention probabilities, for tests (the official ``S_dmask``).
 
     Returns:
-        (batch, nheads, seqlen_q, seqlen_k) in q's dtype: softmax probabilities before dropout,
-        negated where dropout dropped the weight.
+        (batch, nheads, max_seqlen_q, max_seqlen_k) in q's dtype: softmax probabilities before
+        dropout, negated where dropout dropped the weight.
     """
-    consts, (batch, nheads, nheads_k, seqlen_q, seqlen_k, head_dim) = _common_args(
-        q, k, softmax_scale, dropout_p, causal
-    )
-    probs = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=q.dtype, device=q.device)
-    with _device_guard(q):
+    args, batch = problem(q, k, v, **options)
+    nheads, seqlen_q, seqlen_k = args["nheads"], args["seqlen_q"], args["seqlen_k"]
+    probs = torch.zeros((batch, nheads, seqlen_q, seqlen_k), dtype=q.dtype, device=q.device)
+    if args["VARLEN"]:
+        stride_lse_b, stride_lse_h = 0, lse.stride(0)
+    else:
+        stride_lse_b, stride_lse_h = lse.stride(0), lse.stride(1)
+    with device_guard(q):
         _attn_probs_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
-            q,
-            k,
-            lse,
-            _seed_arg(seed, q.device),
-            probs,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            nheads,
-            seqlen_q,
-            seqlen_k,
-            head_dim,
-            nheads // nheads_k,
-            softmax_scale,
-            dropout_p,
+            Lse=lse,
+            P=probs,
+            stride_ob=0,
+            stride_om=0,
+            stride_oh=0,
+            stride_lse_b=stride_lse_b,
+            stride_lse_h=stride_lse_h,
             BLOCK_M=64,
             BLOCK_N=64,
-            **consts,
+            **args,
         )
     return probs

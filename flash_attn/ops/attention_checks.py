@@ -1,0 +1,176 @@
+"""Input checks of the attention API: a TypeError or ValueError that names the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MAX_HEADDIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_tensor(name: str, t, q: Tensor, rank: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: they must match")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}: they must match")
+    if min(t.shape) == 0:
+        raise ValueError(f"{name} must not have an empty dimension, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension (stride 1), got stride "
+            f"{t.stride(-1)}; call .contiguous() first"
+        )
+
+
+def check_attention_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float,
+    softmax_scale: float | None,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    varlen: tuple | None = None,
+) -> None:
+    """Raise TypeError/ValueError naming the argument when q, k, v cannot be attended.
+
+    Expected: q (batch, seqlen_q, nheads, headdim), k and v (batch, seqlen_k, nheads_k, headdim)
+    (without the batch dimension for varlen), one floating dtype among fp16/bf16/fp32, one
+    device, unit stride in the last dimension, nheads % nheads_k == 0, 1 <= headdim <= 256,
+    0 <= dropout_p < 1, window values >= -1, softcap >= 0, alibi_slopes fp32 (nheads,) or
+    (batch, nheads), attn_bias float or bool and broadcastable to (batch, nheads, seqlen_q,
+    seqlen_k).
+    """
+    rank, layout = (
+        (3, "(total_tokens, nheads, headdim)")
+        if varlen
+        else (4, "(batch, seqlen, nheads, headdim)")
+    )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, q, rank, layout)
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    batch = varlen[0].numel() - 1 if varlen else q.shape[0]
+    if not varlen and k.shape[0] != batch:
+        raise ValueError(f"k and v must have batch {batch} like q, got {k.shape[0]}")
+    if k.shape[-1] != headdim:
+        raise ValueError(f"k and v must have headdim {headdim} like q, got {k.shape[-1]}")
+    if headdim > MAX_HEADDIM:
+        raise ValueError(f"headdim must be at most {MAX_HEADDIM}, got {headdim}")
+    if nheads % k.shape[-2] != 0:
+        raise ValueError(
+            f"nheads of q ({nheads}) must be divisible by nheads of k and v ({k.shape[-2]})"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is not None and not (
+        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+    ):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
+        raise ValueError(f"window_size must be two integers >= -1, got {window_size!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
+    if alibi_slopes is not None:
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+            raise ValueError(
+                f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
+                f"{tuple(alibi_slopes.shape)}"
+            )
+        if alibi_slopes.device != q.device or alibi_slopes.stride(-1) != 1:
+            raise ValueError("alibi_slopes must be on q's device with a unit last stride")
+    if attn_bias is not None:
+        _check_bias(attn_bias, q, k, batch, varlen)
+
+
+def _check_bias(attn_bias, q, k, batch, varlen) -> None:
+    if not isinstance(attn_bias, Tensor):
+        raise TypeError(f"attn_bias must be a torch.Tensor, got {type(attn_bias).__name__}")
+    if not (attn_bias.is_floating_point() or attn_bias.dtype == torch.bool):
+        raise TypeError(f"attn_bias must be a float tensor or a bool mask, got {attn_bias.dtype}")
+    if attn_bias.device != q.device:
+        raise ValueError(f"attn_bias is on {attn_bias.device} but q is on {q.device}")
+    if varlen:
+        target = (batch, q.shape[-2], varlen[2], varlen[3])
+    else:
+        target = (batch, q.shape[2], q.shape[1], k.shape[1])
+    try:
+        fits = torch.broadcast_shapes(attn_bias.shape, target) == target
+    except RuntimeError:
+        fits = False
+    if not fits or attn_bias.dim() > 4:
+        raise ValueError(
+            f"attn_bias must broadcast to (batch, nheads, seqlen_q, seqlen_k) = {target}, got "
+            f"shape {tuple(attn_bias.shape)}"
+        )
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Check packed-sequence offsets; return (cu_seqlens_q, cu_seqlens_k, max_q, max_k).
+
+    Expected: cu_seqlens_* int32 (batch + 1,) on q's device, starting at 0, non-decreasing,
+    ending at the token count of q (resp. k); max_seqlen_* ints at least the longest sequence.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, Tensor) and t.dim() != 3:
+            raise ValueError(
+                f"{name} must have 3 dimensions (total_tokens, nheads, headdim), "
+                f"got shape {tuple(t.shape)}"
+            )
+    for name, cu, tokens in (("cu_seqlens_q", cu_seqlens_q, q), ("cu_seqlens_k", cu_seqlens_k, k)):
+        if not isinstance(cu, Tensor):
+            raise TypeError(
+                f"{name} must be an int32 tensor of shape (batch + 1,), got {type(cu).__name__}"
+            )
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(
+                f"{name} must be int32 of shape (batch + 1,), got {cu.dtype} of "
+                f"shape {tuple(cu.shape)}"
+            )
+        if isinstance(tokens, Tensor) and cu.device != tokens.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {tokens.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+            f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    maxima = []
+    for name, cu, tokens, max_name, given in (
+        ("cu_seqlens_q", cu_seqlens_q, q, "max_seqlen_q", max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, k, "max_seqlen_k", max_seqlen_k),
+    ):
+        if not isinstance(given, int) or given < 1:
+            raise ValueError(f"{max_name} must be a positive int, got {given!r}")
+        if torch.compiler.is_compiling():
+            maxima.append(given)  # data-dependent checks would break the graph
+            continue
+        lengths = cu[1:] - cu[:-1]
+        if cu[0].item() != 0 or (lengths < 0).any().item():
+            raise ValueError(f"{name} must start at 0 and be non-decreasing, got {cu.tolist()}")
+        if isinstance(tokens, Tensor) and tokens.dim() >= 1 and cu[-1].item() != tokens.shape[0]:
+            raise ValueError(
+                f"{name} must end at the number of tokens ({tokens.shape[0]}), got {cu[-1].item()}"
+            )
+        longest = int(lengths.max().item())
+        if given < longest:
+            raise ValueError(
+                f"{max_name} ({given}) is smaller than the longest sequence in {name} ({longest})"
+            )
+        maxima.append(given)
+    return cu_seqlens_q, cu_seqlens_k, maxima[0], maxima[1]

@@ -1,0 +1,449 @@
+"""FlashAttention-2 backward in Triton and its launcher.
+
+Three kernels: delta = rowsum(dO * O) (the paper's D_i), then dK/dV per key block, then dQ (and
+dBias) per query block. Each program owns the rows it writes (the dK/dV program sums over every
+query head of its key/value head's group), so there are no atomics and the backward is
+bit-reproducible. Probabilities are recomputed from the saved log-sum-exp, the dropout mask from
+its seed. Shapes, score modifiers and masking: see ``attention.py`` beside this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flash_attn.ops.triton.attention import (
+    LOG2E,
+    PRUNE,
+    TUNE_KEY,
+    autotune_configs,
+    device_guard,
+    dropout_keep,
+    key_range,
+    problem,
+    query_range,
+    scores,
+    sequence,
+)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DO,  # like Q, contiguous
+    Delta,  # like Lse
+    CuSeqlensQ,
+    stride_ob, stride_om, stride_oh, stride_lse_b, stride_lse_h,
+    nheads, seqlen_q, head_dim,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    off_b = bh // nheads
+    off_h = bh % nheads
+    q_start, seqlen_q, _, _ = sequence(
+        CuSeqlensQ, CuSeqlensQ, CuSeqlensQ, off_b, seqlen_q, 0, VARLEN, False
+    )
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    offs = off_b * stride_ob + off_h * stride_oh + (q_start + rows[:, None]) * stride_om
+    o = tl.load(Out + offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(
+        Delta + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows,
+        tl.sum(o * do, 1),
+        mask=rows < seqlen_q,
+    )
+
+
+@triton.jit
+def _tile_grads(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    rows,
+    cols,
+    seqlen_q,
+    seqlen_k,
+    softmax_scale,
+    softcap,
+    bias_base,
+    stride_bias_m,
+    stride_bias_n,
+    slope,
+    window_left,
+    window_right,
+    seed,
+    bh,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """For a (BLOCK_M, BLOCK_N) tile: the weights that multiplied V (p after dropout), dS (the
+    gradient of the scores, = dBias) and dS scaled back through the softcap (for dQ and dK)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, dsoftcap = scores(
+        qk,
+        rows,
+        cols,
+        seqlen_q,
+        seqlen_k,
+        softmax_scale,
+        softcap,
+        bias_base,
+        stride_bias_m,
+        stride_bias_n,
+        slope,
+        window_left,
+        window_right,
+        SOFTCAP,
+        HAS_BIAS,
+        HAS_ALIBI,
+        MASK_WINDOW,
+    )
+    # Padding rows read lse = +inf, so their probabilities are exactly 0.
+    p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    p_dropped = p
+    if DROPOUT:
+        keep = dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p)
+        scale = 1.0 / (1.0 - dropout_p)
+        p_dropped = tl.where(keep, p * scale, 0.0)
+        dp = tl.where(keep, dp * scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return p_dropped, ds, ds * dsoftcap
+
+
+@triton.autotune(
+    configs=autotune_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    key=TUNE_KEY,
+    prune_configs_by=PRUNE,
+)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
+    CuSeqlensQ, CuSeqlensK, SeqlensK, KBatchIdx, Bias, Slopes, Seed,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+    stride_lse_b, stride_lse_h,
+    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, softcap, dropout_p, window_left, window_right,
+    seqlen_q_bucket, seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program owns BLOCK_N keys of one key/value head and sums over every query head of
+    # its group, so dK and dV are written once, without atomics.
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    off_b = bhk // nheads_k
+    off_hk = bhk % nheads_k
+    group_size = nheads // nheads_k
+    max_seqlen_q = seqlen_q
+    max_seqlen_k = seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k = sequence(
+        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+    )
+    if start_n >= seqlen_k:
+        return
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_dim = offs_d < head_dim
+    kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
+    k = tl.load(
+        K
+        + off_b * stride_kb
+        + off_hk * stride_kh
+        + (k_start + cols[:, None]) * stride_kn
+        + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V
+        + off_b * stride_vb
+        + off_hk * stride_vh
+        + (k_start + cols[:, None]) * stride_vn
+        + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # Query blocks that see none of these keys (causal, window) are skipped.
+    lo, hi = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    for g in range(0, group_size):
+        off_h = off_hk * group_size + g
+        bh = off_b * nheads + off_h
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+        do_base = DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
+        lse_base = off_b * stride_lse_b + off_h * stride_lse_h + q_start
+        bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
+            q = tl.load(
+                q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
+            )
+            do = tl.load(
+                do_base + rows[:, None] * stride_om + offs_d[None, :], mask=q_mask, other=0.0
+            )
+            lse = tl.load(Lse + lse_base + rows, mask=rows < seqlen_q, other=float("inf"))
+            delta = tl.load(Delta + lse_base + rows, mask=rows < seqlen_q, other=0.0)
+            p_dropped, _, ds = _tile_grads(
+                q,
+                k,
+                v,
+                do,
+                lse,
+                delta,
+                rows,
+                cols,
+                seqlen_q,
+                seqlen_k,
+                softmax_scale,
+                softcap,
+                bias_base,
+                stride_bias_m,
+                stride_bias_n,
+                slope,
+                window_left,
+                window_right,
+                seed,
+                bh,
+                max_seqlen_q,
+                max_seqlen_k,
+                dropout_p,
+                SOFTCAP,
+                HAS_BIAS,
+                HAS_ALIBI,
+                MASK_WINDOW,
+                DROPOUT,
+                DOT_PRECISION,
+            )
+            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    dk = dk * softmax_scale
+    out_offs = (
+        off_b * stride_dkb
+        + off_hk * stride_dkh
+        + (k_start + cols[:, None]) * stride_dkn
+        + offs_d[None, :]
+    )
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(
+    configs=autotune_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    key=TUNE_KEY,
+    prune_configs_by=PRUNE,
+)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous
+    DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
+    CuSeqlensQ, CuSeqlensK, SeqlensK, KBatchIdx, Bias, Slopes, Seed,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+    stride_lse_b, stride_lse_h,
+    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, softcap, dropout_p, window_left, window_right,
+    seqlen_q_bucket, seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    off_b = bh // nheads
+    off_h = bh % nheads
+    off_hk = off_h // (nheads // nheads_k)
+    max_seqlen_q = seqlen_q
+    max_seqlen_k = seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k = sequence(
+        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+    )
+    if start_m >= seqlen_q:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_dim = offs_d < head_dim
+    q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
+    q = tl.load(
+        Q
+        + off_b * stride_qb
+        + off_h * stride_qh
+        + (q_start + rows[:, None]) * stride_qm
+        + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    do_offs = (
+        off_b * stride_ob
+        + off_h * stride_oh
+        + (q_start + rows[:, None]) * stride_om
+        + offs_d[None, :]
+    )
+    do = tl.load(DO + do_offs, mask=q_mask, other=0.0)
+    lse_offs = off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows
+    lse = tl.load(Lse + lse_offs, mask=rows < seqlen_q, other=float("inf"))
+    delta = tl.load(Delta + lse_offs, mask=rows < seqlen_q, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        _, ds_scores, ds = _tile_grads(
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            rows,
+            cols,
+            seqlen_q,
+            seqlen_k,
+            softmax_scale,
+            softcap,
+            bias_base,
+            stride_bias_m,
+            stride_bias_n,
+            slope,
+            window_left,
+            window_right,
+            seed,
+            bh,
+            max_seqlen_q,
+            max_seqlen_k,
+            dropout_p,
+            SOFTCAP,
+            HAS_BIAS,
+            HAS_ALIBI,
+            MASK_WINDOW,
+            DROPOUT,
+            DOT_PRECISION,
+        )
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if DBIAS:
+            dbias_offs = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[
+                None, :
+            ]
+            tl.store(
+                DBias + dbias_offs,
+                ds_scores,
+                mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
+            )
+
+    dq = dq * softmax_scale
+    tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options):
+    """Launch the backward kernels.
+
+    Args:
+        do, out: like q; lse: the forward's.
+        q, k, v and options: exactly as given to ``attention_fwd`` (see ``problem``).
+        bias_requires_grad: also return the gradient of the scores, summed like the bias.
+    Returns:
+        dq, dk, dv (contiguous, the inputs' shapes and dtypes) and dbias (fp32, shaped
+        (batch, nheads, max_seqlen_q, max_seqlen_k): the caller sums broadcast dims) or None.
+    """
+    args, batch = problem(q, k, v, **options)
+    varlen = args["VARLEN"]
+    nheads, nheads_k = args["nheads"], args["nheads_k"]
+    seqlen_q, seqlen_k = args["seqlen_q"], args["seqlen_k"]
+    do = do.contiguous()
+    out = out.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    stride_lse = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    out_strides = (0, out.stride(0), out.stride(1)) if varlen else out.stride()[:3]
+    dk_strides = (0, dk.stride(0), dk.stride(1)) if varlen else dk.stride()[:3]
+    common = dict(
+        DO=do,
+        Lse=lse,
+        Delta=delta,
+        stride_ob=out_strides[0],
+        stride_om=out_strides[1],
+        stride_oh=out_strides[2],
+        stride_lse_b=stride_lse[0],
+        stride_lse_h=stride_lse[1],
+        **args,
+    )
+    dbias = None
+    if bias_requires_grad:
+        dbias = torch.zeros(
+            (batch, nheads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device
+        )
+    with device_guard(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
+            out,
+            do,
+            delta,
+            args["CuSeqlensQ"],
+            *out_strides,
+            *stride_lse,
+            nheads,
+            seqlen_q,
+            args["head_dim"],
+            HEAD_DIM=args["HEAD_DIM"],
+            VARLEN=varlen,
+            BLOCK_M=64,
+        )
+        grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)  # noqa: E731
+        _attn_bwd_dkdv_kernel[grid_kv](
+            DK=dk,
+            DV=dv,
+            stride_dkb=dk_strides[0],
+            stride_dkn=dk_strides[1],
+            stride_dkh=dk_strides[2],
+            **common,
+        )
+        grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
+        _attn_bwd_dq_kernel[grid_q](
+            DQ=dq, DBias=dbias if dbias is not None else delta, DBIAS=dbias is not None, **common
+        )
+    return dq, dk, dv, dbias
