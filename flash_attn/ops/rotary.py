@@ -267,6 +267,24 @@ def _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen):
         )
 
 
+def _rotary_neox_torch(x, cos, sin, seqlen_offset: int, conjugate: bool):
+    """The common case in fewer, larger PyTorch ops than the reference: GPT-NeoX layout, one
+    offset for the batch, so the tables are a slice (no gather) and the halves are rotated
+    as x * cos + rotate_half(x) * sin, as Hugging Face does (but in fp32)."""
+    seqlen, rotary_dim = x.shape[1], 2 * cos.shape[1]
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    # (seqlen, rotary_dim / 2) -> (seqlen, 1, rotary_dim): each half sees the same angles
+    c = cos[seqlen_offset : seqlen_offset + seqlen].to(compute_dtype).repeat(1, 2).unsqueeze(1)
+    s = sin[seqlen_offset : seqlen_offset + seqlen].to(compute_dtype).repeat(1, 2).unsqueeze(1)
+    rot = x[..., :rotary_dim].to(compute_dtype)
+    x0, x1 = rot.chunk(2, dim=-1)
+    rotated_half = torch.cat((x1, -x0), dim=-1) if conjugate else torch.cat((-x1, x0), dim=-1)
+    out = (rot * c + rotated_half * s).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1)
+
+
 def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -303,6 +321,9 @@ def apply_rotary(
     """
     _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen)
     if resolve_backend(backend, x.device) == "torch":
+        if cu_seqlens is None and isinstance(seqlen_offsets, int) and not interleaved:
+            out = _rotary_neox_torch(x, cos, sin, seqlen_offsets, conjugate)
+            return x.copy_(out) if inplace else out
         return apply_rotary_ref(
             x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace, conjugate
         )

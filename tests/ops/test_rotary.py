@@ -151,24 +151,32 @@ def test_varlen_matches_per_sequence(backend, interleaved, tensor_offsets):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_and_conjugate(backend):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_inplace_and_conjugate(backend, interleaved):
     cos, sin = _tables(30, 8)
     x = torch.randn(2, 9, 3, 10, device=DEVICE)
-    expected = apply_rotary(x, cos, sin, 3, interleaved=True, backend=backend)
+    expected = apply_rotary(x, cos, sin, 3, interleaved=interleaved, backend=backend)
     y = x.clone()
-    returned = apply_rotary(y, cos, sin, 3, interleaved=True, inplace=True, backend=backend)
+    returned = apply_rotary(y, cos, sin, 3, interleaved=interleaved, inplace=True, backend=backend)
     assert returned is y
     torch.testing.assert_close(y, expected)
     # Conjugate rotation undoes the rotation.
-    back = apply_rotary(y, cos, sin, 3, interleaved=True, conjugate=True, backend=backend)
+    back = apply_rotary(y, cos, sin, 3, interleaved=interleaved, conjugate=True, backend=backend)
     torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+    conj_ref = apply_rotary_ref(x, cos, sin, 3, interleaved=interleaved, conjugate=True)
+    torch.testing.assert_close(
+        apply_rotary(x, cos, sin, 3, interleaved=interleaved, conjugate=True, backend=backend),
+        conj_ref,
+    )
     # Gradient through the in-place op on a non-leaf.
     leaf = x.clone().requires_grad_()
     dout = torch.randn_like(x)
-    out = apply_rotary(leaf * 1.0, cos, sin, 3, interleaved=True, inplace=True, backend=backend)
+    out = apply_rotary(
+        leaf * 1.0, cos, sin, 3, interleaved=interleaved, inplace=True, backend=backend
+    )
     (dx,) = torch.autograd.grad(out, leaf, dout)
     _, dx_ref = _value_and_grad(
-        lambda t: apply_rotary_ref(t, cos, sin, 3, interleaved=True), x, dout
+        lambda t: apply_rotary_ref(t, cos, sin, 3, interleaved=interleaved), x, dout
     )
     torch.testing.assert_close(dx, dx_ref)
 
