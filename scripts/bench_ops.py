@@ -3,7 +3,9 @@
 Every measurement is one forward + backward step. Variants per op:
   flash_attn   the op's functional API, backend auto (Triton on CUDA; on CPU the torch
                backend, i.e. the reference or, for linear cross-entropy, the chunked Function)
-  eager        the same computation from PyTorch built-ins (F.cross_entropy, F.linear, F.gelu)
+  eager        the same computation from PyTorch built-ins (F.cross_entropy, F.linear, F.gelu,
+               F.layer_norm, F.rms_norm; for rotary, Hugging Face's rotate_half formula)
+  reference    the op's plain-PyTorch reference run eagerly (layer_norm, rms_norm, rotary)
   compiled     torch.compile (inductor) of the op's plain-PyTorch reference
 
 Peak memory is the most bytes live during a step beyond those live before it
@@ -44,11 +46,15 @@ import torch.nn.functional as F  # noqa: E402
 
 from flash_attn.ops.backend import resolve_backend  # noqa: E402
 from flash_attn.ops.cross_entropy import cross_entropy_loss  # noqa: E402
+from flash_attn.ops.layer_norm import layer_norm_fn  # noqa: E402
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from flash_attn.ops.mlp import fused_mlp  # noqa: E402
 from flash_attn.ops.reference.cross_entropy import cross_entropy_ref  # noqa: E402
+from flash_attn.ops.reference.layer_norm import layer_norm_ref  # noqa: E402
 from flash_attn.ops.reference.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
 from flash_attn.ops.reference.mlp import mlp_ref  # noqa: E402
+from flash_attn.ops.reference.rotary import apply_rotary_ref  # noqa: E402
+from flash_attn.ops.rotary import apply_rotary  # noqa: E402
 from flash_attn.utils.benchmark import (  # noqa: E402
     available_memory,
     benchmark_time,
@@ -159,12 +165,74 @@ def gated_mlp_case(device, dtype, large) -> Case:
     return _mlp_case(device, dtype, large, gated=True)
 
 
+def _with_reference(steps, reference, *inputs):
+    """Add the eagerly run reference, between eager and compiled."""
+    compiled = steps.pop("compiled")
+    return {**steps, "reference": _step(reference, *inputs), "compiled": compiled}
+
+
+def _norm_case(device, dtype, large, is_rms_norm):
+    tokens, hidden = (16384, 4096) if large else (4096, 1024)
+    x = _leaf(tokens, hidden, device=device, dtype=dtype)
+    residual = _leaf(tokens, hidden, device=device, dtype=dtype)
+    weight = _leaf(hidden, device=device, dtype=dtype)
+    bias = None if is_rms_norm else _leaf(hidden, device=device, dtype=dtype)
+
+    # out = norm(x + residual): the residual add is fused into the kernel.
+    def ours(x, residual, weight, bias):
+        return layer_norm_fn(x, weight, bias, residual, is_rms_norm=is_rms_norm)
+
+    def eager(x, residual, weight, bias):
+        if is_rms_norm:
+            return F.rms_norm(x + residual, (hidden,), weight, 1e-5)
+        return F.layer_norm(x + residual, (hidden,), weight, bias, 1e-5)
+
+    def reference(x, residual, weight, bias):
+        return layer_norm_ref(x, weight, bias, residual, is_rms_norm=is_rms_norm)
+
+    inputs = (x, residual, weight, bias)
+    steps = _variants(ours, eager, reference, *inputs)
+    return Case(f"tokens={tokens} hidden={hidden} +residual",
+                _with_reference(steps, reference, *inputs))  # fmt: skip
+
+
+def layer_norm_case(device, dtype, large) -> Case:
+    return _norm_case(device, dtype, large, is_rms_norm=False)
+
+
+def rms_norm_case(device, dtype, large) -> Case:
+    return _norm_case(device, dtype, large, is_rms_norm=True)
+
+
+def rotary_case(device, dtype, large) -> Case:
+    batch, seqlen, nheads, headdim = (8, 2048, 32, 128) if large else (2, 1024, 16, 64)
+    q = _leaf(batch, seqlen, nheads, headdim, device=device, dtype=dtype)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, headdim, 2, device=device) / headdim)
+    freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)  # (seqlen, headdim / 2)
+
+    def eager(q, cos, sin):
+        # Hugging Face's formula: q * cos + rotate_half(q) * sin, tables repeated to headdim.
+        cos_full = torch.cat((cos, cos), -1)[None, :, None, :]
+        sin_full = torch.cat((sin, sin), -1)[None, :, None, :]
+        q1, q2 = q.chunk(2, dim=-1)
+        return q * cos_full + torch.cat((-q2, q1), dim=-1) * sin_full
+
+    inputs = (q, cos, sin)
+    steps = _variants(apply_rotary, eager, apply_rotary_ref, *inputs)
+    return Case(f"q=({batch}, {seqlen}, {nheads}, {headdim})",
+                _with_reference(steps, apply_rotary_ref, *inputs))  # fmt: skip
+
+
 # name -> (device, dtype, large) -> Case. ``large`` is the GPU size, small is the CPU size.
 CASES: dict[str, Callable[[torch.device, torch.dtype, bool], Case]] = {
     "cross_entropy": cross_entropy_case,
     "linear_cross_entropy": linear_cross_entropy_case,
     "mlp": mlp_case,
     "gated_mlp": gated_mlp_case,
+    "layer_norm": layer_norm_case,
+    "rms_norm": rms_norm_case,
+    "rotary": rotary_case,
 }
 
 
