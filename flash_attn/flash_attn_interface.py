@@ -282,3 +282,73 @@ def flash_attn_varlen_kvpacked_func(
         attn_bias=attn_bias,
         backend=backend,
     )
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    cache_seqlens: int | Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    block_table: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    backend: str | None = None,
+):
+    """Decoding step: append k, v to the cache in place, then attend q to the cache.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim), the new queries.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), updated in place.
+        k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
+            cache_seqlens[b], cache_seqlens[b] + 1, ... of cache row cache_batch_idx[b] (or b).
+        rotary_cos, rotary_sin: (seqlen_rotary, rotary_dim / 2) or None: k is rotated at its
+            cache positions; q too when causal or local, else all of q at cache_seqlens.
+        cache_seqlens: int or (batch,) int32, the tokens already in each cache row. None means
+            the whole cache (only without k and v).
+        cache_batch_idx: (batch,) int32, which cache row each batch entry uses.
+        cache_leftpad, block_table: not supported (NotImplementedError when given).
+        num_splits: split-KV programs per query block; 0 picks from the GPU's SM count.
+        return_softmax_lse: also return the (batch, nheads, seqlen_q) fp32 log-sum-exp.
+        others: see the module docstring. Causal is aligned to the end of each cache row.
+    Returns:
+        out (batch, seqlen_q, nheads, headdim), and softmax_lse when asked for.
+    """
+    if cache_leftpad is not None or block_table is not None:
+        raise NotImplementedError(
+            "cache_leftpad and block_table (paged KV cache) are not supported; pass None"
+        )
+    from flash_attn.ops.attention_kvcache import attention_with_kvcache
+
+    out, lse = attention_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        rotary_interleaved,
+        alibi_slopes,
+        num_splits,
+        backend=backend,
+    )
+    return (out, lse) if return_softmax_lse else out

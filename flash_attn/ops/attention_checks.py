@@ -42,6 +42,7 @@ def check_attention_inputs(
     alibi_slopes: Tensor | None = None,
     attn_bias: Tensor | None = None,
     varlen: tuple | None = None,
+    same_batch: bool = True,
 ) -> None:
     """Raise TypeError/ValueError naming the argument when q, k, v cannot be attended.
 
@@ -50,7 +51,8 @@ def check_attention_inputs(
     device, unit stride in the last dimension, nheads % nheads_k == 0, 1 <= headdim <= 256,
     0 <= dropout_p < 1, window values >= -1, softcap >= 0, alibi_slopes fp32 (nheads,) or
     (batch, nheads), attn_bias float or bool and broadcastable to (batch, nheads, seqlen_q,
-    seqlen_k).
+    seqlen_k). same_batch=False lets k and v have another batch size (a KV cache indexed by
+    cache_batch_idx).
     """
     rank, layout = (
         (3, "(total_tokens, nheads, headdim)")
@@ -65,7 +67,7 @@ def check_attention_inputs(
             f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
         )
     batch = varlen[0].numel() - 1 if varlen else q.shape[0]
-    if not varlen and k.shape[0] != batch:
+    if not varlen and same_batch and k.shape[0] != batch:
         raise ValueError(f"k and v must have batch {batch} like q, got {k.shape[0]}")
     if k.shape[-1] != headdim:
         raise ValueError(f"k and v must have headdim {headdim} like q, got {k.shape[-1]}")

@@ -205,6 +205,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
     stride_lse_b, stride_lse_h,
+    keys_per_split, stride_out_split, stride_lse_split,  # split-KV: one slice of keys each
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
     softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
@@ -255,6 +256,11 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    # Split-KV: program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split),
+    # a multiple of BLOCK_N, and writes a partial result that the launcher combines.
+    split = tl.program_id(2)
+    lo = tl.maximum(lo, split * keys_per_split)
+    hi = tl.minimum(hi, (split + 1) * keys_per_split)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_keys = cols < seqlen_k
@@ -307,10 +313,11 @@ def _attn_fwd_kernel(
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
-    lse_ptrs = Lse + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows
-    tl.store(lse_ptrs, lse, mask=rows < seqlen_q)
+    lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse_b + off_h * stride_lse_h
+    tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
     o_ptrs = (
         Out
+        + split * stride_out_split
         + off_b * stride_ob
         + off_h * stride_oh
         + (q_start + rows[:, None]) * stride_om
@@ -518,32 +525,47 @@ def problem(
     # fmt: skip
 
 
-def _lse_buffer(q, args, batch):
+def _lse_shape(q, args, batch):
     """Lse as the official API lays it out: (B, H, Sq), or (H, total_q) for varlen."""
     if args["VARLEN"]:
-        lse = torch.empty((args["nheads"], q.shape[0]), dtype=torch.float32, device=q.device)
-        return lse, (0, lse.stride(0))
-    lse = torch.empty(
-        (batch, args["nheads"], args["seqlen_q"]), dtype=torch.float32, device=q.device
-    )
-    return lse, (lse.stride(0), lse.stride(1))
+        return (args["nheads"], q.shape[0])
+    return (batch, args["nheads"], args["seqlen_q"])
 
 
-def attention_fwd(q, k, v, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
+    """Kernel arguments locating lse[b, h] ((B, H, Sq), or varlen (H, total_q): no b)."""
+    return dict(stride_lse_b=0 if varlen else lse.stride(-3), stride_lse_h=lse.stride(-2))
+
+
+def attention_fwd(q, k, v, num_splits: int = 1, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         q, k, v and options: see :func:`problem` (softmax_scale is required).
+        num_splits: split the keys across this many programs per query block (split-KV, for
+            decoding with few queries and a long cache); partial results are combined here.
     Returns:
         out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen, fp32, natural log, +inf for rows with no visible key.
     """
     args, batch = problem(q, k, v, **options)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse, (stride_lse_b, stride_lse_h) = _lse_buffer(q, args, batch)
     varlen = args["VARLEN"]
-    stride_ob, stride_om, stride_oh = _strides3(out, varlen)
-    grid = lambda meta: (triton.cdiv(args["seqlen_q"], meta["BLOCK_M"]), batch * args["nheads"])  # noqa: E731
+    lse_shape = _lse_shape(q, args, batch)
+    if num_splits > 1:
+        # Partial results in fp32, one slice per split; keys per split a multiple of any BLOCK_N.
+        out = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_splits, *lse_shape), dtype=torch.float32, device=q.device)
+        keys_per_split = triton.cdiv(triton.cdiv(args["seqlen_k"], num_splits), 128) * 128
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        keys_per_split = triton.cdiv(args["seqlen_k"], 128) * 128
+    split_strides = (out.stride(0), lse.stride(0)) if num_splits > 1 else (0, 0)
+    stride_ob, stride_om, stride_oh = _strides3(out[0] if num_splits > 1 else out, varlen)
+
+    def grid(meta):
+        return (triton.cdiv(args["seqlen_q"], meta["BLOCK_M"]), batch * args["nheads"], num_splits)
+
     with device_guard(q):
         _attn_fwd_kernel[grid](
             Out=out,
@@ -551,11 +573,26 @@ def attention_fwd(q, k, v, **options) -> tuple[torch.Tensor, torch.Tensor]:
             stride_ob=stride_ob,
             stride_om=stride_om,
             stride_oh=stride_oh,
-            stride_lse_b=stride_lse_b,
-            stride_lse_h=stride_lse_h,
+            keys_per_split=keys_per_split,
+            stride_out_split=split_strides[0],
+            stride_lse_split=split_strides[1],
+            **lse_strides(lse, varlen),
             **args,
         )
-    return out, lse
+    if num_splits == 1:
+        return out, lse
+    return _combine_splits(out, lse, q.dtype, varlen)
+
+
+def _combine_splits(out, lse, dtype, varlen):
+    """Merge per-split (out, lse): out = sum_s exp(lse_s - lse) out_s, lse = logsumexp_s lse_s."""
+    lse_parts = lse.masked_fill(lse == float("inf"), float("-inf"))  # empty split: weight 0
+    lse_total = torch.logsumexp(lse_parts, dim=0)
+    weights = torch.exp(lse_parts - lse_total).nan_to_num(0.0)  # all splits empty: 0
+    # (S, B, H, Sq) -> (S, B, Sq, H, 1), or varlen (S, H, T) -> (S, T, H, 1)
+    weights = weights.transpose(-1, -2).unsqueeze(-1)
+    combined = (weights * out).sum(dim=0).to(dtype)
+    return combined, lse_total.masked_fill(lse_total == float("-inf"), float("inf"))
 
 
 def attention_probs(q, k, v, lse, **options) -> torch.Tensor:
@@ -568,10 +605,6 @@ def attention_probs(q, k, v, lse, **options) -> torch.Tensor:
     args, batch = problem(q, k, v, **options)
     nheads, seqlen_q, seqlen_k = args["nheads"], args["seqlen_q"], args["seqlen_k"]
     probs = torch.zeros((batch, nheads, seqlen_q, seqlen_k), dtype=q.dtype, device=q.device)
-    if args["VARLEN"]:
-        stride_lse_b, stride_lse_h = 0, lse.stride(0)
-    else:
-        stride_lse_b, stride_lse_h = lse.stride(0), lse.stride(1)
     with device_guard(q):
         _attn_probs_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
             Lse=lse,
@@ -579,8 +612,7 @@ def attention_probs(q, k, v, lse, **options) -> torch.Tensor:
             stride_ob=0,
             stride_om=0,
             stride_oh=0,
-            stride_lse_b=stride_lse_b,
-            stride_lse_h=stride_lse_h,
+            **lse_strides(lse, args["VARLEN"]),
             BLOCK_M=64,
             BLOCK_N=64,
             **args,

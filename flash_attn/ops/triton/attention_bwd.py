@@ -21,6 +21,7 @@ from flash_attn.ops.triton.attention import (
     device_guard,
     dropout_keep,
     key_range,
+    lse_strides,
     problem,
     query_range,
     scores,
@@ -399,7 +400,7 @@ def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
-    stride_lse = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    stride_lse = lse_strides(lse, varlen)
     out_strides = (0, out.stride(0), out.stride(1)) if varlen else out.stride()[:3]
     dk_strides = (0, dk.stride(0), dk.stride(1)) if varlen else dk.stride()[:3]
     common = dict(
@@ -409,8 +410,7 @@ def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options)
         stride_ob=out_strides[0],
         stride_om=out_strides[1],
         stride_oh=out_strides[2],
-        stride_lse_b=stride_lse[0],
-        stride_lse_h=stride_lse[1],
+        **stride_lse,
         **args,
     )
     dbias = None
@@ -425,7 +425,7 @@ def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options)
             delta,
             args["CuSeqlensQ"],
             *out_strides,
-            *stride_lse,
+            *stride_lse.values(),
             nheads,
             seqlen_q,
             args["head_dim"],

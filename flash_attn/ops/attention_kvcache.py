@@ -1,0 +1,201 @@
+"""Attention over a KV cache for decoding: append the new keys/values, rotate, attend.
+
+Inference only (no autograd). The Triton path reads each batch entry's cache in place (its
+length from cache_seqlens, its row from cache_batch_idx) and, when there are too few query
+blocks to fill the GPU, splits the cache across programs (split-KV) and merges the partial
+softmaxes. The torch path attends each batch entry's valid prefix with the dense backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flash_attn.ops.attention import AttentionOptions, _attention_torch_dense
+from flash_attn.ops.attention_checks import check_attention_inputs
+from flash_attn.ops.backend import resolve_backend
+
+
+def _check_cache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
+    batch, seqlen_new = q.shape[0], 0
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values), or neither")
+    if k is not None:
+        check_attention_inputs(q, k, v, 0.0, None)
+        if k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(
+                f"k must have (nheads_k, headdim) = {tuple(k_cache.shape[2:])} like "
+                f"k_cache, got {tuple(k.shape[2:])}"
+            )
+        seqlen_new = k.shape[1]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when appending k and v to the cache")
+        cache_seqlens = torch.full((batch,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+    elif not (
+        isinstance(cache_seqlens, Tensor)
+        and cache_seqlens.shape == (batch,)
+        and cache_seqlens.dtype == torch.int32
+    ):
+        raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
+    if cache_batch_idx is not None and not (
+        isinstance(cache_batch_idx, Tensor)
+        and cache_batch_idx.shape == (batch,)
+        and cache_batch_idx.dtype == torch.int32
+    ):
+        raise ValueError(f"cache_batch_idx must be an int32 tensor of shape ({batch},)")
+    if cache_batch_idx is None and k_cache.shape[0] != batch:
+        raise ValueError(
+            f"k_cache must have batch {batch} like q (or pass cache_batch_idx), got "
+            f"{k_cache.shape[0]}"
+        )
+    if cache_batch_idx is not None and not torch.compiler.is_compiling():
+        if ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any():
+            raise ValueError(f"cache_batch_idx values must be in [0, {k_cache.shape[0]})")
+    if not torch.compiler.is_compiling():
+        if (cache_seqlens < 0).any():
+            raise ValueError("cache_seqlens must be >= 0")
+        longest = int((cache_seqlens + seqlen_new).max().item())
+        if longest > k_cache.shape[1]:
+            raise ValueError(
+                f"the cache is too short: cache_seqlens + {seqlen_new} new tokens "
+                f"reach {longest} > k_cache's seqlen {k_cache.shape[1]}"
+            )
+    return cache_seqlens.to(q.device)
+
+
+def _rotate(q, k, rotary_cos, rotary_sin, cache_seqlens, causal_or_local, interleaved, backend):
+    from flash_attn.ops.rotary import apply_rotary
+
+    if k is not None:
+        k = apply_rotary(
+            k, rotary_cos, rotary_sin, cache_seqlens, interleaved=interleaved, backend=backend
+        )
+    if causal_or_local:
+        # The new queries sit at positions cache_seqlens, cache_seqlens + 1, ...
+        q = apply_rotary(
+            q, rotary_cos, rotary_sin, cache_seqlens, interleaved=interleaved, backend=backend
+        )
+    else:
+        # Without a mask every new query is placed at position cache_seqlens.
+        batch, seqlen_q, nheads, headdim = q.shape
+        q = apply_rotary(
+            q.reshape(batch, 1, seqlen_q * nheads, headdim),
+            rotary_cos,
+            rotary_sin,
+            cache_seqlens,
+            interleaved=interleaved,
+            backend=backend,
+        ).view(q.shape)
+    return q, k
+
+
+def _auto_num_splits(q, seqlen_k: int, nheads: int) -> int:
+    """Enough splits to give every SM about two programs, each with >= 256 keys."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = q.shape[0] * nheads * math.ceil(q.shape[1] / 64)
+    if programs >= sms:
+        return 1
+    return max(1, min(math.ceil(2 * sms / programs), math.ceil(seqlen_k / 256), 64))
+
+
+@torch.no_grad()
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    cache_seqlens: int | Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Tensor | None = None,
+    num_splits: int = 0,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """See ``flash_attn.flash_attn_with_kvcache``; returns (out, lse or None)."""
+    check_attention_inputs(
+        q,
+        k_cache,
+        v_cache,
+        0.0,
+        softmax_scale,
+        window_size,
+        softcap,
+        alibi_slopes,
+        same_batch=False,
+    )
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
+    cache_seqlens = _check_cache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx)
+    if rotary_cos is not None:
+        local = causal or tuple(window_size) != (-1, -1)
+        q, k = _rotate(
+            q, k, rotary_cos, rotary_sin, cache_seqlens, local, rotary_interleaved, backend
+        )
+    rows = (
+        cache_batch_idx.long()
+        if cache_batch_idx is not None
+        else torch.arange(q.shape[0], device=q.device)
+    )
+    if k is not None:
+        # Append in place: entry b's new tokens go to positions cache_seqlens[b] + 0, 1, ...
+        positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
+        k_cache[rows[:, None], positions] = k
+        v_cache[rows[:, None], positions] = v
+        seqlens_k = cache_seqlens + k.shape[1]
+    else:
+        seqlens_k = cache_seqlens
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    opts = AttentionOptions(float(scale), bool(causal), tuple(window_size), float(softcap))
+    if resolve_backend(backend, q.device) == "triton":
+        from flash_attn.ops.triton.attention import attention_fwd
+
+        splits = num_splits or _auto_num_splits(q, k_cache.shape[1], q.shape[2])
+        return attention_fwd(
+            q,
+            k_cache,
+            v_cache,
+            num_splits=splits,
+            softmax_scale=opts.softmax_scale,
+            causal=opts.causal,
+            window_size=opts.window_size,
+            softcap=opts.softcap,
+            alibi_slopes=alibi_slopes,
+            seqlens_k=seqlens_k.to(torch.int32),
+            k_batch_idx=cache_batch_idx,
+        )
+    outs, lses = [], []
+    for b, (row, length) in enumerate(zip(rows.tolist(), seqlens_k.tolist())):
+        slopes = (
+            alibi_slopes[b]
+            if alibi_slopes is not None and alibi_slopes.dim() == 2
+            else (alibi_slopes)
+        )
+        out, lse, _ = _attention_torch_dense(
+            q[b : b + 1],
+            k_cache[row : row + 1, :length],
+            v_cache[row : row + 1, :length],
+            opts,
+            None,
+            slopes,
+            return_probs=True,
+        )
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,127 @@
+"""flash_attn_with_kvcache: decoding token by token through the cache equals full attention."""
+
+import pytest
+import torch
+from attention_testing import BACKENDS, device_and_dtypes
+
+from flash_attn import flash_attn_func, flash_attn_with_kvcache
+from flash_attn.ops.reference.rotary import apply_rotary_ref
+
+
+def _rotary_tables(seqlen, rotary_dim, device):
+    angles = torch.outer(
+        torch.arange(seqlen, dtype=torch.float32),
+        1.0 / 10000 ** (torch.arange(0, rotary_dim, 2) / rotary_dim),
+    )
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_token_by_token_decoding_equals_full_causal_attention(backend, num_splits):
+    device, _ = device_and_dtypes(backend)
+    batch, prompt, steps, nheads, nheads_k, headdim = 2, 37, 6, 4, 2, 32
+    total = prompt + steps
+    q, k, v = (
+        torch.randn(batch, total, h, headdim, device=device) for h in (nheads, nheads_k, nheads_k)
+    )
+    cos, sin = _rotary_tables(300, 16, device)
+    k_cache = torch.zeros(batch, 300, nheads_k, headdim, device=device)
+    v_cache = torch.zeros_like(k_cache)
+
+    # Prefill the prompt, then one token at a time; each call appends and rotates in place.
+    options = dict(
+        rotary_cos=cos, rotary_sin=sin, causal=True, rotary_interleaved=False, backend=backend
+    )
+    outs = [
+        flash_attn_with_kvcache(
+            q[:, :prompt],
+            k_cache,
+            v_cache,
+            k[:, :prompt],
+            v[:, :prompt],
+            cache_seqlens=0,
+            num_splits=num_splits,
+            **options,
+        )
+    ]
+    for t in range(prompt, total):
+        seqlens = torch.full((batch,), t, dtype=torch.int32, device=device)
+        outs.append(
+            flash_attn_with_kvcache(
+                q[:, t : t + 1],
+                k_cache,
+                v_cache,
+                k[:, t : t + 1],
+                v[:, t : t + 1],
+                cache_seqlens=seqlens,
+                num_splits=num_splits,
+                **options,
+            )
+        )
+    decoded = torch.cat(outs, dim=1)
+
+    q_rot = apply_rotary_ref(q, cos, sin)
+    k_rot = apply_rotary_ref(k, cos, sin)
+    full = flash_attn_func(q_rot, k_rot, v, causal=True, backend=backend)
+    torch.testing.assert_close(decoded, full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_cache[:, :total], k_rot, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_cache[:, :total], v)
+    assert torch.equal(k_cache[:, total:], torch.zeros_like(k_cache[:, total:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_cache_rows_batch_index_and_lse(backend):
+    device, _ = device_and_dtypes(backend)
+    nheads, headdim = 2, 16
+    k_cache = torch.randn(5, 64, nheads, headdim, device=device)
+    v_cache = torch.randn(5, 64, nheads, headdim, device=device)
+    q = torch.randn(3, 2, nheads, headdim, device=device)
+    seqlens = torch.tensor([10, 1, 63], dtype=torch.int32, device=device)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=seqlens,
+        cache_batch_idx=rows,
+        causal=True,
+        num_splits=2,
+        return_softmax_lse=True,
+        backend=backend,
+    )
+    for b in range(3):
+        length, row = int(seqlens[b]), int(rows[b])
+        expected, expected_lse, _ = flash_attn_func(
+            q[b : b + 1],
+            k_cache[row : row + 1, :length],
+            v_cache[row : row + 1, :length],
+            causal=True,
+            return_attn_probs=True,
+            backend="torch",
+        )
+        torch.testing.assert_close(out[b : b + 1], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse[b : b + 1], expected_lse, rtol=1e-5, atol=1e-5)
+    assert torch.isinf(lse[1, :, 0]).all()  # one key, two queries: the first sees nothing
+
+
+def test_bad_cache_input_is_rejected():
+    q = torch.randn(2, 1, 4, 16)
+    k_cache = torch.randn(2, 8, 4, 16)
+    new = torch.randn(2, 3, 4, 16)
+    with pytest.raises(ValueError, match="the cache is too short"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), new, new, cache_seqlens=6)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), new, None, cache_seqlens=0)
+    with pytest.raises(ValueError, match="cache_seqlens must be an int or an int32 tensor"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=torch.ones(2))
+    with pytest.raises(ValueError, match=r"cache_batch_idx values must be in \[0, 2\)"):
+        flash_attn_with_kvcache(
+            q,
+            k_cache,
+            k_cache.clone(),
+            cache_seqlens=1,
+            cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32),
+        )
+    with pytest.raises(NotImplementedError, match="block_table"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), block_table=torch.zeros(2, 1))
