@@ -53,10 +53,12 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_id
             f"k_cache must have batch {batch} like q (or pass cache_batch_idx), got "
             f"{k_cache.shape[0]}"
         )
-    if cache_batch_idx is not None and not torch.compiler.is_compiling():
-        if ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any():
+    if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
+        if (
+            cache_batch_idx is not None
+            and ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any()
+        ):
             raise ValueError(f"cache_batch_idx values must be in [0, {k_cache.shape[0]})")
-    if not torch.compiler.is_compiling():
         if (cache_seqlens < 0).any():
             raise ValueError("cache_seqlens must be >= 0")
         longest = int((cache_seqlens + seqlen_new).max().item())
