@@ -113,9 +113,14 @@ def _chunked_pass(hidden, weight, bias, labels, dloss, scale, options, chunk_siz
         if dhidden is not None:
             dhidden[start:end] = (dlogits @ weight).float().mul_(scale)
         if dweight is not None:
-            dweight.addmm_(dlogits.t().float(), h.float())
+            if dlogits.dtype == torch.float32:
+                dweight.addmm_(dlogits.t(), h)
+            else:
+                # A half-precision matmul (fp32 accumulation inside), summed across chunks in
+                # fp32: upcasting the chunk instead would double its memory and lose tensor cores.
+                dweight += dlogits.t() @ h
         if dbias is not None:
-            dbias += dlogits.float().sum(0)
+            dbias += dlogits.sum(0, dtype=torch.float32)
         del logits, dlogits
     dweight = None if dweight is None else dweight.mul_(scale).to(weight.dtype)
     dbias = None if dbias is None else dbias.mul_(scale).to(weight.dtype)

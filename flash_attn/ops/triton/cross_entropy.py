@@ -104,6 +104,11 @@ def _block_n(n_cols: int) -> int:
     return min(triton.next_power_of_2(max(n_cols, 1)), cap)
 
 
+def _num_warps(block_n: int) -> int:
+    # About 32 fp32 elements per thread for the widest blocks.
+    return 4 if block_n <= 2048 else 8
+
+
 def cross_entropy_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -131,7 +136,7 @@ def cross_entropy_fwd(
                 logits, labels, lse_partial, loss_partial,
                 logits.stride(0), n_cols, n_blocks,
                 float(label_smoothing), int(ignore_index),
-                BLOCK_N=block_n,
+                BLOCK_N=block_n, num_warps=_num_warps(block_n),
             )  # fmt: skip
     lse = torch.logsumexp(lse_partial, dim=1) if n_blocks > 1 else lse_partial[:, 0]
     loss = loss_partial.sum(dim=1) + lse
@@ -174,6 +179,6 @@ def cross_entropy_bwd(
                 dlogits, logits, labels, lse, dloss,
                 dlogits.stride(0), logits.stride(0), dloss.stride(0),
                 n_cols, float(label_smoothing), float(lse_square_scale), int(ignore_index),
-                BLOCK_N=block_n,
+                BLOCK_N=block_n, num_warps=_num_warps(block_n),
             )  # fmt: skip
     return dlogits
