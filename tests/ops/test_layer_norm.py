@@ -208,11 +208,12 @@ def test_chunked_rows_launcher(is_rms_norm, hidden):
 
 
 @pytest.mark.parametrize("is_rms_norm", [False, True])
-def test_very_long_rows(is_rms_norm):
-    """hidden = 65536 goes through the chunked kernels at the default block limit."""
-    x, weight, bias, residual = _inputs(2, 65536, torch.float32)
+@pytest.mark.parametrize("hidden", [8192, 8193, 65536])
+def test_long_rows(is_rms_norm, hidden):
+    """Both sides of the default block limit (8192): one block per row, then chunks."""
+    x, weight, bias, residual = _inputs(2, hidden, torch.float32)
     leaves = _leaves(x, weight, bias, residual)
-    dy = torch.randn(2, 65536, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn(2, hidden, dtype=torch.float64, device=DEVICE)
     y, _, grads = _run_and_grads(
         lambda *t: layer_norm_fn(*t, is_rms_norm=is_rms_norm, backend="triton"), leaves, dy, None
     )
