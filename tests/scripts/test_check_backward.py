@@ -16,6 +16,7 @@ SCRIPT = ROOT / "scripts" / "check_backward.py"
 def _load():
     spec = importlib.util.spec_from_file_location("check_backward", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

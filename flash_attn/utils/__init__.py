@@ -1,0 +1,1 @@
+"""Utilities around the ops: benchmarking helpers (``flash_attn.utils.benchmark``)."""
