@@ -9,29 +9,14 @@ the case, the naive reference where it does not (softcap, returned probabilities
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from einops import repeat
 from torch import Tensor
 
 from flash_attn.ops.attention_checks import check_attention_inputs, check_varlen_inputs
+from flash_attn.ops.attention_torch import AttentionOptions, attention_torch
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.reference.attention import alibi_bias, attention_ref, window_allowed
-
-
-@dataclass(frozen=True)
-class AttentionOptions:
-    """What modifies the scores, shared by every backend (see ``ops/triton/attention.py``)."""
-
-    softmax_scale: float
-    causal: bool = False
-    window_size: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    dropout_p: float = 0.0
-
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels as custom ops. Optional tensors are passed as None; window as two ints.
@@ -262,120 +247,6 @@ def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varle
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain PyTorch
-
-
-def _attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, return_probs):
-    kwargs = dict(
-        window_size=opts.window_size,
-        softcap=opts.softcap,
-        alibi_slopes=alibi_slopes,
-        attn_bias=bias,
-    )
-    if return_probs or opts.softcap > 0.0:
-        # Half-precision math on CPU is emulated anyway: compute in fp32, return in q's dtype.
-        compute = torch.float32 if q.dtype != torch.float64 else q.dtype
-        keep = None
-        if opts.dropout_p > 0.0:
-            shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-            keep = torch.rand(shape, device=q.device) >= opts.dropout_p
-        out, lse, probs = attention_ref(
-            q.to(compute),
-            k.to(compute),
-            v.to(compute),
-            opts.softmax_scale,
-            opts.causal,
-            opts.dropout_p,
-            keep,
-            **kwargs,
-        )
-        if keep is not None:
-            probs = torch.where(keep, probs, -probs)
-        return out.to(q.dtype), lse.float(), probs.to(q.dtype)
-
-    seqlen_q, nheads, seqlen_k, nheads_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-    if nheads != nheads_k:
-        # (B, Sk, Hk, D) -> (B, Sk, H, D)
-        k = repeat(k, "b s hk d -> b s (hk g) d", g=nheads // nheads_k)
-        v = repeat(v, "b s hk d -> b s (hk g) d", g=nheads // nheads_k)
-    mask = _sdpa_mask(q, seqlen_q, seqlen_k, opts, bias, alibi_slopes)
-    empty_rows = None
-    if mask is not None:
-        # Rows that see no key attend to everything here and are zeroed below, so they are
-        # zeros with finite gradients in every torch version.
-        blocked = torch.isneginf(mask) if mask.dtype != torch.bool else ~mask
-        empty_rows = blocked.all(dim=-1, keepdim=True)  # (..., Sq, 1)
-        mask = mask.masked_fill(empty_rows, 0.0 if mask.dtype != torch.bool else True)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),  # (B, S, H, D) -> (B, H, S, D)
-        attn_mask=mask,
-        dropout_p=opts.dropout_p,
-        scale=opts.softmax_scale,
-        is_causal=opts.causal and mask is None,
-    )  # (B, H, Sq, D)
-    if empty_rows is not None:
-        out = out.masked_fill(empty_rows, 0.0)
-    return out.transpose(1, 2).contiguous(), None, None  # (B, H, Sq, D) -> (B, Sq, H, D)
-
-
-def _sdpa_mask(q, seqlen_q, seqlen_k, opts, bias, alibi_slopes):
-    """SDPA's attn_mask for what is_causal cannot say: None, bool (Sq, Sk) or additive float."""
-    plain_causal = opts.causal and seqlen_q == seqlen_k and opts.window_size == (-1, -1)
-    mask = None
-    if (opts.causal and not plain_causal) or opts.window_size != (-1, -1):
-        mask = window_allowed(seqlen_q, seqlen_k, opts.causal, opts.window_size, q.device)
-    elif plain_causal and (bias is not None or alibi_slopes is not None):
-        mask = window_allowed(seqlen_q, seqlen_k, True, device=q.device)
-    if bias is None and alibi_slopes is None:
-        return mask
-    additive = torch.zeros((), dtype=q.dtype, device=q.device)
-    if bias is not None and bias.dtype == torch.bool:
-        mask = bias if mask is None else mask & bias
-    elif bias is not None:
-        additive = additive + bias.to(q.dtype)
-    if alibi_slopes is not None:
-        additive = additive + alibi_bias(alibi_slopes, seqlen_q, seqlen_k).to(q.dtype)
-    if mask is not None:
-        additive = additive.masked_fill(~mask, float("-inf"))
-    return additive.expand(*additive.shape[:-2], seqlen_q, seqlen_k)
-
-
-def _attention_torch(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varlen, return_probs):
-    if varlen is None:
-        return _attention_torch_dense(q, k, v, opts, bias, alibi_slopes, return_probs)
-    # Packed sequences: each is attended alone, so no work is spent on padding.
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses, probs = [], [], []
-    for b in range(len(starts_q) - 1):
-        q_b = q[starts_q[b] : starts_q[b + 1]].unsqueeze(0)  # (Sq_b, H, D) -> (1, Sq_b, H, D)
-        k_b = k[starts_k[b] : starts_k[b + 1]].unsqueeze(0)
-        v_b = v[starts_k[b] : starts_k[b + 1]].unsqueeze(0)
-        sq, sk = q_b.shape[1], k_b.shape[1]
-        bias_b = None
-        if bias is not None:
-            bias_b = bias[b : b + 1, :, :sq, :sk]
-        slopes_b = (
-            alibi_slopes[b]
-            if alibi_slopes is not None and alibi_slopes.dim() == 2
-            else (alibi_slopes)
-        )
-        out_b, lse_b, probs_b = _attention_torch_dense(
-            q_b, k_b, v_b, opts, bias_b, slopes_b, return_probs
-        )
-        outs.append(out_b[0])
-        if return_probs:
-            lses.append(lse_b[0])  # (H, Sq_b)
-            probs.append(F.pad(probs_b, (0, max_seqlen_k - sk, 0, max_seqlen_q - sq)))
-    out = torch.cat(outs)
-    if not return_probs:
-        return out, None, None
-    return out, torch.cat(lses, dim=1), torch.cat(probs)
-
-
-# ---------------------------------------------------------------------------------------------
 # Functional API
 
 
@@ -437,7 +308,7 @@ def attention(
         float(softcap),
         float(dropout_p),
     )
-    run = _attention_triton if resolve_backend(backend, q.device) == "triton" else _attention_torch
+    run = _attention_triton if resolve_backend(backend, q.device) == "triton" else attention_torch
     if run is _attention_triton and attn_bias is not None and attn_bias.dtype == torch.bool:
         # The kernels add the bias; a mask becomes 0 where allowed and -inf where not.
         attn_bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from flash_attn.ops.attention import AttentionOptions, _attention_torch_dense
 from flash_attn.ops.attention_checks import check_attention_inputs
+from flash_attn.ops.attention_torch import AttentionOptions, attention_torch_dense
 from flash_attn.ops.backend import resolve_backend
 
 
@@ -189,7 +189,7 @@ def attention_with_kvcache(
             if alibi_slopes is not None and alibi_slopes.dim() == 2
             else (alibi_slopes)
         )
-        out, lse, _ = _attention_torch_dense(
+        out, lse, _ = attention_torch_dense(
             q[b : b + 1],
             k_cache[row : row + 1, :length],
             v_cache[row : row + 1, :length],

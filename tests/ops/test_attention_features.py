@@ -231,3 +231,12 @@ def test_padded_batch_through_varlen_matches_masked_attention(backend):
         * mask[:, :, None, None]
     )
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,causal", [((100, 0), True), ((40, 70), False)])
+def test_torch_backend_banded_path_for_long_sequences(window, causal):
+    """Past one query chunk the torch backend only visits the keys in the window."""
+    bias = torch.randn(1, 4, 600, 550).requires_grad_()
+    options = dict(window_size=window, causal=causal, alibi_slopes=torch.rand(4))
+    _check("torch", torch.float32, (1, 600, 550, 4, 2, 16), options, extra=[bias],
+           name="banded")
