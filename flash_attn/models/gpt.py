@@ -1,0 +1,444 @@
+"""GPT language model (GPT-2 / GPT-3 layout, plus the options the Hugging Face families need).
+
+Parameter names follow GPT-2 (``transformer.h.{i}.ln_1``, ``.attn``, ``.ln_2``, ``.mlp``,
+``transformer.ln_f``, ``lm_head``) so the GPT-2 converter is a short table. Families
+(GPT-NeoX, Llama/Mistral, OPT, GPT-J) differ only through :class:`GPTConfig` fields.
+
+Every fused op has a flag; a flag that is off selects the plain-PyTorch path of that op, and
+an op that is on uses ``backend`` (None: Triton on CUDA, PyTorch elsewhere), so the model runs
+on a CPU with any flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flash_attn.modules.block import Block, ParallelBlock
+from flash_attn.modules.embedding import GPT2Embeddings
+from flash_attn.modules.mha import MHA
+from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp
+from flash_attn.modules.norm import LayerNorm, RMSNorm
+from flash_attn.ops.cross_entropy import cross_entropy_loss
+from flash_attn.ops.layer_norm import layer_norm_fn
+from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
+
+_PRESETS: dict[str, dict] = {
+    # GPT-2 (OpenAI), context 1024.
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+    # GPT-3 sizes (Brown et al. 2020, table 2.1) trained on The Pile, context 2048.
+    "gpt3-125m": dict(n_layer=12, n_embd=768, n_head=12, n_positions=2048),
+    "gpt3-350m": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=2048),
+    "gpt3-760m": dict(n_layer=24, n_embd=1536, n_head=16, n_positions=2048),
+    "gpt3-1.3b": dict(n_layer=24, n_embd=2048, n_head=16, n_positions=2048),
+    "gpt3-2.7b": dict(n_layer=32, n_embd=2560, n_head=32, n_positions=2048),
+}
+
+
+@dataclass
+class GPTConfig:
+    """Architecture and fused-op options of :class:`GPTLMHeadModel`.
+
+    Sizes:
+        vocab_size: tokens (the embedding is padded to ``pad_vocab_size_multiple``; logits are
+            sliced back to vocab_size). n_positions: learned positions (0 with rotary only).
+        n_embd, n_layer, n_head: width, depth, query heads; n_head_kv: key/value heads (GQA).
+        n_inner: MLP hidden width (default 4 * n_embd; for gated MLPs the gated width).
+    Architecture:
+        activation: MLP activation ("gelu_approx" GPT-2, "gelu", "relu", "silu" ...).
+        gated_mlp: SwiGLU-style MLP (Llama). norm_type: "layernorm" or "rmsnorm".
+        layer_norm_epsilon: norm eps. parallel_block: GPT-J/NeoX parallel attention + MLP;
+        parallel_block_tied_norm: one norm for both branches (GPT-J).
+        qkv_proj_bias, out_proj_bias, mlp_fc1_bias, mlp_fc2_bias, lm_head_bias: biases.
+        rotary_emb_fraction: fraction of head_dim rotated (0: none; learned positions if
+            n_positions > 0). rotary_emb_base, rotary_emb_interleaved (GPT-J),
+            rotary_emb_scaling (Hugging Face rope_scaling dict).
+        sliding_window: attention window (Mistral), None for full causal attention.
+        tie_word_embeddings: lm_head shares wte's weight.
+    Training:
+        embd_pdrop, resid_pdrop, attn_pdrop: dropouts. initializer_range: std of the GPT-2
+            init (residual projections use std / sqrt(2 * n_layer)).
+        residual_in_fp32: residual stream in fp32 under half-precision weights.
+    Fused ops (on: ``backend``; off: plain PyTorch):
+        fused_dropout_add_ln, fused_mlp, fused_cross_entropy, linear_cross_entropy (loss
+        without materialising logits; ``.logits`` is then None when labels are given),
+        fused_rotary, backend (None/"auto", "triton", "torch": attention and fused ops).
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_head_kv: int | None = None
+    n_inner: int | None = None
+    activation: str = "gelu_approx"
+    gated_mlp: bool = False
+    norm_type: str = "layernorm"
+    layer_norm_epsilon: float = 1e-5
+    parallel_block: bool = False
+    parallel_block_tied_norm: bool = False
+    qkv_proj_bias: bool = True
+    out_proj_bias: bool = True
+    mlp_fc1_bias: bool = True
+    mlp_fc2_bias: bool = True
+    lm_head_bias: bool = False
+    rotary_emb_fraction: float = 0.0
+    rotary_emb_base: float = 10000.0
+    rotary_emb_interleaved: bool = False
+    rotary_emb_scaling: dict | None = None
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = True
+    pad_vocab_size_multiple: int = 8
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    residual_in_fp32: bool = True
+    fused_dropout_add_ln: bool = True
+    fused_mlp: bool = True
+    fused_cross_entropy: bool = True
+    linear_cross_entropy: bool = False
+    fused_rotary: bool = True
+    backend: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head_kv must divide n_head ({self.n_head}), got {self.n_head_kv}")
+        if self.norm_type not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
+        if not 0.0 <= self.rotary_emb_fraction <= 1.0:
+            raise ValueError(
+                f"rotary_emb_fraction must be in [0, 1], got {self.rotary_emb_fraction}"
+            )
+        if self.n_positions < 0:
+            raise ValueError(f"n_positions must be >= 0, got {self.n_positions}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_head_kv is None else self.n_head_kv
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rotary_emb_dim(self) -> int:
+        return int(self.rotary_emb_fraction * self.head_dim) // 2 * 2
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def max_seqlen(self) -> int | None:
+        """Longest sequence the positions allow (None: rotary only, unbounded)."""
+        return self.n_positions if self.rotary_emb_dim == 0 else None
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        """Names accepted by :meth:`from_preset`."""
+        return list(_PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt3-125m",
+        "gpt3-350m", "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b"), with fields overridden."""
+        key = name.lower()
+        if key not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(_PRESETS)}")
+        return cls(**{**_PRESETS[key], **overrides})
+
+    preset = from_preset
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CausalLMOutput:
+    """logits (batch, seqlen, vocab_size) (None with linear_cross_entropy and labels);
+    loss: fp32 scalar when labels were given."""
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+def _norm(config: GPTConfig, device=None, dtype=None) -> nn.Module:
+    cls = RMSNorm if config.norm_type == "rmsnorm" else LayerNorm
+    return cls(
+        config.n_embd,
+        eps=config.layer_norm_epsilon,
+        bias=config.norm_type == "layernorm",
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _build_block(config: GPTConfig, layer_idx: int, device=None, dtype=None) -> nn.Module:
+    factory = dict(device=device, dtype=dtype)
+    window = (-1, -1) if config.sliding_window is None else (config.sliding_window - 1, 0)
+    attn = MHA(
+        config.n_embd,
+        config.n_head,
+        num_heads_kv=config.n_head_kv,
+        qkv_proj_bias=config.qkv_proj_bias,
+        out_proj_bias=config.out_proj_bias,
+        dropout=config.attn_pdrop,
+        causal=True,
+        layer_idx=layer_idx,
+        rotary_emb_dim=config.rotary_emb_dim,
+        rotary_emb_base=config.rotary_emb_base,
+        rotary_emb_interleaved=config.rotary_emb_interleaved,
+        rotary_emb_scaling=config.rotary_emb_scaling,
+        rotary_max_position_embeddings=config.n_positions or None,
+        window_size=window,
+        backend=config.backend,
+        rotary_backend=config.backend if config.fused_rotary else "torch",
+        **factory,
+    )
+    mlp_backend = config.backend if config.fused_mlp else "torch"
+    mlp_args = dict(
+        activation=config.activation,
+        bias1=config.mlp_fc1_bias,
+        bias2=config.mlp_fc2_bias,
+        backend=mlp_backend,
+        **factory,
+    )
+    if config.gated_mlp:
+        hidden = config.n_inner or 4 * config.n_embd
+        mlp = GatedMlp(config.n_embd, hidden, **mlp_args)
+    else:
+        mlp_cls = FusedMLP if config.fused_mlp else Mlp
+        mlp = mlp_cls(config.n_embd, config.n_inner or 4 * config.n_embd, **mlp_args)
+    norm_backend = config.backend if config.fused_dropout_add_ln else "torch"
+    if config.parallel_block:
+        ln_2 = None if config.parallel_block_tied_norm else _norm(config, **factory)
+        return ParallelBlock(
+            attn, mlp, _norm(config, **factory), ln_2,
+            resid_dropout=config.embd_pdrop if layer_idx == 0 else config.resid_pdrop,
+            residual_in_fp32=config.residual_in_fp32, norm_backend=norm_backend,
+        )  # fmt: skip
+    return Block(
+        attn, mlp, _norm(config, **factory), _norm(config, **factory),
+        resid_dropout1=config.embd_pdrop if layer_idx == 0 else config.resid_pdrop,
+        resid_dropout2=config.resid_pdrop,
+        residual_in_fp32=config.residual_in_fp32, norm_backend=norm_backend,
+    )  # fmt: skip
+
+
+class GPTModel(nn.Module):
+    """Embeddings, n_layer blocks and the final norm: input_ids -> hidden states."""
+
+    def __init__(self, config: GPTConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        positions = config.n_positions if config.rotary_emb_dim == 0 else 0
+        self.embeddings = GPT2Embeddings(
+            config.n_embd, config.padded_vocab_size, positions, device=device, dtype=dtype
+        )
+        self.h = nn.ModuleList(
+            [_build_block(config, i, device, dtype) for i in range(config.n_layer)]
+        )
+        self.ln_f = _norm(config, device, dtype)
+
+    def forward(self, input_ids, position_ids=None, inference_params=None, key_padding_mask=None):
+        """input_ids (batch, seqlen) -> hidden states (batch, seqlen, n_embd)."""
+        config = self.config
+        if position_ids is None and inference_params is not None:
+            offset = inference_params.seqlen_offset
+            position_ids = torch.arange(
+                offset, offset + input_ids.shape[1], device=input_ids.device
+            )
+        hidden = self.embeddings(input_ids, position_ids)
+        attn_kwargs = {}
+        if inference_params is not None:
+            attn_kwargs["inference_params"] = inference_params
+        if key_padding_mask is not None:
+            attn_kwargs["key_padding_mask"] = key_padding_mask
+        residual = hidden2 = None
+        for block in self.h:
+            if config.parallel_block:
+                hidden, hidden2, residual = block(hidden, hidden2, residual, **attn_kwargs)
+            else:
+                hidden, residual = block(hidden, residual, **attn_kwargs)
+        p = config.resid_pdrop if self.training else 0.0
+        if hidden2 is not None:
+            residual = residual + F.dropout(hidden2, p, self.training)
+        norm_backend = config.backend if config.fused_dropout_add_ln else "torch"
+        return layer_norm_fn(
+            hidden,
+            self.ln_f.weight,
+            self.ln_f.bias,
+            residual,
+            self.ln_f.eps,
+            p,
+            is_rms_norm=self.ln_f.is_rms_norm,
+            backend=norm_backend,
+        )
+
+
+class GPTLMHeadModel(nn.Module):
+    """GPT with a language-model head.
+
+    Args:
+        config: a :class:`GPTConfig`.
+    forward(input_ids, labels=None, ...) -> :class:`CausalLMOutput`.
+    """
+
+    def __init__(self, config: GPTConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = GPTModel(config, device, dtype)
+        self.lm_head = nn.Linear(
+            config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.embeddings.wte.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, initializer_range) for linear and embedding weights, zero biases,
+        residual output projections (attn.out_proj, mlp.fc2) scaled by 1 / sqrt(2 * n_layer)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("out_proj", "fc2"))
+                nn.init.normal_(
+                    module.weight, std=std / math.sqrt(2 * self.config.n_layer) if scaled else std
+                )
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False, only_trainable: bool = False) -> int:
+        """Parameter count (tied weights once); exclude_embeddings drops wte and wpe."""
+        seen, total = set(), 0
+        skip = set()
+        if exclude_embeddings:
+            emb = self.transformer.embeddings
+            skip = {id(p) for p in emb.parameters()}
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inference_params=None,
+        attention_mask: torch.Tensor | None = None,
+        num_last_tokens: int = 0,
+    ) -> CausalLMOutput:
+        """Logits and, with labels, the next-token loss.
+
+        Args:
+            input_ids: (batch, seqlen) int64 in [0, vocab_size).
+            labels: (batch, seqlen) int64; the loss compares logits[:, t] with labels[:, t + 1]
+                (shifted inside, as Hugging Face does); -100 is ignored.
+            position_ids: (seqlen,) or (batch, seqlen) learned positions (default 0..).
+            inference_params: KV cache for decoding (see ``flash_attn.utils.generation``).
+            attention_mask: (batch, seqlen) bool/0-1, true for real tokens (right padding).
+            num_last_tokens: > 0: only the logits of the last tokens are computed.
+        Returns:
+            :class:`CausalLMOutput` with logits (batch, seqlen, vocab_size) in the model dtype
+            and loss (fp32 scalar) when labels are given.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                "input_ids must be a (batch, seqlen) integer tensor, got "
+                + (str(tuple(input_ids.shape)) if isinstance(input_ids, torch.Tensor) else
+                   type(input_ids).__name__)
+            )  # fmt: skip
+        max_len = self.config.max_seqlen
+        offset = inference_params.seqlen_offset if inference_params is not None else 0
+        if max_len is not None and input_ids.shape[1] + offset > max_len:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1] + offset} exceeds n_positions={max_len}"
+            )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        key_padding_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_padding_mask = attention_mask.bool()
+        hidden = self.transformer(input_ids, position_ids, inference_params, key_padding_mask)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        vocab = self.config.vocab_size
+        weight = self.lm_head.weight[:vocab]  # padded rows never reach the logits or loss
+        bias = self.lm_head.bias[:vocab] if self.lm_head.bias is not None else None
+        loss = None
+        if labels is not None and self.config.linear_cross_entropy:
+            shift_labels = labels[:, 1:]  # (B, T) -> (B, T - 1)
+            loss = linear_cross_entropy(
+                hidden[:, :-1], weight, shift_labels.contiguous(), bias, backend=self.config.backend
+            )
+            return CausalLMOutput(logits=None, loss=loss)
+        logits = F.linear(hidden, weight, bias)  # (B, T, E) -> (B, T, vocab)
+        if labels is not None:
+            ce_backend = self.config.backend if self.config.fused_cross_entropy else "torch"
+            loss = cross_entropy_loss(
+                logits[:, :-1].flatten(0, 1),  # (B, T - 1, V) -> (B * (T - 1), V)
+                labels[:, 1:].flatten(),  # (B, T - 1) -> (B * (T - 1),)
+                backend=ce_backend,
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=None, device=None, **config_overrides):
+        """Load a Hugging Face checkpoint (local folder, or hub id when online).
+
+        Supported architectures: see ``flash_attn.models.hf_checkpoint.SUPPORTED``.
+        config_overrides set GPTConfig fields (fused flags, backend, dropouts).
+        """
+        from flash_attn.models.hf_checkpoint import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype, device, **config_overrides)
+
+    def save_pretrained(self, path, family: str | None = None) -> None:
+        """Write config.json + model.safetensors in the Hugging Face layout (GPT-2, Llama)."""
+        from flash_attn.models.hf_checkpoint import save_pretrained
+
+        save_pretrained(self, path, family)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None):
+        """{layer_idx: (k_cache, v_cache)} for ``InferenceParams.key_value_memory_dict``."""
+        return {
+            i: block.attn.allocate_inference_cache(batch_size, max_seqlen, dtype)
+            for i, block in enumerate(self.transformer.h)
+        }
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        """See :func:`flash_attn.utils.generation.generate`."""
+        from flash_attn.utils.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

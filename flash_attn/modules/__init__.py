@@ -1,0 +1,1 @@
+"""nn.Modules on the ops: attention (mha), MLPs, norms, rotary, blocks, embeddings."""
