@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv in the checkout and installs the project into it.
-#   bash scripts/setup_env.sh            # library + test tools
-#   bash scripts/setup_env.sh training   # also the training stack
+# Creates .venv in the checkout and installs the project into it, with the test tools and the
+# training stack (extras dev and training). Run it again to update; it keeps the existing .venv.
 # PyTorch: a CUDA build when an NVIDIA GPU is visible, else the CPU build (a few hundred MB
 # instead of several GB). Set TORCH_SPEC to choose yourself, e.g. TORCH_SPEC="torch==2.6.0".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="dev${1:+,$1}"
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
@@ -18,4 +16,4 @@ else
     python -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
         || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 fi
-python -m pip install -q -e ".[$extras]"
+python -m pip install -q -e ".[dev,training]"
