@@ -1,0 +1,157 @@
+"""Tiny random Hugging Face models -> from_pretrained -> same logits and greedy tokens as HF."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flash_attn.models.gpt import GPTLMHeadModel  # noqa: E402
+
+VOCAB = 101
+COMMON = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _hf_config(family: str):
+    t = transformers
+    if family == "gpt2":
+        return t.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                            **COMMON)  # fmt: skip
+    if family == "gpt_neox":
+        return t.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64, rotary_pct=0.5, **COMMON,
+        )  # fmt: skip
+    if family == "llama":
+        return t.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            rope_scaling={"rope_type": "linear", "factor": 2.0}, **COMMON,
+        )  # fmt: skip
+    if family == "mistral":
+        return t.MistralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+            max_position_embeddings=64, sliding_window=5, **COMMON,
+        )  # fmt: skip
+    if family == "opt":
+        return t.OPTConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64, **COMMON,
+        )  # fmt: skip
+    if family == "gptj":
+        return t.GPTJConfig(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                            rotary_dim=8, **COMMON)  # fmt: skip
+    raise AssertionError(family)
+
+
+FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "opt", "gptj")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (folder, HF model in eval mode), built once per test module."""
+    out = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        config = _hf_config(family)
+        config.initializer_range = 0.2  # larger weights: varied greedy tokens, not one repeated
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        out[family] = (folder, model.eval())
+    return out
+
+
+def _ids(batch=2, seqlen=13, seed=1):
+    return torch.randint(3, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_greedy_match_hf_torch(checkpoints, family):
+    folder, hf = checkpoints[family]
+    model = GPTLMHeadModel.from_pretrained(folder, backend="torch").eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        logits = model(ids).logits
+    assert logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    prompt = ids[:, :4]
+    ours = model.generate(prompt, 10, top_k=1)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                         do_sample=False, eos_token_id=None)  # fmt: skip
+    assert torch.equal(ours, theirs), (ours, theirs)
+    # The generated text is not one token repeated (the test would be weak otherwise).
+    assert len(set(ours[0, 4:].tolist())) > 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj"])
+def test_logits_match_hf_triton(checkpoints, family, monkeypatch):
+    """Fused ops and attention through the Triton kernels (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FLASH_ATTN_BACKEND", "triton")
+    folder, hf = checkpoints[family]
+    model = GPTLMHeadModel.from_pretrained(folder).eval()
+    ids = _ids(batch=1, seqlen=7)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        logits = model(ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+def test_save_pretrained_roundtrip(checkpoints, family, tmp_path):
+    folder, hf = checkpoints[family]
+    model = GPTLMHeadModel.from_pretrained(folder, backend="torch").eval()
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_loss_matches_hf(checkpoints):
+    folder, hf = checkpoints["gpt2"]
+    model = GPTLMHeadModel.from_pretrained(folder, backend="torch").eval()
+    ids = _ids()
+    labels = ids.clone()
+    labels[0, 5] = -100
+    with torch.no_grad():
+        expected = hf(ids, labels=labels).loss
+        loss = model(ids, labels=labels).loss
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+        GPTLMHeadModel.from_pretrained(tmp_path)
+
+
+def test_missing_and_unexpected_weights(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = checkpoints["gpt2"]
+    state = load_file(str(folder / "model.safetensors"))
+    state.pop("transformer.h.1.mlp.c_fc.bias")
+    state["transformer.h.0.extra.weight"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"missing weights \['transformer.h.1.mlp.fc1.bias'\]"):
+        GPTLMHeadModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unexpected weights.*extra.weight"):
+        GPTLMHeadModel.from_pretrained(tmp_path)
+
+
+def test_bad_folder(checkpoints, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="lacks the field 'vocab_size'"):
+        GPTLMHeadModel.from_pretrained(tmp_path)
+    folder, _ = checkpoints["gpt2"]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPTLMHeadModel.from_pretrained(tmp_path)
