@@ -30,7 +30,7 @@ import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def autotune_configs(block_ms, block_ns, warps, stages):
