@@ -238,5 +238,36 @@ def test_torch_backend_banded_path_for_long_sequences(window, causal):
     """Past one query chunk the torch backend only visits the keys in the window."""
     bias = torch.randn(1, 4, 600, 550).requires_grad_()
     options = dict(window_size=window, causal=causal, alibi_slopes=torch.rand(4))
-    _check("torch", torch.float32, (1, 600, 550, 4, 2, 16), options, extra=[bias],
-           name="banded")
+    _check("torch", torch.float32, (1, 600, 550, 4, 2, 16), options, extra=[bias], name="banded")
+
+
+def test_torch_compile_traces_bias_window_alibi_and_varlen_on_triton():
+    device, _ = device_and_dtypes("triton")
+    torch._dynamo.reset()
+    q, k, v = make_inputs(1, 40, 40, 2, 1, 16, torch.float32, device)
+    bias = torch.randn(1, 2, 40, 40, device=device, requires_grad=True)
+    slopes = torch.rand(2, device=device)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32, device=device)
+
+    def layer(q, k, v, bias):
+        dense = flash_attn_func(
+            q,
+            k,
+            v,
+            causal=True,
+            window_size=(9, 0),
+            alibi_slopes=slopes,
+            softcap=3.0,
+            attn_bias=bias,
+            backend="triton",
+        )
+        packed = flash_attn_varlen_func(
+            q[0], k[0], v[0], cu, cu, 25, 25, causal=True, backend="triton"
+        )
+        return dense.sum() + packed.sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager = torch.autograd.grad(layer(q, k, v, bias), (q, k, v, bias))
+    traced = torch.autograd.grad(compiled(q, k, v, bias), (q, k, v, bias))
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
