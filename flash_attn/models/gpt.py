@@ -376,6 +376,11 @@ class GPTLMHeadModel(nn.Module):
                 + (str(tuple(input_ids.shape)) if isinstance(input_ids, torch.Tensor) else
                    type(input_ids).__name__)
             )  # fmt: skip
+        vocab = self.config.vocab_size
+        if input_ids.device.type == "cpu" and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids must lie in [0, {vocab}), got [{low}, {high}]")
         max_len = self.config.max_seqlen
         offset = inference_params.seqlen_offset if inference_params is not None else 0
         if max_len is not None and input_ids.shape[1] + offset > max_len:
@@ -393,7 +398,6 @@ class GPTLMHeadModel(nn.Module):
         hidden = self.transformer(input_ids, position_ids, inference_params, key_padding_mask)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
-        vocab = self.config.vocab_size
         weight = self.lm_head.weight[:vocab]  # padded rows never reach the logits or loss
         bias = self.lm_head.bias[:vocab] if self.lm_head.bias is not None else None
         loss = None
