@@ -59,16 +59,17 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         raise ValueError(f"{name_or_path!r} is a file; pass the checkpoint folder")
     try:
-        from huggingface_hub import list_repo_files, snapshot_download
+        from huggingface_hub import snapshot_download
     except ImportError as err:
         raise ValueError(
             f"{name_or_path!r} is not a local folder and huggingface_hub is not installed"
         ) from err
-    files = list_repo_files(str(name_or_path))
-    weights = ["*.safetensors", "*.safetensors.index.json"]
-    if not any(f.endswith(".safetensors") for f in files):
-        weights = ["*.bin", "*.bin.index.json"]
-    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", *weights]))
+    # safetensors when the repository has them, else the PyTorch .bin files (both cached, so
+    # a downloaded checkpoint also loads offline with HF_HUB_OFFLINE=1).
+    folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.bin"]))
+    return folder
 
 
 def load_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:

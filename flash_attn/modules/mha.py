@@ -65,10 +65,10 @@ class MHA(nn.Module):
         rotary_emb_dim: features per head rotated by RoPE (0: no rotary).
         rotary_emb_base, rotary_emb_interleaved, rotary_emb_scaling: see
             :class:`flash_attn.modules.rotary.RotaryEmbedding`.
-        rotary_max_position_embeddings: trained context (dynamic NTK scaling only).
         use_alibi: ALiBi biases with the standard slopes.
         window_size: (left, right) sliding window, -1 for unlimited.
         backend: attention and rotary backend (None/"auto", "triton", "torch").
+        rotary_max_position_embeddings: trained context (dynamic NTK scaling only).
         rotary_backend: rotary backend when it differs (default: backend).
     """
 
@@ -88,10 +88,10 @@ class MHA(nn.Module):
         rotary_emb_base: float = 10000.0,
         rotary_emb_interleaved: bool = False,
         rotary_emb_scaling: dict | None = None,
-        rotary_max_position_embeddings: int | None = None,
         use_alibi: bool = False,
         window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
+        rotary_max_position_embeddings: int | None = None,
         rotary_backend: str | None = None,
         device=None,
         dtype=None,

@@ -31,6 +31,15 @@ def _hf_config(family: str):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             rope_scaling={"rope_type": "linear", "factor": 2.0}, **COMMON,
         )  # fmt: skip
+    if family == "llama3":  # Llama 3.1 frequency scaling, GQA, tied embeddings
+        return t.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
+            tie_word_embeddings=True, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            **COMMON,
+        )  # fmt: skip
     if family == "mistral":
         return t.MistralConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -48,7 +57,7 @@ def _hf_config(family: str):
     raise AssertionError(family)
 
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "opt", "gptj")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "llama3", "mistral", "opt", "gptj")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,7 @@ def test_logits_match_hf_triton(checkpoints, family, monkeypatch):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral"])
 def test_save_pretrained_roundtrip(checkpoints, family, tmp_path):
     folder, hf = checkpoints[family]
     model = GPTLMHeadModel.from_pretrained(folder, backend="torch").eval()
@@ -155,3 +164,31 @@ def test_bad_folder(checkpoints, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         GPTLMHeadModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(norm_type="rmsnorm", gated_mlp=True,
+                         activation="silu", rotary_emb_fraction=1.0, n_head_kv=2,
+                         qkv_proj_bias=False, out_proj_bias=False, mlp_fc1_bias=False,
+                         mlp_fc2_bias=False, tie_word_embeddings=False)])  # fmt: skip
+def test_model_trained_here_opens_in_transformers(arch, tmp_path):
+    from flash_attn.models.gpt import GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, **arch)
+    model = GPTLMHeadModel(config).eval()
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_save_pretrained_rejects_other_layouts(tmp_path):
+    from flash_attn.models.gpt import GPTConfig
+
+    model = GPTLMHeadModel(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB,
+                                     parallel_block=True, rotary_emb_fraction=0.5))  # fmt: skip
+    with pytest.raises(ValueError, match="not a GPT-2 architecture"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'gpt2' and 'llama'"):
+        model.save_pretrained(tmp_path, family="opt")
