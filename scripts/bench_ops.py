@@ -377,7 +377,13 @@ def write_markdown(path, rows, figure, machine, device, dtype_name, backend) -> 
                 f"| {machine} | {r['case']} | {r['variant']} | {r['shape']} | {r['ms']:.1f} | "
                 f"{r['peak_mb']:.1f} | {speed} | {mem} |"
             )
-        lines += ["", "`vs eager` columns: eager / variant (above 1 = faster or smaller).", ""]
+        lines += [
+            "",
+            "`vs eager` columns: eager / variant (above 1 = faster or smaller). Times are medians "
+            "of a few steps; on a CPU shared with other jobs they move by tens of percent between "
+            "runs, while the peak-memory figures are exact and repeatable.",
+            "",
+        ]
     if figure:
         s = figure["size"]
         lines += [
@@ -405,7 +411,8 @@ def write_markdown(path, rows, figure, machine, device, dtype_name, backend) -> 
             "",
             "RSS rise: a fresh Python process per variant builds the inputs, reads VmRSS, runs "
             "one step and reads ru_maxrss; the rise counts pages actually touched, including "
-            "the allocator's own caching, so it is the figure a user sees in `top`.",
+            "the allocator's own caching, so it is the figure a user sees in `top`; it varies "
+            "between runs with what glibc malloc keeps mapped, the profiler figure does not.",
             "",
         ]
     path.write_text("\n".join(lines))
