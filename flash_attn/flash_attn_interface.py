@@ -349,6 +349,7 @@ def flash_attn_with_kvcache(
         rotary_interleaved,
         alibi_slopes,
         num_splits,
+        return_softmax_lse,
         backend=backend,
     )
     return (out, lse) if return_softmax_lse else out

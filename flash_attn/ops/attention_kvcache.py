@@ -125,10 +125,14 @@ def attention_with_kvcache(
     rotary_interleaved: bool = True,
     alibi_slopes: Tensor | None = None,
     num_splits: int = 0,
+    return_softmax_lse: bool = False,
     *,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """See ``flash_attn.flash_attn_with_kvcache``; returns (out, lse or None)."""
+    """See ``flash_attn.flash_attn_with_kvcache``; returns (out, lse or None).
+
+    The torch path computes lse only when return_softmax_lse (it then materialises the scores
+    of each batch entry); the Triton path always has it."""
     check_attention_inputs(
         q,
         k_cache,
@@ -187,7 +191,7 @@ def attention_with_kvcache(
         slopes = (
             alibi_slopes[b]
             if alibi_slopes is not None and alibi_slopes.dim() == 2
-            else (alibi_slopes)
+            else alibi_slopes
         )
         out, lse, _ = attention_torch_dense(
             q[b : b + 1],
@@ -196,8 +200,8 @@ def attention_with_kvcache(
             opts,
             None,
             slopes,
-            return_probs=True,
+            return_probs=return_softmax_lse,
         )
         outs.append(out)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    return torch.cat(outs), torch.cat(lses) if return_softmax_lse else None
