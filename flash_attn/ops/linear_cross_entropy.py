@@ -131,11 +131,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked ``cross_entropy(hidden @ weight.T + bias, labels)``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, options, reduction, chunk_size, backend):
+    def forward(
+        ctx, hidden, weight, bias, labels, options, reduction, chunk_size, backend, grad_enabled
+    ):
+        # grad_enabled: grad mode outside this call (inside forward it is always off); without
+        # it, inference skips every gradient computation.
         needs = (
-            hidden.requires_grad,
-            weight.requires_grad,
-            bias is not None and bias.requires_grad,
+            grad_enabled and hidden.requires_grad,
+            grad_enabled and weight.requires_grad,
+            grad_enabled and bias is not None and bias.requires_grad,
         )
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
         ctx.reduction = reduction
@@ -151,8 +155,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # All rows ignored: the mean is 0 / 0 = nan like F.cross_entropy; gradients stay 0.
         scale = 1.0 / valid.sum().to(torch.float32) if reduction == "mean" else one
         loss, dhidden, dweight, dbias = _chunked_pass(
-            hidden, weight, bias, labels, valid.float(), torch.nan_to_num(scale, posinf=0.0),
-            options, chunk_size, backend, needs,
+            hidden, weight, bias, labels, valid.float() if any(needs) else None,
+            torch.nan_to_num(scale, posinf=0.0), options, chunk_size, backend, needs,
         )  # fmt: skip
         ctx.save_for_backward(dhidden, dweight, dbias)
         return loss.sum() * scale
@@ -168,7 +172,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 hidden, weight, bias, labels, grad_loss.float().contiguous(), one, options,
                 chunk_size, backend, needs,
             )  # fmt: skip
-            return dhidden, dweight, dbias, None, None, None, None, None
+            return dhidden, dweight, dbias, None, None, None, None, None, None
         dhidden, dweight, dbias = ctx.saved_tensors
         # The upstream gradient of a training loss is exactly 1: skip weight-sized multiplies
         # (and their allocations). Under torch.compile the check would break the graph.
@@ -176,7 +180,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dhidden, dweight, dbias = (
                 None if g is None else g * grad_loss.to(g.dtype) for g in (dhidden, dweight, dbias)
             )
-        return dhidden, dweight, dbias, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -255,9 +259,11 @@ def linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], vocab, hidden.shape[1])
     options = (float(label_smoothing), float(lse_square_scale), int(ignore_index))
+    labels = labels.long().contiguous()
     loss = LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels.long().contiguous(), options, reduction, chunk_size, backend
-    )
+        hidden, weight, bias, labels, options, reduction, chunk_size, backend,
+        torch.is_grad_enabled(),
+    )  # fmt: skip
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 

@@ -107,7 +107,7 @@ def test_leading_dims_and_module(backend):
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op returns while active."""
+    """Records the largest tensor any aten op allocates while active (views do not count)."""
 
     def __init__(self):
         super().__init__()
@@ -115,8 +115,14 @@ class _LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        flat_in = [
+            a
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        ]
+        storages = {a.untyped_storage().data_ptr() for a in flat_in}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -184,3 +190,15 @@ def test_bad_input(backend):
         linear_cross_entropy(hidden, weight, labels, chunk_size=0, backend=backend)
     with pytest.raises(ValueError, match="reduction"):
         LinearCrossEntropyLoss(reduction="avg")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_allocates_no_gradients(backend):
+    device = _device(backend)
+    (hidden, weight, _), labels = _inputs(32, 64, 300, torch.float32, device, bias=False)
+    weight.requires_grad_()
+    with torch.no_grad(), _LargestTensor() as mode:
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=8, backend=backend)
+    # No weight-sized (300 x 64) gradient accumulator: nothing beyond a chunk of logits.
+    assert mode.largest <= 8 * 300
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), labels))
