@@ -1,0 +1,209 @@
+"""Training runs on the CPU: quickstart, every experiment for two steps, resume, faults, DDP."""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_testing import EXPERIMENTS, compose_config, run_train_py, tiny_overrides
+
+from training.lightning_module import GPTLightningModule, NonFiniteLossError
+from training.train import train
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """{optimizer step: train loss} from the run's losses.csv."""
+    with open(run_dir / "losses.csv") as f:
+        return {
+            int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"
+        }
+
+
+def _ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
+    cfg = compose_config([
+        f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+        "data.source.max_bytes=150000", "data.tokenizer.vocab_size=300",
+        "data.tokenizer.train_bytes=150000", "data.batch_size=4", "data.seq_len=32",
+        "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2",
+        "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", "callbacks.progress_bar=null",
+        "sample.max_new_tokens=40",
+    ])  # fmt: skip
+    summary = train(cfg)
+    assert summary["global_step"] == 4 and summary["tokens_seen"] == 4 * 4 * 32
+    assert math.isfinite(summary["val_loss"]) and summary["val_bpb"] > 0
+    assert summary["unigram_entropy_nats"] > 0
+    assert summary["sample"].startswith("def ") and len(summary["sample"]) > 10
+    for name in ("loss_curve.png", "losses.csv", "csv/metrics.csv", "checkpoints/last.ckpt"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["best_checkpoint"] and Path(summary["best_checkpoint"]).is_file()
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/loss", "train/ppl", "train/tokens_per_s", "train/tokens_seen", "val/loss",
+                "val/ppl", "val/bpb", "data/unigram_entropy_nats"):  # fmt: skip
+        assert key in header, key
+
+
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e != "finetune"])
+def test_experiment_trains_two_steps(name, tmp_path, cache_dir, corpus):
+    cfg = compose_config([f"experiment={name}", *tiny_overrides(corpus, cache_dir, tmp_path)])
+    summary = train(cfg)
+    assert summary["global_step"] == 2
+    assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["val_loss"])
+    assert cfg.model.preset in (None, name.replace("-rotary", "").replace("-8k", ""))
+
+
+def test_finetune_starts_from_a_hugging_face_folder(tmp_path, cache_dir, corpus):
+    pytest.importorskip("flash_attn.models.hf_checkpoint")
+    from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+
+    torch.manual_seed(0)
+    pretrained = GPTLMHeadModel(GPTConfig(vocab_size=257, n_positions=64, n_embd=32,
+                                          n_layer=2, n_head=2))  # fmt: skip
+    pretrained.save_pretrained(tmp_path / "hf")
+    cfg = compose_config([
+        "experiment=finetune", *tiny_overrides(corpus, cache_dir, tmp_path / "run"),
+        f"model.pretrained={tmp_path / 'hf'}", "trainer.max_steps=1", "optimizer.lr=1e-9",
+    ])  # fmt: skip
+    summary = train(cfg)
+    assert summary["global_step"] == 1
+    # a near-zero learning rate leaves the loaded weights: the run started from them
+    state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=False)
+    wte = state["state_dict"]["model.transformer.embeddings.wte.weight"][:257]  # unpadded rows
+    torch.testing.assert_close(wte, pretrained.transformer.embeddings.wte.weight[:257].detach(),
+                               atol=1e-6, rtol=0)  # fmt: skip
+
+
+def _resume_overrides(corpus, cache_dir, run_dir, steps):
+    return [
+        *tiny_overrides(corpus, cache_dir, run_dir), f"trainer.max_steps={steps}",
+        f"scheduler.total_steps={steps}", "scheduler.warmup_steps=2",
+        "trainer.val_check_interval=3", "optimizer.lr=1e-2",
+    ]  # fmt: skip
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, cache_dir, corpus):
+    full = train(compose_config(_resume_overrides(corpus, cache_dir, tmp_path / "full", 8)))
+    cfg = compose_config(_resume_overrides(corpus, cache_dir, tmp_path / "part", 8))
+    cfg.trainer.max_steps = 5  # same schedule (total_steps=8), stopped early
+    train(cfg)
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    assert _ckpt_step(ckpt) == 5
+    resumed = compose_config([*_resume_overrides(corpus, cache_dir, tmp_path / "resumed", 8),
+                              f"ckpt_path={ckpt}"])  # fmt: skip
+    out = train(resumed)
+    assert out["global_step"] == 8 and out["tokens_seen"] == full["tokens_seen"]
+    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(got) == [6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, corpus, monkeypatch):
+    real_loss = GPTLightningModule.loss
+
+    def loss_nan_from_step_3(self, batch, reduction="mean"):
+        value = real_loss(self, batch, reduction)
+        return value * float("nan") if self.training and self.global_step >= 3 else value
+
+    monkeypatch.setattr(GPTLightningModule, "loss", loss_nan_from_step_3)
+    cfg = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path), "trainer.max_steps=6",
+                          "trainer.val_check_interval=100"])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    assert all(
+        torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
+    )
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _slow_run_args(corpus, cache_dir, run_dir, steps):
+    return [
+        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
+        "logger=csv", f"trainer.max_steps={steps}", f"scheduler.total_steps={steps}",
+        "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_train_steps=4",
+        "callbacks.best_checkpoint=null", "sample.max_new_tokens=0", "model.config.n_layer=4",
+        "data.batch_size=8", "data.seq_len=64",
+    ]  # fmt: skip
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cache_dir, corpus):
+    steps = 40
+    ref = run_train_py(_slow_run_args(corpus, cache_dir, tmp_path / "ref", steps), cache_dir)
+    killed_dir = tmp_path / "killed"
+    proc = run_train_py(_slow_run_args(corpus, cache_dir, killed_dir, steps), cache_dir)
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    assert _wait_for(last.is_file, proc), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGKILL)  # mid-training: no handler, no cleanup
+    proc.wait()
+    at_kill = _ckpt_step(last)
+    assert 0 < at_kill < steps, at_kill
+    assert not (killed_dir / "losses.csv").exists()  # it really died before the end
+    resume = run_train_py(
+        [*_slow_run_args(corpus, cache_dir, killed_dir, steps), "ckpt_path=last"], cache_dir
+    )
+    out, _ = resume.communicate(timeout=300)
+    assert resume.returncode == 0, out[-3000:]
+    ref_out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_out[-3000:]
+    want, got = _losses(tmp_path / "ref"), _losses(killed_dir)
+    assert sorted(got) == list(range(at_kill + 1, steps + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, cache_dir, corpus):
+    run_dir = tmp_path / "run"
+    args = _slow_run_args(corpus, cache_dir, run_dir, 100_000)
+    args.append("callbacks.last_checkpoint.every_n_train_steps=100000")
+    proc = run_train_py(args, cache_dir)
+    metrics = run_dir / "csv" / "metrics.csv"
+    # training has started once the first metrics are flushed (every 50 steps)
+    assert _wait_for(metrics.is_file, proc, timeout=180), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert "SIGTERM: saved" in out, out[-3000:]
+    assert last.is_file() and 0 < _ckpt_step(last) < 100_000
+
+
+def test_ddp_two_cpu_processes(tmp_path, cache_dir, corpus):
+    run_dir = tmp_path / "ddp"
+    args = [
+        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
+        "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32", "trainer.strategy=ddp",
+        "trainer.max_steps=3", "trainer.val_check_interval=3",
+    ]  # fmt: skip
+    proc = run_train_py(args, cache_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)  # fmt: skip
+    assert state["global_step"] == 3
+    assert state["tokens_seen"] == 3 * 2 * 2 * 32  # steps x ranks x batch x seq_len
+    sampler = state["GPTDataModule"]["train_sampler"]
+    assert sampler["world_size"] == 2 and sampler["consumed"] == 3 * 2 * 2
+    assert "val bits/byte" in out

@@ -1,0 +1,226 @@
+"""LightningModule around :class:`flash_attn.models.gpt.GPTLMHeadModel`."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from flash_attn.ops.cross_entropy import cross_entropy_loss
+from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
+from training.optim import build_optimizer, lr_lambda
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    kind, keys, pos, has_gauss, cached = state
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_plain(state: list) -> tuple:
+    kind, keys, pos, has_gauss, cached = state
+    return (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def build_model(
+    preset: str | None = None,
+    config: dict | None = None,
+    pretrained: str | None = None,
+    vocab_size: int | None = None,
+) -> GPTLMHeadModel:
+    """A GPTLMHeadModel from a preset name and field overrides, or from a Hugging Face
+    checkpoint (hub id or folder) with ``config`` applied as overrides (fused flags, dropout).
+
+    vocab_size: the tokenizer's, used when ``config`` does not set one.
+    """
+    fields = {k: v for k, v in dict(config or {}).items() if v is not None}
+    if pretrained:
+        return GPTLMHeadModel.from_pretrained(str(pretrained), **fields)
+    if "vocab_size" not in fields:
+        if vocab_size is None:
+            raise ValueError("model.config.vocab_size is unset and no tokenizer gave one")
+        fields["vocab_size"] = vocab_size
+    cfg = GPTConfig.from_preset(preset, **fields) if preset else GPTConfig(**fields)
+    return GPTLMHeadModel(cfg)
+
+
+def flops_per_token(config: GPTConfig, num_params_no_embeddings: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N + 12 * n_layer * n_embd * seq_len.
+
+    N counts the non-embedding parameters plus the lm_head matmul (vocab_size * n_embd, also
+    when tied); the second term is attention's score and value matmuls, counted for the full
+    square as in the PaLM paper (appendix B), so MFU is comparable across codebases.
+    """
+    n = num_params_no_embeddings + config.vocab_size * config.n_embd
+    return 6.0 * n + 12.0 * config.n_layer * config.n_embd * seq_len
+
+
+class GPTLightningModule(L.LightningModule):
+    """Next-token training of a GPT.
+
+    Args:
+        model: {preset, config (GPTConfig fields), pretrained (hub id or folder)}.
+        optimizer: {lr, weight_decay, betas, eps, fused}.
+        scheduler: {warmup_steps, decay ("cosine" | "linear" | "constant"), min_lr_ratio,
+            total_steps (None: trainer.max_steps)}.
+        compile: wrap the model's forward in ``torch.compile``.
+        vocab_size: the tokenizer's vocabulary, when the model config leaves it unset.
+        check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss (one
+            device-to-host sync per step).
+    Batches: (B, T + 1) int64 windows; inputs ``[:, :-1]``, targets ``[:, 1:]``.
+    """
+
+    def __init__(self, model: dict, optimizer: dict, scheduler: dict, compile: bool = False,
+                 vocab_size: int | None = None, check_finite: bool = True):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(vocab_size=vocab_size, **dict(model))
+        self.optimizer_cfg, self.scheduler_cfg = dict(optimizer), dict(scheduler)
+        self.check_finite = check_finite
+        self.__dict__["forward_model"] = torch.compile(self.model) if compile else self.model
+        # bytes of text per token id (for bits per byte), set from the tokenizer in setup()
+        ones = torch.ones(self.model.config.vocab_size, dtype=torch.int64)
+        self.register_buffer("token_bytes", ones, persistent=False)
+        self.tokens_seen = 0
+        self._val_sums = None
+
+    # -- loss --------------------------------------------------------------------------------
+    def loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of every next token of the (B, T + 1) windows (fp32 scalar)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        config = self.model.config
+        if config.linear_cross_entropy:
+            hidden = self.model.transformer(inputs)  # (B, T, E)
+            head = self.model.lm_head
+            bias = head.bias[: config.vocab_size] if head.bias is not None else None
+            loss = linear_cross_entropy(
+                hidden.flatten(0, 1), head.weight[: config.vocab_size], targets.flatten(), bias,
+                reduction=reduction, backend=config.backend,
+            )  # fmt: skip
+            return loss
+        logits = self.forward_model(inputs).logits  # (B, T, V)
+        backend = config.backend if config.fused_cross_entropy else "torch"
+        return cross_entropy_loss(
+            logits.flatten(0, 1), targets.flatten(), reduction=reduction, backend=backend
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) int64 -> (B, T, vocab) logits."""
+        return self.forward_model(input_ids).logits
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "token_bytes"):
+            token_bytes = datamodule.token_bytes()
+            if token_bytes.numel() != self.model.config.vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {token_bytes.numel()} tokens but the model "
+                    f"vocab_size is {self.model.config.vocab_size}"
+                )
+            self.token_bytes = token_bytes
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.tokens_seen += (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
+            datamodule.on_train_batch_consumed(batch.shape[0])
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        if self.check_finite:
+            self._raise_if_not_finite(loss)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def _raise_if_not_finite(self, loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step}: "
+                "stopping before the optimizer step. The last good checkpoint is kept; "
+                "lower optimizer.lr, raise scheduler.warmup_steps, or use bf16-mixed "
+                "instead of 16-mixed."
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        nats = self.loss(batch, reduction="sum")
+        targets = batch[:, 1:]
+        num_bytes = self.token_bytes[targets].sum()
+        self._val_sums += torch.stack(
+            [nats.double(), torch.tensor(targets.numel(), device=self.device).double(),
+             num_bytes.double()]
+        )  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._val_sums
+        if dist.is_available() and dist.is_initialized():
+            sums = sums.clone()
+            dist.all_reduce(sums)
+        nats, tokens, num_bytes = sums.tolist()
+        if tokens == 0:
+            return
+        loss = nats / tokens
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        if num_bytes > 0:
+            self.log("val/bpb", nats / (math.log(2) * num_bytes), prog_bar=True, sync_dist=False)
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = self.optimizer_cfg
+        optimizer = build_optimizer(
+            self.model, lr=opt_cfg["lr"], weight_decay=opt_cfg.get("weight_decay", 0.1),
+            betas=opt_cfg.get("betas", (0.9, 0.95)), eps=opt_cfg.get("eps", 1e-8),
+            fused=opt_cfg.get("fused"),
+        )  # fmt: skip
+        sched = self.scheduler_cfg
+        total = sched.get("total_steps") or self.trainer.max_steps
+        if not total or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(sched.get("warmup_steps", 0))
+        if 0 < float(sched.get("warmup_fraction") or 0) < 1:
+            warmup = int(float(sched["warmup_fraction"]) * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_lambda(step, warmup, total, sched.get("decay", "cosine"),
+                                   float(sched.get("min_lr_ratio", 0.1))),
+        )  # fmt: skip
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # plain lists and ints, so weights_only loading accepts the checkpoint
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            np.random.set_state(_numpy_state_from_plain(states["numpy"]))
+            random.setstate(states["python"])

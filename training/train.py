@@ -1,0 +1,222 @@
+"""``train(cfg)``: build everything a composed Hydra config describes, fit, summarise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from training.callbacks import AtomicCheckpointIO, LossCurve, ThroughputMonitor
+from training.lightning_module import GPTLightningModule
+
+log = logging.getLogger(__name__)
+
+
+def fsdp_strategy(wrap_modules=("flash_attn.modules.block.Block",),
+                  activation_checkpointing: bool = False, **kwargs):  # fmt: skip
+    """Lightning's FSDPStrategy wrapping each transformer block (named by import path, so a
+    YAML file can say which), optionally with activation checkpointing of those blocks."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    classes = {hydra.utils.get_class(name) for name in wrap_modules}
+    if activation_checkpointing:
+        kwargs["activation_checkpointing_policy"] = classes
+    return FSDPStrategy(auto_wrap_policy=classes, **kwargs)
+
+
+def _resolve_ckpt_path(ckpt_path, checkpoint_dir: Path) -> str | None:
+    """None, an explicit file, or "last": checkpoint_dir/last.ckpt when it exists (a job that
+    is requeued with the same hydra.run.dir resumes; a first run starts fresh)."""
+    if ckpt_path in (None, "", "none"):
+        return None
+    if str(ckpt_path) == "last":
+        last = checkpoint_dir / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.info("ckpt_path=last but %s does not exist: starting from scratch", last)
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
+    return str(ckpt_path)
+
+
+def _accumulation(cfg: DictConfig) -> int:
+    """Micro-batches per optimizer step so that batch_size * devices * accumulation reaches
+    data.global_batch_size (1 when unset)."""
+    global_batch = cfg.data.get("global_batch_size")
+    if not global_batch:
+        return int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        world = devices
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        world = len(devices)
+    else:
+        world = max(1, torch.cuda.device_count())
+    world *= int(cfg.trainer.get("num_nodes") or 1)
+    per_step = cfg.data.batch_size * world
+    if global_batch % per_step:
+        raise ValueError(
+            f"data.global_batch_size={global_batch} is not a multiple of data.batch_size "
+            f"({cfg.data.batch_size}) x devices ({world})"
+        )
+    return global_batch // per_step
+
+
+def _instantiate_dict(node) -> list:
+    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v and "_target_" in v]
+
+
+def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+                top_k: int = 40, seed: int = 0) -> str:  # fmt: skip
+    """Decode max_new_tokens after prompt: the model's KV-cache ``generate`` when everything
+    fits in its positions, else a loop that feeds the last n_positions tokens each step."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    torch.manual_seed(seed)
+    max_len = model.config.max_seqlen
+    if max_len is None or input_ids.shape[1] + max_new_tokens <= max_len:
+        out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k)
+        return tokenizer.decode(out[0].tolist())
+    from flash_attn.utils.generation import sample
+
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = input_ids[:, -max_len:]
+        for _ in range(max_new_tokens):
+            logits = model(out[:, -max_len:], num_last_tokens=1).logits  # (1, 1, V)
+            next_token = sample(logits[:, -1], temperature, top_k)  # (1,)
+            out = torch.cat([out, next_token[:, None]], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(input_ids[0].tolist() + out[0, input_ids.shape[1] :].tolist())
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit the model a composed config describes; returns a summary of the run.
+
+    Returns a dict with the final train/val losses, val bits per byte, the corpus' unigram
+    entropy, tokens seen, tokens/s, wall time, the run folder, checkpoint paths and a sample.
+    """
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.build()  # tokenizer + token cache (locked, built once per cache key)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    module = GPTLightningModule(
+        model={k: model_cfg.get(k) for k in ("preset", "config", "pretrained")},
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        compile=bool(cfg.model.get("compile", False)),
+        vocab_size=datamodule.vocab_size,
+    )
+
+    entropy = datamodule.unigram_entropy()
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    for cb in callbacks:
+        if isinstance(cb, LossCurve):
+            cb.reference.setdefault("unigram entropy", entropy["nats_per_token"])
+    loggers = _instantiate_dict(cfg.get("logger"))
+    if not loggers:  # nothing to send learning rates to
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False,
+        plugins=[AtomicCheckpointIO()], accumulate_grad_batches=_accumulation(cfg),
+    )  # fmt: skip
+    if trainer.is_global_zero:
+        log.info("run folder: %s", output_dir)
+        log.info(
+            "unigram entropy of the training tokens: %.3f nats/token, %.3f bits/byte",
+            entropy["nats_per_token"], entropy["bits_per_byte"],
+        )  # fmt: skip
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_metrics(
+                {"data/unigram_entropy_nats": entropy["nats_per_token"],
+                 "data/unigram_entropy_bpb": entropy["bits_per_byte"]}, step=0,
+            )  # fmt: skip
+
+    ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if getattr(trainer, "received_sigterm", False):
+        log.warning("stopped by SIGTERM; resume with ckpt_path=last hydra.run.dir=%s", output_dir)
+        return {"stopped": "sigterm", "output_dir": str(output_dir)}
+
+    # last.ckpt always holds the final state, also when max_steps is not a multiple of the
+    # checkpoint interval (resuming from it is a no-op).
+    last = checkpoint_dir / "last.ckpt"
+    if cfg.get("save_final_checkpoint", True):
+        trainer.save_checkpoint(last)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    throughput = next((cb for cb in callbacks if isinstance(cb, ThroughputMonitor)), None)
+    best = [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path]
+    summary = {
+        "train_loss": metrics.get("train/loss"),
+        "val_loss": metrics.get("val/loss"),
+        "val_bpb": metrics.get("val/bpb"),
+        "unigram_entropy_nats": entropy["nats_per_token"],
+        "unigram_entropy_bpb": entropy["bits_per_byte"],
+        "tokens_seen": module.tokens_seen,
+        "tokens_per_s": throughput.last_tokens_per_s if throughput else None,
+        "mfu": throughput.last_mfu if throughput else None,
+        "global_step": trainer.global_step,
+        "wall_s": time.perf_counter() - start,
+        "output_dir": str(output_dir),
+        "last_checkpoint": str(last) if last.is_file() else None,
+        "best_checkpoint": best[0] if best else None,
+        "sample": None,
+    }
+    sample_cfg = cfg.get("sample") or {}
+    if trainer.is_global_zero and sample_cfg.get("max_new_tokens", 0) > 0:
+        summary["sample"] = sample_text(
+            module.model, datamodule.tokenizer, sample_cfg.get("prompt", ""),
+            int(sample_cfg.max_new_tokens), float(sample_cfg.get("temperature", 0.8)),
+            int(sample_cfg.get("top_k", 40)), int(cfg.seed),
+        )  # fmt: skip
+    if trainer.is_global_zero:
+        _print_summary(summary)
+    return summary
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _print_summary(s: dict) -> None:
+    lines = [
+        "",
+        f"run folder        {s['output_dir']}",
+        f"steps             {s['global_step']}  ({s['tokens_seen']:,} tokens in "
+        f"{s['wall_s']:.0f} s, {_fmt(s['tokens_per_s'], ',.0f')} tokens/s, "
+        f"MFU {_fmt(s['mfu'], '.1%')})",
+        f"train loss        {_fmt(s['train_loss'])} nats/token",
+        f"val loss          {_fmt(s['val_loss'])} nats/token   "
+        f"(unigram entropy {s['unigram_entropy_nats']:.3f})",
+        f"val bits/byte     {_fmt(s['val_bpb'])}              "
+        f"(unigram entropy {s['unigram_entropy_bpb']:.3f})",
+        f"checkpoints       last {s['last_checkpoint']}",
+        f"                  best {s['best_checkpoint']}",
+    ]
+    if s["sample"] is not None:
+        lines += ["", "--- sample " + "-" * 60, s["sample"], "-" * 71]
+    print("\n".join(lines), flush=True)
+
+
+def main_env_defaults() -> None:
+    """Quiet defaults for the entry point (fork-safe tokenizers, no telemetry)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
