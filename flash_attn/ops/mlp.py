@@ -202,9 +202,10 @@ def fused_mlp(
     Returns:
         (..., out_features) in x's dtype.
     """
-    hidden = _linear_act(x, fc1_weight, fc1_bias, activation, gated, backend)
-    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden.shape[-1]:
+    n_hidden = fc1_weight.shape[0] // 2 if gated else fc1_weight.shape[0]
+    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != n_hidden:
         raise ValueError(
-            f"fc2_weight must be (out_features, {hidden.shape[-1]}), got {tuple(fc2_weight.shape)}"
+            f"fc2_weight must be (out_features, {n_hidden}), got {tuple(fc2_weight.shape)}"
         )
+    hidden = _linear_act(x, fc1_weight, fc1_bias, activation, gated, backend)
     return F.linear(hidden, fc2_weight, fc2_bias)
