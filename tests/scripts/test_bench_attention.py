@@ -169,6 +169,13 @@ def test_sweep_writes_table_and_figures(tmp_path, monkeypatch):
     assert "| 128 |" in md and "x |" in md  # a saving factor at seqlen 128
     for name in ["d16_full", "d16_causal", "memory"]:
         assert (tmp_path / f"attention_test_{name}.png").stat().st_size > 1000
+    assert "`reference` only up to seqlen 32" in md
+    # The raw JSON redraws the same table.
+    redrawn = tmp_path / "redrawn"
+    argv = ["--from_json", str(tmp_path / "attention_test.json"), "--out_dir", str(redrawn)]
+    assert bench.main(argv) == 0
+    assert (redrawn / "attention_test.md").read_text() == md
+    assert (redrawn / "attention_test_memory.png").exists()
 
 
 def test_command_line():
@@ -228,3 +235,10 @@ def test_benchmark_time():
     assert len(calls) == 7 and len(t.times_s) == 5 and t.min_s <= t.median_s
     with pytest.raises(ValueError, match="repeats"):
         benchmark_time(lambda: None, repeats=0, device="cpu")
+
+
+def test_bad_sizes_name_the_argument(capsys):
+    assert bench.main(["--b", "0", "--q_len", "8", "--kv_len", "8", "--d", "8"]) == 2
+    assert "b must be >= 1" in capsys.readouterr().err
+    assert bench.main(["--h", "3", "--h_k", "2", "--q_len", "8", "--kv_len", "8"]) == 2
+    assert "multiple of h_k" in capsys.readouterr().err
