@@ -42,8 +42,9 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden_dim: int) -> int:
 def _loss_and_dlogits_(logits, labels, dloss, options, backend):
     """Per-row loss (chunk,) fp32 of a chunk of logits (chunk, vocab).
 
-    When ``dloss`` (chunk,) fp32, the upstream gradient of each row's loss, is given,
-    ``logits`` is overwritten with the gradient dloss * dloss_row/dx in its own dtype.
+    ``logits`` is overwritten: with the gradient dloss * dloss_row/dx in its own dtype when
+    ``dloss`` (chunk,) fp32, the upstream gradient of each row's loss, is given; with scratch
+    values otherwise (torch backend).
     """
     label_smoothing, lse_square_scale, ignore_index = options
     if backend == "triton":
@@ -51,22 +52,26 @@ def _loss_and_dlogits_(logits, labels, dloss, options, backend):
         if dloss is not None:
             torch.ops.flash_attn.cross_entropy_bwd_inplace(dloss, logits, lse, labels, *options)
         return loss
-    # Plain torch, in place on an fp32 view of the chunk (a copy only for fp16/bf16 logits).
+    # Plain torch, in place on an fp32 view of the chunk (a copy only for fp16/bf16 logits):
+    # exp(x - max) overwrites x, so the chunk needs no second chunk-sized buffer.
     x = logits.float()
     vocab = x.shape[1]
     ignored = labels == ignore_index
     safe_labels = torch.where(ignored, 0, labels).unsqueeze(1)
-    lse = torch.logsumexp(x, dim=1)
-    loss = lse - (1.0 - label_smoothing) * x.gather(1, safe_labels).squeeze(1)
+    loss = -(1.0 - label_smoothing) * x.gather(1, safe_labels).squeeze(1)
     if label_smoothing > 0.0:
         loss = loss - label_smoothing * x.mean(dim=1)
+    row_max = x.amax(dim=1, keepdim=True)
+    sum_exp = x.sub_(row_max).exp_().sum(dim=1)  # x is now exp(x - max)
+    lse = row_max.squeeze(1) + sum_exp.log()
+    loss = loss + lse
     if lse_square_scale != 0.0:
         loss = loss + lse_square_scale * lse.square()
     loss = torch.where(ignored, 0.0, loss)
     if dloss is None:
         return loss
     # softmax * (1 + 2 z lse) - (1 - eps) * onehot - eps / V, times the row's upstream gradient
-    x.sub_(lse.unsqueeze(1)).exp_().mul_((1.0 + 2.0 * lse_square_scale * lse).unsqueeze(1))
+    x.mul_(((1.0 + 2.0 * lse_square_scale * lse) / sum_exp).unsqueeze(1))
     x.scatter_add_(1, safe_labels, torch.full_like(lse, label_smoothing - 1.0).unsqueeze(1))
     if label_smoothing > 0.0:
         x.sub_(label_smoothing / vocab)
