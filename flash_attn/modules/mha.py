@@ -275,8 +275,9 @@ class MHA(nn.Module):
             out = flash_attn_func(q, k, v, dropout_p, **attn_kwargs, backend=self.backend)
         else:
             # Keys packed per sequence; every query kept: cu_seqlens_q steps by seqlen_q.
-            k, _, cu_seqlens_k, max_seqlen_k, _ = unpad_input(k, key_padding_mask)
-            v = v.flatten(0, 1)[key_padding_mask.flatten().nonzero().flatten()]
+            # (B, Sk, H_kv, D) -> (total_k, H_kv, D)
+            k, indices, cu_seqlens_k, max_seqlen_k, _ = unpad_input(k, key_padding_mask)
+            v = v.flatten(0, 1)[indices]
             cu_seqlens_q = torch.arange(
                 0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device
             )
