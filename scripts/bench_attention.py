@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.reference.attention import attention_ref
 from flash_attn.ops.reference.attention_tiled import (
-    attention_standard,
     attention_tiled,
 )
 from flash_attn.utils.benchmark import (
@@ -238,7 +238,7 @@ def attention_fn(case: Case, mask: torch.Tensor | None):
         backend = case.backend
         return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal, backend=backend)
     if case.method == "normal":
-        return lambda q, k, v: attention_standard(q, k, v, causal=case.causal, mask=mask)[0]
+        return lambda q, k, v: attention_ref(q, k, v, causal=case.causal, attn_bias=mask)[0]
     if case.method == "sdpa":
         return lambda q, k, v: _sdpa(q, k, v, case.causal, mask)
     if case.method == "reference":

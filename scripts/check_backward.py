@@ -8,8 +8,8 @@ The gradients are those of loss = sum(out) with respect to q, k and v.
 - (a) jacrev: the tiled forward differentiated by torch.func.jacrev through its loops.
 - (b) paper backward: the tiled autograd.Function, whose backward recomputes P from the lse.
 - (c) kernels: the Triton forward/backward, when Triton can run here (a GPU, or
-  TRITON_INTERPRET=1 set in the environment on CPU). They have no arbitrary mask, so
-  --mask random skips them; they do not take fp64, so fp64 checks them in fp32.
+  TRITON_INTERPRET=1 set in the environment on CPU), the mask given as attn_bias; they do not
+  take fp64, so fp64 checks them in fp32.
 
     PYTHONPATH=. python scripts/check_backward.py --causal --seqlen-q 65 --seqlen-k 47
     TRITON_INTERPRET=1 PYTHONPATH=. python scripts/check_backward.py --dtype fp32
@@ -25,8 +25,8 @@ import sys
 import torch
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.reference.attention import attention_ref
 from flash_attn.ops.reference.attention_tiled import (
-    attention_standard,
     attention_tiled,
     attention_tiled_fwd,
 )
@@ -91,33 +91,14 @@ def _autograd_grads(fn, q, k, v):
     return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
 
-def _kernel_fn(causal):
-    """The Triton path: flash_attn_func when it exists, else the launchers directly."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        flash_attn_func = None
-    if flash_attn_func is not None:
-        return "flash_attn_func(backend='triton')", lambda q, k, v: flash_attn_func(
-            q, k, v, causal=causal, backend="triton"
-        )
-    from flash_attn.ops.triton.attention import attention_bwd, attention_fwd
+def _kernel_fn(causal, mask):
+    """The Triton path: flash_attn_func(backend="triton"), the mask passed as attn_bias."""
+    from flash_attn import flash_attn_func
 
-    class _Kernels(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            scale = q.shape[-1] ** -0.5
-            out, lse = attention_fwd(q, k, v, scale, causal)
-            ctx.save_for_backward(q, k, v, out, lse)
-            ctx.scale = scale
-            return out
+    def kernel(q, k, v):
+        return flash_attn_func(q, k, v, causal=causal, attn_bias=mask, backend="triton")
 
-        @staticmethod
-        def backward(ctx, dout):
-            q, k, v, out, lse = ctx.saved_tensors
-            return attention_bwd(dout, q, k, v, out, lse, ctx.scale, causal)
-
-    return "triton attention_fwd/attention_bwd", _Kernels.apply
+    return "flash_attn_func(backend='triton')", kernel
 
 
 def _triton_usable(device) -> bool:
@@ -154,7 +135,7 @@ def main(argv=None) -> int:
     )
 
     def standard(q, k, v):
-        return attention_standard(q, k, v, causal=causal, mask=mask)[0]
+        return attention_ref(q, k, v, causal=causal, attn_bias=mask)[0]
 
     def tiled_loops(q, k, v):
         return attention_tiled_fwd(q, k, v, causal=causal, mask=mask, **blocks)[0]
@@ -194,9 +175,7 @@ def main(argv=None) -> int:
         dtype,
     )
 
-    if mask is not None:
-        print("  note  (c) kernels skipped: the Triton kernels take no arbitrary mask yet")
-    elif not _triton_usable(device):
+    if not _triton_usable(device):
         print(
             "  note  (c) kernels skipped: Triton cannot run here "
             "(no GPU; set TRITON_INTERPRET=1 to use the interpreter on CPU)"
@@ -205,7 +184,7 @@ def main(argv=None) -> int:
         kdtype = torch.float32 if dtype == torch.float64 else dtype
         kq, kk, kv = (t.to(kdtype) for t in (q64, k64, v64))
         kplain = _max_errors(_jacrev_grads(standard, kq, kk, kv), oracle)
-        name, kernel = _kernel_fn(causal)
+        name, kernel = _kernel_fn(causal, mask)
         note = "" if kdtype == dtype else " (fp32: kernels take no fp64)"
         print(
             f"  ----  plain standard attention at {str(kdtype)[6:]}{note}: "

@@ -5,7 +5,6 @@ import torch
 
 from flash_attn.ops.reference.attention import attention_ref, causal_allowed
 from flash_attn.ops.reference.attention_tiled import (
-    attention_standard,
     attention_tiled,
     attention_tiled_bwd,
     attention_tiled_fwd,
@@ -80,7 +79,7 @@ def test_random_mask_with_fully_masked_rows(causal):
     batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim = 2, 37, 29, 4, 2, 8
     q, k, v = _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
     mask = _random_mask(batch, nheads, seqlen_q, seqlen_k)
-    out_ref, lse_ref = attention_standard(q, k, v, causal=causal, mask=mask)
+    out_ref, lse_ref, _ = attention_ref(q, k, v, causal=causal, attn_bias=mask)
     out, lse = attention_tiled(
         q, k, v, causal=causal, mask=mask, block_m=8, block_n=7, return_lse=True
     )
@@ -107,7 +106,7 @@ def test_mask_broadcasts_and_equals_causal():
     _close(out_mask, out_causal)
     # The oracle with a mask agrees with attention_ref too.
     _close(
-        attention_standard(q, k, v, mask=causal_allowed(19, 23))[0],
+        attention_ref(q, k, v, attn_bias=causal_allowed(19, 23))[0],
         attention_ref(q, k, v, causal=True)[0],
     )
 

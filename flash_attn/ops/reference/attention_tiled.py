@@ -34,11 +34,8 @@ import math
 
 import torch
 
-from flash_attn.ops.reference.attention import attention_ref, causal_allowed
-
 __all__ = [
     "AttentionTiledFunction",
-    "attention_standard",
     "attention_tiled",
     "attention_tiled_bwd",
     "attention_tiled_fwd",
@@ -388,43 +385,3 @@ def attention_tiled(
     """
     out, lse = AttentionTiledFunction.apply(q, k, v, softmax_scale, causal, mask, block_m, block_n)
     return (out, lse) if return_lse else out
-
-
-def attention_standard(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standard attention (materialised scores) with the same masking arguments as above.
-
-    The oracle of :func:`attention_tiled`: :func:`attention_ref` when ``mask`` is None,
-    otherwise the same computation with the boolean mask applied to the scores.
-
-    Args: as :func:`attention_tiled_fwd`.
-    Returns:
-        out (batch, seqlen_q, nheads, headdim) and lse (batch, nheads, seqlen_q), in q's dtype,
-        differentiable by autograd; zeros / +inf for rows that see no key.
-    """
-    _check_inputs(q, k, v, mask, 1, 1)
-    if mask is None:
-        out, lse, _ = attention_ref(q, k, v, softmax_scale=softmax_scale, causal=causal)
-        return out, lse
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    # (B, Sk, Hk, D) -> (B, Sk, H, D)
-    k = k.repeat_interleave(nheads // nheads_k, dim=2)
-    v = v.repeat_interleave(nheads // nheads_k, dim=2)
-    allowed = mask.expand(batch, nheads, seqlen_q, seqlen_k)
-    if causal:
-        allowed = allowed & causal_allowed(seqlen_q, seqlen_k, q.device)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out, lse
