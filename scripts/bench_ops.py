@@ -294,9 +294,12 @@ def _rss_bytes() -> int:
 
 def rss_probe(variant: str) -> None:
     """Child process: one step of ``variant``, prints the rise of peak RSS over the start."""
-    inputs = _figure_inputs("cpu")
+    hidden, weight, labels = _figure_inputs("cpu")
     losses = []
-    step = _figure_step(variant, *inputs, losses)
+    # Warm-up on 256 tokens: the first step maps library code and thread buffers (hundreds of
+    # MB of RSS) that would otherwise be charged to the variant measured.
+    _figure_step(variant, hidden[:256].detach().requires_grad_(), weight, labels[:256], [])()
+    step = _figure_step(variant, hidden, weight, labels, losses)
     before = _rss_bytes()
     step()
     # ru_maxrss is in KiB on Linux: the process's peak resident size so far.
@@ -409,8 +412,9 @@ def write_markdown(path, rows, figure, machine, device, dtype_name, backend) -> 
             + (f", **{ratio_rss:.1f}x** by RSS rise" if ratio_rss else "")
             + f"; |loss difference| = {figure['loss_diff']:.1e}.",
             "",
-            "RSS rise: a fresh Python process per variant builds the inputs, reads VmRSS, runs "
-            "one step and reads ru_maxrss; the rise counts pages actually touched, including "
+            "RSS rise: a fresh Python process per variant builds the inputs, runs a 256-token "
+            "warm-up step, reads VmRSS, runs one step and reads ru_maxrss; the rise counts pages "
+            "actually touched, including "
             "the allocator's own caching, so it is the figure a user sees in `top`; it varies "
             "between runs with what glibc malloc keeps mapped, the profiler figure does not.",
             "",
