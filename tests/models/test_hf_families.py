@@ -192,3 +192,33 @@ def test_save_pretrained_rejects_other_layouts(tmp_path):
         model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'gpt2' and 'llama'"):
         model.save_pretrained(tmp_path, family="opt")
+
+
+def test_pytorch_bin_and_sharded_checkpoints(checkpoints, tmp_path):
+    """pytorch_model.bin (read with weights_only=True) and sharded safetensors load alike."""
+    folder, hf = checkpoints["llama"]
+    bin_folder, sharded = tmp_path / "bin", tmp_path / "sharded"
+    bin_folder.mkdir()
+    (bin_folder / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(hf.state_dict(), bin_folder / "pytorch_model.bin")
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        for path in (bin_folder, sharded):
+            model = GPTLMHeadModel.from_pretrained(path, backend="torch").eval()
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_from_pretrained_dtype(checkpoints):
+    folder, hf = checkpoints["gpt2"]
+    model = GPTLMHeadModel.from_pretrained(folder, dtype=torch.bfloat16, backend="torch").eval()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ids = _ids()
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = hf(ids).logits
+    assert logits.dtype == torch.bfloat16
+    # bf16 weights and activations: a loose bound, still far below the logits' spread.
+    assert (logits.float() - expected).abs().max() < 0.1 * expected.std()
