@@ -253,15 +253,15 @@ class MHA(nn.Module):
         if cu_seqlens is None:
             return self.rotary_emb(q, k)
         rotary = self.rotary_emb
-        rotary._update_cos_sin_cache(max_seqlen, q.device, q.dtype)
+        cos, sin = rotary.cos_sin(max_seqlen, q.device, q.dtype)
         kwargs = dict(
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
             interleaved=rotary.interleaved,
             backend=rotary.backend,
         )
-        q = apply_rotary(q, rotary._cos_cached, rotary._sin_cached, **kwargs)
-        k = apply_rotary(k, rotary._cos_cached, rotary._sin_cached, **kwargs)
+        q = apply_rotary(q, cos, sin, **kwargs)
+        k = apply_rotary(k, cos, sin, **kwargs)
         return q, k
 
     def _cross_attention(self, x, x_kv, key_padding_mask, dropout_p, attn_kwargs):
@@ -313,8 +313,7 @@ class MHA(nn.Module):
         interleaved = False
         if self.rotary_emb is not None:
             rotary = self.rotary_emb
-            rotary._update_cos_sin_cache(inference_params.max_seqlen, x.device, x.dtype)
-            rotary_cos, rotary_sin = rotary._cos_cached, rotary._sin_cached
+            rotary_cos, rotary_sin = rotary.cos_sin(inference_params.max_seqlen, x.device, x.dtype)
             interleaved = rotary.interleaved
         out = flash_attn_with_kvcache(
             q,

@@ -135,6 +135,16 @@ class RotaryEmbedding(nn.Module):
         self._sin_cached = torch.sin(freqs).to(dtype)
         self._seqlen_cached = length
 
+    def cos_sin(self, seqlen: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin tables covering positions 0 .. seqlen - 1 (at least), for apply_rotary or
+        flash_attn_with_kvcache.
+
+        Returns:
+            cos, sin: (>= seqlen, rotary_dim / 2) in dtype on device.
+        """
+        self._update_cos_sin_cache(seqlen, device, dtype)
+        return self._cos_cached, self._sin_cached
+
     def forward(
         self,
         q: torch.Tensor,
@@ -157,8 +167,7 @@ class RotaryEmbedding(nn.Module):
             needed = max_seqlen if max_seqlen is not None else seqlen + int(seqlen_offset.max())
         else:
             needed = seqlen + seqlen_offset
-        self._update_cos_sin_cache(needed, q.device, q.dtype)
-        cos, sin = self._cos_cached, self._sin_cached
+        cos, sin = self.cos_sin(needed, q.device, q.dtype)
         q = apply_rotary(
             q, cos, sin, seqlen_offset, interleaved=self.interleaved, backend=self.backend
         )
