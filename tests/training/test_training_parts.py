@@ -1,0 +1,84 @@
+"""Optimizer groups, schedule, FLOP count, atomic checkpoint files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from training.callbacks import AtomicCheckpointIO, peak_flops
+from training.lightning_module import flops_per_token
+from training.optim import build_optimizer, lr_lambda, param_groups
+
+
+def _tiny_model() -> GPTLMHeadModel:
+    return GPTLMHeadModel(GPTConfig(vocab_size=61, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+
+
+def test_no_weight_decay_for_biases_norms_and_embeddings():
+    model = _tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}  # tied weights appear once
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert not decayed & kept
+    assert len(decayed) + len(kept) == len(names)
+    for name in decayed:
+        assert "emb" not in name and not name.endswith("bias") and "ln" not in name, name
+    assert any("wte" in n for n in kept) and any("wpe" in n for n in kept)
+    assert any(n.endswith("bias") for n in kept) and any("ln_f" in n for n in kept)
+    assert any("mlp" in n for n in decayed) and any("attn" in n for n in decayed)
+
+
+def test_optimizer_rejects_bad_lr():
+    with pytest.raises(ValueError, match="optimizer.lr"):
+        build_optimizer(nn.Linear(2, 2), lr=0.0)
+
+
+def test_schedule_warmup_then_decay():
+    warmup, total = 10, 110
+    cos = [lr_lambda(s, warmup, total, "cosine", 0.1) for s in range(total + 5)]
+    lin = [lr_lambda(s, warmup, total, "linear", 0.0) for s in range(total + 5)]
+    assert cos[0] == pytest.approx(1 / 11) and cos[warmup - 1] == pytest.approx(10 / 11)
+    assert cos[warmup] == 1.0 and lin[warmup] == 1.0
+    assert all(a > b for a, b in zip(cos[warmup:total], cos[warmup + 1 : total + 1]))
+    assert cos[total] == pytest.approx(0.1) and cos[-1] == pytest.approx(0.1)
+    assert cos[warmup + 50] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos = 0
+    assert lin[warmup + 25] == pytest.approx(0.75) and lin[total] == pytest.approx(0.0)
+    assert lr_lambda(500, 10, 110, "constant") == 1.0
+    with pytest.raises(ValueError, match="scheduler.decay"):
+        lr_lambda(0, 1, 2, "step")
+
+
+def test_flops_per_token_counts_matmuls():
+    cfg = GPTConfig(vocab_size=1000, n_positions=64, n_embd=32, n_layer=3, n_head=4)
+    model = GPTLMHeadModel(cfg)
+    n = model.num_parameters(exclude_embeddings=True)
+    # hand count of the matmul weights: per layer qkv 3E^2 + out E^2 + mlp 8E^2, plus lm_head
+    matmul_weights = cfg.n_layer * 12 * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd
+    expected = 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_embd * 64
+    got = flops_per_token(cfg, n, 64)
+    assert got >= expected and got / expected < 1.03  # biases and norms add a little
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+
+
+def test_atomic_checkpoint_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.arange(4)}, path)
+    assert torch.load(path)["step"] == 1
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1  # the previous checkpoint, whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left
+    io.save_checkpoint({"step": 3}, path)
+    assert torch.load(path)["step"] == 3
