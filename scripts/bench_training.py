@@ -190,15 +190,25 @@ def main() -> None:
     parser.add_argument("--skip-quickstart", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--threads", default="auto", help="CPU threads of the loop comparison (as cpu_threads)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from training.train import cpu_threads
+
+    threads = cpu_threads(args.threads, "cpu", 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     lines = [
         "# Training throughput",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-        f"torch {torch.__version__}. Load average at start (1/5/15 min): {load_average()}.",
+        f"torch {torch.__version__}. Load average at start (1/5/15 min): {load_average()}; "
+        "the machine was shared with other jobs while this ran. Loop comparison on "
+        f"{torch.get_num_threads()} thread(s).",
         "",
     ]
     with tempfile.TemporaryDirectory() as tmp:
