@@ -171,7 +171,7 @@ def quickstart(cache_dir: Path, run_dir: Path) -> dict:
         "val_bpb": grab(r"val bits/byte\s+([\d.]+)"),
         "unigram_bpb": grab(r"val bits/byte.*unigram entropy ([\d.]+)"),
         "train_loss": grab(r"train loss\s+([\d.]+)"),
-        "tail": out[out.find("run folder") :].strip(),
+        "tail": out[out.rfind("\nrun folder") :].strip(),
     }
 
 

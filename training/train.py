@@ -97,6 +97,25 @@ def _instantiate_dict(node) -> list:
     return [hydra.utils.instantiate(v) for v in (node or {}).values() if v and "_target_" in v]
 
 
+def _instantiate_loggers(node) -> list:
+    """Loggers of the config; one whose constructor finds its package missing (tensorboard,
+    wandb) is skipped with a warning instead of stopping the run. A wrong _target_ is an error."""
+    from hydra.errors import InstantiationException
+
+    loggers = []
+    for name, spec in (node or {}).items():
+        if not spec or "_target_" not in spec:
+            continue
+        hydra.utils.get_class(spec["_target_"])  # raises for a target that does not exist
+        try:
+            loggers.append(hydra.utils.instantiate(spec))
+        except InstantiationException as exc:
+            if not isinstance(exc.__cause__, ImportError):
+                raise
+            log.warning("logger %r skipped: %s", name, exc.__cause__)
+    return loggers
+
+
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
                 top_k: int = 40, seed: int = 0) -> str:  # fmt: skip
     """Decode max_new_tokens after prompt: the model's KV-cache ``generate`` when everything
@@ -156,7 +175,7 @@ def train(cfg: DictConfig) -> dict:
     for cb in callbacks:
         if isinstance(cb, LossCurve):
             cb.reference.setdefault("unigram entropy", entropy["nats_per_token"])
-    loggers = _instantiate_dict(cfg.get("logger"))
+    loggers = _instantiate_loggers(cfg.get("logger"))
     if not loggers:  # nothing to send learning rates to
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(

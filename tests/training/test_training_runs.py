@@ -42,7 +42,7 @@ def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
     assert summary["global_step"] == 4 and summary["tokens_seen"] == 4 * 4 * 32
     assert math.isfinite(summary["val_loss"]) and summary["val_bpb"] > 0
     assert summary["unigram_entropy_nats"] > 0
-    assert summary["sample"].startswith("def") and len(summary["sample"]) > 10
+    assert summary["sample"].startswith("def __init__(self") and len(summary["sample"]) > 10
     for name in ("loss_curve.png", "losses.csv", "csv/metrics.csv", "checkpoints/last.ckpt"):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -96,6 +96,33 @@ def test_finetune_starts_from_a_hugging_face_folder(tmp_path, cache_dir, corpus)
     wte = state["state_dict"]["model.transformer.embeddings.wte.weight"][:257]  # unpadded rows
     torch.testing.assert_close(wte, pretrained.transformer.embeddings.wte.weight[:257].detach(),
                                atol=1e-6, rtol=0)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_plain_keys(tmp_path, cache_dir, corpus):
+    cfg = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path), "model.compile=true"])
+    summary = train(cfg)
+    assert summary["global_step"] == 2 and math.isfinite(summary["val_loss"])
+    state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=False)
+    assert not any("_orig_mod" in k for k in state["state_dict"])
+
+
+class NeedsMissingPackage:
+    """A logger whose package is not installed (as TensorBoardLogger without tensorboard)."""
+
+    def __init__(self):
+        raise ModuleNotFoundError("No module named 'tensorboard'")
+
+
+def test_logger_with_missing_package_is_skipped(tmp_path, cache_dir, corpus):
+    cfg = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path),
+                          f"+logger.tb._target_={__name__}.NeedsMissingPackage"])  # fmt: skip
+    assert train(cfg)["global_step"] == 2  # the CSV logger still writes
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    typo = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path / "typo"),
+                           "+logger.tb._target_=no_such_package.Logger"])  # fmt: skip
+    with pytest.raises(Exception, match="no_such_package"):
+        train(typo)
 
 
 def _resume_overrides(corpus, cache_dir, run_dir, steps):
