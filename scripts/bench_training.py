@@ -147,6 +147,20 @@ def loop_overhead(steps: int, warmup: int, repeats: int, run_dir: Path) -> dict:
     }
 
 
+def thread_counts(steps: int, run_dir: Path) -> list[tuple[int, float]]:
+    """(threads, median s/step) of the bare loop with 1 thread and with one per core."""
+    cfg = _compose([f"paths.output_dir={run_dir}", "trainer.accelerator=cpu"])
+    _, module = _build(cfg)
+    state = module.state_dict()
+    before = torch.get_num_threads()
+    rows = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        rows.append((threads, statistics.median(bare_steps(cfg, state, steps + 1)[1:])))
+    torch.set_num_threads(before)
+    return rows
+
+
 def quickstart(cache_dir: Path, run_dir: Path) -> dict:
     env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
@@ -244,6 +258,20 @@ def main() -> None:
                 "",
                 f"Overhead of the Lightning loop: {r['overhead']:+.1%} "
                 f"({r['n']} steps of each, alternating in {args.repeats} rounds).",
+                "",
+            ]
+        if not args.skip_overhead:
+            rows = thread_counts(5, tmp / "threads")
+            lines += [
+                "## Threads on a shared machine (bare loop, median of 5 steps)",
+                "",
+                "| torch threads | s/step |",
+                "|---|---|",
+                *(f"| {t} | {sec:.3f} |" for t, sec in rows),
+                "",
+                "With other jobs on the machine, one thread per core makes every parallel op "
+                "wait for the busy core: this is why ``cpu_threads=auto`` (the default) uses "
+                "only the idle cores.",
                 "",
             ]
     lines.append(f"Load average at the end: {load_average()}.")

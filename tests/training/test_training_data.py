@@ -197,6 +197,12 @@ def test_missing_tokenizer_offline_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_bad_inputs_name_the_setting(tmp_path):
+    paths = write_corpus(tmp_path / "data", make_documents(8), "jsonl")
+    small_val = _datamodule(str(paths[0]), tmp_path / "cache")
+    small_val.source["val_fraction"] = 0.01  # one short document: not one batch of windows
+    small_val.batch_size = 64
+    with pytest.raises(ValueError, match="val_fraction"):
+        small_val.setup("fit")
     with pytest.raises(ValueError, match="data.source.kind"):
         GPTDataModule({"kind": "ftp"}, {"kind": "bytes"}, cache_dir=str(tmp_path)).build()
     with pytest.raises(FileNotFoundError, match="data_files"):

@@ -243,9 +243,15 @@ class GPTDataModule(L.LightningDataModule):
             self.train_sampler.load_state_dict(self._pending_state)
             self._pending_state = None
         val = self.datasets["validation"]
-        self.val_sampler = ResumableWindowSampler(
-            val.num_tokens, self.seq_len, 0, rank, world, False, self.batch_size
-        )
+        try:
+            self.val_sampler = ResumableWindowSampler(
+                val.num_tokens, self.seq_len, 0, rank, world, False, self.batch_size
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"validation split too small: {exc}; hold out more text "
+                "(data.source.val_fraction) or lower data.batch_size / data.seq_len"
+            ) from exc
 
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, split: str, sampler: Sampler) -> DataLoader:
@@ -259,12 +265,6 @@ class GPTDataModule(L.LightningDataModule):
         return self._loader("train", self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        if len(self.val_sampler) < self.batch_size:
-            raise ValueError(
-                f"the validation split has {len(self.val_sampler)} windows per device, fewer "
-                f"than data.batch_size={self.batch_size}; hold out more text "
-                "(data.source.val_fraction) or use a smaller batch"
-            )
         return self._loader("validation", self.val_sampler)
 
     # -- facts the model and the logs need ---------------------------------------------------
