@@ -270,7 +270,7 @@ def main() -> None:
                 *(f"| {t} | {sec:.3f} |" for t, sec in rows),
                 "",
                 "With other jobs on the machine, one thread per core makes every parallel op "
-                "wait for the busy core: this is why ``cpu_threads=auto`` (the default) uses "
+                "wait for the busy core: this is why `cpu_threads=auto` (the default) uses "
                 "only the idle cores.",
                 "",
             ]
