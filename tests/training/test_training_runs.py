@@ -231,6 +231,33 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, cache_dir, corpus):
     assert last.is_file() and 0 < _ckpt_step(last) < 100_000
 
 
+def _ddp_args(corpus, cache_dir, run_dir, steps):
+    return [
+        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
+        "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32", "trainer.strategy=ddp", f"trainer.max_steps={steps}",
+        "scheduler.total_steps=6", "trainer.val_check_interval=100", "sample.max_new_tokens=0",
+    ]  # fmt: skip
+
+
+def test_ddp_resume_continues_each_rank_shard(tmp_path, cache_dir, corpus):
+    full = run_train_py(_ddp_args(corpus, cache_dir, tmp_path / "full", 6), cache_dir)
+    part = run_train_py(_ddp_args(corpus, cache_dir, tmp_path / "part", 3), cache_dir)
+    for proc in (full, part):
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    resumed = run_train_py(
+        [*_ddp_args(corpus, cache_dir, tmp_path / "resumed", 6), f"ckpt_path={ckpt}"], cache_dir
+    )
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-4000:]
+    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6]
+    for step in got:  # rank 0's loss; its batches depend on both ranks' shard positions
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
 def test_ddp_two_cpu_processes(tmp_path, cache_dir, corpus):
     run_dir = tmp_path / "ddp"
     args = [
