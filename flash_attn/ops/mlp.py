@@ -116,7 +116,17 @@ def _check(x, weight, bias, activation, gated):
         raise ValueError(f"weight and bias must be on x's device {x.device}")
 
 
+def _autocast(x, weight, bias):
+    """Under autocast, compute in its dtype as nn.Linear does (custom ops do not autocast)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
 def _linear_act(x, weight, bias, activation, gated, backend):
+    x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, activation, gated)
     backend = resolve_backend(backend, x.device)
     if backend == "torch":

@@ -293,3 +293,19 @@ def test_kernels_compile_for_gpu(which):
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_runs_in_its_dtype_like_nn_linear(backend):
+    """Mixed precision: fp32 parameters, fp16 compute, as nn.Linear under autocast."""
+    device = kernel_device() if backend == "triton" else "cpu"
+    mlp = GatedMlp(64, hidden_features=96, activation="silu", backend=backend).to(device)
+    x = torch.randn(5, 64, device=device, requires_grad=True)
+    with torch.autocast(device.split(":")[0], dtype=torch.float16):
+        out = mlp(x)
+        expected = gated_linear_ref(x.half(), mlp.fc1.weight.half(), mlp.fc1.bias.half(), "silu")
+        expected = F.linear(expected, mlp.fc2.weight.half(), mlp.fc2.bias.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    out.float().sum().backward()
+    assert mlp.fc1.weight.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
