@@ -134,7 +134,8 @@ class LossCurve(L.Callback):
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Not on_validation_epoch_end: callbacks run it before the module logs val/loss there.
         if trainer.sanity_checking:
             return
         value = trainer.callback_metrics.get("val/loss")

@@ -47,6 +47,11 @@ def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
         assert (tmp_path / name).is_file(), name
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert summary["best_checkpoint"] and Path(summary["best_checkpoint"]).is_file()
+    with open(tmp_path / "losses.csv") as f:
+        val_points = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    # The curve's validation point is the validation that ran at that step.
+    assert [int(r["step"]) for r in val_points] == [4]
+    assert float(val_points[0]["loss"]) == pytest.approx(summary["val_loss"], rel=1e-6)
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("train/loss", "train/ppl", "train/tokens_per_s", "train/tokens_seen", "val/loss",
                 "val/ppl", "val/bpb", "data/unigram_entropy_nats"):  # fmt: skip
