@@ -123,6 +123,7 @@ def rename_weights(state_dict: dict, weight_map: dict[str, str], ignore: tuple[s
 
 
 def invert(weight_map: dict[str, str]) -> dict[str, str]:
+    """{ours: theirs} from {theirs: ours} (for saving back to the Hugging Face layout)."""
     return {dst: src for src, dst in weight_map.items()}
 
 

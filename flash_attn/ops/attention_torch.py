@@ -30,6 +30,11 @@ class AttentionOptions:
 
 
 def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, return_probs):
+    """Dense (batch, seqlen, nheads, headdim) attention in PyTorch.
+
+    Returns (out, lse, probs) as ``flash_attn.ops.attention.attention``; lse and probs are None
+    unless return_probs (then the scores are materialised in fp32).
+    """
     kwargs = dict(
         window_size=opts.window_size,
         softcap=opts.softcap,

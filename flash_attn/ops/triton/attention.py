@@ -127,6 +127,7 @@ def query_range(
 
 @triton.jit
 def tanh(x):
+    """tanh from sigmoid: one formula for the compiled kernels and the CPU interpreter."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
