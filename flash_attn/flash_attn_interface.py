@@ -311,7 +311,8 @@ def flash_attn_with_kvcache(
 
     Args:
         q: (batch, seqlen_q, nheads, headdim), the new queries.
-        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), updated in place.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), updated in place; or,
+            with block_table, a paged cache (num_pages, page_size, nheads_k, headdim).
         k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
             cache_seqlens[b], cache_seqlens[b] + 1, ... of cache row cache_batch_idx[b] (or b).
         rotary_cos, rotary_sin: (seqlen_rotary, rotary_dim / 2) or None: k is rotated at its
@@ -319,17 +320,17 @@ def flash_attn_with_kvcache(
         cache_seqlens: int or (batch,) int32, the tokens already in each cache row. None means
             the whole cache (only without k and v).
         cache_batch_idx: (batch,) int32, which cache row each batch entry uses.
-        cache_leftpad, block_table: not supported (NotImplementedError when given).
+        block_table: (batch, max_pages) int32: page p of batch entry b's sequence is
+            k_cache[block_table[b, p]] (a paged cache, as in vLLM); excludes cache_batch_idx.
+        cache_leftpad: not supported (NotImplementedError when given).
         num_splits: split-KV programs per query block; 0 picks from the GPU's SM count.
         return_softmax_lse: also return the (batch, nheads, seqlen_q) fp32 log-sum-exp.
         others: see the module docstring. Causal is aligned to the end of each cache row.
     Returns:
         out (batch, seqlen_q, nheads, headdim), and softmax_lse when asked for.
     """
-    if cache_leftpad is not None or block_table is not None:
-        raise NotImplementedError(
-            "cache_leftpad and block_table (paged KV cache) are not supported; pass None"
-        )
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported; pass None")
     from flash_attn.ops.attention_kvcache import attention_with_kvcache
 
     out, lse = attention_with_kvcache(
@@ -342,6 +343,7 @@ def flash_attn_with_kvcache(
         rotary_sin,
         cache_seqlens,
         cache_batch_idx,
+        block_table,
         softmax_scale,
         causal,
         window_size,

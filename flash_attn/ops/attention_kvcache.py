@@ -1,14 +1,16 @@
 """Attention over a KV cache for decoding: append the new keys/values, rotate, attend.
 
 Inference only (no autograd). The Triton path reads each batch entry's cache in place (its
-length from cache_seqlens, its row from cache_batch_idx) and, when there are too few query
-blocks to fill the GPU, splits the cache across programs (split-KV) and merges the partial
-softmaxes. The torch path attends each batch entry's valid prefix with the dense backend.
+length from cache_seqlens, its row from cache_batch_idx, or its pages from block_table) and,
+when there are too few query blocks to fill the GPU, splits the cache across programs
+(split-KV) and merges the partial softmaxes. The torch path attends each batch entry's valid
+prefix with the dense backend.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,7 +20,69 @@ from flash_attn.ops.attention_torch import AttentionOptions, attention_torch_den
 from flash_attn.ops.backend import resolve_backend
 
 
-def _check_cache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx):
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where key j of batch entry b lives: k_cache[rows[b], j], or, in a paged cache,
+    k_cache[block_table[b, j // page_size], j % page_size]."""
+
+    rows: Tensor  # (batch,) int64
+    block_table: Tensor | None  # (batch, max_pages) int32
+    page_size: int
+    capacity: int  # keys per batch entry
+
+    def index(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(cache row, slot) index tensors for positions (batch, n) of each batch entry."""
+        if self.block_table is None:
+            return self.rows[:, None], positions
+        pages = self.block_table.long().gather(1, positions // self.page_size)
+        return pages, positions % self.page_size
+
+    def keys(self, cache: Tensor, b: int, length: int) -> Tensor:
+        """The first length keys of batch entry b: (1, length, nheads_k, headdim)."""
+        if self.block_table is None:
+            return cache[self.rows[b], :length][None]
+        positions = torch.arange(length, device=cache.device)
+        pages = self.block_table[b].long()[positions // self.page_size]
+        return cache[pages, positions % self.page_size][None]
+
+
+def _cache_layout(q, k_cache, cache_batch_idx, block_table) -> CacheLayout:
+    batch = q.shape[0]
+    expected = (
+        ("cache_batch_idx", cache_batch_idx, 1, f"({batch},)"),
+        ("block_table", block_table, 2, f"({batch}, max_pages)"),
+    )
+    for name, t, rank, shape in expected:
+        if t is not None and not (
+            isinstance(t, Tensor)
+            and t.dtype == torch.int32
+            and t.dim() == rank
+            and t.shape[0] == batch
+        ):
+            raise ValueError(f"{name} must be an int32 tensor of shape {shape}")
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("pass cache_batch_idx or block_table, not both")
+        return CacheLayout(
+            torch.arange(batch, device=q.device),
+            block_table,
+            k_cache.shape[1],
+            block_table.shape[1] * k_cache.shape[1],
+        )
+    if cache_batch_idx is None and k_cache.shape[0] != batch:
+        raise ValueError(
+            f"k_cache must have batch {batch} like q (or pass cache_batch_idx), got "
+            f"{k_cache.shape[0]}"
+        )
+    rows = (
+        cache_batch_idx.long()
+        if cache_batch_idx is not None
+        else torch.arange(batch, device=q.device)
+    )
+    return CacheLayout(rows, None, k_cache.shape[1], k_cache.shape[1])
+
+
+def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, layout: CacheLayout):
     batch, seqlen_new = q.shape[0], 0
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values), or neither")
@@ -35,37 +99,25 @@ def _check_cache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_id
     elif cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when appending k and v to the cache")
-        cache_seqlens = torch.full((batch,), k_cache.shape[1], dtype=torch.int32, device=q.device)
+        cache_seqlens = torch.full((batch,), layout.capacity, dtype=torch.int32, device=q.device)
     elif not (
         isinstance(cache_seqlens, Tensor)
         and cache_seqlens.shape == (batch,)
         and cache_seqlens.dtype == torch.int32
     ):
         raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
-    if cache_batch_idx is not None and not (
-        isinstance(cache_batch_idx, Tensor)
-        and cache_batch_idx.shape == (batch,)
-        and cache_batch_idx.dtype == torch.int32
-    ):
-        raise ValueError(f"cache_batch_idx must be an int32 tensor of shape ({batch},)")
-    if cache_batch_idx is None and k_cache.shape[0] != batch:
-        raise ValueError(
-            f"k_cache must have batch {batch} like q (or pass cache_batch_idx), got "
-            f"{k_cache.shape[0]}"
-        )
     if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
-        if (
-            cache_batch_idx is not None
-            and ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any()
-        ):
-            raise ValueError(f"cache_batch_idx values must be in [0, {k_cache.shape[0]})")
+        rows = layout.rows if layout.block_table is None else layout.block_table
+        if ((rows < 0) | (rows >= k_cache.shape[0])).any():
+            name = "cache_batch_idx" if layout.block_table is None else "block_table"
+            raise ValueError(f"{name} values must be in [0, {k_cache.shape[0]})")
         if (cache_seqlens < 0).any():
             raise ValueError("cache_seqlens must be >= 0")
         longest = int((cache_seqlens + seqlen_new).max().item())
-        if longest > k_cache.shape[1]:
+        if longest > layout.capacity:
             raise ValueError(
                 f"the cache is too short: cache_seqlens + {seqlen_new} new tokens "
-                f"reach {longest} > k_cache's seqlen {k_cache.shape[1]}"
+                f"reach {longest} > the cache's {layout.capacity} positions"
             )
     return cache_seqlens.to(q.device)
 
@@ -118,6 +170,7 @@ def attention_with_kvcache(
     rotary_sin: Tensor | None = None,
     cache_seqlens: int | Tensor | None = None,
     cache_batch_idx: Tensor | None = None,
+    block_table: Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
@@ -148,22 +201,19 @@ def attention_with_kvcache(
         raise ValueError("rotary_cos and rotary_sin must be given together")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
-    cache_seqlens = _check_cache_inputs(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx)
+    layout = _cache_layout(q, k_cache, cache_batch_idx, block_table)
+    cache_seqlens = _check_cache_inputs(q, k_cache, k, v, cache_seqlens, layout)
     if rotary_cos is not None:
         local = causal or tuple(window_size) != (-1, -1)
         q, k = _rotate(
             q, k, rotary_cos, rotary_sin, cache_seqlens, local, rotary_interleaved, backend
         )
-    rows = (
-        cache_batch_idx.long()
-        if cache_batch_idx is not None
-        else torch.arange(q.shape[0], device=q.device)
-    )
     if k is not None:
         # Append in place: entry b's new tokens go to positions cache_seqlens[b] + 0, 1, ...
         positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
-        k_cache[rows[:, None], positions] = k
-        v_cache[rows[:, None], positions] = v
+        index = layout.index(positions)
+        k_cache[index] = k
+        v_cache[index] = v
         seqlens_k = cache_seqlens + k.shape[1]
     else:
         seqlens_k = cache_seqlens
@@ -172,7 +222,7 @@ def attention_with_kvcache(
     if resolve_backend(backend, q.device) == "triton":
         from flash_attn.ops.triton.attention import attention_fwd
 
-        splits = num_splits or _auto_num_splits(q, k_cache.shape[1], q.shape[2])
+        splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
         return attention_fwd(
             q,
             k_cache,
@@ -185,9 +235,11 @@ def attention_with_kvcache(
             alibi_slopes=alibi_slopes,
             seqlens_k=seqlens_k.to(torch.int32),
             k_batch_idx=cache_batch_idx,
+            block_table=block_table,
+            max_seqlen_k=layout.capacity,
         )
     outs, lses = [], []
-    for b, (row, length) in enumerate(zip(rows.tolist(), seqlens_k.tolist())):
+    for b, length in enumerate(seqlens_k.tolist()):
         slopes = (
             alibi_slopes[b]
             if alibi_slopes is not None and alibi_slopes.dim() == 2
@@ -195,8 +247,8 @@ def attention_with_kvcache(
         )
         out, lse, _ = attention_torch_dense(
             q[b : b + 1],
-            k_cache[row : row + 1, :length],
-            v_cache[row : row + 1, :length],
+            layout.keys(k_cache, b, length),
+            layout.keys(v_cache, b, length),
             opts,
             None,
             slopes,

@@ -18,7 +18,7 @@ from flash_attn.ops.triton import attention as fwd, attention_bwd as bwd
 
 POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "DBias": "*fp32", "Slopes": "*fp32",
             "Seed": "*i64", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqlensK": "*i32",
-            "KBatchIdx": "*i32"}
+            "KBatchIdx": "*i32", "BlockTable": "*i32"}
 FLOATS = {"softmax_scale", "softcap", "dropout_p"}
 
 
@@ -42,7 +42,8 @@ blocks = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32")
 for on in (False, True):
     flags = dict(VARLEN=on, HAS_SEQLENS_K=False, HAS_KV_BATCH_IDX=False, HAS_BIAS=on,
                  HAS_ALIBI=on, SOFTCAP=on, MASK_WINDOW=on, DROPOUT=on, **blocks)
-    build(fwd._attn_fwd_kernel, **dict(flags, HAS_SEQLENS_K=not on, HAS_KV_BATCH_IDX=not on))
+    build(fwd._attn_fwd_kernel, **dict(flags, HAS_SEQLENS_K=not on, HAS_KV_BATCH_IDX=not on,
+                                       PAGED=not on))
     build(fwd._attn_probs_kernel, **flags)
     build(bwd._attn_bwd_dkdv_kernel, **flags)
     build(bwd._attn_bwd_dq_kernel, DBIAS=on, **flags)

@@ -123,5 +123,49 @@ def test_bad_cache_input_is_rejected():
             cache_seqlens=1,
             cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32),
         )
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_leftpad=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"block_table must be an int32 tensor of shape \(2, "):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), block_table=torch.zeros(2, 1))
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cache is too short"):  # 1 page of 8 positions
+        flash_attn_with_kvcache(
+            q, k_cache, k_cache.clone(), new, new, cache_seqlens=6, block_table=table
+        )
+    with pytest.raises(ValueError, match=r"block_table values must be in \[0, 2\)"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, block_table=table + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paged_cache_equals_contiguous_cache(backend):
+    """The same sequences in shuffled pages of 16 give what a contiguous cache gives."""
+    device, _ = device_and_dtypes(backend)
+    batch, nheads, nheads_k, headdim, page, pages = 3, 4, 2, 16, 16, 5
+    capacity = page * pages
+    contiguous = [torch.zeros(batch, capacity, nheads_k, headdim, device=device) for _ in "kv"]
+    paged = [torch.zeros(batch * pages + 2, page, nheads_k, headdim, device=device) for _ in "kv"]
+    order = torch.randperm(batch * pages + 2, generator=torch.Generator().manual_seed(0))
+    table = order[: batch * pages].view(batch, pages).to(torch.int32).to(device)
+    seqlens = torch.tensor([0, 17, 50], dtype=torch.int32, device=device)
+    for step in range(3):  # a prompt, then two single tokens
+        n = 20 if step == 0 else 1
+        q = torch.randn(batch, n, nheads, headdim, device=device)
+        k, v = (torch.randn(batch, n, nheads_k, headdim, device=device) for _ in "kv")
+        options = dict(
+            cache_seqlens=seqlens,
+            causal=True,
+            num_splits=2,
+            backend=backend,
+            return_softmax_lse=True,
+        )
+        expected, expected_lse = flash_attn_with_kvcache(q, *contiguous, k, v, **options)
+        out, lse = flash_attn_with_kvcache(q, *paged, k, v, block_table=table, **options)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-6)
+        seqlens = seqlens + n
+    # The keys went to the pages the table names, and nowhere else.
+    for b in range(batch):
+        gathered = paged[0][table[b].long()].flatten(0, 1)
+        torch.testing.assert_close(gathered, contiguous[0][b])
+    unused = order[batch * pages :].to(device)
+    assert torch.equal(paged[0][unused], torch.zeros_like(paged[0][unused]))

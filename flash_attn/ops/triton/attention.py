@@ -176,6 +176,19 @@ def scores(
 
 
 @triton.jit
+def key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size, stride_b, stride_n,
+                PAGED: tl.constexpr):  # fmt: skip
+    """Offsets of keys ``cols`` from their cache row: cols * stride_n, or, in a paged cache,
+    through the batch entry's page table (page p of the sequence is cache row BlockTable[b, p])."""
+    offsets = cols * stride_n
+    if PAGED:
+        page = tl.load(BlockTable + off_b * stride_table_b + cols // page_size, mask=in_keys,
+                       other=0)  # fmt: skip
+        offsets = page.to(tl.int64) * stride_b + (cols % page_size) * stride_n
+    return offsets
+
+
+@triton.jit
 def dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p):
     """(len(rows), len(cols)) bool, True where the weight at (row, col) of head bh is kept."""
     offsets = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
@@ -207,12 +220,14 @@ def _attn_fwd_kernel(
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
     stride_lse_b, stride_lse_h,
     keys_per_split, stride_out_split, stride_lse_split,  # split-KV: one slice of keys each
+    BlockTable, stride_table_b, page_size,  # paged cache: (B, pages) int32, read when PAGED
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
     softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
@@ -244,6 +259,8 @@ def _attn_fwd_kernel(
         + offs_d[None, :]
     )
     q = tl.load(q_ptrs, mask=(rows[:, None] < seqlen_q) & in_dim[None, :], other=0.0)
+    if PAGED:
+        off_bk = 0  # each key's page gives its row below
     k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_bk * stride_vb + off_hk * stride_vh + k_start * stride_vn
     bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
@@ -265,13 +282,17 @@ def _attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_keys = cols < seqlen_k
+        k_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
+                             stride_kb, stride_kn, PAGED)  # fmt: skip
+        v_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
+                             stride_vb, stride_vn, PAGED)  # fmt: skip
         kT = tl.load(
-            k_base + cols[None, :] * stride_kn + offs_d[:, None],
+            k_base + k_offs[None, :] + offs_d[:, None],
             mask=in_keys[None, :] & in_dim[:, None],
             other=0.0,
         )
         v = tl.load(
-            v_base + cols[:, None] * stride_vn + offs_d[None, :],
+            v_base + v_offs[:, None] + offs_d[None, :],
             mask=in_keys[:, None] & in_dim[None, :],
             other=0.0,
         )
@@ -471,7 +492,7 @@ def problem(
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     else:
         batch, seqlen_q = q.shape[0], q.shape[1]
-        seqlen_k = k.shape[1]
+        seqlen_k = max_seqlen_k or k.shape[1]  # a paged cache passes its capacity
     left, right = window_size
     unlimited = seqlen_q + seqlen_k  # farther than any query-key distance
     left = unlimited if left < 0 else left
@@ -538,13 +559,18 @@ def lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
     return dict(stride_lse_b=0 if varlen else lse.stride(-3), stride_lse_h=lse.stride(-2))
 
 
-def attention_fwd(q, k, v, num_splits: int = 1, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(
+    q, k, v, num_splits: int = 1, block_table: torch.Tensor | None = None, **options
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
         q, k, v and options: see :func:`problem` (softmax_scale is required).
         num_splits: split the keys across this many programs per query block (split-KV, for
             decoding with few queries and a long cache); partial results are combined here.
+        block_table: (batch, max_pages) int32 for a paged cache: k and v are then
+            (num_pages, page_size, nheads_k, headdim) and key j of batch entry b lives at
+            [block_table[b, j // page_size], j % page_size]; seqlens_k gives the lengths.
     Returns:
         out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen, fp32, natural log, +inf for rows with no visible key.
@@ -577,6 +603,10 @@ def attention_fwd(q, k, v, num_splits: int = 1, **options) -> tuple[torch.Tensor
             keys_per_split=keys_per_split,
             stride_out_split=split_strides[0],
             stride_lse_split=split_strides[1],
+            BlockTable=block_table if block_table is not None else args["SeqlensK"],
+            stride_table_b=block_table.stride(0) if block_table is not None else 0,
+            page_size=k.shape[1] if block_table is not None else 1,
+            PAGED=block_table is not None,
             **lse_strides(lse, varlen),
             **args,
         )
