@@ -23,14 +23,11 @@ from flash_attn.ops.backend import resolve_backend
 
 
 def _launcher_options(
-    opts, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed
-):
+    bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+    softmax_scale, causal, window_left, window_right, softcap, dropout_p,
+):  # fmt: skip
+    """The custom ops' trailing parameters (same order) as the launchers' keyword options."""
     return dict(
-        softmax_scale=opts[0],
-        causal=opts[1],
-        window_size=(opts[2], opts[3]),
-        softcap=opts[4],
-        dropout_p=opts[5],
         bias=bias,
         alibi_slopes=alibi_slopes,
         cu_seqlens_q=cu_seqlens_q,
@@ -38,6 +35,11 @@ def _launcher_options(
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k,
         seed=seed,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=(window_left, window_right),
+        softcap=softcap,
+        dropout_p=dropout_p,
     )
 
 
@@ -62,13 +64,24 @@ def _attention_fwd_op(
 ) -> tuple[Tensor, Tensor]:
     from flash_attn.ops.triton.attention import attention_fwd
 
-    opts = (softmax_scale, causal, window_left, window_right, softcap, dropout_p)
     return attention_fwd(
         q,
         k,
         v,
         **_launcher_options(
-            opts, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed
+            bias,
+            alibi_slopes,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            seed,
+            softmax_scale,
+            causal,
+            window_left,
+            window_right,
+            softcap,
+            dropout_p,
         ),
     )
 
@@ -119,7 +132,6 @@ def _attention_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from flash_attn.ops.triton.attention_bwd import attention_bwd
 
-    opts = (softmax_scale, causal, window_left, window_right, softcap, dropout_p)
     dq, dk, dv, dbias = attention_bwd(
         dout,
         q,
@@ -129,7 +141,19 @@ def _attention_bwd_op(
         lse,
         bias_requires_grad=bias_requires_grad,
         **_launcher_options(
-            opts, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed
+            bias,
+            alibi_slopes,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            seed,
+            softmax_scale,
+            causal,
+            window_left,
+            window_right,
+            softcap,
+            dropout_p,
         ),
     )
     # A custom op cannot return None: an empty tensor stands for "no bias gradient".
@@ -198,14 +222,25 @@ def _attention_probs_op(
 ) -> Tensor:
     from flash_attn.ops.triton.attention import attention_probs
 
-    opts = (softmax_scale, causal, window_left, window_right, softcap, dropout_p)
     return attention_probs(
         q,
         k,
         k,
         lse,
         **_launcher_options(
-            opts, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed
+            bias,
+            alibi_slopes,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            seed,
+            softmax_scale,
+            causal,
+            window_left,
+            window_right,
+            softcap,
+            dropout_p,
         ),
     )
 

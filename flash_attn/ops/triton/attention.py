@@ -544,7 +544,6 @@ def problem(
         # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     ), batch
-    # fmt: skip
 
 
 def _lse_shape(q, args, batch):
