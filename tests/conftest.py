@@ -13,14 +13,6 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("FLASH_ATTN_BACKEND", None)
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
-
-
-def kernel_device() -> str:
-    """Device on which the Triton kernels run in this session."""
-    return "cpu" if INTERPRET or not HAS_CUDA else "cuda"
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -5,7 +5,8 @@ PyTorch at the same precision, plus a tiny atol.
 """
 
 import torch
-from conftest import kernel_device
+
+from tests.testing import kernel_device
 
 BACKENDS = ["triton", "torch"]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}

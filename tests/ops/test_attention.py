@@ -5,7 +5,10 @@ import itertools
 
 import pytest
 import torch
-from attention_testing import (
+
+from flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from flash_attn.ops.reference.attention import attention_ref
+from tests.ops.attention_testing import (
     BACKENDS,
     assert_within_criterion,
     compare,
@@ -13,10 +16,7 @@ from attention_testing import (
     forward_backward,
     make_inputs,
 )
-from conftest import HAS_CUDA, INTERPRET, kernel_device
-
-from flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
-from flash_attn.ops.reference.attention import attention_ref
+from tests.testing import HAS_CUDA, INTERPRET, kernel_device
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, causal): every seqlen, head-dim class
 # and GQA ratio appears at least once; the product of all of them runs with -m slow.

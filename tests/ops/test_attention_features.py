@@ -3,17 +3,17 @@ backward, against the fp64 reference with the official criterion."""
 
 import pytest
 import torch
-from attention_testing import (
+
+from flash_attn import flash_attn_func, flash_attn_varlen_func
+from flash_attn.bert_padding import pad_input, unpad_input
+from flash_attn.ops.reference.attention import alibi_bias, attention_ref, window_allowed
+from tests.ops.attention_testing import (
     BACKENDS,
     compare,
     device_and_dtypes,
     forward_backward,
     make_inputs,
 )
-
-from flash_attn import flash_attn_func, flash_attn_varlen_func
-from flash_attn.bert_padding import pad_input, unpad_input
-from flash_attn.ops.reference.attention import alibi_bias, attention_ref, window_allowed
 
 DTYPES = [torch.float32, torch.float16]
 

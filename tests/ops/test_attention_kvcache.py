@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from attention_testing import BACKENDS, device_and_dtypes
 
 from flash_attn import flash_attn_func, flash_attn_with_kvcache
 from flash_attn.ops.reference.rotary import apply_rotary_ref
+from tests.ops.attention_testing import BACKENDS, device_and_dtypes
 
 
 def _rotary_tables(seqlen, rotary_dim, device):

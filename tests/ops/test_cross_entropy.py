@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from flash_attn.ops.cross_entropy import CrossEntropyLoss, cross_entropy_loss
 from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
-from tests.conftest import HAS_CUDA, kernel_device
+from tests.testing import HAS_CUDA, kernel_device
 
 BACKENDS = ["triton", "torch"]
 

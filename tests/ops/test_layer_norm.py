@@ -7,12 +7,12 @@ PyTorch (F.layer_norm / F.rms_norm on the same low-precision inputs), plus a tin
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, kernel_device
 
 from flash_attn.modules.norm import LayerNorm, RMSNorm
 from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
 from flash_attn.ops.reference.layer_norm import layer_norm_ref
 from flash_attn.ops.triton.layer_norm import layer_norm_bwd, layer_norm_fwd
+from tests.testing import HAS_CUDA, kernel_device
 
 DEVICE = kernel_device()
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

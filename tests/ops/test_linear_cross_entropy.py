@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flash_attn.ops.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from flash_attn.ops.reference.linear_cross_entropy import linear_cross_entropy_ref
-from tests.conftest import HAS_CUDA, kernel_device
+from tests.testing import HAS_CUDA, kernel_device
 
 BACKENDS = ["triton", "torch"]
 

@@ -8,7 +8,7 @@ from torch import nn
 from flash_attn.modules.mlp import FusedMLP, GatedMlp
 from flash_attn.ops.mlp import ACTIVATIONS, fused_mlp, gated_linear, linear_activation
 from flash_attn.ops.reference.mlp import gated_linear_ref, linear_activation_ref
-from tests.conftest import HAS_CUDA, kernel_device
+from tests.testing import HAS_CUDA, kernel_device
 
 BACKENDS = ["triton", "torch"]
 SMALL = [(7, 1, 7), (13, 7, 1), (1, 33, 257), (9, 1000, 33)]  # (tokens, in_features, out)

@@ -6,11 +6,11 @@ PyTorch (the rotation computed in the input dtype, as Hugging Face does), plus a
 
 import pytest
 import torch
-from conftest import HAS_CUDA, kernel_device
 
 from flash_attn.modules.rotary import RotaryEmbedding
 from flash_attn.ops.reference.rotary import apply_rotary_ref
 from flash_attn.ops.rotary import apply_rotary
+from tests.testing import HAS_CUDA, kernel_device
 
 DEVICE = kernel_device()
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -22,13 +22,12 @@ the mask instead of storing it.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.triton.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -444,11 +443,6 @@ def _attn_probs_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
-
-
-def device_guard(t: torch.Tensor):
-    """Make t's GPU the current one for the launch (no-op on CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _strides3(t: torch.Tensor | None, varlen: bool) -> tuple[int, int, int]:

@@ -18,7 +18,6 @@ from flash_attn.ops.triton.attention import (
     PRUNE,
     TUNE_KEY,
     autotune_configs,
-    device_guard,
     dropout_keep,
     key_range,
     lse_strides,
@@ -27,6 +26,7 @@ from flash_attn.ops.triton.attention import (
     scores,
     sequence,
 )
+from flash_attn.ops.triton.launch import device_guard
 
 
 @triton.jit

@@ -17,13 +17,12 @@ fp32 whatever the logits' dtype, because fp16 sums over 50k terms lose several d
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.triton.launch import device_guard
 
 
 @triton.jit
@@ -94,10 +93,6 @@ def _cross_entropy_bwd_kernel(
     )
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _block_n(n_cols: int) -> int:
     # The interpreter runs programs one by one in NumPy, so it prefers a few wide blocks.
     cap = 16384 if interpreter_enabled() else 8192
@@ -131,7 +126,7 @@ def cross_entropy_fwd(
     lse_partial = torch.empty((n_rows, n_blocks), dtype=torch.float32, device=logits.device)
     loss_partial = torch.empty_like(lse_partial)
     if n_rows > 0:
-        with _device_guard(logits):
+        with device_guard(logits):
             _cross_entropy_fwd_kernel[(n_rows, n_blocks)](
                 logits, labels, lse_partial, loss_partial,
                 logits.stride(0), n_cols, n_blocks,
@@ -174,7 +169,7 @@ def cross_entropy_bwd(
     dloss = dloss.to(torch.float32)
     block_n = _block_n(n_cols)
     if n_rows > 0:
-        with _device_guard(logits):
+        with device_guard(logits):
             _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block_n))](
                 dlogits, logits, labels, lse, dloss,
                 dlogits.stride(0), logits.stride(0), dloss.stride(0),

@@ -17,13 +17,12 @@ and the launcher adds those rows up: no atomics, so it is bit-reproducible.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.triton.launch import device_guard
 
 # Rows longer than this are processed in chunks (64 KiB of fp64 would not fit; 8192 fp32 does).
 MAX_BLOCK = 8192
@@ -276,10 +275,6 @@ def _layer_norm_bwd_kernel(
         tl.store(DB + offs, db, mask=mask)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _block(N: int, max_block: int) -> tuple[int, bool, int]:
     """(BLOCK_N, SINGLE_BLOCK, num_warps) for rows of N elements."""
     block = triton.next_power_of_2(N)
@@ -336,7 +331,7 @@ def layer_norm_fwd(
     if M == 0:
         return y, residual_out, mean, rstd
     block, single, num_warps = _block(N, max_block)
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_fwd_kernel[(M,)](
             x,
             residual if residual is not None else x,
@@ -412,7 +407,7 @@ def layer_norm_bwd(
     db_partial = torch.zeros((programs, N), dtype=torch.float32, device=x.device)
     if M > 0:
         block, single, num_warps = _block(N, max_block)
-        with _device_guard(x):
+        with device_guard(x):
             _layer_norm_bwd_kernel[(programs,)](
                 x,
                 weight,

@@ -17,13 +17,12 @@ the activation are in fp32; results are cast to x's dtype when stored.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.triton.launch import device_guard
 
 
 @triton.jit
@@ -195,10 +194,6 @@ def _act_bwd_kernel(
         tl.store(DPre + offs, dpre.to(DPre.dtype.element_ty), mask=mask)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -233,7 +228,7 @@ def linear_act_fwd(
     if M == 0 or N == 0:
         return out, pre
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    with _device_guard(x):
+    with device_guard(x):
         _linear_act_fwd_kernel[grid](
             x, weight, bias if bias is not None else x, out, pre,
             M, N, K,
@@ -259,7 +254,7 @@ def linear_act_bwd(dout: torch.Tensor, pre: torch.Tensor, activation: str, gated
     if M == 0 or N == 0:
         return dpre
     block_m, block_n = 32, 128
-    with _device_guard(dout):
+    with device_guard(dout):
         _act_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             dout, pre, dpre, M, N,
             ACTIVATION=activation, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n,

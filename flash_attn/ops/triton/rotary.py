@@ -14,13 +14,12 @@ sign of sin flipped (the rotation's transpose is its inverse).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.triton.launch import device_guard
 
 
 @triton.jit
@@ -93,10 +92,6 @@ def _rotary_kernel(
     tl.store(o_rows + offs_1[None, :], o1.to(Out.dtype.element_ty), mask=mask)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def rotary_fwd(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -154,7 +149,7 @@ def rotary_fwd(
     block_m = 64 if interpreter_enabled() else (8 if rotary_dim_half > 64 else 16)
     block_m = min(block_m, max(triton.next_power_of_2(seqlen), 1))
     grid = (triton.cdiv(seqlen, block_m), nheads, batch)
-    with _device_guard(x):
+    with device_guard(x):
         _rotary_kernel[grid](
             x,
             out,
