@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flash_attn.models.hf_checkpoint import SpecialTokens, load_hf_checkpoint, save_hf_checkpoint
 from flash_attn.modules.block import Block, ParallelBlock
 from flash_attn.modules.embedding import GPT2Embeddings
 from flash_attn.modules.mha import MHA
 from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp
 from flash_attn.modules.norm import LayerNorm, RMSNorm
 from flash_attn.ops.cross_entropy import cross_entropy_loss
-from flash_attn.ops.layer_norm import layer_norm_fn
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
+from flash_attn.utils import generation
 
 _PRESETS: dict[str, dict] = {
     # GPT-2 (OpenAI), context 1024.
@@ -71,6 +72,10 @@ class GPTConfig:
         fused_dropout_add_ln, fused_mlp, fused_cross_entropy, linear_cross_entropy (loss
         without materialising logits; ``.logits`` is then None when labels are given),
         fused_rotary, backend (None/"auto", "triton", "torch": attention and fused ops).
+    Checkpoints:
+        hf_family: the Hugging Face family the weights were loaded from ("gpt2", "llama" ...,
+            see ``flash_attn.models.hf_checkpoint.FAMILIES``); the layout save_pretrained writes
+            by default.
     """
 
     vocab_size: int = 50257
@@ -109,7 +114,7 @@ class GPTConfig:
     linear_cross_entropy: bool = False
     fused_rotary: bool = True
     backend: str | None = None
-    extra: dict = field(default_factory=dict)
+    hf_family: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"):
@@ -164,10 +169,13 @@ class GPTConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {list(_PRESETS)}")
         return cls(**{**_PRESETS[key], **overrides})
 
-    preset = from_preset
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Weights with one row per vocabulary entry: padded to padded_vocab_size in the model, saved
+# with vocab_size rows.
+_VOCAB_ROWS = ("transformer.embeddings.wte.weight", "lm_head.weight", "lm_head.bias")
 
 
 @dataclass
@@ -179,12 +187,22 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
 
 
-def _norm(config: GPTConfig, device=None, dtype=None) -> nn.Module:
+def _norm(config: GPTConfig, dropout_p: float = 0.0, prenorm: bool = False, device=None,
+          dtype=None) -> nn.Module:  # fmt: skip
+    """The norm of one place in the stack: dropout(x) + residual, then norm.
+
+    dropout_p: the dropout of the branch that flows into it; prenorm: also return the sum (the
+    residual stream) for the next block. The fused_dropout_add_ln flag picks its backend here.
+    """
     cls = RMSNorm if config.norm_type == "rmsnorm" else LayerNorm
     return cls(
         config.n_embd,
         eps=config.layer_norm_epsilon,
+        dropout_p=dropout_p,
+        prenorm=prenorm,
+        residual_in_fp32=config.residual_in_fp32,
         bias=config.norm_type == "layernorm",
+        backend=config.backend if config.fused_dropout_add_ln else "torch",
         device=device,
         dtype=dtype,
     )
@@ -226,20 +244,13 @@ def _build_block(config: GPTConfig, layer_idx: int, device=None, dtype=None) -> 
     else:
         mlp_cls = FusedMLP if config.fused_mlp else Mlp
         mlp = mlp_cls(config.n_embd, config.n_inner or 4 * config.n_embd, **mlp_args)
-    norm_backend = config.backend if config.fused_dropout_add_ln else "torch"
+    # ln_1 receives the embeddings (first block) or the previous block's mlp output.
+    incoming_dropout = config.embd_pdrop if layer_idx == 0 else config.resid_pdrop
+    ln_1 = _norm(config, incoming_dropout, prenorm=True, **factory)
     if config.parallel_block:
         ln_2 = None if config.parallel_block_tied_norm else _norm(config, **factory)
-        return ParallelBlock(
-            attn, mlp, _norm(config, **factory), ln_2,
-            resid_dropout=config.embd_pdrop if layer_idx == 0 else config.resid_pdrop,
-            residual_in_fp32=config.residual_in_fp32, norm_backend=norm_backend,
-        )  # fmt: skip
-    return Block(
-        attn, mlp, _norm(config, **factory), _norm(config, **factory),
-        resid_dropout1=config.embd_pdrop if layer_idx == 0 else config.resid_pdrop,
-        resid_dropout2=config.resid_pdrop,
-        residual_in_fp32=config.residual_in_fp32, norm_backend=norm_backend,
-    )  # fmt: skip
+        return ParallelBlock(attn, mlp, ln_1, ln_2)
+    return Block(attn, mlp, ln_1, _norm(config, config.resid_pdrop, prenorm=True, **factory))
 
 
 class GPTModel(nn.Module):
@@ -255,7 +266,7 @@ class GPTModel(nn.Module):
         self.h = nn.ModuleList(
             [_build_block(config, i, device, dtype) for i in range(config.n_layer)]
         )
-        self.ln_f = _norm(config, device, dtype)
+        self.ln_f = _norm(config, config.resid_pdrop, device=device, dtype=dtype)
 
     def forward(self, input_ids, position_ids=None, inference_params=None, key_padding_mask=None):
         """input_ids (batch, seqlen) -> hidden states (batch, seqlen, n_embd)."""
@@ -277,20 +288,10 @@ class GPTModel(nn.Module):
                 hidden, hidden2, residual = block(hidden, hidden2, residual, **attn_kwargs)
             else:
                 hidden, residual = block(hidden, residual, **attn_kwargs)
-        p = config.resid_pdrop if self.training else 0.0
         if hidden2 is not None:
+            p = self.ln_f.dropout_p if self.training else 0.0
             residual = residual + F.dropout(hidden2, p, self.training)
-        norm_backend = config.backend if config.fused_dropout_add_ln else "torch"
-        return layer_norm_fn(
-            hidden,
-            self.ln_f.weight,
-            self.ln_f.bias,
-            residual,
-            self.ln_f.eps,
-            p,
-            is_rms_norm=self.ln_f.is_rms_norm,
-            backend=norm_backend,
-        )
+        return self.ln_f(hidden, residual)
 
 
 class GPTLMHeadModel(nn.Module):
@@ -355,20 +356,26 @@ class GPTLMHeadModel(nn.Module):
         inference_params=None,
         attention_mask: torch.Tensor | None = None,
         num_last_tokens: int = 0,
+        shift_labels: bool = True,
+        reduction: str = "mean",
     ) -> CausalLMOutput:
         """Logits and, with labels, the next-token loss.
 
         Args:
             input_ids: (batch, seqlen) int64 in [0, vocab_size).
-            labels: (batch, seqlen) int64; the loss compares logits[:, t] with labels[:, t + 1]
-                (shifted inside, as Hugging Face does); -100 is ignored.
+            labels: (batch, seqlen) int64; -100 is ignored.
             position_ids: (seqlen,) or (batch, seqlen) learned positions (default 0..).
             inference_params: KV cache for decoding (see ``flash_attn.utils.generation``).
             attention_mask: (batch, seqlen) bool/0-1, true for real tokens (right padding).
             num_last_tokens: > 0: only the logits of the last tokens are computed.
+            shift_labels: True: the loss compares logits[:, t] with labels[:, t + 1] (shifted
+                inside, as Hugging Face does); False: labels are already aligned, labels[:, t]
+                is the target of position t (inputs = w[:, :-1], labels = w[:, 1:]).
+            reduction: "mean" (over non-ignored tokens), "sum" or "none" (per-token losses of
+                shape (batch, seqlen - 1) when shifted, (batch, seqlen) otherwise).
         Returns:
             :class:`CausalLMOutput` with logits (batch, seqlen, vocab_size) in the model dtype
-            and loss (fp32 scalar) when labels are given.
+            and loss (fp32) when labels are given.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
@@ -400,39 +407,113 @@ class GPTLMHeadModel(nn.Module):
             hidden = hidden[:, -num_last_tokens:]
         weight = self.lm_head.weight[:vocab]  # padded rows never reach the logits or loss
         bias = self.lm_head.bias[:vocab] if self.lm_head.bias is not None else None
-        loss = None
+        # Positions whose target is known: all but the last when the labels are shifted inside.
+        scored = slice(None, -1) if shift_labels else slice(None)
+        if labels is not None and shift_labels:
+            labels = labels[:, 1:]  # (B, T) -> (B, T - 1), labels[:, t] now targets position t
         if labels is not None and self.config.linear_cross_entropy:
-            shift_labels = labels[:, 1:]  # (B, T) -> (B, T - 1)
             loss = linear_cross_entropy(
-                hidden[:, :-1], weight, shift_labels.contiguous(), bias, backend=self.config.backend
-            )
+                hidden[:, scored], weight, labels.contiguous(), bias, reduction=reduction,
+                backend=self.config.backend,
+            )  # fmt: skip
             return CausalLMOutput(logits=None, loss=loss)
         logits = F.linear(hidden, weight, bias)  # (B, T, E) -> (B, T, vocab)
+        loss = None
         if labels is not None:
             ce_backend = self.config.backend if self.config.fused_cross_entropy else "torch"
             loss = cross_entropy_loss(
-                logits[:, :-1].flatten(0, 1),  # (B, T - 1, V) -> (B * (T - 1), V)
-                labels[:, 1:].flatten(),  # (B, T - 1) -> (B * (T - 1),)
+                logits[:, scored].flatten(0, 1),  # (B, T', V) -> (B * T', V)
+                labels.flatten(),  # (B, T') -> (B * T',)
+                reduction=reduction,
                 backend=ce_backend,
             )
+            if reduction == "none":
+                loss = loss.view(labels.shape)  # (B * T',) -> (B, T')
         return CausalLMOutput(logits=logits, loss=loss)
+
+    # bos/eos/pad ids and generation settings of the checkpoint from_pretrained read, which
+    # save_pretrained writes back (None: a model built here; no ids are set).
+    hf_special_tokens: SpecialTokens | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, **config_overrides):
         """Load a Hugging Face checkpoint (local folder, or hub id when online).
 
         Supported architectures: see ``flash_attn.models.hf_checkpoint.SUPPORTED``.
-        config_overrides set GPTConfig fields (fused flags, backend, dropouts).
+        config_overrides set GPTConfig fields (fused flags, backend, dropouts); a size that
+        differs from the checkpoint's is a ValueError. Raises
+        ValueError when a weight is missing, unexpected or of another shape, so that none
+        stays at its random init. The checkpoint's special tokens are kept in
+        ``hf_special_tokens``.
         """
-        from flash_attn.models.hf_checkpoint import load_pretrained
+        fields, state_dict, special_tokens = load_hf_checkpoint(name_or_path)
+        sizes = ("vocab_size", "n_embd", "n_layer", "n_head", "n_head_kv", "n_inner")
+        changed = [
+            f"{k}={config_overrides[k]!r} (checkpoint: {fields.get(k)!r})"
+            for k in sizes
+            if k in config_overrides and config_overrides[k] != fields.get(k)
+        ]
+        if changed:
+            raise ValueError(
+                f"config overrides change the sizes of {str(name_or_path)!r}: "
+                f"{', '.join(changed)}; override only dropouts, fused flags and the backend"
+            )
+        model = cls(GPTConfig(**{**fields, **config_overrides}), device=device, dtype=dtype)
+        model._load_checkpoint_weights(state_dict, str(name_or_path))
+        model.hf_special_tokens = special_tokens
+        return model
 
-        return load_pretrained(cls, name_or_path, dtype, device, **config_overrides)
+    def _load_checkpoint_weights(self, state_dict: dict, source: str) -> None:
+        """Every weight from state_dict (our names, vocab rows not padded); ValueError listing
+        the missing, unexpected and misshapen ones."""
+        config = self.config
+        own = self.state_dict()
+        if config.tie_word_embeddings:
+            own.pop("lm_head.weight")
+            state_dict.pop("lm_head.weight", None)
+        for key in _VOCAB_ROWS:  # padded rows are zeros: they never reach the logits
+            tensor = state_dict.get(key)
+            if tensor is not None and tensor.shape[0] < config.padded_vocab_size:
+                rows = config.padded_vocab_size - tensor.shape[0]
+                state_dict[key] = torch.cat([tensor, tensor.new_zeros(rows, *tensor.shape[1:])])
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {source!r} does not match the {config.hf_family} layout: "
+                f"missing weights {missing}, unexpected weights {unexpected}"
+            )
+        for key, tensor in state_dict.items():
+            if tensor.shape != own[key].shape:
+                raise ValueError(
+                    f"weight {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
+                    f"the model expects {tuple(own[key].shape)}"
+                )
+        self.load_state_dict(state_dict, strict=False)
 
-    def save_pretrained(self, path, family: str | None = None) -> None:
-        """Write config.json + model.safetensors in the Hugging Face layout (GPT-2, Llama)."""
-        from flash_attn.models.hf_checkpoint import save_pretrained
+    def save_pretrained(self, path, family: str | None = None, tokenizer=None) -> None:
+        """Write a folder that ``transformers.AutoModelForCausalLM`` opens: config.json (with
+        the bos/eos/pad ids of ``hf_special_tokens``), model.safetensors and
+        generation_config.json.
 
-        save_pretrained(self, path, family)
+        Args:
+            path: the folder, created if needed.
+            family: the Hugging Face layout, a name of ``hf_checkpoint.FAMILIES`` ("gpt2",
+                "gpt_neox", "llama", "opt", "gptj"); default: the family it was loaded from,
+                else the first whose architecture matches the model's.
+            tokenizer: a transformers tokenizer or a ``tokenizers.Tokenizer``, written beside
+                the weights so ``AutoTokenizer`` opens the folder; its bos/eos/pad ids
+                replace the model's where it has them.
+        """
+        state_dict = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state_dict.pop("lm_head.weight")
+        for key in _VOCAB_ROWS:
+            if key in state_dict:
+                state_dict[key] = state_dict[key][: self.config.vocab_size]
+        save_hf_checkpoint(
+            path, self.config, state_dict, family, self.hf_special_tokens, tokenizer=tokenizer
+        )
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None):
         """{layer_idx: (k_cache, v_cache)} for ``InferenceParams.key_value_memory_dict``."""
@@ -443,6 +524,4 @@ class GPTLMHeadModel(nn.Module):
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
         """See :func:`flash_attn.utils.generation.generate`."""
-        from flash_attn.utils.generation import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generation.generate(self, input_ids, max_new_tokens, **kwargs)

@@ -1,4 +1,4 @@
-"""GPT-NeoX / Pythia (``GPTNeoXForCausalLM``) -> GPTLMHeadModel.
+"""GPT-NeoX / Pythia (``GPTNeoXForCausalLM``) <-> GPTLMHeadModel.
 
 GPT-NeoX packs q, k, v per head: ``query_key_value`` rows are (heads, 3, head_dim); they are
 reordered to our (3, heads, head_dim). Parallel residual by default, two norms, partial rotary.
@@ -6,77 +6,97 @@ reordered to our (3, heads, head_dim). Parallel residual by default, two norms, 
 
 from __future__ import annotations
 
-from flash_attn.models.llama import rope_settings
+from flash_attn.models.hf_common import (
+    SAVABLE_ACTIVATIONS,
+    activation_from_hf,
+    activation_to_hf,
+    check_architecture,
+    decoder_named_fields,
+    decoder_named_fields_to_hf,
+    rope_to_hf,
+    rotary_fields,
+    weight_map,
+)
 
 ARCHITECTURES = ("GPTNeoXForCausalLM",)
 
-_LAYER = "gpt_neox.layers.{}."
-_OURS = "transformer.h.{}."
-WEIGHT_MAP = {
-    "gpt_neox.embed_in.weight": "transformer.embeddings.wte.weight",
-    _LAYER + "input_layernorm.weight": _OURS + "ln_1.weight",
-    _LAYER + "input_layernorm.bias": _OURS + "ln_1.bias",
-    _LAYER + "post_attention_layernorm.weight": _OURS + "ln_2.weight",
-    _LAYER + "post_attention_layernorm.bias": _OURS + "ln_2.bias",
-    _LAYER + "attention.query_key_value.weight": _OURS + "attn.Wqkv.weight",
-    _LAYER + "attention.query_key_value.bias": _OURS + "attn.Wqkv.bias",
-    _LAYER + "attention.dense.weight": _OURS + "attn.out_proj.weight",
-    _LAYER + "attention.dense.bias": _OURS + "attn.out_proj.bias",
-    _LAYER + "mlp.dense_h_to_4h.weight": _OURS + "mlp.fc1.weight",
-    _LAYER + "mlp.dense_h_to_4h.bias": _OURS + "mlp.fc1.bias",
-    _LAYER + "mlp.dense_4h_to_h.weight": _OURS + "mlp.fc2.weight",
-    _LAYER + "mlp.dense_4h_to_h.bias": _OURS + "mlp.fc2.bias",
-    "gpt_neox.final_layer_norm.weight": "transformer.ln_f.weight",
-    "gpt_neox.final_layer_norm.bias": "transformer.ln_f.bias",
-    "embed_out.weight": "lm_head.weight",
-}
+# Hugging Face module names, in the order of ours (see weight_map).
+WEIGHT_MAP = weight_map(
+    top=("gpt_neox.embed_in", None, "gpt_neox.final_layer_norm", "embed_out"),
+    layer="gpt_neox.layers.{}.",
+    attention=("input_layernorm", "attention.query_key_value", "attention.dense"),
+    mlp=("post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+)
 IGNORE = (r"rotary_emb\.inv_freq$", r"attention\.bias$", r"attention\.masked_bias$")
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_approx", "gelu_fast": "gelu_approx",
-                "gelu_pytorch_tanh": "gelu_approx", "relu": "relu"}  # fmt: skip
 
 
 def config_from_hf(hf: dict) -> dict:
     """GPTConfig fields from a GPT-NeoX config.json dict."""
-    act = hf.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
-        raise ValueError(f"hidden_act {act!r} is not supported; use one of {list(_ACTIVATIONS)}")
-    theta, scaling, fraction = rope_settings(hf)
-    theta = hf.get("rotary_emb_base", theta)
-    fraction = hf.get("rotary_pct", fraction)
+    rotary = rotary_fields(hf)
+    # Older GPT-NeoX configs name the rope settings their own way.
+    rotary["rotary_emb_base"] = hf.get("rotary_emb_base", rotary["rotary_emb_base"])
+    rotary["rotary_emb_fraction"] = hf.get("rotary_pct", rotary["rotary_emb_fraction"])
     bias = hf.get("attention_bias", True)
     return dict(
-        vocab_size=hf["vocab_size"],
+        decoder_named_fields(hf),
+        **rotary,
         n_positions=hf.get("max_position_embeddings", 2048),
-        n_embd=hf["hidden_size"],
-        n_layer=hf["num_hidden_layers"],
-        n_head=hf["num_attention_heads"],
         n_inner=hf.get("intermediate_size"),
-        activation=_ACTIVATIONS[act],
+        activation=activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act"),
         layer_norm_epsilon=hf.get("layer_norm_eps", 1e-5),
         parallel_block=hf.get("use_parallel_residual", True),
         qkv_proj_bias=bias,
         out_proj_bias=bias,
-        rotary_emb_fraction=fraction,
-        rotary_emb_base=theta,
-        rotary_emb_scaling=scaling,
-        attn_pdrop=hf.get("attention_dropout", 0.0),
         resid_pdrop=hf.get("hidden_dropout", 0.0),
         initializer_range=hf.get("initializer_range", 0.02),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
     )
 
 
-def merge_hf(state_dict: dict, config) -> dict:
-    """query_key_value rows (heads, 3, head_dim) -> (3, heads, head_dim)."""
+def _reorder_qkv(state_dict: dict, heads: int, to_hf: bool) -> dict:
+    """query_key_value rows (heads, 3, head_dim) <-> (3, heads, head_dim)."""
     out = dict(state_dict)
-    heads, head_dim = config.n_head, config.head_dim
     for key, tensor in state_dict.items():
         if ".attention.query_key_value." in key:
-            # (H * 3 * D, ...) -> (H, 3, D, ...) -> (3, H, D, ...) -> (3 * H * D, ...)
             rest = tensor.shape[1:]
-            out[key] = (
-                tensor.reshape(heads, 3, head_dim, *rest)
-                .transpose(0, 1)
-                .reshape(3 * heads * head_dim, *rest)
-            )
+            groups = (3, heads) if to_hf else (heads, 3)
+            # (A * B * D, ...) -> (A, B, D, ...) -> (B, A, D, ...) -> (B * A * D, ...)
+            out[key] = tensor.reshape(*groups, -1, *rest).transpose(0, 1).reshape(tensor.shape)
     return out
+
+
+def from_hf_layout(state_dict: dict, fields: dict) -> dict:
+    """query_key_value rows (heads, 3, head_dim) -> (3, heads, head_dim)."""
+    return _reorder_qkv(state_dict, fields["n_head"], to_hf=False)
+
+
+def config_to_hf(config) -> dict:
+    """A GPT-NeoX config.json dict; ValueError naming the fields GPT-NeoX cannot hold."""
+    check_architecture(
+        config, "GPT-NeoX", norm_type="layernorm", rotary_emb_dim=range(2, config.head_dim + 1),
+        rotary_emb_interleaved=False, gated_mlp=False, parallel_block_tied_norm=False,
+        kv_heads=config.n_head, out_proj_bias=config.qkv_proj_bias, mlp_fc1_bias=True,
+        mlp_fc2_bias=True, lm_head_bias=False, activation=SAVABLE_ACTIVATIONS,
+    )  # fmt: skip
+    rope = rope_to_hf(config)
+    return {
+        "architectures": list(ARCHITECTURES),
+        "model_type": "gpt_neox",
+        **decoder_named_fields_to_hf(config),
+        "intermediate_size": config.n_inner or 4 * config.n_embd,
+        "hidden_act": activation_to_hf(config.activation),
+        "layer_norm_eps": config.layer_norm_epsilon,
+        "use_parallel_residual": config.parallel_block,
+        "attention_bias": config.qkv_proj_bias,
+        "hidden_dropout": config.resid_pdrop,
+        "initializer_range": config.initializer_range,
+        **rope,
+        # the names of transformers 4
+        "rotary_pct": config.rotary_emb_fraction,
+        "rotary_emb_base": config.rotary_emb_base,
+    }
+
+
+def to_hf_layout(state_dict: dict, config) -> dict:
+    """query_key_value rows (3, heads, head_dim) -> (heads, 3, head_dim)."""
+    return _reorder_qkv(state_dict, config.n_head, to_hf=True)

@@ -1,54 +1,93 @@
-"""Hugging Face checkpoints in and out: find the files, pick the family converter, check keys.
+"""Hugging Face checkpoints in and out: find the files, pick the family converter, convert.
 
-A family module (``gpt2.py``, ``gpt_neox.py``, ``llama.py``, ``opt.py``, ``gptj.py``) provides:
+A family module (``gpt2.py``, ``gpt_neox.py``, ``llama.py``, ``opt.py``, ``gptj.py``) declares:
 
 - ``ARCHITECTURES``: the ``config.json`` architectures it reads;
 - ``config_from_hf(hf_config: dict) -> dict`` of :class:`~flash_attn.models.gpt.GPTConfig` fields;
 - ``WEIGHT_MAP``: Hugging Face key template -> our key template (``{}`` is the layer index),
-  applied by :func:`rename_weights`, with ``merge_hf`` for tensors that several Hugging Face
-  tensors make up (q, k, v -> Wqkv);
-- optionally ``config_to_hf`` and ``state_dict_to_hf`` for :func:`save_pretrained`.
+  and optionally ``IGNORE``: regexes of buffers to drop;
+- optionally ``from_hf_layout(state_dict, fields)``: the checkpoint's tensors in the layout
+  ``WEIGHT_MAP`` names (q, k, v stacked into one tensor, Conv1D transposed ...), keys still
+  theirs;
+- for saving, ``config_to_hf(config)`` and ``to_hf_layout(state_dict, config)``, the inverse.
 
-Loading never leaves a weight at its random init: keys the model lacks, or that the checkpoint
-lacks, are an error that lists them.
+This module knows nothing of the model: :func:`load_hf_checkpoint` returns GPTConfig fields, a
+state dict under our names and the checkpoint's :class:`SpecialTokens`, and
+:func:`save_hf_checkpoint` takes them back (with a tokenizer, see ``hf_tokenizer.py``);
+``GPTLMHeadModel.from_pretrained`` and ``save_pretrained`` build and check the model.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
-# family module name -> architectures listed in its ARCHITECTURES (checked in tests).
-FAMILIES = ("gpt2", "gpt_neox", "llama", "opt", "gptj")
-SUPPORTED = {
-    "gpt2": ("GPT2LMHeadModel",),
-    "gpt_neox": ("GPTNeoXForCausalLM",),
-    "llama": ("LlamaForCausalLM", "MistralForCausalLM"),
-    "opt": ("OPTForCausalLM",),
-    "gptj": ("GPTJForCausalLM",),
-}
+import flash_attn.models.gpt2 as gpt2
+import flash_attn.models.gpt_neox as gpt_neox
+import flash_attn.models.gptj as gptj
+import flash_attn.models.llama as llama
+import flash_attn.models.opt as opt
+from flash_attn.models.hf_common import invert, rename_weights
+from flash_attn.models.hf_tokenizer import save_tokenizer
+
+# family name -> its converter module.
+FAMILIES = {m.__name__.rpartition(".")[2]: m for m in (gpt2, gpt_neox, llama, opt, gptj)}
+# family name -> the config.json architectures it reads.
+SUPPORTED = {name: module.ARCHITECTURES for name, module in FAMILIES.items()}
+_FAMILY_OF_ARCHITECTURE = {arch: name for name, archs in SUPPORTED.items() for arch in archs}
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def family_module(name: str):
-    """The converter module ``flash_attn.models.<name>``."""
-    return importlib.import_module(f"flash_attn.models.{name}")
+@dataclasses.dataclass
+class SpecialTokens:
+    """The special-token settings of a checkpoint, kept from loading to saving.
+
+    ids: bos_token_id, eos_token_id, pad_token_id of config.json (None where unset).
+    generation_config: generation_config.json as read (its eos_token_id may be a list, as in
+        Llama 3), without transformers_version.
+    """
+
+    ids: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(SPECIAL_TOKEN_FIELDS))
+    generation_config: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: Path, hf_config: dict) -> SpecialTokens:
+        """The settings of a checkpoint folder whose config.json is ``hf_config``."""
+        generation_file = folder / "generation_config.json"
+        generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+        generation.pop("transformers_version", None)
+        return cls({k: hf_config.get(k) for k in SPECIAL_TOKEN_FIELDS}, generation)
+
+    def with_ids(self, ids: dict) -> SpecialTokens:
+        """These settings with the non-None entries of ids (e.g. a tokenizer's) replacing
+        theirs, in config.json and in generation_config.json alike."""
+        known = {k: v for k, v in ids.items() if v is not None}
+        generation = dict(self.generation_config)
+        for key, value in known.items():
+            # a list (several stop tokens) that holds the id already stays as it is
+            if not (isinstance(generation.get(key), list) and value in generation[key]):
+                generation[key] = value
+        return SpecialTokens({**self.ids, **known}, generation)
+
+    def generation_json(self) -> dict:
+        """generation_config.json: the ids that are set, then the stored settings."""
+        return {**{k: v for k, v in self.ids.items() if v is not None}, **self.generation_config}
 
 
 def family_of(hf_config: dict) -> str:
-    """Family module name for a config.json dict; ValueError listing the supported ones."""
-    archs = hf_config.get("architectures") or []
-    for family, names in SUPPORTED.items():
-        if any(a in names for a in archs):
-            return family
-    supported = sorted(a for names in SUPPORTED.values() for a in names)
-    got = archs or hf_config.get("model_type")
-    raise ValueError(f"unsupported architecture {got!r}; supported: {supported}")
+    """Family name for a config.json dict; ValueError listing the supported architectures."""
+    for arch in hf_config.get("architectures") or []:
+        if arch in _FAMILY_OF_ARCHITECTURE:
+            return _FAMILY_OF_ARCHITECTURE[arch]
+    got = hf_config.get("architectures") or hf_config.get("model_type")
+    raise ValueError(
+        f"unsupported architecture {got!r}; supported: {sorted(_FAMILY_OF_ARCHITECTURE)}"
+    )
 
 
 def resolve_folder(name_or_path: str | os.PathLike) -> Path:
@@ -98,121 +137,101 @@ def load_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _template_regex(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
+def load_hf_checkpoint(
+    name_or_path: str | os.PathLike,
+) -> tuple[dict, dict[str, torch.Tensor], SpecialTokens]:
+    """GPTConfig fields, weights and special tokens of a Hugging Face checkpoint (local folder
+    or hub id).
 
-
-def rename_weights(state_dict: dict, weight_map: dict[str, str], ignore: tuple[str, ...] = ()):
-    """Rename keys by templates. Returns (renamed dict, keys matching no template).
-
-    ignore: regexes of keys to drop (buffers such as rotary inv_freq or causal masks).
+    Returns:
+        (fields, state_dict, special_tokens): fields include ``hf_family``; state_dict is under
+        our names with the checkpoint's vocab rows (not padded), and a key that no template of
+        the family matches keeps its Hugging Face name, so that loading reports it as
+        unexpected.
     """
-    compiled = [(_template_regex(src), dst) for src, dst in weight_map.items()]
-    out, unexpected = {}, []
-    for key, tensor in state_dict.items():
-        if any(re.search(pattern, key) for pattern in ignore):
-            continue
-        for regex, dst in compiled:
-            match = regex.match(key)
-            if match:
-                out[dst.format(*match.groups())] = tensor
-                break
-        else:
-            unexpected.append(key)
-    return out, unexpected
-
-
-def invert(weight_map: dict[str, str]) -> dict[str, str]:
-    """{ours: theirs} from {theirs: ours} (for saving back to the Hugging Face layout)."""
-    return {dst: src for src, dst in weight_map.items()}
-
-
-def _pad_vocab(state_dict: dict, config) -> None:
-    """Zero rows past vocab_size in the embedding and LM head (never reach the logits)."""
-    padded = config.padded_vocab_size
-    for key in ("transformer.embeddings.wte.weight", "lm_head.weight", "lm_head.bias"):
-        tensor = state_dict.get(key)
-        if tensor is not None and tensor.shape[0] < padded:
-            pad = tensor.new_zeros((padded - tensor.shape[0], *tensor.shape[1:]))
-            state_dict[key] = torch.cat([tensor, pad])
-
-
-def load_pretrained(model_cls, name_or_path, dtype=None, device=None, **config_overrides):
-    """Build ``model_cls`` from a Hugging Face checkpoint (see ``from_pretrained``)."""
-    from flash_attn.models.gpt import GPTConfig
-
     folder = resolve_folder(name_or_path)
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
     hf_config = json.loads(config_file.read_text())
     family = family_of(hf_config)
-    module = family_module(family)
+    module = FAMILIES[family]
     try:
         fields = module.config_from_hf(hf_config)
     except KeyError as err:
         raise ValueError(f"{config_file} lacks the field {err.args[0]!r} for {family}") from err
-    fields.update(config_overrides)
-    fields["extra"] = {**fields.get("extra", {}), "hf_family": family}
-    config = GPTConfig(**fields)
-
+    fields["hf_family"] = family
     hf_state_dict = load_hf_state_dict(folder)
-    if hasattr(module, "merge_hf"):
-        hf_state_dict = module.merge_hf(hf_state_dict, config)
-    state_dict, unexpected = rename_weights(
+    if hasattr(module, "from_hf_layout"):
+        hf_state_dict = module.from_hf_layout(hf_state_dict, fields)
+    state_dict, unmatched = rename_weights(
         hf_state_dict, module.WEIGHT_MAP, getattr(module, "IGNORE", ())
     )
-    if config.tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    _pad_vocab(state_dict, config)
-
-    model = model_cls(config, device=device, dtype=dtype)
-    expected = set(model.state_dict())
-    if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(unexpected) | (set(state_dict) - expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {str(name_or_path)!r} does not match the {family} layout: "
-            f"missing weights {missing}, unexpected weights {unexpected}"
-        )
-    own = model.state_dict()
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise ValueError(
-                f"weight {key!r} has shape {tuple(tensor.shape)} in the checkpoint, "
-                f"the model expects {tuple(own[key].shape)}"
-            )
-    model.load_state_dict(state_dict, strict=False)
-    return model
+    state_dict.update((key, hf_state_dict[key]) for key in unmatched)
+    return fields, state_dict, SpecialTokens.from_folder(folder, hf_config)
 
 
-def save_pretrained(model, path, family: str | None = None) -> None:
-    """config.json + model.safetensors in the Hugging Face layout of ``family`` (default: the
-    family it was loaded from, else "llama" for RMSNorm models and "gpt2" otherwise)."""
+def writable_family(config) -> str:
+    """The layout save_pretrained writes by default: ``config.hf_family``, else the first family
+    whose ``config_to_hf`` accepts the architecture; ValueError listing why none does."""
+    if config.hf_family:
+        return config.hf_family
+    reasons = []
+    for name, module in FAMILIES.items():
+        try:
+            module.config_to_hf(config)
+            return name
+        except ValueError as err:
+            reasons.append(str(err))
+    raise ValueError("no Hugging Face layout holds this model:\n  " + "\n  ".join(reasons))
+
+
+def save_hf_checkpoint(
+    path,
+    config,
+    state_dict: dict,
+    family: str | None = None,
+    special_tokens: SpecialTokens | None = None,
+    tokenizer=None,
+) -> None:
+    """Write a folder that transformers opens: config.json, model.safetensors,
+    generation_config.json and, given a tokenizer, its files.
+
+    Args:
+        path: folder, created if needed.
+        config: the model's GPTConfig.
+        state_dict: the model's weights under our names, vocab rows not padded, a tied
+            lm_head.weight left out.
+        family: a name of :data:`FAMILIES` (default: :func:`writable_family`).
+        special_tokens: bos/eos/pad ids and generation settings (default: none set).
+        tokenizer: a transformers tokenizer or a ``tokenizers.Tokenizer`` (see
+            :func:`~flash_attn.models.hf_tokenizer.save_tokenizer`); its bos/eos/pad ids
+            replace those of special_tokens where it has them.
+    """
     from safetensors.torch import save_file
 
-    config = model.config
-    if family is None:
-        family = config.extra.get("hf_family") or (
-            "llama" if config.norm_type == "rmsnorm" else "gpt2"
-        )
-    module = family_module(family) if family in FAMILIES else None
-    if module is None or not hasattr(module, "state_dict_to_hf"):
-        raise ValueError(f"save_pretrained supports the 'gpt2' and 'llama' layouts, got {family!r}")
+    family = family or writable_family(config)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    module = FAMILIES[family]
     hf_config = module.config_to_hf(config)
-    state_dict = {k: v for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    vocab = config.vocab_size
-    for key in ("transformer.embeddings.wte.weight", "lm_head.weight", "lm_head.bias"):
-        if key in state_dict:
-            state_dict[key] = state_dict[key][:vocab]
-    hf_state_dict = module.state_dict_to_hf(state_dict, config)
+    hf_state_dict, unmatched = rename_weights(state_dict, invert(module.WEIGHT_MAP))
+    if unmatched:
+        raise ValueError(f"weights with no {family} name: {unmatched}")
+    hf_state_dict = module.to_hf_layout(hf_state_dict, config)
     hf_state_dict = {k: v.detach().contiguous().clone().cpu() for k, v in hf_state_dict.items()}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    tokens = special_tokens or SpecialTokens()
+    if tokenizer is not None:
+        tokens = tokens.with_ids(save_tokenizer(tokenizer, path, tokens.ids))
+    # Every id is written, None included: a missing one would take the family's default
+    # (50256 for GPT-2, 2 for Llama), which names a token of another vocabulary.
+    hf_config.update(tokens.ids)
     hf_config["torch_dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    # Plain JSON rather than transformers' GenerationConfig: the library does not need
+    # transformers to save.
+    generation = json.dumps(tokens.generation_json(), indent=2)
+    (path / "generation_config.json").write_text(generation + "\n")
     save_file(hf_state_dict, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -264,6 +264,18 @@ class MHA(nn.Module):
         k = apply_rotary(k, cos, sin, **kwargs)
         return q, k
 
+    def _rotate_cached(self, q, k, cos, sin, offset: int):
+        """Rotate this step's q and k (B, S, H, D) at cache positions offset, offset + 1, ...;
+        without a causal or local mask every query sits at offset (as in flash_attn_with_kvcache).
+        """
+        kwargs = dict(interleaved=self.rotary_emb.interleaved, backend=self.rotary_emb.backend)
+        k = apply_rotary(k, cos, sin, offset, **kwargs)
+        if self.causal or self.window_size != (-1, -1):
+            return apply_rotary(q, cos, sin, offset, **kwargs), k
+        batch, seqlen, nheads, headdim = q.shape
+        q = q.reshape(batch, 1, seqlen * nheads, headdim)  # (B, S, H, D) -> (B, 1, S * H, D)
+        return apply_rotary(q, cos, sin, offset, **kwargs).view(batch, seqlen, nheads, headdim), k
+
     def _cross_attention(self, x, x_kv, key_padding_mask, dropout_p, attn_kwargs):
         batch, seqlen_q = x.shape[:2]
         q = self.Wq(x).unflatten(-1, (self.num_heads, self.head_dim))  # (B, Sq, E) -> (B, Sq, H, D)
@@ -309,25 +321,19 @@ class MHA(nn.Module):
         start = inference_params.batch_size_offset
         k_cache, v_cache = k_cache[start : start + batch], v_cache[start : start + batch]
         q, k, v = self._project_qkv(x)
-        rotary_cos = rotary_sin = None
-        interleaved = False
         if self.rotary_emb is not None:
-            rotary = self.rotary_emb
-            rotary_cos, rotary_sin = rotary.cos_sin(inference_params.max_seqlen, x.device, x.dtype)
-            interleaved = rotary.interleaved
+            cos, sin = self.rotary_emb.cos_sin(inference_params.max_seqlen, x.device, x.dtype)
+            q, k = self._rotate_cached(q, k, cos, sin, offset)
         out = flash_attn_with_kvcache(
             q,
             k_cache,
             v_cache,
             k,
             v,
-            rotary_cos=rotary_cos,
-            rotary_sin=rotary_sin,
             cache_seqlens=offset,
             softmax_scale=self.softmax_scale,
             causal=self.causal,
             window_size=self.window_size,
-            rotary_interleaved=interleaved,
             alibi_slopes=self.alibi_slopes,
             backend=self.backend,
         )

@@ -84,19 +84,11 @@ class GatedMlp(FusedMLP):
     gated = True
 
     def __init__(
-        self,
-        in_features: int,
-        hidden_features: int | None = None,
-        out_features: int | None = None,
-        activation: str = "silu",
-        bias1: bool = True,
-        bias2: bool = True,
-        multiple_of: int = 128,
-        return_residual: bool = False,
-        backend: str | None = None,
-        device=None,
-        dtype=None,
-    ):
+        self, in_features: int, hidden_features: int | None = None,
+        out_features: int | None = None, activation: str = "silu", bias1: bool = True,
+        bias2: bool = True, multiple_of: int = 128, return_residual: bool = False,
+        backend: str | None = None, device=None, dtype=None,
+    ):  # fmt: skip
         if hidden_features is None:
             hidden_features = int(8 * in_features / 3)
             hidden_features = (hidden_features + multiple_of - 1) // multiple_of * multiple_of
@@ -106,41 +98,12 @@ class GatedMlp(FusedMLP):
         )  # fmt: skip
 
 
-class Mlp(nn.Module):
-    """fc2(act(fc1(x))) with plain ``nn.Linear`` layers: the unfused counterpart of
-    :class:`FusedMLP`, with the same parameter names and arguments (backend ignored).
+class Mlp(FusedMLP):
+    """fc2(act(fc1(x))): :class:`FusedMLP` with the same parameter names and arguments, whose
+    backend defaults to ``"torch"`` (plain ``F.linear`` and the activation, unfused).
 
     forward: x (..., in_features) -> (..., out_features).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_features: int | None = None,
-        out_features: int | None = None,
-        activation: str = "gelu_approx",
-        bias1: bool = True,
-        bias2: bool = True,
-        return_residual: bool = False,
-        backend: str | None = None,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        hidden_features = hidden_features if hidden_features is not None else 4 * in_features
-        out_features = out_features if out_features is not None else in_features
-        factory = dict(device=device, dtype=dtype)
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1, **factory)
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2, **factory)
-        self.activation, self.return_residual = activation, return_residual
-
-    def forward(self, x: torch.Tensor):
-        from flash_attn.ops.reference.mlp import ACTIVATION_FNS
-
-        out = self.fc2(ACTIVATION_FNS[self.activation](self.fc1(x)))
-        return (out, x) if self.return_residual else out
-
-    def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
+    def __init__(self, *args, backend: str | None = "torch", **kwargs):
+        super().__init__(*args, backend=backend, **kwargs)

@@ -1,7 +1,8 @@
 """LayerNorm and RMSNorm modules with fused dropout + residual add.
 
-Their state dicts match ``torch.nn.LayerNorm`` (weight, bias) and Hugging Face's Llama RMSNorm
-(weight), so checkpoints load without renaming.
+Each norm owns its whole configuration (eps, dropout, prenorm, residual dtype, backend), so a
+block only calls ``ln(x, residual)``. Their state dicts match ``torch.nn.LayerNorm`` (weight,
+bias) and Hugging Face's Llama RMSNorm (weight), so checkpoints load without renaming.
 """
 
 from __future__ import annotations
@@ -27,18 +28,9 @@ class LayerNorm(nn.Module):
 
     is_rms_norm = False
 
-    def __init__(
-        self,
-        hidden_size: int,
-        eps: float = 1e-5,
-        dropout_p: float = 0.0,
-        prenorm: bool = False,
-        residual_in_fp32: bool = False,
-        bias: bool = True,
-        backend: str | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dropout_p: float = 0.0,
+                 prenorm: bool = False, residual_in_fp32: bool = False, bias: bool = True,
+                 backend: str | None = None, device=None, dtype=None):  # fmt: skip
         super().__init__()
         self.hidden_size, self.eps, self.dropout_p = hidden_size, eps, dropout_p
         self.prenorm, self.residual_in_fp32, self.backend = prenorm, residual_in_fp32, backend
@@ -49,18 +41,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x, residual: (..., hidden_size) -> out, or (out, residual_out) when prenorm."""
+        p = self.dropout_p if self.training else 0.0
         return layer_norm_fn(
-            x,
-            self.weight,
-            self.bias,
-            residual,
-            self.eps,
-            self.dropout_p if self.training else 0.0,
-            self.prenorm,
-            self.residual_in_fp32,
-            is_rms_norm=self.is_rms_norm,
-            backend=self.backend,
-        )
+            x, self.weight, self.bias, residual, self.eps, p, self.prenorm, self.residual_in_fp32,
+            self.is_rms_norm, backend=self.backend,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
@@ -77,18 +62,9 @@ class RMSNorm(LayerNorm):
 
     is_rms_norm = True
 
-    def __init__(
-        self,
-        hidden_size: int,
-        eps: float = 1e-6,
-        dropout_p: float = 0.0,
-        prenorm: bool = False,
-        residual_in_fp32: bool = False,
-        bias: bool = False,
-        backend: str | None = None,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dropout_p: float = 0.0,
+                 prenorm: bool = False, residual_in_fp32: bool = False, bias: bool = False,
+                 backend: str | None = None, device=None, dtype=None):  # fmt: skip
         super().__init__(
             hidden_size, eps, dropout_p, prenorm, residual_in_fp32, bias, backend, device, dtype
         )

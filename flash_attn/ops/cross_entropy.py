@@ -42,16 +42,13 @@ def _(logits, labels, label_smoothing, lse_square_scale, ignore_index, inplace_b
     )
 
 
+# Both backward ops take: dloss, logits, lse, labels, label_smoothing, lse_square_scale,
+# ignore_index; the in-place one writes the gradient over the logits.
 @torch.library.custom_op("flash_attn::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(
-    dloss: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float,
-    lse_square_scale: float,
-    ignore_index: int,
-) -> torch.Tensor:
+    dloss: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+    label_smoothing: float, lse_square_scale: float, ignore_index: int,
+) -> torch.Tensor:  # fmt: skip
     from flash_attn.ops.triton.cross_entropy import cross_entropy_bwd
 
     return cross_entropy_bwd(
@@ -66,14 +63,9 @@ def _(dloss, logits, lse, labels, label_smoothing, lse_square_scale, ignore_inde
 
 @torch.library.custom_op("flash_attn::cross_entropy_bwd_inplace", mutates_args=("logits",))
 def _cross_entropy_bwd_inplace_op(
-    dloss: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float,
-    lse_square_scale: float,
-    ignore_index: int,
-) -> None:
+    dloss: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+    label_smoothing: float, lse_square_scale: float, ignore_index: int,
+) -> None:  # fmt: skip
     from flash_attn.ops.triton.cross_entropy import cross_entropy_bwd
 
     cross_entropy_bwd(
@@ -131,8 +123,7 @@ def check_cross_entropy_inputs(
         )
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but {logits_name} is on {logits.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
 
@@ -227,46 +218,45 @@ def cross_entropy_loss(
     return reduce_loss(loss, labels, ignore_index, reduction)
 
 
-class CrossEntropyLoss(nn.Module):
-    """``nn.CrossEntropyLoss`` with z-loss and a fused kernel; see :func:`cross_entropy_loss`.
+class CrossEntropyOptions(nn.Module):
+    """The options shared by :class:`CrossEntropyLoss` and ``LinearCrossEntropyLoss``."""
 
-    forward(logits (n_rows, vocab), labels (n_rows,) int64) -> scalar, or (n_rows,) for
-    reduction="none".
-    """
-
-    def __init__(
-        self,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
-        lse_square_scale: float = 0.0,
-        reduction: str = "mean",
-        inplace_backward: bool = False,
-        backend: str | None = None,
-    ):
+    def __init__(self, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                 reduction: str, backend: str | None):  # fmt: skip
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.lse_square_scale = lse_square_scale
-        self.reduction = reduction
-        self.inplace_backward = inplace_backward
+        check_reduction(reduction)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.lse_square_scale = label_smoothing, lse_square_scale
         self.backend = backend
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_loss(
-            logits,
-            labels,
-            label_smoothing=self.label_smoothing,
-            lse_square_scale=self.lse_square_scale,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            inplace_backward=self.inplace_backward,
-            backend=self.backend,
-        )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
             f"lse_square_scale={self.lse_square_scale}, reduction={self.reduction!r}"
         )
+
+
+class CrossEntropyLoss(CrossEntropyOptions):
+    """``nn.CrossEntropyLoss`` with z-loss and a fused kernel; see :func:`cross_entropy_loss`.
+
+    forward(logits (n_rows, vocab), labels (n_rows,) int64) -> scalar, or (n_rows,) for
+    reduction="none".
+    """
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 lse_square_scale: float = 0.0, reduction: str = "mean",
+                 inplace_backward: bool = False, backend: str | None = None):  # fmt: skip
+        super().__init__(ignore_index, label_smoothing, lse_square_scale, reduction, backend)
+        self.inplace_backward = inplace_backward
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_loss(
+            logits, labels, self.label_smoothing, self.lse_square_scale, self.ignore_index,
+            self.reduction, self.inplace_backward, backend=self.backend,
+        )  # fmt: skip
+
+
+def check_reduction(reduction: str) -> None:
+    """ValueError unless reduction is one of "mean", "sum", "none"."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

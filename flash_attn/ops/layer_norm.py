@@ -6,7 +6,7 @@
 The Triton path is registered as the custom ops ``flash_attn::layer_norm_fwd`` and
 ``flash_attn::layer_norm_bwd`` (with fake implementations and an autograd formula), so
 ``torch.compile`` traces through it. The torch path is native PyTorch (``F.layer_norm``,
-``F.rms_norm``). ``LayerNorm`` and ``RMSNorm`` (the modules) are re-exported from here.
+``F.rms_norm``). The modules ``LayerNorm`` and ``RMSNorm`` are in ``flash_attn.modules.norm``.
 """
 
 from __future__ import annotations
@@ -24,18 +24,10 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @torch.library.custom_op("flash_attn::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    eps: float,
-    dropout_p: float,
-    is_rms_norm: bool,
-    residual_dtype: torch.dtype,
-    store_residual_out: bool,
-    prenorm: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor], seed: Optional[torch.Tensor], eps: float, dropout_p: float,
+    is_rms_norm: bool, residual_dtype: torch.dtype, store_residual_out: bool, prenorm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """x, residual (M, N) -> y (M, N), residual_out (M, N) or (0,), mean (M,), rstd (M,)."""
     from flash_attn.ops.triton.layer_norm import layer_norm_fwd
 
@@ -278,39 +270,16 @@ def layer_norm_fn(
 
 
 def rms_norm_fn(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    dropout_p: float = 0.0,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    *,
-    backend: str | None = None,
-):
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None, eps: float = 1e-6, dropout_p: float = 0.0,
+    prenorm: bool = False, residual_in_fp32: bool = False,
+    *, backend: str | None = None,
+):  # fmt: skip
     """RMSNorm of dropout(x) + residual: :func:`layer_norm_fn` with ``is_rms_norm=True``.
 
     y = h / sqrt(mean(h ** 2) + eps) * weight (+ bias), h = dropout(x) + residual.
     """
     return layer_norm_fn(
-        x,
-        weight,
-        bias,
-        residual,
-        eps,
-        dropout_p,
-        prenorm,
-        residual_in_fp32,
-        is_rms_norm=True,
-        backend=backend,
-    )
-
-
-def __getattr__(name):
-    # Lazy, because flash_attn.modules.norm imports this module.
-    if name in ("LayerNorm", "RMSNorm"):
-        from flash_attn.modules import norm
-
-        return getattr(norm, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32,
+        is_rms_norm=True, backend=backend,
+    )  # fmt: skip

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from flash_attn.ops.backend import resolve_backend
 from flash_attn.ops.cross_entropy import (
     KERNEL_DTYPES,
+    CrossEntropyOptions,
     check_cross_entropy_inputs,
     check_labels_in_range,
 )
-from flash_attn.ops.reference.cross_entropy import REDUCTIONS
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden_dim: int) -> int:
@@ -272,7 +271,7 @@ def linear_cross_entropy(
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(CrossEntropyOptions):
     """LM head + cross-entropy in chunks; see :func:`linear_cross_entropy`.
 
     forward(hidden (..., hidden_dim), weight (vocab, hidden_dim), labels (...), bias=None)
@@ -280,35 +279,17 @@ class LinearCrossEntropyLoss(nn.Module):
     owned) so it can stay tied to the embedding of the model that calls this.
     """
 
-    def __init__(
-        self,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
-        lse_square_scale: float = 0.0,
-        reduction: str = "mean",
-        chunk_size: int | None = None,
-        backend: str | None = None,
-    ):
-        super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.lse_square_scale = lse_square_scale
-        self.reduction = reduction
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 lse_square_scale: float = 0.0, reduction: str = "mean",
+                 chunk_size: int | None = None, backend: str | None = None):  # fmt: skip
+        super().__init__(ignore_index, label_smoothing, lse_square_scale, reduction, backend)
         self.chunk_size = chunk_size
-        self.backend = backend
 
     def forward(self, hidden, weight, labels, bias=None):
         return linear_cross_entropy(
-            hidden,
-            weight,
-            labels,
-            bias,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            lse_square_scale=self.lse_square_scale,
-            reduction=self.reduction,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
+            hidden, weight, labels, bias, self.ignore_index, self.label_smoothing,
+            self.lse_square_scale, self.reduction, self.chunk_size, backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

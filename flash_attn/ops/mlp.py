@@ -169,13 +169,9 @@ def linear_activation(
 
 
 def gated_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    activation: str = "silu",
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    activation: str = "silu", *, backend: str | None = None,
+) -> torch.Tensor:  # fmt: skip
     """up * act(gate) with [up, gate] = (x @ weight.T + bias).chunk(2, -1), in one kernel.
 
     Args:

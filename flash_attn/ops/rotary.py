@@ -21,54 +21,47 @@ from flash_attn.ops.reference.rotary import apply_rotary_ref
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _launch(
-    x,
-    cos,
-    sin,
-    seqlen_offsets,
-    seqlen_offset,
-    cu_seqlens,
-    max_seqlen,
-    interleaved,
-    conjugate,
-    inplace,
-):
-    from flash_attn.ops.triton.rotary import rotary_fwd
-
-    offsets = seqlen_offsets if seqlen_offsets is not None else seqlen_offset
-    return rotary_fwd(x, cos, sin, offsets, cu_seqlens, max_seqlen, interleaved, inplace, conjugate)
-
-
+# Both custom ops take: x, cos, sin, seqlen_offsets (a (batch,) tensor, or None for the int
+# seqlen_offset), seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate.
 @torch.library.custom_op("flash_attn::rotary", mutates_args=())
 def _rotary_op(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    seqlen_offsets: Optional[torch.Tensor],
-    seqlen_offset: int,
-    cu_seqlens: Optional[torch.Tensor],
-    max_seqlen: int,
-    interleaved: bool,
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: Optional[torch.Tensor],
+    seqlen_offset: int, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,
     conjugate: bool,
-) -> torch.Tensor:
-    """Out-of-place rotation; seqlen_offsets (batch,) when given, else the int seqlen_offset."""
-    return _launch(
-        x,
-        cos,
-        sin,
-        seqlen_offsets,
-        seqlen_offset,
-        cu_seqlens,
-        max_seqlen,
-        interleaved,
-        conjugate,
-        inplace=False,
-    )
+) -> torch.Tensor:  # fmt: skip
+    """Out-of-place rotation."""
+    from flash_attn.ops.triton.rotary import rotary_fwd
+
+    offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
+    return rotary_fwd(
+        x, cos, sin, offsets, cu_seqlens, max_seqlen, interleaved, inplace=False,
+        conjugate=conjugate,
+    )  # fmt: skip
 
 
 @_rotary_op.register_fake
-def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate):
+def _(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("flash_attn::rotary_", mutates_args=("x",))
+def _rotary_inplace_op(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: Optional[torch.Tensor],
+    seqlen_offset: int, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,
+    conjugate: bool,
+) -> None:  # fmt: skip
+    """In-place rotation of x."""
+    from flash_attn.ops.triton.rotary import rotary_fwd
+
+    offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
+    rotary_fwd(
+        x, cos, sin, offsets, cu_seqlens, max_seqlen, interleaved, inplace=True, conjugate=conjugate
+    )
+
+
+@_rotary_inplace_op.register_fake
+def _(x, *args):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -81,103 +74,27 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout):
     cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
     # A rotation's inverse is its transpose: rotate the gradient back by -angle.
-    dx = _rotary_op(
-        dout,
-        cos,
-        sin,
-        seqlen_offsets,
-        ctx.seqlen_offset,
-        cu_seqlens,
-        ctx.max_seqlen,
-        ctx.interleaved,
-        not ctx.conjugate,
-    )
+    dx = _rotary_op(dout, cos, sin, seqlen_offsets, ctx.seqlen_offset, cu_seqlens,
+                    ctx.max_seqlen, ctx.interleaved, not ctx.conjugate)  # fmt: skip
     return dx, None, None, None, None, None, None, None, None
 
 
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("flash_attn::rotary_", mutates_args=("x",))
-def _rotary_inplace_op(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    seqlen_offsets: Optional[torch.Tensor],
-    seqlen_offset: int,
-    cu_seqlens: Optional[torch.Tensor],
-    max_seqlen: int,
-    interleaved: bool,
-    conjugate: bool,
-) -> None:
-    """In-place rotation of x."""
-    _launch(
-        x,
-        cos,
-        sin,
-        seqlen_offsets,
-        seqlen_offset,
-        cu_seqlens,
-        max_seqlen,
-        interleaved,
-        conjugate,
-        inplace=True,
-    )
-
-
-@_rotary_inplace_op.register_fake
-def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate):
-    return None
-
-
 class _RotaryInplace(torch.autograd.Function):
-    """Autograd for the in-place op: x is overwritten, its gradient is rotated back."""
+    """Autograd for the in-place op (mutating custom ops take no autograd formula): x is
+    overwritten, its gradient is rotated back as for the out-of-place op."""
 
     @staticmethod
-    def forward(
-        ctx,
-        x,
-        cos,
-        sin,
-        seqlen_offsets,
-        seqlen_offset,
-        cu_seqlens,
-        max_seqlen,
-        interleaved,
-        conjugate,
-    ):
-        _rotary_inplace_op(
-            x,
-            cos,
-            sin,
-            seqlen_offsets,
-            seqlen_offset,
-            cu_seqlens,
-            max_seqlen,
-            interleaved,
-            conjugate,
-        )
+    def forward(ctx, *args):
+        _rotary_inplace_op(*args)
+        x = args[0]
         ctx.mark_dirty(x)
-        ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
-        ctx.args = (seqlen_offset, max_seqlen, interleaved, conjugate)
+        _setup_context(ctx, args, x)
         return x
 
-    @staticmethod
-    def backward(ctx, dout):
-        cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
-        seqlen_offset, max_seqlen, interleaved, conjugate = ctx.args
-        dx = _rotary_op(
-            dout,
-            cos,
-            sin,
-            seqlen_offsets,
-            seqlen_offset,
-            cu_seqlens,
-            max_seqlen,
-            interleaved,
-            not conjugate,
-        )
-        return dx, None, None, None, None, None, None, None, None
+    backward = staticmethod(_backward)
 
 
 def _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen):

@@ -32,7 +32,7 @@ def test_preset_parameter_counts(name):
 
 def test_presets_listed_and_unknown():
     assert GPTConfig.presets()[:4] == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
-    assert GPTConfig.preset("gpt3-1.3b").n_positions == 2048
+    assert GPTConfig.from_preset("gpt3-1.3b").n_positions == 2048
     assert abs(GPTLMHeadModel(GPTConfig.from_preset("gpt2"), device="meta").num_parameters()
                - 124e6) < 1e6  # fmt: skip
     with pytest.raises(ValueError, match="unknown preset 'gpt5'.*gpt2-medium"):
@@ -87,6 +87,22 @@ def test_linear_cross_entropy_loss_and_grads_match():
     out_fused.loss.backward()
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("linear_ce", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_aligned_labels_equal_shifted_labels(linear_ce, reduction):
+    """A training window w: inputs w[:, :-1] with aligned targets w[:, 1:] give the loss that
+    the whole window gives with the labels shifted inside."""
+    model = _model(linear_cross_entropy=linear_ce)
+    window = torch.randint(0, 97, (2, 10))
+    labels = window.clone()
+    labels[0, 3] = -100
+    shifted = model(window, labels=labels, reduction=reduction).loss
+    aligned = model(window[:, :-1], labels=labels[:, 1:], shift_labels=False, reduction=reduction)
+    expected_shape = (2, 9) if reduction == "none" else ()
+    assert shifted.shape == aligned.loss.shape == expected_shape
+    torch.testing.assert_close(aligned.loss, shifted, atol=1e-6, rtol=1e-6)
 
 
 UNFUSED = dict(fused_dropout_add_ln=False, fused_mlp=False, fused_cross_entropy=False,

@@ -12,48 +12,42 @@ transformers = pytest.importorskip("transformers")
 from flash_attn.models.gpt import GPTLMHeadModel  # noqa: E402
 
 VOCAB = 101
-COMMON = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# Sizes under the config.json names of GPT-2 style and of Llama style families.
+GPT2_SIZES = dict(COMMON, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+DECODER_SIZES = dict(
+    COMMON, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+)
 
 
 def _hf_config(family: str):
     t = transformers
     if family == "gpt2":
-        return t.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                            **COMMON)  # fmt: skip
+        return t.GPT2Config(**GPT2_SIZES)
     if family == "gpt_neox":
-        return t.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, max_position_embeddings=64, rotary_pct=0.5, **COMMON,
-        )  # fmt: skip
+        return t.GPTNeoXConfig(intermediate_size=128, rotary_pct=0.5, **DECODER_SIZES)
     if family == "llama":
         return t.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            rope_scaling={"rope_type": "linear", "factor": 2.0}, **COMMON,
+            intermediate_size=96, num_key_value_heads=2,
+            rope_scaling={"rope_type": "linear", "factor": 2.0}, **DECODER_SIZES,
         )  # fmt: skip
     if family == "llama3":  # Llama 3.1 frequency scaling, GQA, tied embeddings
         return t.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-            tie_word_embeddings=True, rope_theta=500000.0,
+            intermediate_size=96, num_key_value_heads=1, tie_word_embeddings=True,
+            rope_theta=500000.0,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-            **COMMON,
+            **DECODER_SIZES,
         )  # fmt: skip
     if family == "mistral":
         return t.MistralConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-            max_position_embeddings=64, sliding_window=5, **COMMON,
+            intermediate_size=96, num_key_value_heads=1, head_dim=16, sliding_window=5,
+            **DECODER_SIZES,
         )  # fmt: skip
     if family == "opt":
-        return t.OPTConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64, **COMMON,
-        )  # fmt: skip
+        return t.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **DECODER_SIZES)
     if family == "gptj":
-        return t.GPTJConfig(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                            rotary_dim=8, **COMMON)  # fmt: skip
+        return t.GPTJConfig(rotary_dim=8, **GPT2_SIZES)
     raise AssertionError(family)
 
 
@@ -112,15 +106,66 @@ def test_logits_match_hf_triton(checkpoints, family, monkeypatch):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama3", "mistral"])
+@torch.no_grad()
+def _assert_reopened_matches(model, folder, reference, atol):
+    """``model`` written by save_pretrained and opened by transformers gives the logits of
+    ``reference``."""
+    model.save_pretrained(folder)
+    reopened = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = _ids()
+    torch.testing.assert_close(reopened(ids).logits, reference(ids).logits, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_pretrained_roundtrip(checkpoints, family, tmp_path):
+    """HF folder -> our model -> save_pretrained -> transformers: the same logits, config,
+    special-token ids and generation settings."""
     folder, hf = checkpoints[family]
     model = GPTLMHeadModel.from_pretrained(folder, backend="torch").eval()
+    _assert_reopened_matches(model, tmp_path, hf, atol=1e-5)
+    saved = transformers.AutoConfig.from_pretrained(tmp_path)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(saved, key) == getattr(hf.config, key) == COMMON[key], key
+        assert getattr(generation, key) == COMMON[key], key
+    assert saved.tie_word_embeddings == hf.config.tie_word_embeddings
+    if family.startswith("llama"):
+        assert saved.rope_parameters == hf.config.rope_parameters
+
+
+def test_save_pretrained_without_ids_writes_none(tmp_path):
+    """A model built here has no special tokens: config.json says so, instead of leaving
+    transformers to fill in GPT-2's 50256 (not a token of this vocabulary)."""
+    from flash_attn.models.gpt import GPTConfig
+
+    model = GPTLMHeadModel(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
     model.save_pretrained(tmp_path)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    saved = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (None, None, None)
+
+
+@pytest.mark.parametrize("kind", ["transformers", "tokenizers"])
+def test_save_pretrained_writes_the_tokenizer(checkpoints, kind, tmp_path):
+    """A transformers tokenizer is saved as is; a tokenizers.Tokenizer is wrapped with the
+    model's bos/eos/pad tokens. AutoTokenizer opens the folder with the same ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>")
+    )
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = backend
+    if kind == "transformers":
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        )
+    folder, _ = checkpoints["llama"]
+    model = GPTLMHeadModel.from_pretrained(folder, backend="torch")
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    reopened = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert reopened("w1 w5 w9").input_ids == backend.encode("w1 w5 w9").ids
+    special = (reopened.bos_token_id, reopened.eos_token_id, reopened.pad_token_id)
+    assert special == (COMMON["bos_token_id"], COMMON["eos_token_id"], COMMON["pad_token_id"])
 
 
 def test_loss_matches_hf(checkpoints):
@@ -176,11 +221,7 @@ def test_model_trained_here_opens_in_transformers(arch, tmp_path):
     torch.manual_seed(0)
     config = GPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32, **arch)
     model = GPTLMHeadModel(config).eval()
-    model.save_pretrained(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+    _assert_reopened_matches(model, tmp_path, model, atol=1e-4)
 
 
 def test_save_pretrained_rejects_other_layouts(tmp_path):
@@ -188,10 +229,12 @@ def test_save_pretrained_rejects_other_layouts(tmp_path):
 
     model = GPTLMHeadModel(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB,
                                      parallel_block=True, rotary_emb_fraction=0.5))  # fmt: skip
-    with pytest.raises(ValueError, match="not a GPT-2 architecture"):
+    with pytest.raises(ValueError, match=r"no Hugging Face layout.*GPT-2.*parallel_block=True"):
         model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'gpt2' and 'llama'"):
+    with pytest.raises(ValueError, match="not a OPT architecture.*parallel_block=True"):
         model.save_pretrained(tmp_path, family="opt")
+    with pytest.raises(ValueError, match="family must be one of"):
+        model.save_pretrained(tmp_path, family="bert")
 
 
 def test_pytorch_bin_and_sharded_checkpoints(checkpoints, tmp_path):

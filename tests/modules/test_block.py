@@ -19,7 +19,7 @@ def _parts(norm_cls=LayerNorm):
     torch.manual_seed(0)
     attn = MHA(D, 4, causal=True, backend="torch")
     mlp = Mlp(D, 3 * D)
-    ln_1, ln_2 = norm_cls(D), norm_cls(D)
+    ln_1, ln_2 = (norm_cls(D, prenorm=True, backend="torch") for _ in range(2))
     with torch.no_grad():  # non-trivial norm weights
         for ln in (ln_1, ln_2):
             ln.weight.uniform_(0.5, 1.5)
@@ -37,7 +37,7 @@ def _norm(ln, x):
 @pytest.mark.parametrize("norm_cls", [LayerNorm, RMSNorm])
 def test_two_blocks_chain_equals_prenorm_formula(norm_cls):
     attn, mlp, ln_1, ln_2 = _parts(norm_cls)
-    block = Block(attn, mlp, ln_1, ln_2, norm_backend="torch")
+    block = Block(attn, mlp, ln_1, ln_2)
     x = torch.randn(2, 7, D)
     with torch.no_grad():
         h = x + attn(_norm(ln_1, x))
@@ -49,13 +49,16 @@ def test_two_blocks_chain_equals_prenorm_formula(norm_cls):
     torch.testing.assert_close(out + residual, expected, atol=1e-5, rtol=0)
 
 
-def test_parallel_block_tied_norm():
-    attn, mlp, ln_1, _ = _parts()
-    block = ParallelBlock(attn, mlp, ln_1, None, norm_backend="torch")
+@pytest.mark.parametrize("tied", [True, False])
+def test_parallel_block_equals_parallel_formula(tied):
+    attn, mlp, ln_1, ln_2 = _parts()
+    ln_2.prenorm = False  # the second norm reads the residual and returns its norm only
+    ln_2 = ln_1 if tied else ln_2
+    block = ParallelBlock(attn, mlp, ln_1, None if tied else ln_2)
     x = torch.randn(2, 7, D)
     with torch.no_grad():
-        h = x + attn(_norm(ln_1, x)) + mlp(_norm(ln_1, x))
-        expected = h + attn(_norm(ln_1, h)) + mlp(_norm(ln_1, h))
+        h = x + attn(_norm(ln_1, x)) + mlp(_norm(ln_2, x))
+        expected = h + attn(_norm(ln_1, h)) + mlp(_norm(ln_2, h))
         a, m, residual = block(x)
         a, m, residual = block(a, m, residual)
     torch.testing.assert_close(a + m + residual, expected, atol=1e-5, rtol=0)

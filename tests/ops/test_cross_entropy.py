@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from flash_attn.ops.cross_entropy import CrossEntropyLoss, cross_entropy_loss
 from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
-from tests.testing import HAS_CUDA, kernel_device
+from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
 
 BACKENDS = ["triton", "torch"]
 
@@ -62,7 +62,9 @@ def test_within_twice_plain_pytorch_error(backend, dtype, n_rows, vocab, eps, z)
     pt_loss, pt_grad = _loss_and_grad(
         _plain, logits, labels, eps=eps, z=z, ignore_index=-100, reduction="none"
     )
-    atol = 1e-6 if dtype == torch.float32 else 1e-3
+    # The lse sums the vocab in fp32 in an order that differs between CPUs (vector widths): its
+    # rounding error grows like sqrt(vocab) * eps(fp32), and so does the atol.
+    atol = (1e-6 if dtype == torch.float32 else 1e-3) + torch.finfo(torch.float32).eps * vocab**0.5
     assert _err(loss, ref_loss) <= 2 * _err(pt_loss, ref_loss) + atol
     assert _err(grad, ref_grad) <= 2 * _err(pt_grad, ref_grad) + atol
     assert grad.shape == logits.shape
@@ -136,7 +138,10 @@ def test_large_vocab_is_split_into_column_blocks(vocab):
     # fp64 oracle: in fp32, F.cross_entropy's smoothing gradient sums vocab terms of eps / V
     # and drifts by ~1e-5 at this width, far more than the kernel does.
     ref_loss, ref_grad = _loss_and_grad(F.cross_entropy, logits.double(), labels, **kw)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    # The lse sums vocab exponentials in fp32: a relative error that grows like sqrt(vocab) * eps
+    # becomes the loss's absolute error.
+    atol = torch.finfo(torch.float32).eps * vocab**0.5
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=atol)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-7)
 
 
@@ -217,22 +222,15 @@ def test_triton_rejects_fp64():
 
 
 _COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from flash_attn.ops.triton.cross_entropy import _cross_entropy_bwd_kernel, _cross_entropy_fwd_kernel
-
-def compile_for_sm90(kernel, types, consts):
-    sig = {n: "constexpr" if n in consts else types[n] for n in kernel.arg_names}
-    consts = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
-    triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+from flash_attn.utils.triton_compile import compile_for_gpu
 
 for dt in ("bf16", "fp32"):
-    compile_for_sm90(_cross_entropy_fwd_kernel,
+    compile_for_gpu(_cross_entropy_fwd_kernel,
         dict(Logits=f"*{dt}", Labels="*i64", LsePartial="*fp32", LossPartial="*fp32",
              stride_row="i64", n_cols="i32", n_blocks="i32", label_smoothing="fp32",
              ignore_index="i64"), dict(BLOCK_N=8192))
-    compile_for_sm90(_cross_entropy_bwd_kernel,
+    compile_for_gpu(_cross_entropy_bwd_kernel,
         dict(DLogits=f"*{dt}", Logits=f"*{dt}", Labels="*i64", Lse="*fp32", DLoss="*fp32",
              stride_dlogits_row="i64", stride_logits_row="i64", stride_dloss="i64",
              n_cols="i32", label_smoothing="fp32", lse_square_scale="fp32", ignore_index="i64"),
@@ -243,14 +241,4 @@ print("compiled")
 
 def test_kernels_compile_for_gpu():
     """The interpreter accepts code the compiler rejects: compile to sm_90 (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True,
-                            text=True, env=env, timeout=300)  # fmt: skip
-    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert_compiles_for_gpu(_COMPILE_FOR_SM90, timeout=300)

@@ -12,7 +12,7 @@ from flash_attn.modules.norm import LayerNorm, RMSNorm
 from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
 from flash_attn.ops.reference.layer_norm import layer_norm_ref
 from flash_attn.ops.triton.layer_norm import layer_norm_bwd, layer_norm_fwd
-from tests.testing import HAS_CUDA, kernel_device
+from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
 
 DEVICE = kernel_device()
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -38,11 +38,15 @@ def _plain(x, weight, bias, residual, eps, is_rms_norm):
     return F.layer_norm(h, (x.shape[-1],), weight, bias, eps)
 
 
-def _check(name, got, plain, oracle, dtype):
+def _check(name, got, plain, oracle, dtype, n=1):
+    """got within twice plain's error of the oracle, plus an atol. n is the length of the sum
+    behind the output (hidden for the statistics, rows for the weight gradients): fp32 sums
+    round in an order that differs between CPUs, with an error growing like sqrt(n) * eps."""
     oracle = oracle.double()
     err = (got.double() - oracle).abs().max().item()
     base = (plain.double() - oracle).abs().max().item()
-    atol = ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    scale = max(1.0, oracle.abs().max().item())
+    atol = (ATOL[dtype] + torch.finfo(torch.float32).eps * n**0.5) * scale
     assert err <= 2 * base + atol, f"{name}: error {err:.3g} > 2 * plain {base:.3g} + {atol:.3g}"
 
 
@@ -112,18 +116,17 @@ def test_matches_reference(
     y_pl, res_pl, grads_pl = _run_and_grads(plain, _leaves(x, weight, bias, residual), dy, dres)
 
     assert y.dtype == dtype and y.shape == x.shape
-    _check("out", y, y_pl, y_ref, dtype)
+    _check("out", y, y_pl, y_ref, dtype, hidden)
     if prenorm:
         assert res_out.dtype == dtype
         _check("residual_out", res_out, res_pl, res_ref, dtype)
-    for name, g, g_pl, g_ref in zip(
-        ["dx", "dweight", "dbias", "dresidual"], grads, grads_pl, grads_ref
-    ):
+    lengths = dict(dx=hidden, dweight=rows, dbias=rows, dresidual=hidden)
+    for name, g, g_pl, g_ref in zip(lengths, grads, grads_pl, grads_ref):
         if g_ref is None:
             assert g is None
             continue
         assert g.dtype == dtype, name
-        _check(name, g, g_pl, g_ref, dtype)
+        _check(name, g, g_pl, g_ref, dtype, lengths[name])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -361,9 +364,6 @@ def test_modules_dropout_only_in_training_and_prenorm():
     norm.train()
     _, res = norm(x, residual)
     assert (res == residual).any(), "training mode drops elements of x"
-    from flash_attn.ops.layer_norm import LayerNorm as Reexported
-
-    assert Reexported is LayerNorm
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -399,15 +399,8 @@ def test_triton_rejects_fp64():
 
 
 _COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from flash_attn.ops.triton.layer_norm import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
-
-def build(fn, types, consts):
-    sig = {n: "constexpr" if n in consts else types[n] for n in fn.arg_names}
-    consts = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+from flash_attn.utils.triton_compile import compile_for_gpu
 
 h, f, i64, i32 = "*fp16", "*fp32", "i64", "i32"
 fwd = dict(X=h, R=f, W=h, B=h, Y=h, RESIDUAL_OUT=f, Mean=f, Rstd=f, Seed="*i64",
@@ -415,10 +408,10 @@ fwd = dict(X=h, R=f, W=h, B=h, Y=h, RESIDUAL_OUT=f, Mean=f, Rstd=f, Seed="*i64",
 bwd = dict(X=f, W=h, DY=h, DRESIDUAL_OUT=f, DX=h, DRESIDUAL=f, DW=f, DB=f, Mean=f, Rstd=f,
            Seed="*i64", stride_x_row=i64, M=i32, N=i32, rows_per_program=i32, dropout_p="fp32")
 for rms, single in ((False, True), (True, False)):
-    build(_layer_norm_fwd_kernel, fwd, dict(
+    compile_for_gpu(_layer_norm_fwd_kernel, fwd, dict(
         IS_RMS_NORM=rms, HAS_RESIDUAL=True, HAS_BIAS=not rms, HAS_DROPOUT=True,
         STORE_RESIDUAL_OUT=True, BLOCK_N=1024 if single else 4096, SINGLE_BLOCK=single))
-    build(_layer_norm_bwd_kernel, bwd, dict(
+    compile_for_gpu(_layer_norm_bwd_kernel, bwd, dict(
         IS_RMS_NORM=rms, HAS_DROPOUT=True, HAS_DRESIDUAL_OUT=True, STORE_DRESIDUAL=True,
         BLOCK_N=1024 if single else 4096, SINGLE_BLOCK=single))
 print("compiled")
@@ -427,14 +420,4 @@ print("compiled")
 
 def test_kernels_compile_for_gpu():
     """The interpreter accepts code the compiler rejects: compile to sm_90 (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True,
-                            text=True, env=env, timeout=300)  # fmt: skip
-    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert_compiles_for_gpu(_COMPILE_FOR_SM90, timeout=300)

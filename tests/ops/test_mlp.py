@@ -8,7 +8,7 @@ from torch import nn
 from flash_attn.modules.mlp import FusedMLP, GatedMlp
 from flash_attn.ops.mlp import ACTIVATIONS, fused_mlp, gated_linear, linear_activation
 from flash_attn.ops.reference.mlp import gated_linear_ref, linear_activation_ref
-from tests.testing import HAS_CUDA, kernel_device
+from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
 
 BACKENDS = ["triton", "torch"]
 SMALL = [(7, 1, 7), (13, 7, 1), (1, 33, 257), (9, 1000, 33)]  # (tokens, in_features, out)
@@ -48,10 +48,14 @@ def _check_within_twice_plain(fn, ref_fn, tensors, activation, backend, atol):
     oracle, dout = _run(ref_fn, [t.double() for t in tensors], activation)
     plain, _ = _run(ref_fn, tensors, activation, dout)
     got, _ = _run(fn, tensors, activation, dout, backend=backend)
-    for name, err, budget in zip(
-        ["out", "x", "weight", "bias"], _errs(got, oracle), _errs(plain, oracle)
-    ):
-        assert err <= 2 * budget + atol, name
+    # A sum of n fp32 terms rounds differently on different CPUs (summation order), with an error
+    # that grows like sqrt(n) * eps(fp32). n behind each output: in_features for out, the weight's
+    # rows for x's gradient, the tokens for the weight and bias gradients.
+    (tokens, in_features), rows = tensors[0].shape, tensors[1].shape[0]
+    lengths = dict(out=in_features, x=rows, weight=tokens, bias=tokens)
+    for name, err, budget in zip(lengths, _errs(got, oracle), _errs(plain, oracle)):
+        grown_atol = atol + torch.finfo(torch.float32).eps * lengths[name] ** 0.5
+        assert err <= 2 * budget + grown_atol, name
     assert got[0].dtype == tensors[0].dtype
 
 
@@ -247,15 +251,8 @@ def test_bad_input(backend):
 
 _COMPILE_FOR_SM90 = """
 import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from flash_attn.ops.triton.mlp import _act_bwd_kernel, _linear_act_fwd_kernel
-
-def compile_for_sm90(kernel, types, consts):
-    sig = {n: "constexpr" if n in consts else types[n] for n in kernel.arg_names}
-    consts = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
-    triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+from flash_attn.utils.triton_compile import compile_for_gpu
 
 every = sys.argv[1] == "all"
 cases = [(dt, act, gated) for dt in ("bf16", "fp16", "fp32")
@@ -264,15 +261,15 @@ cases = [(dt, act, gated) for dt in ("bf16", "fp16", "fp32")
 if not every:
     cases = [("bf16", "gelu", True), ("fp32", "sqrelu", False), ("fp16", "silu", True)]
 for dt, act, gated in cases:
-    # The autotuner wraps the jit function: compile one of its configurations.
-    compile_for_sm90(_linear_act_fwd_kernel.fn,
+    # compile_for_gpu unwraps the autotuner and compiles one of its configurations.
+    compile_for_gpu(_linear_act_fwd_kernel,
         dict(X=f"*{dt}", W=f"*{dt}", Bias=f"*{dt}", Out=f"*{dt}", Pre=f"*{dt}", M="i32",
              N="i32", K="i32", stride_xm="i64", stride_xk="i64", stride_wn="i64",
              stride_wk="i64"),
         dict(ACTIVATION=act, GATED=gated, HAS_BIAS=True, STORE_PRE=True,
              DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
              BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8))
-    compile_for_sm90(_act_bwd_kernel,
+    compile_for_gpu(_act_bwd_kernel,
         dict(DOut=f"*{dt}", Pre=f"*{dt}", DPre=f"*{dt}", M="i32", N="i32"),
         dict(ACTIVATION=act, GATED=gated, BLOCK_M=32, BLOCK_N=128))
 print("compiled")
@@ -282,17 +279,7 @@ print("compiled")
 @pytest.mark.parametrize("which", ["some", pytest.param("all", marks=pytest.mark.slow)])
 def test_kernels_compile_for_gpu(which):
     """The interpreter accepts code the compiler rejects: compile to sm_90 (no GPU needed)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, which], capture_output=True,
-                            text=True, env=env, timeout=600)  # fmt: skip
-    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's ptxas is not available")
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    assert_compiles_for_gpu(_COMPILE_FOR_SM90, which)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -26,14 +26,10 @@ def reduce_loss(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
 
 
 def cross_entropy_ref(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
     inplace_backward: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Cross-entropy over the last dimension, differentiable by autograd.
 
     Args:

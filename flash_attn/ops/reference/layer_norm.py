@@ -26,18 +26,11 @@ def residual_dtype_for(
 
 
 def layer_norm_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    dropout_p: float = 0.0,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    is_rms_norm: bool = False,
-    *,
-    dropout_mask: torch.Tensor | None = None,
-):
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None, eps: float = 1e-5, dropout_p: float = 0.0,
+    prenorm: bool = False, residual_in_fp32: bool = False, is_rms_norm: bool = False,
+    *, dropout_mask: torch.Tensor | None = None,
+):  # fmt: skip
     """dropout + residual add + LayerNorm (or RMSNorm), differentiable by autograd.
 
     Args:
@@ -77,27 +70,13 @@ def layer_norm_ref(
 
 
 def rms_norm_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    dropout_p: float = 0.0,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    *,
-    dropout_mask: torch.Tensor | None = None,
-):
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None, eps: float = 1e-6, dropout_p: float = 0.0,
+    prenorm: bool = False, residual_in_fp32: bool = False,
+    *, dropout_mask: torch.Tensor | None = None,
+):  # fmt: skip
     """:func:`layer_norm_ref` with ``is_rms_norm=True``."""
     return layer_norm_ref(
-        x,
-        weight,
-        bias,
-        residual,
-        eps,
-        dropout_p,
-        prenorm,
-        residual_in_fp32,
-        is_rms_norm=True,
-        dropout_mask=dropout_mask,
-    )
+        x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32,
+        is_rms_norm=True, dropout_mask=dropout_mask,
+    )  # fmt: skip

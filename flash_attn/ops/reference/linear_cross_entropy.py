@@ -13,16 +13,10 @@ from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
 
 
 def linear_cross_entropy_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+    bias: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0, reduction: str = "mean", chunk_size: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """``cross_entropy(hidden @ weight.T + bias, labels)``, differentiable by autograd.
 
     Args:

@@ -40,16 +40,10 @@ def rotary_positions(
 
 
 def apply_rotary_ref(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    seqlen_offsets: int | torch.Tensor = 0,
-    cu_seqlens: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-    interleaved: bool = False,
-    inplace: bool = False,
-    conjugate: bool = False,
-) -> torch.Tensor:
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: int | torch.Tensor = 0,
+    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+    interleaved: bool = False, inplace: bool = False, conjugate: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Rotary embedding, differentiable by autograd (same arguments as ``apply_rotary``).
 
     Args:

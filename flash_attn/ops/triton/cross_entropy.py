@@ -104,13 +104,7 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 2048 else 8
 
 
-def cross_entropy_fwd(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_fwd(logits, labels, label_smoothing, lse_square_scale, ignore_index):
     """Per-row loss and log-sum-exp. Inputs are assumed validated (see ``ops.cross_entropy``).
 
     Args:
@@ -142,15 +136,8 @@ def cross_entropy_fwd(
 
 
 def cross_entropy_bwd(
-    dloss: torch.Tensor,
-    logits: torch.Tensor,
-    lse: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    ignore_index: int = -100,
-    dlogits: torch.Tensor | None = None,
-) -> torch.Tensor:
+    dloss, logits, lse, labels, label_smoothing, lse_square_scale, ignore_index, dlogits=None
+):
     """Gradient of the per-row loss with respect to the logits.
 
     Args:

@@ -368,18 +368,11 @@ def _num_programs(M: int, device: torch.device) -> int:
 
 
 def layer_norm_bwd(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    dresidual_out: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: torch.Tensor | None = None,
-    is_rms_norm: bool = False,
-    residual_dtype: torch.dtype | None = None,
-    max_block: int = MAX_BLOCK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, dresidual_out: torch.Tensor | None = None, dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None, is_rms_norm: bool = False,
+    residual_dtype: torch.dtype | None = None, max_block: int = MAX_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Launch the backward kernel.
 
     Args:
