@@ -1,5 +1,8 @@
 """The official flash-attn 2.x functional API: same names, argument order, defaults and shapes.
 
+``flash_attn_with_kvcache`` is defined beside its implementation in
+``flash_attn.ops.attention_kvcache`` and re-exported here.
+
 Extensions are keyword-only and come last: ``attn_bias`` (an additive float bias or a boolean
 mask, broadcastable to (batch, nheads, seqlen_q, seqlen_k)) and ``backend`` ("auto", "triton" or
 "torch"; see ``flash_attn.ops.backend``).
@@ -22,6 +25,24 @@ from __future__ import annotations
 from torch import Tensor
 
 from flash_attn.ops.attention import attention
+from flash_attn.ops.attention_kvcache import flash_attn_with_kvcache  # noqa: F401 (public API)
+
+# The options that every function below takes after its tensors, by their public names. The
+# signatures list them all (they are the official API); the bodies hand them on as locals(),
+# so that this list is the one place that names them.
+_OPTIONS = ("dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes")
+_EXTENSIONS = ("attn_bias", "backend")
+_VARLEN = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scope: dict, **varlen):
+    """The implementation of all six functions: scope is the public function's locals() (its
+    options, and its varlen offsets unless given in varlen); deterministic needs nothing."""
+    varlen = {name: scope[name] for name in _VARLEN if name in scope} | varlen
+    options = {name: scope[name] for name in _OPTIONS + _EXTENSIONS}
+    return_probs = scope["return_attn_probs"]
+    out, lse, probs = attention(q, k, v, return_probs=return_probs, **options, **varlen)
+    return (out, lse, probs) if return_probs else out
 
 
 def _unpack(packed: Tensor, name: str, count: int, layout: str) -> tuple[Tensor, ...]:
@@ -60,21 +81,7 @@ def flash_attn_func(
         out (batch, seqlen_q, nheads, headdim); with return_attn_probs, (out, softmax_lse
         (batch, nheads, seqlen_q) fp32, S_dmask (batch, nheads, seqlen_q, seqlen_k)).
     """
-    out, lse, probs = attention(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        attn_bias,
-        return_attn_probs,
-        backend=backend,
-    )
-    return (out, lse, probs) if return_attn_probs else out
+    return _attend(q, k, v, locals())
 
 
 def flash_attn_qkvpacked_func(
@@ -96,21 +103,7 @@ def flash_attn_qkvpacked_func(
     The kernels read q, k and v in place through strides; the gradient comes back packed.
     """
     q, k, v = _unpack(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)")
-    return flash_attn_func(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        attn_bias=attn_bias,
-        backend=backend,
-    )
+    return _attend(q, k, v, locals())
 
 
 def flash_attn_kvpacked_func(
@@ -130,21 +123,7 @@ def flash_attn_kvpacked_func(
 ):
     """:func:`flash_attn_func` with packed kv (batch, seqlen_k, 2, nheads_k, headdim)."""
     k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
-    return flash_attn_func(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        attn_bias=attn_bias,
-        backend=backend,
-    )
+    return _attend(q, k, v, locals())
 
 
 def flash_attn_varlen_func(
@@ -182,25 +161,7 @@ def flash_attn_varlen_func(
         out (total_q, nheads, headdim); with return_attn_probs, (out, softmax_lse (nheads,
         total_q) fp32, S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k)).
     """
-    out, lse, probs = attention(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        attn_bias,
-        return_attn_probs,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        backend=backend,
-    )
-    return (out, lse, probs) if return_attn_probs else out
+    return _attend(q, k, v, locals())
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -221,25 +182,8 @@ def flash_attn_varlen_qkvpacked_func(
 ):
     """:func:`flash_attn_varlen_func` on packed qkv (total, 3, nheads, headdim)."""
     q, k, v = _unpack(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
-    return flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        attn_bias=attn_bias,
-        backend=backend,
-    )
+    return _attend(q, k, v, locals(), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                   max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)  # fmt: skip
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -263,95 +207,4 @@ def flash_attn_varlen_kvpacked_func(
 ):
     """:func:`flash_attn_varlen_func` with packed kv (total_k, 2, nheads_k, headdim)."""
     k, v = _unpack(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
-    return flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        attn_bias=attn_bias,
-        backend=backend,
-    )
-
-
-def flash_attn_with_kvcache(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Tensor | None = None,
-    v: Tensor | None = None,
-    rotary_cos: Tensor | None = None,
-    rotary_sin: Tensor | None = None,
-    cache_seqlens: int | Tensor | None = None,
-    cache_batch_idx: Tensor | None = None,
-    cache_leftpad: Tensor | None = None,
-    block_table: Tensor | None = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    rotary_interleaved: bool = True,
-    alibi_slopes: Tensor | None = None,
-    num_splits: int = 0,
-    return_softmax_lse: bool = False,
-    *,
-    backend: str | None = None,
-):
-    """Decoding step: append k, v to the cache in place, then attend q to the cache.
-
-    Args:
-        q: (batch, seqlen_q, nheads, headdim), the new queries.
-        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), updated in place; or,
-            with block_table, a paged cache (num_pages, page_size, nheads_k, headdim).
-        k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
-            cache_seqlens[b], cache_seqlens[b] + 1, ... of cache row cache_batch_idx[b] (or b).
-        rotary_cos, rotary_sin: (seqlen_rotary, rotary_dim / 2) or None: k is rotated at its
-            cache positions; q too when causal or local, else all of q at cache_seqlens.
-        cache_seqlens: int or (batch,) int32, the tokens already in each cache row. None means
-            the whole cache (only without k and v).
-        cache_batch_idx: (batch,) int32, which cache row each batch entry uses.
-        block_table: (batch, max_pages) int32: page p of batch entry b's sequence is
-            k_cache[block_table[b, p]] (a paged cache, as in vLLM); excludes cache_batch_idx.
-        cache_leftpad: not supported (NotImplementedError when given).
-        num_splits: split-KV programs per query block; 0 picks from the GPU's SM count.
-        return_softmax_lse: also return the (batch, nheads, seqlen_q) fp32 log-sum-exp.
-        others: see the module docstring. Causal is aligned to the end of each cache row.
-    Returns:
-        out (batch, seqlen_q, nheads, headdim), and softmax_lse when asked for.
-    """
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported; pass None")
-    from flash_attn.ops.attention_kvcache import attention_with_kvcache
-
-    out, lse = attention_with_kvcache(
-        q,
-        k_cache,
-        v_cache,
-        k,
-        v,
-        rotary_cos,
-        rotary_sin,
-        cache_seqlens,
-        cache_batch_idx,
-        block_table,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        rotary_interleaved,
-        alibi_slopes,
-        num_splits,
-        return_softmax_lse,
-        backend=backend,
-    )
-    return (out, lse) if return_softmax_lse else out
+    return _attend(q, k, v, locals())

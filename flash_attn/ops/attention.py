@@ -8,247 +8,132 @@ the case, the naive reference where it does not (softcap, returned probabilities
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
 from flash_attn.ops.attention_checks import check_attention_inputs, check_varlen_inputs
-from flash_attn.ops.attention_torch import AttentionOptions, attention_torch
+from flash_attn.ops.attention_options import AttentionOptions
+from flash_attn.ops.attention_torch import attention_torch
 from flash_attn.ops.backend import resolve_backend
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels as custom ops. Optional tensors are passed as None; window as two ints.
+# Triton kernels as custom ops
 
 
-def _launcher_options(
-    bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
-    softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-):  # fmt: skip
-    """The custom ops' trailing parameters (same order) as the launchers' keyword options."""
-    return dict(
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        seed=seed,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=(window_left, window_right),
-        softcap=softcap,
-        dropout_p=dropout_p,
-    )
+@dataclass(frozen=True)
+class KernelInputs:
+    """The tensors and sizes beside q, k, v that the Triton launchers take as keywords."""
+
+    bias: Tensor | None  # expanded to (batch, nheads, max_seqlen_q, max_seqlen_k)
+    alibi_slopes: Tensor | None
+    cu_seqlens_q: Tensor | None
+    cu_seqlens_k: Tensor | None
+    max_seqlen_q: int
+    max_seqlen_k: int
+    seed: Tensor | None  # (1,) int64 when dropout_p > 0
 
 
-@torch.library.custom_op("flash_attn::attention_fwd", mutates_args=())
-def _attention_fwd_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    seed: Optional[Tensor],
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-) -> tuple[Tensor, Tensor]:
+# Every custom op takes its own tensors, then these fields, flattened in this order: a custom
+# op's parameters must be typed scalars and tensors, so its schema is derived from the fields.
+_SHARED_FIELDS = fields(KernelInputs) + fields(AttentionOptions)
+_SCHEMA_TYPES = {"Tensor | None": "Tensor?", "int": "SymInt", "float": "float", "bool": "bool"}
+_SHARED_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _SHARED_FIELDS)
+
+
+def _flatten(inputs: KernelInputs, opts: AttentionOptions) -> tuple:
+    return tuple(getattr(x, f.name) for x in (inputs, opts) for f in fields(x))
+
+
+def _unflatten(shared) -> tuple[KernelInputs, AttentionOptions]:
+    count = len(fields(KernelInputs))
+    return KernelInputs(*shared[:count]), AttentionOptions(*shared[count:])
+
+
+def _launch(launcher, *tensors, shared, **extra):
+    """Call a Triton launcher with the custom op's flattened shared parameters."""
+    inputs, opts = _unflatten(shared)
+    return launcher(*tensors, opts, **vars(inputs), **extra)
+
+
+def _custom_op(name: str, tensors: str, returns: str):
+    """torch.library.custom_op with the schema ``(tensors, shared fields) -> returns``."""
+    schema = f"({tensors}, {_SHARED_SCHEMA}) -> {returns}"
+    return torch.library.custom_op(f"flash_attn::{name}", mutates_args=(), schema=schema)
+
+
+@_custom_op("attention_fwd", "Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)")
+def _attention_fwd_op(q, k, v, *shared):
     from flash_attn.ops.triton.attention import attention_fwd
 
-    return attention_fwd(
-        q,
-        k,
-        v,
-        **_launcher_options(
-            bias,
-            alibi_slopes,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            seed,
-            softmax_scale,
-            causal,
-            window_left,
-            window_right,
-            softcap,
-            dropout_p,
-        ),
-    )
+    return _launch(attention_fwd, q, k, v, shared=shared)
 
 
 @_attention_fwd_op.register_fake
-def _(
-    q,
-    k,
-    v,
-    bias,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seed,
-    *options,
-):
-    if cu_seqlens_q is not None:
+def _(q, k, v, *shared):
+    if _unflatten(shared)[0].cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
     else:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Sq)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("flash_attn::attention_bwd", mutates_args=())
-def _attention_bwd_op(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    bias: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    seed: Optional[Tensor],
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-    bias_requires_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@_custom_op(
+    "attention_bwd",
+    "Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool bias_requires_grad",
+    "(Tensor, Tensor, Tensor, Tensor)",
+)
+def _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared):
     from flash_attn.ops.triton.attention_bwd import attention_bwd
 
-    dq, dk, dv, dbias = attention_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        bias_requires_grad=bias_requires_grad,
-        **_launcher_options(
-            bias,
-            alibi_slopes,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            seed,
-            softmax_scale,
-            causal,
-            window_left,
-            window_right,
-            softcap,
-            dropout_p,
-        ),
-    )
+    dq, dk, dv, dbias = _launch(attention_bwd, dout, q, k, v, out, lse, shared=shared,
+                                bias_requires_grad=bias_requires_grad)  # fmt: skip
     # A custom op cannot return None: an empty tensor stands for "no bias gradient".
+    bias = _unflatten(shared)[0].bias
     return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else q.new_empty(0))
 
 
 @_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, bias, *rest):
-    bias_requires_grad = rest[-1]
+def _(dout, q, k, v, out, lse, bias_requires_grad, *shared):
+    bias = _unflatten(shared)[0].bias
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, *opts = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
-    ctx.max_seqlens = (max_q, max_k)
-    ctx.opts = opts
+    # Tensors go through save_for_backward; scalars (and absent tensors) ride on ctx.
+    ctx.save_for_backward(*output, *(x if isinstance(x, Tensor) else None for x in inputs))
+    ctx.scalars = [None if isinstance(x, Tensor) else x for x in inputs]
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
-    bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = _attention_bwd_op(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        bias,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *ctx.max_seqlens,
-        seed,
-        *ctx.opts,
-        bias_requires_grad,
-    )
+    out, lse, *saved = ctx.saved_tensors
+    q, k, v, *shared = [x if x is not None else s for x, s in zip(saved, ctx.scalars)]
+    bias = _unflatten(shared)[0].bias
+    bias_requires_grad = bias is not None and ctx.needs_input_grad[3]  # bias: shared[0]
+    dq, dk, dv, dbias = _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared)
     dbias = dbias if bias_requires_grad else None
-    return (dq, dk, dv, dbias) + (None,) * 12
+    # One gradient per input: q, k, v, bias, then None for the other shared fields.
+    return (dq, dk, dv, dbias) + (None,) * (len(_SHARED_FIELDS) - 1)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("flash_attn::attention_probs", mutates_args=())
-def _attention_probs_op(
-    q: Tensor,
-    k: Tensor,
-    lse: Tensor,
-    bias: Optional[Tensor],
-    alibi_slopes: Optional[Tensor],
-    cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    seed: Optional[Tensor],
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    dropout_p: float,
-) -> Tensor:
+@_custom_op("attention_probs", "Tensor q, Tensor k, Tensor lse", "Tensor")
+def _attention_probs_op(q, k, lse, *shared):
     from flash_attn.ops.triton.attention import attention_probs
 
-    return attention_probs(
-        q,
-        k,
-        k,
-        lse,
-        **_launcher_options(
-            bias,
-            alibi_slopes,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            seed,
-            softmax_scale,
-            causal,
-            window_left,
-            window_right,
-            softcap,
-            dropout_p,
-        ),
-    )
+    return _launch(attention_probs, q, k, lse, shared=shared)
 
 
 @_attention_probs_op.register_fake
-def _(q, k, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *rest):
-    if cu_seqlens_q is not None:
-        shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+def _(q, k, lse, *shared):
+    inputs = _unflatten(shared)[0]
+    if inputs.cu_seqlens_q is not None:
+        batch = inputs.cu_seqlens_q.shape[0] - 1
+        shape = (batch, q.shape[1], inputs.max_seqlen_q, inputs.max_seqlen_k)
     else:
         shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     return q.new_empty(shape)
@@ -260,24 +145,13 @@ def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varle
         # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen or (None, None, 0, 0)
-    args = (
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        seed,
-        opts.softmax_scale,
-        opts.causal,
-        *opts.window_size,
-        opts.softcap,
-        opts.dropout_p,
-    )
-    out, lse = _attention_fwd_op(q, k, v, bias, *args)
+    inputs = KernelInputs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, seed)  # fmt: skip
+    out, lse = _attention_fwd_op(q, k, v, *_flatten(inputs, opts))
     if not return_probs:
         return out, lse, None
-    detached = bias.detach() if bias is not None else None
-    probs = _attention_probs_op(q.detach(), k.detach(), lse.detach(), detached, *args)
+    detached = replace(inputs, bias=bias.detach() if bias is not None else None)
+    probs = _attention_probs_op(q.detach(), k.detach(), lse.detach(), *_flatten(detached, opts))
     return out, lse, probs
 
 
@@ -289,15 +163,15 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: Tensor | None = None,
-    attn_bias: Tensor | None = None,
-    return_probs: bool = False,
     *,
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    attn_bias: Tensor | None,
+    return_probs: bool,
     cu_seqlens_q: Tensor | None = None,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
@@ -310,12 +184,8 @@ def attention(
         q: (batch, seqlen_q, nheads, headdim), or (total_q, nheads, headdim) with cu_seqlens_q.
         k, v: (batch, seqlen_k, nheads_k, headdim), or (total_k, nheads_k, headdim).
             fp16, bf16 or fp32; headdim <= 256; nheads % nheads_k == 0 (GQA/MQA).
-        dropout_p: dropout on the attention weights.
-        softmax_scale: defaults to 1 / sqrt(headdim).
-        causal, window_size: bottom-right aligned causal mask; sliding window (left, right),
-            -1 for unlimited.
-        softcap: scores become softcap * tanh(scores / softcap) when > 0.
-        alibi_slopes: (nheads,) or (batch, nheads) fp32.
+        dropout_p, softmax_scale (None: 1 / sqrt(headdim)), causal, window_size, softcap,
+            alibi_slopes: as in ``flash_attn.flash_attn_interface``, which gives the defaults.
         attn_bias: float tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k) added to the
             scores (differentiable), or bool of that shape, True where attention is allowed.
         return_probs: also return the probabilities (tests and inspection only: O(seqlen^2)).
@@ -334,14 +204,8 @@ def attention(
     check_attention_inputs(
         q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, attn_bias, varlen
     )
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    opts = AttentionOptions(
-        float(softmax_scale),
-        bool(causal),
-        tuple(int(w) for w in window_size),
-        float(softcap),
-        float(dropout_p),
+    opts = AttentionOptions.create(
+        q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p
     )
     run = _attention_triton if resolve_backend(backend, q.device) == "triton" else attention_torch
     if run is _attention_triton and attn_bias is not None and attn_bias.dtype == torch.bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -29,6 +30,38 @@ def _check_tensor(name: str, t, q: Tensor, rank: int, layout: str) -> None:
             f"{name} must be contiguous in its last dimension (stride 1), got stride "
             f"{t.stride(-1)}; call .contiguous() first"
         )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_flag(name: str, value) -> bool:
+    """value as a bool; TypeError naming the argument unless it is a bool or the int 0 or 1 (a
+    string such as "no" would otherwise count as True)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def window_pair(window_size) -> tuple[int, int]:
+    """window_size as two Python ints (each may be any integer, a 0-d integer tensor included);
+    TypeError or ValueError naming window_size unless it is a pair of integers >= -1."""
+    if not isinstance(window_size, (tuple, list)):
+        raise TypeError(
+            f"window_size must be a pair (left, right) of integers >= -1, got {window_size!r}"
+        )
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be two integers >= -1, got {window_size!r}")
+    try:
+        pair = tuple(operator.index(w) for w in window_size if not isinstance(w, bool))
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
+        raise TypeError(f"window_size must be two integers >= -1, got {window_size!r}")
+    if min(pair) < -1:
+        raise ValueError(f"window_size must be two integers >= -1, got {window_size!r}")
+    return pair
 
 
 def check_attention_inputs(
@@ -77,14 +110,15 @@ def check_attention_inputs(
         raise ValueError(
             f"nheads of q ({nheads}) must be divisible by nheads of k and v ({k.shape[-2]})"
         )
+    if not _is_number(dropout_p):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    window_pair(window_size)
     if softmax_scale is not None and not (
         isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
     ):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
-        raise ValueError(f"window_size must be two integers >= -1, got {window_size!r}")
     if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
     if alibi_slopes is not None:

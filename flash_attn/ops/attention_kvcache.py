@@ -1,5 +1,6 @@
 """Attention over a KV cache for decoding: append the new keys/values, rotate, attend.
 
+``flash_attn_with_kvcache`` (the official API, re-exported by ``flash_attn``) is defined here.
 Inference only (no autograd). The Triton path reads each batch entry's cache in place (its
 length from cache_seqlens, its row from cache_batch_idx, or its pages from block_table) and,
 when there are too few query blocks to fill the GPU, splits the cache across programs
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from flash_attn.ops.attention_checks import check_attention_inputs
-from flash_attn.ops.attention_torch import AttentionOptions, attention_torch_dense
+from flash_attn.ops.attention_options import AttentionOptions
+from flash_attn.ops.attention_torch import attention_torch_dense
 from flash_attn.ops.backend import resolve_backend
 
 
@@ -160,7 +162,7 @@ def _auto_num_splits(q, seqlen_k: int, nheads: int) -> int:
 
 
 @torch.no_grad()
-def attention_with_kvcache(
+def flash_attn_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
@@ -170,6 +172,7 @@ def attention_with_kvcache(
     rotary_sin: Tensor | None = None,
     cache_seqlens: int | Tensor | None = None,
     cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
     block_table: Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
@@ -181,11 +184,32 @@ def attention_with_kvcache(
     return_softmax_lse: bool = False,
     *,
     backend: str | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """See ``flash_attn.flash_attn_with_kvcache``; returns (out, lse or None).
+):
+    """Decoding step: append k, v to the cache in place, then attend q to the cache.
 
-    The torch path computes lse only when return_softmax_lse (it then materialises the scores
-    of each batch entry); the Triton path always has it."""
+    Args:
+        q: (batch, seqlen_q, nheads, headdim), the new queries.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), updated in place; or,
+            with block_table, a paged cache (num_pages, page_size, nheads_k, headdim).
+        k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
+            cache_seqlens[b], cache_seqlens[b] + 1, ... of cache row cache_batch_idx[b] (or b).
+        rotary_cos, rotary_sin: (seqlen_rotary, rotary_dim / 2) or None: k is rotated at its
+            cache positions; q too when causal or local, else all of q at cache_seqlens.
+        cache_seqlens: int or (batch,) int32, the tokens already in each cache row. None means
+            the whole cache (only without k and v).
+        cache_batch_idx: (batch,) int32, which cache row each batch entry uses.
+        block_table: (batch, max_pages) int32: page p of batch entry b's sequence is
+            k_cache[block_table[b, p]] (a paged cache, as in vLLM); excludes cache_batch_idx.
+        cache_leftpad: not supported (NotImplementedError when given).
+        num_splits: split-KV programs per query block; 0 picks from the GPU's SM count.
+        return_softmax_lse: also return the (batch, nheads, seqlen_q) fp32 log-sum-exp.
+        others: see ``flash_attn.flash_attn_interface``. Causal is aligned to the end of each
+            cache row.
+    Returns:
+        out (batch, seqlen_q, nheads, headdim), and softmax_lse when asked for.
+    """
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported; pass None")
     check_attention_inputs(
         q,
         k_cache,
@@ -217,8 +241,17 @@ def attention_with_kvcache(
         seqlens_k = cache_seqlens + k.shape[1]
     else:
         seqlens_k = cache_seqlens
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    opts = AttentionOptions(float(scale), bool(causal), tuple(window_size), float(softcap))
+    opts = AttentionOptions.create(q.shape[-1], softmax_scale, causal, window_size, softcap)
+    out, lse = _attend_to_cache(q, k_cache, v_cache, seqlens_k, layout, cache_batch_idx, opts,
+                                alibi_slopes, num_splits, return_softmax_lse, backend)  # fmt: skip
+    return (out, lse) if return_softmax_lse else out
+
+
+def _attend_to_cache(q, k_cache, v_cache, seqlens_k, layout, cache_batch_idx, opts, alibi_slopes,
+                     num_splits, return_lse, backend):  # fmt: skip
+    """(out, lse) of q attending to the first seqlens_k[b] keys of each batch entry's cache. The
+    torch path computes lse only when return_lse (it then materialises the scores of each batch
+    entry); the Triton path always has it."""
     if resolve_backend(backend, q.device) == "triton":
         from flash_attn.ops.triton.attention import attention_fwd
 
@@ -227,15 +260,12 @@ def attention_with_kvcache(
             q,
             k_cache,
             v_cache,
+            opts,
             num_splits=splits,
-            softmax_scale=opts.softmax_scale,
-            causal=opts.causal,
-            window_size=opts.window_size,
-            softcap=opts.softcap,
             alibi_slopes=alibi_slopes,
             seqlens_k=seqlens_k.to(torch.int32),
             k_batch_idx=cache_batch_idx,
-            block_table=block_table,
+            block_table=layout.block_table,
             max_seqlen_k=layout.capacity,
         )
     outs, lses = [], []
@@ -252,8 +282,8 @@ def attention_with_kvcache(
             opts,
             None,
             slopes,
-            return_probs=return_softmax_lse,
+            return_probs=return_lse,
         )
         outs.append(out)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses) if return_softmax_lse else None
+    return torch.cat(outs), torch.cat(lses) if return_lse else None

@@ -9,24 +9,14 @@ sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from einops import repeat
 
+from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.reference.attention import alibi_bias, attention_ref, window_allowed
-
-
-@dataclass(frozen=True)
-class AttentionOptions:
-    """What modifies the scores, shared by every backend (see ``ops/triton/attention.py``)."""
-
-    softmax_scale: float
-    causal: bool = False
-    window_size: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    dropout_p: float = 0.0
 
 
 def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, return_probs):
@@ -121,7 +111,7 @@ def attention_torch_banded(q, k, v, opts: AttentionOptions, bias, alibi_slopes):
     diag = seqlen_k - seqlen_q
     left, right = opts.window_size
     right = 0 if opts.causal else (seqlen_k if right < 0 else right)
-    unmasked = replace(opts, causal=False, window_size=(-1, -1))
+    unmasked = replace(opts, causal=False, window_left=-1, window_right=-1)
     outs = []
     for i0 in range(0, seqlen_q, QUERY_CHUNK):
         i1 = min(i0 + QUERY_CHUNK, seqlen_q)

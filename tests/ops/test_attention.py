@@ -64,17 +64,10 @@ def check_against_reference(backend, case, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(
+    "case", CASES + [pytest.param(case, marks=pytest.mark.slow) for case in SLOW_CASES], ids=str
+)
 def test_matches_reference(backend, case):
-    device, dtypes = device_and_dtypes(backend)
-    for dtype in dtypes:
-        check_against_reference(backend, case, dtype, device)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", SLOW_CASES, ids=str)
-def test_matches_reference_full_sweep(backend, case):
     device, dtypes = device_and_dtypes(backend)
     for dtype in dtypes:
         check_against_reference(backend, case, dtype, device)

@@ -129,6 +129,19 @@ def _merge_heads(x):
     return x.permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
+def _prepare(q, k, v, softmax_scale, mask, block_m, block_n):
+    """Checked inputs split into key/value head groups: (Q, K, V, mask5, scale, acc_dtype)."""
+    _check_inputs(q, k, v, mask, block_m, block_n)
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    Q = _split_heads(q, nheads_k)  # (B, Hk, G, Sq, D)
+    K = _split_heads(k, nheads_k)  # (B, Hk, 1, Sk, D)
+    V = _split_heads(v, nheads_k)  # (B, Hk, 1, Sk, D)
+    mask5 = _grouped_mask(mask, batch, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
+    return Q, K, V, mask5, scale, _acc_dtype(q.dtype)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -160,17 +173,8 @@ def attention_tiled_fwd(
         lse: (batch, nheads, seqlen_q), accumulation dtype (fp32 for fp16/bf16 inputs),
             natural-log log-sum-exp of the scaled scores, +inf for rows that see no key.
     """
-    _check_inputs(q, k, v, mask, block_m, block_n)
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    group = nheads // nheads_k
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    acc_dtype = _acc_dtype(q.dtype)
-
-    Q = _split_heads(q, nheads_k)  # (B, Hk, G, Sq, D)
-    K = _split_heads(k, nheads_k)  # (B, Hk, 1, Sk, D)
-    V = _split_heads(v, nheads_k)  # (B, Hk, 1, Sk, D)
-    mask5 = _grouped_mask(mask, batch, nheads_k, group, seqlen_q, seqlen_k)
+    Q, K, V, mask5, scale, acc_dtype = _prepare(q, k, v, softmax_scale, mask, block_m, block_n)
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
 
     O_blocks, L_blocks = [], []
     for rows in _blocks(seqlen_q, block_m):
@@ -249,20 +253,11 @@ def attention_tiled_bwd(
         dq (batch, seqlen_q, nheads, headdim), dk and dv (batch, seqlen_k, nheads_k, headdim),
         in the inputs' dtype.
     """
-    _check_inputs(q, k, v, mask, block_m, block_n)
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    group = nheads // nheads_k
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    acc_dtype = _acc_dtype(q.dtype)
-
-    Q = _split_heads(q, nheads_k)  # (B, Hk, G, Sq, D)
-    K = _split_heads(k, nheads_k)  # (B, Hk, 1, Sk, D)
-    V = _split_heads(v, nheads_k)  # (B, Hk, 1, Sk, D)
+    Q, K, V, mask5, scale, acc_dtype = _prepare(q, k, v, softmax_scale, mask, block_m, block_n)
+    seqlen_q, seqlen_k, nheads_k = q.shape[1], k.shape[1], k.shape[2]
     dO = _split_heads(do, nheads_k)  # (B, Hk, G, Sq, D)
     O = _split_heads(out, nheads_k)  # (B, Hk, G, Sq, D)
-    L = lse.unflatten(1, (nheads_k, group)).to(acc_dtype)  # (B, H, Sq) -> (B, Hk, G, Sq)
-    mask5 = _grouped_mask(mask, batch, nheads_k, group, seqlen_q, seqlen_k)
+    L = lse.unflatten(1, (nheads_k, -1)).to(acc_dtype)  # (B, H, Sq) -> (B, Hk, G, Sq)
 
     # D = rowsum(dO * O) (Algorithm 2 of FlashAttention-2, line 4): the row term of the softmax
     # gradient, sum_j P_ij dP_ij, computed from O instead of from P.

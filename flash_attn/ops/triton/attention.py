@@ -18,6 +18,10 @@ that attends to nothing (its output is zero, never NaN).
 Dropout draws from Philox keyed by a seed tensor and the element's position
 ((batch * nheads + head) * max_seqlen_q + i) * max_seqlen_k + j, so the backward regenerates
 the mask instead of storing it.
+
+Every kernel that owns a query block starts with :func:`query_block`; what the score modifiers
+of one head need travels as one tuple (``mods``, see :func:`score_mods`), and so does what
+the dropout mask needs (``dropout``, see :func:`dropout_keep`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.backend import interpreter_enabled
 from flash_attn.ops.triton.launch import device_guard
 
@@ -75,7 +80,10 @@ def sequence(
     HAS_SEQLENS_K: tl.constexpr,
 ):
     """(q_start, seqlen_q, k_start, seqlen_k) of batch entry off_b: its first row in the token
-    dimension and its lengths (packed varlen batches, or per-batch cache lengths)."""
+    dimension and its lengths (packed varlen batches). SeqlensK, (B, 2) int32 when
+    HAS_SEQLENS_K, overrides the keys: batch entry b sees keys [SeqlensK[b, 0], SeqlensK[b, 1])
+    of its cache row (a KV cache with cache_leftpad and cache_seqlens, or the pages of a paged
+    varlen batch), which the kernel then indexes from 0."""
     q_start = 0
     k_start = 0
     if VARLEN:
@@ -84,50 +92,45 @@ def sequence(
         k_start = tl.load(CuSeqlensK + off_b)
         seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
     if HAS_SEQLENS_K:
-        seqlen_k = tl.load(SeqlensK + off_b)
+        k_start = tl.load(SeqlensK + 2 * off_b)
+        seqlen_k = tl.load(SeqlensK + 2 * off_b + 1) - k_start
     return q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit
-def key_range(
-    start_m,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """[lo, hi) of the keys that some query of the block starting at start_m can see; lo is a
-    multiple of BLOCK_N."""
-    diag = seqlen_k - seqlen_q
-    lo = tl.maximum(start_m + diag - window_left, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
-    return lo, hi
-
-
-@triton.jit
-def query_range(
-    start_n,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """[lo, hi) of the queries that can see some key of the block starting at start_n; lo is a
-    multiple of BLOCK_M."""
-    diag = seqlen_k - seqlen_q
-    lo = tl.maximum(start_n - diag - window_right, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum(start_n + BLOCK_N - diag + window_left, seqlen_q)
-    return lo, hi
-
-
-@triton.jit
 def tanh(x):
-    """tanh from sigmoid: one formula for the compiled kernels and the CPU interpreter."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    """tanh within a few fp32 ulps of relative error everywhere, 0 included (2 sigmoid(2x) - 1
+    loses all relative precision near 0), in plain arithmetic, so that the compiled kernels and
+    the CPU interpreter share it: Eigen's rational approximation on [-9, 9], where it reaches
+    +-1 in fp32."""
+    x = tl.clamp(x, -9.0, 9.0, propagate_nan=tl.PropagateNan.ALL)
+    x2 = x * x
+    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    p = p * x2 - 8.60467152213735e-11
+    p = p * x2 + 5.12229709037114e-08
+    p = p * x2 + 1.48572235717979e-05
+    p = p * x2 + 6.37261928875436e-04
+    p = p * x2 + 4.89352455891786e-03
+    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = q * x2 + 2.26843463243900e-03
+    q = q * x2 + 4.89352518554385e-03
+    return x * p / q
+
+
+@triton.jit
+def score_mods(
+    Bias, Slopes, off_b, off_h,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+    seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
+    HAS_ALIBI: tl.constexpr,
+):  # fmt: skip
+    """What :func:`scores` needs for head off_h of batch entry off_b, as one tuple."""
+    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
+    return (seqlen_q, seqlen_k, softmax_scale, softcap, bias_base, stride_bias_m, stride_bias_n,
+            slope, window_left, window_right)  # fmt: skip
 
 
 @triton.jit
@@ -135,43 +138,67 @@ def scores(
     qk,
     rows,
     cols,
-    seqlen_q,
-    seqlen_k,
-    softmax_scale,
-    softcap,
-    bias_base,
-    stride_bias_m,
-    stride_bias_n,
-    slope,
-    window_left,
-    window_right,
+    mods,
     SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     MASK_WINDOW: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
-    """Attention scores of a (BLOCK_M, BLOCK_N) tile from its q k^T, in natural-log units and
-    -inf where not visible, with d(score)/d(q k^T * softmax_scale) from the softcap (1 without)."""
-    s = qk * softmax_scale
+    """Attention scores of a tile from its q k^T, in log2 units (score * log2(e), for exp2),
+    with d(score)/d(q k^T * softmax_scale) from the softcap (1 without). rows and cols index
+    the tile's queries and keys, broadcast against each other: (M, 1) and (1, N) for a q k^T
+    tile, (1, M) and (N, 1) for a k q^T tile. MASKED: -inf where not visible (outside the
+    window or the sequences, bounds skipped along an EVEN dimension); without it every score
+    of the tile must be visible. mods: the tuple of :func:`score_mods`."""
+    (seqlen_q, seqlen_k, softmax_scale, softcap, bias_base, stride_bias_m, stride_bias_n, slope,
+     window_left, window_right) = mods  # fmt: skip
     dsoftcap = 1.0
     if SOFTCAP:
-        t = tanh(s / softcap)
-        s = softcap * t
+        t = tanh(qk * (softmax_scale / softcap))
+        s = t * (softcap * LOG2E)
         dsoftcap = 1.0 - t * t
-    visible = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    else:
+        s = qk * (softmax_scale * LOG2E)
     if HAS_BIAS:
-        bias = tl.load(
-            bias_base + rows[:, None] * stride_bias_m + cols[None, :] * stride_bias_n,
-            mask=visible,
-            other=0.0,
-        )
-        s += bias.to(tl.float32)
-    distance = cols[None, :] - rows[:, None] - (seqlen_k - seqlen_q)
+        in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
+        bias = tl.load(bias_base + rows * stride_bias_m + cols * stride_bias_n, mask=in_bounds,
+                       other=0.0)  # fmt: skip
+        s += bias.to(tl.float32) * LOG2E
+    distance = cols - rows - (seqlen_k - seqlen_q)
     if HAS_ALIBI:
-        s -= slope * tl.abs(distance).to(tl.float32)
-    if MASK_WINDOW:
-        visible = visible & (distance >= -window_left) & (distance <= window_right)
-    return tl.where(visible, s, float("-inf")), dsoftcap
+        s -= (slope * LOG2E) * tl.abs(distance).to(tl.float32)
+    if MASKED:
+        visible = tl.full(distance.shape, True, tl.int1)
+        if not EVEN_M:
+            visible = visible & (rows < seqlen_q)
+        if not EVEN_N:
+            visible = visible & (cols < seqlen_k)
+        if MASK_WINDOW:
+            visible = visible & (distance >= -window_left) & (distance <= window_right)
+        s = tl.where(visible, s, float("-inf"))
+    return s, dsoftcap
+
+
+@triton.jit
+def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """(lo, lo_full, hi_full, hi): keys [lo, hi) are those some query of the block starting at
+    start_m can see (lo a multiple of BLOCK_N); the key blocks in [lo_full, hi_full) are seen
+    whole by every query of the block (inside the window and the keys), so their tiles need no
+    mask. With the roles swapped (key block start, seqlen_k, seqlen_q, right, left, BLOCK_N,
+    BLOCK_M) it gives the query blocks of a key block."""
+    diag = seqlen_k - seqlen_q
+    lo = tl.maximum(start_m + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
+    # The block's last query sees keys from first_key on, its first query keys before end.
+    first_key = start_m + BLOCK_M - 1 + diag - window_left
+    lo_full = tl.minimum(lo + tl.cdiv(tl.maximum(first_key - lo, 0), BLOCK_N) * BLOCK_N, hi)
+    end = tl.minimum(start_m + diag + window_right + 1, hi)
+    hi_full = lo_full + tl.maximum(end - lo_full, 0) // BLOCK_N * BLOCK_N
+    return lo, lo_full, hi_full, hi
 
 
 @triton.jit
@@ -188,14 +215,128 @@ def key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size, str
 
 
 @triton.jit
-def dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p):
-    """(len(rows), len(cols)) bool, True where the weight at (row, col) of head bh is kept."""
-    offsets = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Bool tile, True where the weight of query rows[i] and key start_n + j is kept:
+    (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when TRANSPOSED; rows broadcast as the tile's
+    query index ((M, 1), or (1, M) when TRANSPOSED). dropout: (seed, bh, max_seqlen_q,
+    max_seqlen_k, dropout_p), bh the program's batch * nheads + head.
+
+    One Philox call draws the four keys 4c..4c+3 of a query, so the mask of a weight depends
+    on its position alone, never on the tile that computes it."""
+    tl.static_assert(BLOCK_N % 4 == 0)
+    seed, bh, max_seqlen_q, max_seqlen_k, dropout_p = dropout
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    row_offsets = (bh.to(tl.int64) * max_seqlen_q + rows) * tl.cdiv(max_seqlen_k, 4)
+    if TRANSPOSED:
+        offsets = groups[:, None] + row_offsets
+    else:
+        offsets = row_offsets + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+    threshold = (dropout_p * 4294967296.0).to(tl.uint32)
+    # join(join(a, c), join(b, d)) flattens its last two dims to a, b, c, d.
+    keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold),
+                   tl.join(r1 >= threshold, r3 >= threshold))  # fmt: skip
+    if TRANSPOSED:
+        return tl.reshape(tl.permute(keep, (0, 2, 3, 1)), (BLOCK_N, offsets.shape[1]))
+    return tl.reshape(keep, (offsets.shape[0], BLOCK_N))
+
+
+@triton.jit
+def query_block(
+    Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
+    stride_qb, stride_qm, stride_qh,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+    nheads, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, softcap, dropout_p, window_left, window_right,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """What a program that owns the query block (program_id(0), head program_id(1)) starts
+    from: (off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
+    the block's q (BLOCK_M, HEAD_DIM) loaded, mods for :func:`scores` and dropout for
+    :func:`dropout_keep`."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    off_b = bh // nheads
+    off_h = bh % nheads
+    max_seqlen_q = seqlen_q
+    max_seqlen_k = seqlen_k
+    q_start, seqlen_q, k_start, seqlen_k = sequence(
+        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+    )
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = (
+        Q
+        + off_b * stride_qb
+        + off_h * stride_qh
+        + (q_start + rows[:, None]) * stride_qm
+        + offs_d[None, :]
+    )
+    q = tl.load(q_ptrs, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
+    mods = score_mods(Bias, Slopes, off_b, off_h,
+                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+                      seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
+                      HAS_ALIBI)  # fmt: skip
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    dropout = (seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
+    return off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi, flags,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
+    updated, m_i in log2 units. keys: where k and v are (bases, page table, strides); flags:
+    the kernel's constexpr switches. Without MASKED every score of every block is visible."""
+    (k_base, v_base, in_dim, BlockTable, off_b, stride_table_b, page_size,
+     stride_kb, stride_kn, stride_vb, stride_vn) = keys  # fmt: skip
+    SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N = flags
+    seqlen_k = mods[1]
+    qk_scale = mods[2] * LOG2E
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        in_keys = (cols < seqlen_k) | (not MASKED) | EVEN_N
+        k_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
+                             stride_kb, stride_kn, PAGED)  # fmt: skip
+        v_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
+                             stride_vb, stride_vn, PAGED)  # fmt: skip
+        kT = tl.load(k_base + k_offs[None, :] + offs_d[:, None],
+                     mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
+        v = tl.load(v_base + v_offs[:, None] + offs_d[None, :],
+                    mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        if MASKED or SOFTCAP or HAS_BIAS or HAS_ALIBI:
+            s, _ = scores(qk, rows[:, None], cols[None, :], mods, SOFTCAP, HAS_BIAS, HAS_ALIBI,
+                          MASK_WINDOW, MASKED, EVEN_M, EVEN_N)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no visible key so far keeps m = -inf; shift by 0 to avoid inf - inf.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+        else:
+            # Plain scores are qk * qk_scale, qk_scale > 0: one multiply-add each.
+            m_shift = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_new = m_shift
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.autotune(
@@ -209,7 +350,7 @@ def _attn_fwd_kernel(
     Out,  # like Q, contiguous
     Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
     CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32, read when VARLEN
-    SeqlensK,  # (B,) int32 keys per batch entry (KV cache), read when HAS_SEQLENS_K
+    SeqlensK,  # (B, 2) int32 [first, end) keys of each batch entry, read when HAS_SEQLENS_K
     KBatchIdx,  # (B,) int32 batch entry of k/v for each of q's (KV cache), when HAS_KV_BATCH_IDX
     Bias,  # broadcastable to (B, H, Sq, Sk), read when HAS_BIAS
     Slopes,  # (H,) or (B, H) fp32, read when HAS_ALIBI
@@ -229,104 +370,52 @@ def _attn_fwd_kernel(
     PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # q stays in SRAM for the whole loop over keys.
+    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
+        Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+        nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
+        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+    )  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
-    off_hk = off_h // (nheads // nheads_k)
-    max_seqlen_q = seqlen_q
-    max_seqlen_k = seqlen_k
-    q_start, seqlen_q, k_start, seqlen_k = sequence(
-        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
-    )
     if start_m >= seqlen_q:
         return
+    off_hk = off_h // (nheads // nheads_k)
     off_bk = off_b
     if HAS_KV_BATCH_IDX:
         off_bk = tl.load(KBatchIdx + off_b)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    if PAGED:
+        off_bk = 0  # each key's page gives its row below
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
-
-    # q stays in SRAM for the whole loop over keys.
-    q_ptrs = (
-        Q
-        + off_b * stride_qb
-        + off_h * stride_qh
-        + (q_start + rows[:, None]) * stride_qm
-        + offs_d[None, :]
-    )
-    q = tl.load(q_ptrs, mask=(rows[:, None] < seqlen_q) & in_dim[None, :], other=0.0)
-    if PAGED:
-        off_bk = 0  # each key's page gives its row below
     k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_bk * stride_vb + off_hk * stride_vh + k_start * stride_vn
-    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
-    if DROPOUT:
-        seed = tl.load(Seed)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                         BLOCK_M, BLOCK_N)  # fmt: skip
     # Split-KV: program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split),
     # a multiple of BLOCK_N, and writes a partial result that the launcher combines.
     split = tl.program_id(2)
     lo = tl.maximum(lo, split * keys_per_split)
     hi = tl.minimum(hi, (split + 1) * keys_per_split)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        in_keys = cols < seqlen_k
-        k_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
-                             stride_kb, stride_kn, PAGED)  # fmt: skip
-        v_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
-                             stride_vb, stride_vn, PAGED)  # fmt: skip
-        kT = tl.load(
-            k_base + k_offs[None, :] + offs_d[:, None],
-            mask=in_keys[None, :] & in_dim[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + v_offs[:, None] + offs_d[None, :],
-            mask=in_keys[:, None] & in_dim[None, :],
-            other=0.0,
-        )
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s, _ = scores(
-            qk,
-            rows,
-            cols,
-            seqlen_q,
-            seqlen_k,
-            softmax_scale,
-            softcap,
-            bias_base,
-            stride_bias_m,
-            stride_bias_n,
-            slope,
-            window_left,
-            window_right,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            MASK_WINDOW,
-        )
-        s = s * LOG2E  # exp2 is cheaper than exp
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far keeps m = -inf; shift by 0 to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p)
-            p = tl.where(keep, p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
+    hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
+    keys = (k_base, v_base, in_dim, BlockTable, off_b, stride_table_b, page_size,
+            stride_kb, stride_kn, stride_vb, stride_vn)  # fmt: skip
+    flags = (SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N)
+    # Blocks seen whole need no mask; only those at the window's edges, on the diagonal or past
+    # the last full block of keys do.
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
+                                    flags, False, DOT_PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
+                                    flags, True, DOT_PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    if MASK_WINDOW:
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
+                                        flags, True, DOT_PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -351,89 +440,49 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_probs_kernel(
-    Q, K, V, Lse, CuSeqlensQ, CuSeqlensK, SeqlensK, KBatchIdx, Bias, Slopes, Seed,
+    Q, K, Lse, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
     P,  # (B, H, max_Sq, max_Sk): probabilities, negated where dropout drops them
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
     stride_lse_b, stride_lse_h,
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
     softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
-    off_hk = off_h // (nheads // nheads_k)
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
-    q_start, seqlen_q, k_start, seqlen_k = sequence(
-        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
-    )
-    off_bk = off_b
-    if HAS_KV_BATCH_IDX:
-        off_bk = tl.load(KBatchIdx + off_b)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
+        Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+        nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
+        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+    )  # fmt: skip
+    off_hk = off_h // (nheads // nheads_k)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_dim = offs_d < head_dim
-    q = tl.load(
-        Q
-        + off_b * stride_qb
-        + off_h * stride_qh
-        + (q_start + rows[:, None]) * stride_qm
-        + offs_d[None, :],
-        mask=(rows[:, None] < seqlen_q) & in_dim[None, :],
-        other=0.0,
-    )
     lse = tl.load(
         Lse + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows,
         mask=rows < seqlen_q,
         other=float("inf"),
     )
-    k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
-    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
-    if DROPOUT:
-        seed = tl.load(Seed)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     for start_n in range(0, max_seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(
             k_base + cols[None, :] * stride_kn + offs_d[:, None],
-            mask=(cols[None, :] < seqlen_k) & in_dim[:, None],
+            mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim),
             other=0.0,
         )
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s, _ = scores(
-            qk,
-            rows,
-            cols,
-            seqlen_q,
-            seqlen_k,
-            softmax_scale,
-            softcap,
-            bias_base,
-            stride_bias_m,
-            stride_bias_n,
-            slope,
-            window_left,
-            window_right,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            MASK_WINDOW,
-        )
+        s, _ = scores(qk, rows, cols, mods, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW)
         p = tl.math.exp(s - lse[:, None])
         if DROPOUT:
-            keep = dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p)
-            p = tl.where(keep, p, -p)
-        out_offs = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
+            p = tl.where(dropout_keep(dropout, rows, cols), p, -p)
+        bh = tl.program_id(1).to(tl.int64)
+        out_offs = (bh * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
         tl.store(
             P + out_offs,
             p.to(P.dtype.element_ty),
@@ -445,52 +494,57 @@ def _attn_probs_kernel(
 # Launchers
 
 
-def _strides3(t: torch.Tensor | None, varlen: bool) -> tuple[int, int, int]:
-    """(batch, token, head) strides; batch stride 0 for packed varlen tensors."""
-    if t is None:
-        return (0, 0, 0)
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+def token_strides(name: str, token: str, t: torch.Tensor, varlen: bool) -> dict:
+    """Kernel arguments stride_{name}b, stride_{name}{token}, stride_{name}h of t: its batch,
+    token and head strides; batch stride 0 for packed varlen tensors."""
+    strides = (0, t.stride(0), t.stride(1)) if varlen else t.stride()[:3]
+    return dict(zip((f"stride_{name}b", f"stride_{name}{token}", f"stride_{name}h"), strides))
 
 
-def problem(
+def shared_kernel_args(
     q,
     k,
-    v,
+    opts: AttentionOptions,
     *,
-    softmax_scale,
-    causal=False,
-    dropout_p=0.0,
-    seed=None,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
     bias=None,
+    alibi_slopes=None,
     cu_seqlens_q=None,
     cu_seqlens_k=None,
     max_seqlen_q=None,
     max_seqlen_k=None,
+    seed=None,
     seqlens_k=None,
-    k_batch_idx=None,
-):
-    """Everything the attention kernels share, as keyword arguments for any of them.
+    cache_leftpad=None,
+    block_table=None,
+) -> tuple[dict, int]:
+    """The keyword arguments that every attention kernel takes (all but V, the outputs and
+    what one kernel alone reads), and the batch size.
 
     Inputs are assumed validated by ``flash_attn.ops.attention``. Shapes as in the module
     docstring; ``bias`` already expanded (stride 0 on broadcast dims) to (B, H, Sq, Sk);
-    ``seqlens_k`` (B,) int32 and ``k_batch_idx`` (B,) int32 for KV-cache decoding.
+    ``seed`` (1,) int64 when opts.dropout_p > 0. KV-cache decoding: ``seqlens_k`` (B,) int32,
+    where each batch entry's keys end in its cache row, ``cache_leftpad`` (B,) int32 or None,
+    where they start (0 by default). ``block_table`` (B, pages) int32 when k is a paged cache
+    (num_pages, page_size, nheads_k, headdim); with varlen offsets, cu_seqlens_k then counts
+    the keys of each sequence, which start at position 0 of its pages.
     """
     varlen = cu_seqlens_q is not None
+    if varlen and block_table is not None:
+        seqlens_k = cu_seqlens_k.diff()
+    key_ranges = None
+    if seqlens_k is not None:
+        first = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
+        key_ranges = torch.stack([first, seqlens_k], dim=1).to(torch.int32)  # see sequence()
     nheads, head_dim = q.shape[-2], q.shape[-1]
-    nheads_k = k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     else:
         batch, seqlen_q = q.shape[0], q.shape[1]
         seqlen_k = max_seqlen_k or k.shape[1]  # a paged cache passes its capacity
-    left, right = window_size
     unlimited = seqlen_q + seqlen_k  # farther than any query-key distance
-    left = unlimited if left < 0 else left
-    right = 0 if causal else (unlimited if right < 0 else right)
+    left = unlimited if opts.window_left < 0 else opts.window_left
+    right = 0 if opts.causal else (unlimited if opts.window_right < 0 else opts.window_right)
     placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     slope_stride = 0
@@ -499,42 +553,38 @@ def problem(
     return dict(
         Q=q,
         K=k,
-        V=v,
         CuSeqlensQ=cu_seqlens_q if varlen else placeholder,
         CuSeqlensK=cu_seqlens_k if varlen else placeholder,
-        SeqlensK=seqlens_k if seqlens_k is not None else placeholder,
-        KBatchIdx=k_batch_idx if k_batch_idx is not None else placeholder,
+        SeqlensK=key_ranges if key_ranges is not None else placeholder,
         Bias=bias if bias is not None else placeholder,
         Slopes=alibi_slopes if alibi_slopes is not None else placeholder,
         Seed=seed if seed is not None else placeholder,
-        **dict(zip(("stride_qb", "stride_qm", "stride_qh"), _strides3(q, varlen))),
-        **dict(zip(("stride_kb", "stride_kn", "stride_kh"), _strides3(k, varlen))),
-        **dict(zip(("stride_vb", "stride_vn", "stride_vh"), _strides3(v, varlen))),
+        **token_strides("q", "m", q, varlen),
+        **token_strides("k", "n", k, varlen and block_table is None),
         **dict(
             zip(("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n"), bias_strides)
         ),
         stride_slope_b=slope_stride,
         nheads=nheads,
-        nheads_k=nheads_k,
+        nheads_k=k.shape[-2],
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         head_dim=head_dim,
-        softmax_scale=softmax_scale,
-        softcap=softcap,
-        dropout_p=dropout_p,
+        softmax_scale=opts.softmax_scale,
+        softcap=opts.softcap,
+        dropout_p=opts.dropout_p,
         window_left=left,
         window_right=right,
         seqlen_q_bucket=triton.next_power_of_2(seqlen_q),
         seqlen_k_bucket=triton.next_power_of_2(seqlen_k),
         HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
         VARLEN=varlen,
-        HAS_SEQLENS_K=seqlens_k is not None,
-        HAS_KV_BATCH_IDX=k_batch_idx is not None,
+        HAS_SEQLENS_K=key_ranges is not None,
         HAS_BIAS=bias is not None,
         HAS_ALIBI=alibi_slopes is not None,
-        SOFTCAP=softcap > 0.0,
+        SOFTCAP=opts.softcap > 0.0,
         MASK_WINDOW=left < unlimited or right < unlimited,
-        DROPOUT=dropout_p > 0.0,
+        DROPOUT=opts.dropout_p > 0.0,
         # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     ), batch
@@ -553,22 +603,33 @@ def lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
 
 
 def attention_fwd(
-    q, k, v, num_splits: int = 1, block_table: torch.Tensor | None = None, **options
+    q,
+    k,
+    v,
+    opts: AttentionOptions,
+    *,
+    num_splits: int = 1,
+    k_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    **inputs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
-        q, k, v and options: see :func:`problem` (softmax_scale is required).
+        q, k, v, opts and inputs (bias, alibi_slopes, varlen offsets, seed, seqlens_k,
+            cache_leftpad): see :func:`shared_kernel_args`.
         num_splits: split the keys across this many programs per query block (split-KV, for
             decoding with few queries and a long cache); partial results are combined here.
+        k_batch_idx: (batch,) int32, the cache row of each batch entry (KV cache).
         block_table: (batch, max_pages) int32 for a paged cache: k and v are then
             (num_pages, page_size, nheads_k, headdim) and key j of batch entry b lives at
-            [block_table[b, j // page_size], j % page_size]; seqlens_k gives the lengths.
+            [block_table[b, j // page_size], j % page_size]; seqlens_k (or, for varlen,
+            cu_seqlens_k) gives the lengths.
     Returns:
         out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen, fp32, natural log, +inf for rows with no visible key.
     """
-    args, batch = problem(q, k, v, **options)
+    args, batch = shared_kernel_args(q, k, opts, block_table=block_table, **inputs)
     varlen = args["VARLEN"]
     lse_shape = _lse_shape(q, args, batch)
     if num_splits > 1:
@@ -581,21 +642,22 @@ def attention_fwd(
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
         keys_per_split = triton.cdiv(args["seqlen_k"], 128) * 128
     split_strides = (out.stride(0), lse.stride(0)) if num_splits > 1 else (0, 0)
-    stride_ob, stride_om, stride_oh = _strides3(out[0] if num_splits > 1 else out, varlen)
 
     def grid(meta):
         return (triton.cdiv(args["seqlen_q"], meta["BLOCK_M"]), batch * args["nheads"], num_splits)
 
     with device_guard(q):
         _attn_fwd_kernel[grid](
+            V=v,
             Out=out,
             Lse=lse,
-            stride_ob=stride_ob,
-            stride_om=stride_om,
-            stride_oh=stride_oh,
+            **token_strides("v", "n", v, varlen and block_table is None),
+            **token_strides("o", "m", out[0] if num_splits > 1 else out, varlen),
             keys_per_split=keys_per_split,
             stride_out_split=split_strides[0],
             stride_lse_split=split_strides[1],
+            KBatchIdx=k_batch_idx if k_batch_idx is not None else args["SeqlensK"],
+            HAS_KV_BATCH_IDX=k_batch_idx is not None,
             BlockTable=block_table if block_table is not None else args["SeqlensK"],
             stride_table_b=block_table.stride(0) if block_table is not None else 0,
             page_size=k.shape[1] if block_table is not None else 1,
@@ -619,23 +681,22 @@ def _combine_splits(out, lse, dtype, varlen):
     return combined, lse_total.masked_fill(lse_total == float("-inf"), float("inf"))
 
 
-def attention_probs(q, k, v, lse, **options) -> torch.Tensor:
+def attention_probs(q, k, lse, opts: AttentionOptions, **inputs) -> torch.Tensor:
     """The forward's attention probabilities, for tests (the official ``S_dmask``).
 
+    Args:
+        q, k, opts and inputs: as given to :func:`attention_fwd`; lse: its second output.
     Returns:
         (batch, nheads, max_seqlen_q, max_seqlen_k) in q's dtype: softmax probabilities before
         dropout, negated where dropout dropped the weight.
     """
-    args, batch = problem(q, k, v, **options)
+    args, batch = shared_kernel_args(q, k, opts, **inputs)
     nheads, seqlen_q, seqlen_k = args["nheads"], args["seqlen_q"], args["seqlen_k"]
     probs = torch.zeros((batch, nheads, seqlen_q, seqlen_k), dtype=q.dtype, device=q.device)
     with device_guard(q):
         _attn_probs_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
             Lse=lse,
             P=probs,
-            stride_ob=0,
-            stride_om=0,
-            stride_oh=0,
             **lse_strides(lse, args["VARLEN"]),
             BLOCK_M=64,
             BLOCK_N=64,

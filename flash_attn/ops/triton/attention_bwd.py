@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.triton.attention import (
     LOG2E,
     PRUNE,
@@ -21,10 +22,12 @@ from flash_attn.ops.triton.attention import (
     dropout_keep,
     key_range,
     lse_strides,
-    problem,
-    query_range,
+    query_block,
+    score_mods,
     scores,
     sequence,
+    shared_kernel_args,
+    token_strides,
 )
 from flash_attn.ops.triton.launch import device_guard
 
@@ -60,64 +63,22 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _tile_grads(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    rows,
-    cols,
-    seqlen_q,
-    seqlen_k,
-    softmax_scale,
-    softcap,
-    bias_base,
-    stride_bias_m,
-    stride_bias_n,
-    slope,
-    window_left,
-    window_right,
-    seed,
-    bh,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    q, k, v, do, lse, delta, rows, cols, mods, dropout,
+    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """For a (BLOCK_M, BLOCK_N) tile: the weights that multiplied V (p after dropout), dS (the
-    gradient of the scores, = dBias) and dS scaled back through the softcap (for dQ and dK)."""
+    gradient of the scores, = dBias) and dS scaled back through the softcap (for dQ and dK).
+    mods and dropout: the tuples of ``score_mods`` and ``query_block``."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, dsoftcap = scores(
-        qk,
-        rows,
-        cols,
-        seqlen_q,
-        seqlen_k,
-        softmax_scale,
-        softcap,
-        bias_base,
-        stride_bias_m,
-        stride_bias_n,
-        slope,
-        window_left,
-        window_right,
-        SOFTCAP,
-        HAS_BIAS,
-        HAS_ALIBI,
-        MASK_WINDOW,
-    )
+    s, dsoftcap = scores(qk, rows, cols, mods, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW)
     # Padding rows read lse = +inf, so their probabilities are exactly 0.
     p = tl.math.exp2((s - lse[:, None]) * LOG2E)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     p_dropped = p
     if DROPOUT:
-        keep = dropout_keep(seed, bh, max_seqlen_q, max_seqlen_k, rows, cols, dropout_p)
+        dropout_p = dropout[4]
+        keep = dropout_keep(dropout, rows, cols)
         scale = 1.0 / (1.0 - dropout_p)
         p_dropped = tl.where(keep, p * scale, 0.0)
         dp = tl.where(keep, dp * scale, 0.0)
@@ -133,7 +94,7 @@ def _tile_grads(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
-    CuSeqlensQ, CuSeqlensK, SeqlensK, KBatchIdx, Bias, Slopes, Seed,
+    CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     stride_dkb, stride_dkn, stride_dkh,
@@ -143,7 +104,7 @@ def _attn_bwd_dkdv_kernel(
     softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -166,42 +127,29 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
-    k = tl.load(
-        K
-        + off_b * stride_kb
-        + off_hk * stride_kh
-        + (k_start + cols[:, None]) * stride_kn
-        + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V
-        + off_b * stride_vb
-        + off_hk * stride_vh
-        + (k_start + cols[:, None]) * stride_vn
-        + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + (k_start + cols[:, None]) * stride_kn
+    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + (k_start + cols[:, None]) * stride_vn
+    k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    # Query blocks that see none of these keys (causal, window) are skipped.
-    lo, hi = query_range(start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
+    # Query blocks that see none of these keys (causal, window) are skipped: the key range of
+    # this key block with the roles of queries and keys swapped.
+    lo, hi = key_range(start_n, seqlen_k, seqlen_q, window_right, window_left, BLOCK_N, BLOCK_M)
     for g in range(0, group_size):
         off_h = off_hk * group_size + g
-        bh = off_b * nheads + off_h
         q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
         do_base = DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
         lse_base = off_b * stride_lse_b + off_h * stride_lse_h + q_start
-        bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
+        mods = score_mods(Bias, Slopes, off_b, off_h,
+                          stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+                          stride_slope_b, seqlen_q, seqlen_k, softmax_scale, softcap,
+                          window_left, window_right, HAS_ALIBI)  # fmt: skip
+        dropout = (seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
@@ -213,37 +161,9 @@ def _attn_bwd_dkdv_kernel(
             )
             lse = tl.load(Lse + lse_base + rows, mask=rows < seqlen_q, other=float("inf"))
             delta = tl.load(Delta + lse_base + rows, mask=rows < seqlen_q, other=0.0)
-            p_dropped, _, ds = _tile_grads(
-                q,
-                k,
-                v,
-                do,
-                lse,
-                delta,
-                rows,
-                cols,
-                seqlen_q,
-                seqlen_k,
-                softmax_scale,
-                softcap,
-                bias_base,
-                stride_bias_m,
-                stride_bias_n,
-                slope,
-                window_left,
-                window_right,
-                seed,
-                bh,
-                max_seqlen_q,
-                max_seqlen_k,
-                dropout_p,
-                SOFTCAP,
-                HAS_BIAS,
-                HAS_ALIBI,
-                MASK_WINDOW,
-                DROPOUT,
-                DOT_PRECISION,
-            )
+            p_dropped, _, ds = _tile_grads(q, k, v, do, lse, delta, rows, cols, mods, dropout,
+                                           SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT,
+                                           DOT_PRECISION)  # fmt: skip
             dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
@@ -267,7 +187,7 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous
     DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
-    CuSeqlensQ, CuSeqlensK, SeqlensK, KBatchIdx, Bias, Slopes, Seed,
+    CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
@@ -276,36 +196,26 @@ def _attn_bwd_dq_kernel(
     softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
-    off_hk = off_h // (nheads // nheads_k)
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
-    q_start, seqlen_q, k_start, seqlen_k = sequence(
-        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
-    )
+    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
+        Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
+        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
+        nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
+        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+    )  # fmt: skip
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
         return
-    rows = start_m + tl.arange(0, BLOCK_M)
+    off_hk = off_h // (nheads // nheads_k)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-    q = tl.load(
-        Q
-        + off_b * stride_qb
-        + off_h * stride_qh
-        + (q_start + rows[:, None]) * stride_qm
-        + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    )
     do_offs = (
         off_b * stride_ob
         + off_h * stride_oh
@@ -318,13 +228,6 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(Delta + lse_offs, mask=rows < seqlen_q, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
-    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
@@ -333,42 +236,13 @@ def _attn_bwd_dq_kernel(
         kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        _, ds_scores, ds = _tile_grads(
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            rows,
-            cols,
-            seqlen_q,
-            seqlen_k,
-            softmax_scale,
-            softcap,
-            bias_base,
-            stride_bias_m,
-            stride_bias_n,
-            slope,
-            window_left,
-            window_right,
-            seed,
-            bh,
-            max_seqlen_q,
-            max_seqlen_k,
-            dropout_p,
-            SOFTCAP,
-            HAS_BIAS,
-            HAS_ALIBI,
-            MASK_WINDOW,
-            DROPOUT,
-            DOT_PRECISION,
-        )
+        _, ds_scores, ds = _tile_grads(q, k, v, do, lse, delta, rows, cols, mods, dropout,
+                                       SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT,
+                                       DOT_PRECISION)  # fmt: skip
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if DBIAS:
-            dbias_offs = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[
-                None, :
-            ]
+            bh = tl.program_id(1).to(tl.int64)
+            dbias_offs = (bh * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
             tl.store(
                 DBias + dbias_offs,
                 ds_scores,
@@ -379,18 +253,20 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options):
+def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias_requires_grad=False,
+                  **inputs):  # fmt: skip
     """Launch the backward kernels.
 
     Args:
         do, out: like q; lse: the forward's.
-        q, k, v and options: exactly as given to ``attention_fwd`` (see ``problem``).
+        q, k, v, opts and inputs: exactly as given to ``attention_fwd`` (see
+            ``shared_kernel_args``).
         bias_requires_grad: also return the gradient of the scores, summed like the bias.
     Returns:
         dq, dk, dv (contiguous, the inputs' shapes and dtypes) and dbias (fp32, shaped
         (batch, nheads, max_seqlen_q, max_seqlen_k): the caller sums broadcast dims) or None.
     """
-    args, batch = problem(q, k, v, **options)
+    args, batch = shared_kernel_args(q, k, opts, **inputs)
     varlen = args["VARLEN"]
     nheads, nheads_k = args["nheads"], args["nheads_k"]
     seqlen_q, seqlen_k = args["seqlen_q"], args["seqlen_k"]
@@ -401,18 +277,9 @@ def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     stride_lse = lse_strides(lse, varlen)
-    out_strides = (0, out.stride(0), out.stride(1)) if varlen else out.stride()[:3]
-    dk_strides = (0, dk.stride(0), dk.stride(1)) if varlen else dk.stride()[:3]
-    common = dict(
-        DO=do,
-        Lse=lse,
-        Delta=delta,
-        stride_ob=out_strides[0],
-        stride_om=out_strides[1],
-        stride_oh=out_strides[2],
-        **stride_lse,
-        **args,
-    )
+    stride_out = token_strides("o", "m", out, varlen)
+    common = dict(V=v, DO=do, Lse=lse, Delta=delta, **token_strides("v", "n", v, varlen),
+                  **stride_out, **stride_lse, **args)  # fmt: skip
     dbias = None
     if bias_requires_grad:
         dbias = torch.zeros(
@@ -424,7 +291,7 @@ def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options)
             do,
             delta,
             args["CuSeqlensQ"],
-            *out_strides,
+            *stride_out.values(),
             *stride_lse.values(),
             nheads,
             seqlen_q,
@@ -435,12 +302,7 @@ def attention_bwd(do, q, k, v, out, lse, *, bias_requires_grad=False, **options)
         )
         grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)  # noqa: E731
         _attn_bwd_dkdv_kernel[grid_kv](
-            DK=dk,
-            DV=dv,
-            stride_dkb=dk_strides[0],
-            stride_dkn=dk_strides[1],
-            stride_dkh=dk_strides[2],
-            **common,
+            DK=dk, DV=dv, **token_strides("dk", "n", dk, varlen), **common
         )
         grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
         _attn_bwd_dq_kernel[grid_q](
