@@ -47,33 +47,20 @@ def _compose(overrides: list[str]):
 
 def _build(cfg):
     import hydra
-    from omegaconf import OmegaConf
 
-    from training.lightning_module import GPTLightningModule
+    from training.train import build_module
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.build()
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    module = GPTLightningModule(
-        model={k: model_cfg.get(k) for k in ("preset", "config", "pretrained")},
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        vocab_size=datamodule.vocab_size,
-    )
-    return datamodule, module
+    return datamodule, build_module(cfg, datamodule.vocab_size)
 
 
 def bare_steps(cfg, state: dict, steps: int) -> list[float]:
     """Seconds per optimizer step of a plain loop (one entry per step)."""
-    from training.optim import build_optimizer, lr_lambda
-
     datamodule, module = _build(cfg)
     module.load_state_dict(state)
     datamodule.setup("fit")
-    opt = build_optimizer(module.model, cfg.optimizer.lr, cfg.optimizer.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, cfg.scheduler.warmup_steps, cfg.trainer.max_steps)
-    )
+    opt, sched = module.optimizer_and_scheduler(cfg.trainer.max_steps)
     module.train()
     times, last = [], time.perf_counter()
     for i, batch in enumerate(datamodule.train_dataloader()):

@@ -4,50 +4,78 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-from training.lightning_module import flops_per_token
 
 log = logging.getLogger(__name__)
 
-# Dense peak tensor FLOP/s per GPU (no sparsity), from the vendors' data sheets.
-# Keys are matched as substrings of torch.cuda.get_device_name(), most specific first.
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
-    "A10G": {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12},
-    "A10": {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
-    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12},
-    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12},
-    "V100": {"fp16": 125e12, "fp32": 15.7e12},
-    "T4": {"fp16": 65e12, "fp32": 8.1e12},
-}
+
+def windows_in_batch(batch: torch.Tensor) -> int:
+    """B of a (B, T + 1) batch of token windows."""
+    return batch.shape[0]
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Peak FLOP/s of one device at a Lightning precision ("bf16-mixed", "32", ...), or None
-    on CPU and unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    kind = "bf16" if "bf16" in precision else "fp16" if "16" in precision else None
-    if kind is None:
-        kind = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-    for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table.get(kind)
-    return None
+def tokens_in_batch(batch: torch.Tensor) -> int:
+    """B * T, the tokens trained on in a (B, T + 1) batch of token windows."""
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
+# Dense peak FLOP/s of GPUs whose names Lightning's table does not match (it knows an H200 only
+# as "... SXM1"/"... NVL1", and lists the sparse figure for it): (name fragment, 16-bit, tf32).
+_DENSE_PEAK_FLOPS = (("h200", 989.4e12, 494.7e12),)
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, with the dense peak of the GPUs listed in
+    ``_DENSE_PEAK_FLOPS`` where Lightning has none, so MFU is reported there too."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        if self.available_flops is not None or device.type != "cuda":
+            return
+        name = torch.cuda.get_device_name(device).lower()
+        half = str(trainer.precision).split("-")[0] in ("16", "bf16")  # else tf32 matmuls
+        for fragment, half_flops, tf32_flops in _DENSE_PEAK_FLOPS:
+            if fragment in name:
+                self.available_flops = int(half_flops if half else tf32_flops)
+                for throughput in self._throughputs.values():
+                    throughput.available_flops = self.available_flops
+                return
+
+
+def throughput_monitor(window_size: int = 10) -> ThroughputMonitor:
+    """Lightning's ThroughputMonitor over (B, T + 1) token windows: samples are windows, items
+    are the B * T trained tokens, FLOPs come from the module's flops_per_batch. It logs
+    train/device/items_per_sec (tokens/s of one device) and, where the device's peak is known
+    (not on CPU), train/device/mfu: rolling averages over window_size batches."""
+    return TokenThroughputMonitor(
+        batch_size_fn=windows_in_batch, length_fn=tokens_in_batch, window_size=window_size
+    )
+
+
+class OptimizerStepCallback(L.Callback):
+    """Calls :meth:`on_optimizer_step_end` after the micro-batch whose backward completed an
+    optimizer step (the last one of each gradient-accumulation cycle): global_step counts
+    optimizer steps, so a change of it marks that batch."""
+
+    _last_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.on_optimizer_step_end(trainer, outputs)
+
+    def on_optimizer_step_end(self, trainer, outputs) -> None:
+        """outputs: what training_step returned for the step's last micro-batch."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -74,49 +102,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
 
 
-class ThroughputMonitor(L.Callback):
-    """Logs train/tokens_seen, train/tokens_per_s, train/mfu (None on CPU) and train/ppl every
-    log_every_n_steps optimizer steps (averages over the interval: no per-step sync)."""
-
-    def __init__(self, log_every_n_steps: int = 10):
-        self.every = max(1, int(log_every_n_steps))
-        self.flops_per_token = None
-        self.peak = None
-        self._t0 = None
-        self._tokens0 = 0
-        self.last_tokens_per_s = None
-        self.last_mfu = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        model = pl_module.model
-        seq_len = trainer.datamodule.seq_len if trainer.datamodule is not None else 1024
-        n = model.num_parameters(exclude_embeddings=True)
-        self.flops_per_token = flops_per_token(model.config, n, seq_len)
-        self.peak = peak_flops(pl_module.device, str(trainer.precision))
-        self._t0, self._tokens0 = time.perf_counter(), pl_module.tokens_seen
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if trainer.fit_loop._should_accumulate() or step % self.every or self._t0 is None:
-            return
-        now = time.perf_counter()
-        tokens = pl_module.tokens_seen - self._tokens0
-        if tokens <= 0:
-            return
-        rate = tokens / max(now - self._t0, 1e-9)
-        metrics = {"train/tokens_seen": float(pl_module.tokens_seen), "train/tokens_per_s": rate}
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            metrics["train/ppl"] = math.exp(min(float(loss), 50.0))
-        self.last_tokens_per_s = rate
-        if self.peak:
-            self.last_mfu = rate * self.flops_per_token / (self.peak * trainer.world_size)
-            metrics["train/mfu"] = self.last_mfu
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._t0, self._tokens0 = now, pl_module.tokens_seen
-
-
-class LossCurve(L.Callback):
+class LossCurve(OptimizerStepCallback):
     """Keeps (step, loss) of training (every log_every_n_steps) and validation, and writes
     ``losses.csv`` and ``loss_curve.png`` into the run folder when fitting ends (or fails)."""
 
@@ -127,8 +113,8 @@ class LossCurve(L.Callback):
         self.val: list[tuple[int, float]] = []
         self.reference = dict(reference or {})  # label -> horizontal line (e.g. unigram entropy)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop._should_accumulate() or trainer.global_step % self.every:
+    def on_optimizer_step_end(self, trainer, outputs) -> None:
+        if trainer.global_step % self.every:
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
@@ -184,7 +170,7 @@ class LossCurve(L.Callback):
         return path
 
 
-class SigtermCheckpoint(L.Callback):
+class SigtermCheckpoint(OptimizerStepCallback):
     """On SIGTERM (preemption, ``scancel``, ``kill``), save ``last.ckpt`` after the current
     step and stop; ``ckpt_path=last`` resumes from it. Lightning's signal connector sets
     ``trainer.received_sigterm`` (and broadcasts it to all ranks)."""
@@ -193,11 +179,9 @@ class SigtermCheckpoint(L.Callback):
         self.path = Path(dirpath) / filename
         self.saved = False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_optimizer_step_end(self, trainer, outputs) -> None:
         if not getattr(trainer, "received_sigterm", False) or self.saved:
             return
-        if trainer.fit_loop._should_accumulate():
-            return  # finish the optimizer step first
         trainer.save_checkpoint(self.path)
         self.saved = True
         log.warning("SIGTERM: saved %s at step %d, stopping", self.path, trainer.global_step)

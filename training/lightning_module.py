@@ -11,9 +11,7 @@ import torch
 import torch.distributed as dist
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
-from flash_attn.ops.cross_entropy import cross_entropy_loss
-from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
-from training.optim import build_optimizer, lr_lambda
+from training.optim import build_optimizer, build_scheduler
 
 
 def _numpy_state_to_plain(state: tuple) -> list:
@@ -68,9 +66,10 @@ class GPTLightningModule(L.LightningModule):
 
     Args:
         model: {preset, config (GPTConfig fields), pretrained (hub id or folder)}.
-        optimizer: {lr, weight_decay, betas, eps, fused}.
-        scheduler: {warmup_steps, decay ("cosine" | "linear" | "constant"), min_lr_ratio,
-            total_steps (None: trainer.max_steps)}.
+        optimizer: every key of ``configs/optimizer/adamw.yaml`` (the arguments of
+            :func:`training.optim.build_optimizer`).
+        scheduler: every key of ``configs/scheduler/cosine.yaml``: total_steps (None:
+            trainer.max_steps) and the arguments of :func:`training.optim.build_scheduler`.
         compile: wrap the model's forward in ``torch.compile``.
         vocab_size: the tokenizer's vocabulary, when the model config leaves it unset.
         check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss (one
@@ -89,32 +88,30 @@ class GPTLightningModule(L.LightningModule):
         # bytes of text per token id (for bits per byte), set from the tokenizer in setup()
         ones = torch.ones(self.model.config.vocab_size, dtype=torch.int64)
         self.register_buffer("token_bytes", ones, persistent=False)
+        # counted before any sharding wraps the parameters
+        self.num_params_no_embeddings = self.model.num_parameters(exclude_embeddings=True)
+        self.flops_per_batch = None
         self.tokens_seen = 0
         self._val_sums = None
 
     # -- loss --------------------------------------------------------------------------------
     def loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of every next token of the (B, T + 1) windows (fp32 scalar)."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        config = self.model.config
-        if config.linear_cross_entropy:
-            hidden = self.model.transformer(inputs)  # (B, T, E)
-            head = self.model.lm_head
-            bias = head.bias[: config.vocab_size] if head.bias is not None else None
-            loss = linear_cross_entropy(
-                hidden.flatten(0, 1), head.weight[: config.vocab_size], targets.flatten(), bias,
-                reduction=reduction, backend=config.backend,
-            )  # fmt: skip
-            return loss
-        logits = self.forward_model(inputs).logits  # (B, T, V)
-        backend = config.backend if config.fused_cross_entropy else "torch"
-        return cross_entropy_loss(
-            logits.flatten(0, 1), targets.flatten(), reduction=reduction, backend=backend
-        )
+        """The model's cross-entropy of every next token of the (B, T + 1) windows (fp32
+        scalar), through the compiled forward when compile=True."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
+        output = self.forward_model(inputs, labels=targets, shift_labels=False, reduction=reduction)
+        return output.loss
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, vocab) logits."""
         return self.forward_model(input_ids).logits
+
+    def _count_flops(self, batch: torch.Tensor, share: float) -> None:
+        """Set flops_per_batch, which Lightning's ThroughputMonitor reads after each batch: the
+        batch's training FLOPs on this device times share (1/3: the forward alone)."""
+        seq_len = batch.shape[1] - 1
+        per_token = flops_per_token(self.model.config, self.num_params_no_embeddings, seq_len)
+        self.flops_per_batch = share * per_token * batch.shape[0] * seq_len
 
     # -- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -130,6 +127,7 @@ class GPTLightningModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.tokens_seen += (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
+        self._count_flops(batch, share=1.0)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
             datamodule.on_train_batch_consumed(batch.shape[0])
@@ -139,6 +137,9 @@ class GPTLightningModule(L.LightningModule):
         if self.check_finite:
             self._raise_if_not_finite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        ppl = torch.exp(loss.detach().clamp(max=50.0))  # a tensor: read only when logged
+        self.log("train/ppl", ppl, on_step=True, on_epoch=False)
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
 
     def _raise_if_not_finite(self, loss: torch.Tensor) -> None:
@@ -155,6 +156,9 @@ class GPTLightningModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._count_flops(batch, share=1 / 3)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         nats = self.loss(batch, reduction="sum")
@@ -181,28 +185,22 @@ class GPTLightningModule(L.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt_cfg = self.optimizer_cfg
-        optimizer = build_optimizer(
-            self.model, lr=opt_cfg["lr"], weight_decay=opt_cfg.get("weight_decay", 0.1),
-            betas=opt_cfg.get("betas", (0.9, 0.95)), eps=opt_cfg.get("eps", 1e-8),
-            fused=opt_cfg.get("fused"),
-        )  # fmt: skip
-        sched = self.scheduler_cfg
-        total = sched.get("total_steps") or self.trainer.max_steps
-        if not total or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(sched.get("warmup_steps", 0))
-        if 0 < float(sched.get("warmup_fraction") or 0) < 1:
-            warmup = int(float(sched["warmup_fraction"]) * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_lambda(step, warmup, total, sched.get("decay", "cosine"),
-                                   float(sched.get("min_lr_ratio", 0.1))),
-        )  # fmt: skip
+        max_steps = self.trainer.max_steps
+        if not max_steps or max_steps < 0:
+            max_steps = int(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = self.optimizer_and_scheduler(max_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def optimizer_and_scheduler(self, max_steps: int):
+        """AdamW over the model and its per-step LambdaLR, which ends at scheduler.total_steps
+        (None: max_steps)."""
+        optimizer = build_optimizer(self.model, **self.optimizer_cfg)
+        schedule = dict(self.scheduler_cfg)
+        total = schedule.pop("total_steps") or max_steps
+        return optimizer, build_scheduler(optimizer, total, **schedule)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -33,8 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str = "cosine",
-              min_lr_ratio: float = 0.1) -> float:  # fmt: skip
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str,
+              min_lr_ratio: float) -> float:  # fmt: skip
     """Multiplier of the peak learning rate at an optimizer step.
 
     Linear warmup from 1 / (warmup_steps + 1) to 1 over warmup_steps, then "cosine" or
@@ -51,13 +51,27 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str = "cosi
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas=(0.9, 0.95), eps: float = 1e-8, fused: bool | None = None):  # fmt: skip
-    """AdamW over :func:`param_groups` (fused on CUDA unless fused=False)."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
+                    fused: bool | None):  # fmt: skip
+    """AdamW over :func:`param_groups`; fused=None: fused on CUDA. The arguments are the keys
+    of ``configs/optimizer/*.yaml``, which hold their defaults."""
     if lr <= 0:
         raise ValueError(f"optimizer.lr must be > 0, got {lr}")
     on_cuda = next(model.parameters()).is_cuda
     kwargs = {"fused": True} if (fused is None and on_cuda) or fused else {}
     return torch.optim.AdamW(
         param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, **kwargs
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, decay: str,
+                    warmup_steps: int, warmup_fraction: float | None,
+                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+    """Per-step LambdaLR of :func:`lr_lambda`. The arguments after total_steps are the keys of
+    ``configs/scheduler/*.yaml``; warmup_fraction in (0, 1) overrides warmup_steps."""
+    if 0 < float(warmup_fraction or 0) < 1:
+        warmup_steps = int(float(warmup_fraction) * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_lambda(step, int(warmup_steps), total_steps, decay, float(min_lr_ratio)),
     )

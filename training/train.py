@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from training.callbacks import AtomicCheckpointIO, LossCurve, ThroughputMonitor
+from training.callbacks import AtomicCheckpointIO, LossCurve
 from training.lightning_module import GPTLightningModule
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,39 @@ def _resolve_ckpt_path(ckpt_path, checkpoint_dir: Path) -> str | None:
     return str(ckpt_path)
 
 
+def build_module(cfg: DictConfig, vocab_size: int | None) -> GPTLightningModule:
+    """The LightningModule of a composed config's model, optimizer and scheduler groups.
+
+    vocab_size: the tokenizer's, used when model.config leaves it unset.
+    """
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return GPTLightningModule(
+        model={k: model[k] for k in ("preset", "config", "pretrained")},
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        compile=model["compile"],
+        vocab_size=vocab_size,
+    )
+
+
 def _accumulation(cfg: DictConfig) -> int:
     """Micro-batches per optimizer step so that batch_size * devices * accumulation reaches
-    data.global_batch_size (1 when unset)."""
-    global_batch = cfg.data.get("global_batch_size")
+    global_batch_size (trainer.accumulate_grad_batches when unset)."""
+    global_batch = cfg.get("global_batch_size")
     if not global_batch:
         return int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    devices = cfg.trainer.get("devices", 1)
+    devices = cfg.trainer.devices
     if isinstance(devices, int) and devices > 0:
         world = devices
     elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         world = len(devices)
     else:
         world = max(1, torch.cuda.device_count())
-    world *= int(cfg.trainer.get("num_nodes") or 1)
+    world *= int(cfg.trainer.num_nodes)
     per_step = cfg.data.batch_size * world
     if global_batch % per_step:
         raise ValueError(
-            f"data.global_batch_size={global_batch} is not a multiple of data.batch_size "
+            f"global_batch_size={global_batch} is not a multiple of data.batch_size "
             f"({cfg.data.batch_size}) x devices ({world})"
         )
     return global_batch // per_step
@@ -161,14 +176,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.build()  # tokenizer + token cache (locked, built once per cache key)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    module = GPTLightningModule(
-        model={k: model_cfg.get(k) for k in ("preset", "config", "pretrained")},
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        compile=bool(cfg.model.get("compile", False)),
-        vocab_size=datamodule.vocab_size,
-    )
+    module = build_module(cfg, datamodule.vocab_size)
 
     entropy = datamodule.unigram_entropy()
     callbacks = _instantiate_dict(cfg.get("callbacks"))
@@ -204,11 +212,10 @@ def train(cfg: DictConfig) -> dict:
     # last.ckpt always holds the final state, also when max_steps is not a multiple of the
     # checkpoint interval (resuming from it is a no-op).
     last = checkpoint_dir / "last.ckpt"
-    if cfg.get("save_final_checkpoint", True):
+    if cfg.save_final_checkpoint:
         trainer.save_checkpoint(last)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    throughput = next((cb for cb in callbacks if isinstance(cb, ThroughputMonitor)), None)
     best = [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path]
     summary = {
         "train_loss": metrics.get("train/loss"),
@@ -217,8 +224,7 @@ def train(cfg: DictConfig) -> dict:
         "unigram_entropy_nats": entropy["nats_per_token"],
         "unigram_entropy_bpb": entropy["bits_per_byte"],
         "tokens_seen": module.tokens_seen,
-        "tokens_per_s": throughput.last_tokens_per_s if throughput else None,
-        "mfu": throughput.last_mfu if throughput else None,
+        **_throughput(trainer),
         "global_step": trainer.global_step,
         "wall_s": time.perf_counter() - start,
         "output_dir": str(output_dir),
@@ -226,16 +232,27 @@ def train(cfg: DictConfig) -> dict:
         "best_checkpoint": best[0] if best else None,
         "sample": None,
     }
-    sample_cfg = cfg.get("sample") or {}
-    if trainer.is_global_zero and sample_cfg.get("max_new_tokens", 0) > 0:
+    sample = cfg.sample
+    if trainer.is_global_zero and sample.max_new_tokens > 0:
         summary["sample"] = sample_text(
-            module.model, datamodule.tokenizer, sample_cfg.get("prompt", ""),
-            int(sample_cfg.max_new_tokens), float(sample_cfg.get("temperature", 0.8)),
-            int(sample_cfg.get("top_k", 40)), int(cfg.seed),
+            module.model, datamodule.tokenizer, sample.prompt, int(sample.max_new_tokens),
+            float(sample.temperature), int(sample.top_k), int(cfg.seed),
         )  # fmt: skip
     if trainer.is_global_zero:
         _print_summary(summary)
     return summary
+
+
+def _throughput(trainer: L.Trainer) -> dict:
+    """tokens_per_s (all devices) and mfu as Lightning's ThroughputMonitor last logged them
+    (None when it did not: no loggers, fewer batches than its window, no known peak FLOP/s)."""
+    logged = trainer.logged_metrics
+    per_device = logged.get("train/device/items_per_sec")
+    mfu = logged.get("train/device/mfu")
+    return {
+        "tokens_per_s": None if per_device is None else float(per_device) * trainer.world_size,
+        "mfu": None if mfu is None else float(mfu),
+    }
 
 
 def _fmt(value, spec: str = ".3f") -> str:

@@ -1,8 +1,8 @@
 """scripts/bench_attention.py and flash_attn.utils.benchmark at tiny sizes."""
 
-import importlib.util
 import math
 import os
+import runpy
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,43 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from flash_attn.utils.attention_benchmark.case import Case, estimate_bytes
+from flash_attn.utils.attention_benchmark.measure import run_case
+from flash_attn.utils.attention_benchmark.sweep import GRIDS
 from flash_attn.utils.benchmark import attention_flops, benchmark_time, peak_memory, tflops
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_attention.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
-TINY = [
-    "--b",
-    "1",
-    "--h",
-    "2",
-    "--q_len",
-    "37",
-    "--kv_len",
-    "53",
-    "--d",
-    "16",
-    "--device",
-    "cpu",
-    "--repeats",
-    "1",
-    "--warmup",
-    "0",
-    "--block_m",
-    "16",
-    "--block_n",
-    "16",
-]
+main = runpy.run_path(str(SCRIPT))["main"]  # the command line, called in-process
+TINY = ["--b", "1", "--h", "2", "--q_len", "37", "--kv_len", "53", "--d", "16", "--device", "cpu",
+        "--repeats", "1", "--warmup", "0", "--block_m", "16", "--block_n", "16"]  # fmt: skip
 
 
 def _parse(line):
@@ -61,7 +34,7 @@ def _parse(line):
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
 @pytest.mark.parametrize("method", ["flash", "normal", "sdpa", "reference"])
 def test_each_type_and_mode(method, mode, capsys):
-    assert bench.main(TINY + ["--type", method, "--mode", mode, "--causal"]) == 0
+    assert main(TINY + ["--type", method, "--mode", mode, "--causal"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(method) and f" {mode} " in line
     ms, rate, mib = _parse(line)
@@ -70,29 +43,19 @@ def test_each_type_and_mode(method, mode, capsys):
 
 @pytest.mark.parametrize("method", ["normal", "sdpa", "reference"])
 def test_random_mask(method, capsys):
-    assert bench.main(TINY + ["--type", method, "--mode", "fwd_bwd", "--mask", "random"]) == 0
+    assert main(TINY + ["--type", method, "--mode", "fwd_bwd", "--mask", "random"]) == 0
     assert "mask=random" in capsys.readouterr().out
 
 
 def test_flash_refuses_a_random_mask(capsys):
-    assert bench.main(TINY + ["--type", "flash", "--mask", "random"]) == 2
+    assert main(TINY + ["--type", "flash", "--mask", "random"]) == 2
     assert "no arbitrary mask" in capsys.readouterr().err
 
 
 def test_too_large_fails_with_the_memory_it_needs(capsys):
-    argv = [
-        "--type",
-        "normal",
-        "--q_len",
-        "1048576",
-        "--kv_len",
-        "1048576",
-        "--d",
-        "64",
-        "--device",
-        "cpu",
-    ]
-    assert bench.main(argv) == 2
+    argv = ["--type", "normal", "--q_len", "1048576", "--kv_len", "1048576", "--d", "64",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "GiB" in err and "free on cpu" in err
     need = float(err.split("needs about ")[1].split(" GiB")[0])
@@ -100,28 +63,20 @@ def test_too_large_fails_with_the_memory_it_needs(capsys):
 
 
 def test_standard_attention_memory_grows_with_the_score_matrix():
-    case = bench.Case(
-        method="normal",
-        mode="fwd_bwd",
-        batch=1,
-        nheads=2,
-        nheads_k=2,
-        seqlen_q=256,
-        seqlen_k=256,
-        headdim=16,
-    )
-    normal = bench.run_case(case, timing=False).peak_bytes
-    tiled = bench.run_case(replace(case, method="reference"), timing=False).peak_bytes
+    case = Case(method="normal", mode="fwd_bwd", batch=1, nheads=2, nheads_k=2, seqlen_q=256,
+                seqlen_k=256, headdim=16, dtype="fp32", device="cpu")  # fmt: skip
+    normal = run_case(case, timing=False).peak_bytes
+    tiled = run_case(replace(case, method="reference"), timing=False).peak_bytes
     scores = 2 * 256 * 256 * 4
     assert normal >= 2 * scores  # scores and probabilities are saved for the backward
     assert tiled < scores  # the tiled algorithm never holds a (256, 256) matrix per head
-    assert bench.estimate_bytes(case) >= normal
+    assert estimate_bytes(case) >= normal
 
 
 def test_profile_writes_a_chrome_trace(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     argv = TINY + ["--type", "sdpa", "--mode", "fwd", "--profile", "--trace", str(trace)]
-    assert bench.main(argv) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert trace.exists() and trace.stat().st_size > 0
     assert "Self CPU" in out and "aten::" in out
@@ -129,41 +84,15 @@ def test_profile_writes_a_chrome_trace(tmp_path, capsys):
 
 def test_sweep_writes_table_and_figures(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    tiny = dict(
-        headdims=[16],
-        hidden=32,
-        tokens=128,
-        seqlens=[32, 64],
-        causal=[False, True],
-        modes=["fwd", "fwd_bwd"],
-        methods=["flash", "normal", "reference"],
-        dtype="fp32",
-        repeats=1,
-        warmup=0,
-        reference_blocks=16,
-        max_seqlen={"reference": 32},
-        memory=dict(
-            batch=1,
-            nheads=2,
-            headdim=16,
-            seqlens=[64, 128],
-            methods=["flash", "reference", "normal"],
-            dtype="fp32",
-        ),
-    )
-    monkeypatch.setitem(bench.GRIDS, "cpu", tiny)
-    argv = [
-        "--sweep",
-        "--grid",
-        "cpu",
-        "--device",
-        "cpu",
-        "--out_dir",
-        str(tmp_path),
-        "--machine",
-        "test",
-    ]
-    assert bench.main(argv) == 0
+    cpu = GRIDS["cpu"]
+    tiny = {**cpu, "headdims": [16], "hidden": 32, "tokens": 128, "seqlens": [32, 64]}
+    tiny.update(modes=["fwd", "fwd_bwd"], methods=["flash", "normal", "reference"], repeats=1)
+    tiny.update(warmup=0, reference_blocks=16, max_seqlen={"reference": 32})
+    tiny["memory"] = {**cpu["memory"], "nheads": 2, "headdim": 16, "seqlens": [64, 128]}
+    monkeypatch.setitem(GRIDS, "cpu", tiny)
+    argv = ["--sweep", "--grid", "cpu", "--device", "cpu", "--out_dir", str(tmp_path),
+            "--machine", "test"]  # fmt: skip
+    assert main(argv) == 0
     md = (tmp_path / "attention_test.md").read_text()
     assert "## headdim 16, causal=True, fwd_bwd" in md and "## Memory" in md
     assert "| 128 |" in md and "x |" in md  # a saving factor at seqlen 128
@@ -173,7 +102,7 @@ def test_sweep_writes_table_and_figures(tmp_path, monkeypatch):
     # The raw JSON redraws the same table.
     redrawn = tmp_path / "redrawn"
     argv = ["--from_json", str(tmp_path / "attention_test.json"), "--out_dir", str(redrawn)]
-    assert bench.main(argv) == 0
+    assert main(argv) == 0
     assert (redrawn / "attention_test.md").read_text() == md
     assert (redrawn / "attention_test_memory.png").exists()
 
@@ -238,7 +167,7 @@ def test_benchmark_time():
 
 
 def test_bad_sizes_name_the_argument(capsys):
-    assert bench.main(["--b", "0", "--q_len", "8", "--kv_len", "8", "--d", "8"]) == 2
+    assert main(["--b", "0", "--q_len", "8", "--kv_len", "8", "--d", "8"]) == 2
     assert "b must be >= 1" in capsys.readouterr().err
-    assert bench.main(["--h", "3", "--h_k", "2", "--q_len", "8", "--kv_len", "8"]) == 2
+    assert main(["--h", "3", "--h_k", "2", "--q_len", "8", "--kv_len", "8"]) == 2
     assert "multiple of h_k" in capsys.readouterr().err

@@ -36,10 +36,11 @@ def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
         "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2",
         "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", "callbacks.progress_bar=null",
-        "sample.max_new_tokens=40",
+        "sample.max_new_tokens=40", "callbacks.throughput.window_size=2",
     ])  # fmt: skip
     summary = train(cfg)
     assert summary["global_step"] == 4 and summary["tokens_seen"] == 4 * 4 * 32
+    assert summary["tokens_per_s"] > 0  # from Lightning's ThroughputMonitor (window of 2)
     assert math.isfinite(summary["val_loss"]) and summary["val_bpb"] > 0
     assert summary["unigram_entropy_nats"] > 0
     assert summary["sample"].startswith("def __init__(self") and len(summary["sample"]) > 10
@@ -53,8 +54,8 @@ def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
     assert [int(r["step"]) for r in val_points] == [4]
     assert float(val_points[0]["loss"]) == pytest.approx(summary["val_loss"], rel=1e-6)
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "train/ppl", "train/tokens_per_s", "train/tokens_seen", "val/loss",
-                "val/ppl", "val/bpb", "data/unigram_entropy_nats"):  # fmt: skip
+    for key in ("train/loss", "train/ppl", "train/device/items_per_sec", "train/tokens_seen",
+                "val/loss", "val/ppl", "val/bpb", "data/unigram_entropy_nats"):  # fmt: skip
         assert key in header, key
 
 
@@ -71,7 +72,7 @@ def test_experiment_trains_two_steps(name, tmp_path, cache_dir, corpus):
 def test_accumulation_and_precision(precision, tmp_path, cache_dir, corpus):
     cfg = compose_config([
         *tiny_overrides(corpus, cache_dir, tmp_path), f"trainer.precision={precision}",
-        "data.global_batch_size=4", "trainer.max_steps=2",
+        "global_batch_size=4", "trainer.max_steps=2",
         # autocast hands the fused MLP bf16 activations with fp32 weights, which it rejects
         *(["+model.config.fused_mlp=false"] if precision != "32" else []),
     ])  # fmt: skip

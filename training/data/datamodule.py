@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -13,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training.data.sources import load_text_dataset
@@ -22,21 +22,6 @@ from training.data.tokenizer import TextTokenizer, build_tokenizer
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "tokens-v1"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process lock, the atomic renames still hold
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class WindowDataset(Dataset):
@@ -157,14 +142,11 @@ class GPTDataModule(L.LightningDataModule):
         num_proc: processes tokenising the text (``datasets.map(num_proc=...)``).
         cache_dir: shared cache folder; token files go to ``<cache_dir>/tokens/<key>/``.
         seed: window order seed.
-        global_batch_size: sequences per optimizer step over all devices (None: no
-            accumulation); read by ``train()`` to set gradient accumulation.
     """
 
     def __init__(self, source: dict, tokenizer: dict, seq_len: int = 1024, batch_size: int = 8,
                  num_workers: int = 0, num_proc: int = 1, cache_dir: str = ".cache",
-                 seed: int = 0, global_batch_size: int | None = None,
-                 pin_memory: bool = True):  # fmt: skip
+                 seed: int = 0, pin_memory: bool = True):  # fmt: skip
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -173,7 +155,7 @@ class GPTDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size = seq_len, batch_size
         self.num_workers, self.num_proc = num_workers, num_proc
         self.cache_dir, self.seed = os.path.expanduser(str(cache_dir)), seed
-        self.global_batch_size, self.pin_memory = global_batch_size, pin_memory
+        self.pin_memory = pin_memory
         self.tokenizer: TextTokenizer | None = None
         self.files: dict[str, Path] = {}
         self.train_sampler: ResumableWindowSampler | None = None
@@ -186,7 +168,7 @@ class GPTDataModule(L.LightningDataModule):
             return self.files
         Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
         # Processes of one node (DDP ranks, concurrent runs) build a cache entry once.
-        with _file_lock(Path(self.cache_dir) / ".build.lock"):
+        with FileLock(Path(self.cache_dir) / ".build.lock"):
             return self._build_locked()
 
     def _build_locked(self) -> dict[str, Path]:
