@@ -1,0 +1,299 @@
+"""What the compiler emits for every Triton kernel of the project, for a GPU that is not here.
+
+Each kernel is launched by its own host launcher on ``meta`` tensors of representative shapes
+(attention: batch 2 x seqlen 4096 x 32 heads; the others: GPT shapes of 8192 tokens, hidden
+2048), every autotune config that the kernel's pruning keeps is compiled for ``sm_<arch>`` with
+Triton's bundled ptxas, and the cubin is measured: registers, spills, shared memory, MMA
+instructions, and the main loop's instructions in the SASS. A config fits when it does not
+spill and its shared memory fits in one block (227 KB on sm_90, 163 KB on sm_80).
+
+    python scripts/kernel_report.py                    # everything, sm_90, bf16 and fp16
+    python scripts/kernel_report.py --quick            # bf16, head dim 128, 4 warps, 3 stages
+    python scripts/kernel_report.py --kernel attn_fwd --head-dim 128 --config "128x64 w4"
+
+The report goes to stdout and to benchmarks/results/kernel_report_sm<arch>.md (``--output``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The kernels must be defined for the compiler, not the interpreter.
+os.environ["TRITON_INTERPRET"] = "0"
+# Triton 3.9's default (fused multiply-add on), stated so that it does not warn.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import math  # noqa: E402
+import multiprocessing  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from flash_attn.utils import kernel_report as kr  # noqa: E402
+
+
+def _kernels(op: str):
+    """The module that defines ``op``'s Triton kernels and launchers, wherever the tree keeps
+    it (a module of the same name may be a compatibility shim without kernels)."""
+    for package in ("flash_attn.ops.kernels", "flash_attn.ops.triton"):
+        with contextlib.suppress(ModuleNotFoundError):
+            module = importlib.import_module(f"{package}.{op}")
+            defined = [kr.unwrap_jit(k).__module__ for k in kr.kernels(module).values()]
+            if module.__name__ in defined:
+                return module
+    raise ModuleNotFoundError(f"no module under flash_attn.ops defines Triton kernels for {op}")
+
+
+attention, attention_bwd, cross_entropy, layer_norm, mlp, rotary = map(
+    _kernels, ["attention", "attention_bwd", "cross_entropy", "layer_norm", "mlp", "rotary"]
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BATCH, SEQLEN, HEADS = 2, 4096, 32
+TOKENS, HIDDEN, VOCAB = BATCH * SEQLEN, 2048, 50304
+
+
+def _t(*shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def call_by_name(launcher, values: dict):
+    """Call ``launcher`` with the entries of ``values`` that its parameters name. A parameter
+    annotated with a dataclass (an options object) is built from the values naming its fields;
+    other values go to ``**kwargs`` if it has one. Launchers change their signatures more often
+    than their meaning: an unused tensor, or an unused setting that is off (None, False, 0), is
+    left out; an unused setting that is on is an error (that variant would not be measured)."""
+    params = inspect.signature(launcher).parameters.values()
+    kwargs, used = {}, set()
+    for p in params:
+        options = launcher.__globals__.get(p.annotation) if isinstance(p.annotation, str) else None
+        if p.name in values:
+            kwargs[p.name] = values[p.name]
+            used.add(p.name)
+        elif dataclasses.is_dataclass(options):
+            fields = {f.name for f in dataclasses.fields(options)} & set(values)
+            kwargs[p.name] = options(**{f: values[f] for f in fields})
+            used |= fields
+        elif p.default is p.empty and p.kind is not p.VAR_KEYWORD:
+            raise TypeError(f"{launcher.__name__}: no value for its parameter {p.name}")
+    rest = {k: v for k, v in values.items() if k not in used and not isinstance(v, torch.Tensor)}
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        if on := sorted(k for k, v in rest.items() if v is not None and v is not False and v != 0):
+            raise TypeError(f"{launcher.__name__} takes none of {on}")
+        rest = {}
+    return launcher(**kwargs, **rest)
+
+
+def workloads(dtypes: list[str], head_dims: list[int]):
+    """(variant label, launcher, its arguments by name) for every representative launch."""
+    for name in dtypes:
+        dt = DTYPES[name]
+        for d in head_dims:
+            q = _t(BATCH, SEQLEN, HEADS, d, dtype=dt)
+            lse = _t(BATCH, HEADS, SEQLEN, dtype=torch.float32)
+            for causal in (False, True):
+                label = f"{name} d{d} {'causal' if causal else 'full'}"
+                args = dict(q=q, k=q, v=q, out=q, do=q, lse=lse, softmax_scale=d**-0.5)
+                args.update(causal=causal)
+                yield label, attention.attention_fwd, args
+                yield label, attention.attention_probs, args
+                yield label, attention_bwd.attention_bwd, args
+        x, w = _t(TOKENS, HIDDEN, dtype=dt), _t(HIDDEN, dtype=dt)
+        stats = _t(TOKENS, dtype=torch.float32)
+        for norm, rms in (("layernorm", False), ("rmsnorm", True)):
+            label = f"{name} {norm} N={HIDDEN} +residual"
+            off = dict(dropout_p=0.0, seed=None, is_rms_norm=rms)
+            args = dict(x=x, weight=w, bias=None if rms else w, eps=1e-5, residual=x, **off)
+            yield label, layer_norm.layer_norm_fwd, dict(args, store_residual_out=True)
+            args = dict(dy=x, x=x, weight=w, mean=stats, rstd=stats, dresidual_out=x, **off)
+            yield label, layer_norm.layer_norm_bwd, dict(args, residual_dtype=dt)
+        cos = _t(SEQLEN, 64, dtype=torch.float32)
+        args = dict(x=_t(BATCH, SEQLEN, HEADS, 128, dtype=dt), cos=cos, sin=cos)
+        args.update(seqlen_offsets=0, cu_seqlens=None, max_seqlen=None, interleaved=False)
+        yield f"{name} rotary d128", rotary.rotary_fwd, dict(args, inplace=False, conjugate=False)
+        args = dict(logits=_t(TOKENS, VOCAB, dtype=dt), labels=_t(TOKENS, dtype=torch.int64))
+        args.update(dloss=stats, lse=stats, label_smoothing=0.0, lse_square_scale=0.0)
+        args.update(ignore_index=-100)
+        yield f"{name} vocab {VOCAB}", cross_entropy.cross_entropy_fwd, args
+        yield f"{name} vocab {VOCAB}", cross_entropy.cross_entropy_bwd, args
+        for act, gated, n in (("gelu_approx", False, 4 * HIDDEN), ("silu", True, 5632)):
+            label = f"{name} {act}{' gated' if gated else ''} {HIDDEN}->{n}"
+            fc1 = 2 * n if gated else n
+            args = dict(x=x, weight=_t(fc1, HIDDEN, dtype=dt), bias=_t(fc1, dtype=dt))
+            yield label, mlp.linear_act_fwd, dict(args, activation=act, gated=gated, store_pre=True)
+            args = dict(dout=_t(TOKENS, n, dtype=dt), pre=_t(TOKENS, fc1, dtype=dt))
+            yield label, mlp.linear_act_bwd, dict(args, activation=act, gated=gated)
+
+
+def tasks(args) -> list[tuple[str, kr.Launch, object]]:
+    """(variants, launch, config) to compile, after the --kernel and --config filters. A launch
+    that several variants make alike (the backward's delta kernel does not see causality) is
+    compiled once, labelled with all of them."""
+    seen = {}
+    for label, launcher, values in workloads(args.dtype, args.head_dim):
+        for launch in kr.capture(launcher, lambda: call_by_name(launcher, values)):  # noqa: B023
+            if args.kernel and not any(k in launch.name for k in args.kernel):
+                continue
+            configs = kr.kept_configs(launch)
+            for config in configs:
+                name = kr.config_label(launch, config)
+                if config is not None and args.config and not any(c in name for c in args.config):
+                    continue
+                key = (kr.launch_key(launch), name)
+                seen.setdefault(key, ([], launch, config))[0].append(label)
+    return [(", ".join(labels), launch, config) for labels, launch, config in seen.values()]
+
+
+_TASKS: list = []  # what the worker processes compile, by index (inherited through fork)
+
+
+def _measure(index: int, arch: int):
+    """Compile and measure task ``index``: (Figures, or the compiler's error, and seconds)."""
+    _, launch, config = _TASKS[index]
+    start = time.perf_counter()
+    try:
+        result = kr.analyse(kr.compile_launch(launch, config, arch))
+    except Exception as e:  # a config the compiler rejects is a finding, not a crash
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        where = f"{lines[0]} " if len(lines) > 1 else ""  # a source position, then the error
+        result = f"{type(e).__name__}: {where}{lines[-1]}"[:200].replace("|", "/")
+    return result, time.perf_counter() - start
+
+
+def measure_all(todo, arch: int, jobs: int) -> list:
+    """Figures (or error messages) of every task, compiled ``jobs`` at a time."""
+    global _TASKS
+    _TASKS = todo
+    indices = [(i, arch) for i in range(len(todo))]
+    results = []
+    pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+    outcomes = pool.imap(_star_measure, indices) if pool else map(_star_measure, indices)
+    for i, (result, seconds) in enumerate(outcomes):
+        variant, launch, config = todo[i]
+        label = kr.config_label(launch, config)
+        print(f"[{i + 1}/{len(todo)}] {launch.name} {variant} {label}: {seconds:.1f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
+        results.append(result)
+    if pool:
+        pool.close()
+    return results
+
+
+def _star_measure(index_arch):
+    return _measure(*index_arch)
+
+
+COLUMNS = ["variant", "config", "regs", "spill B st/ld", "smem KB", "MMA HGMMA/HMMA", "wgmma",
+           "loop instr", "loop MMA", "loop int", "loop spill", "instr/1k", "fits"]  # fmt: skip
+
+
+def row(variant: str, launch: kr.Launch, config, result, arch: int) -> list[str]:
+    """One table row; a compiler error fills the figures' columns."""
+    head = [variant, kr.config_label(launch, config)]
+    if isinstance(result, str):
+        return head + [f"error: {result}"] + [""] * (len(COLUMNS) - 3)
+    f = result
+    wgmma = "-" if not f.hgmma + f.hmma else "all" if not f.hmma else "part" if f.hgmma else "none"
+    loop = ["-"] * 5
+    if f.loop:
+        blocks, warps, _ = kr.meta_parameters(launch, config)
+        per_1k = f.loop.instructions * warps * 1024 / math.prod(blocks.values())
+        loop = [f.loop.instructions, f.loop.mma, f.loop.integer, f.loop.spill, f"{per_1k:.0f}"]
+    why = f.misfits(arch)
+    fits = "no: " + "+".join(why) if why else "yes"
+    spills = f"{f.spill_stores}/{f.spill_loads}"
+    figures = [f.registers, spills, f"{f.shared / 1024:.1f}", f"{f.hgmma}/{f.hmma}", wgmma]
+    figures += [*loop, fits]
+    return head + [str(v) for v in figures]
+
+
+def render(todo, results, arch: int, command: str, minutes: float) -> str:
+    """The markdown report: where and how it was made, then one table per kernel."""
+    git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "?"
+    limit = kr.SHARED_LIMIT.get(arch, kr.SHARED_LIMIT[80]) // 1024
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [
+        f"# Triton kernels compiled for sm_{arch}",
+        "",
+        f"- Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, no GPU), "
+        f"Triton {triton.__version__} and its bundled ptxas",
+        f"- Date: {now:%Y-%m-%d %H:%M} UTC, {minutes:.0f} min; tree at commit {commit} "
+        "(plus uncommitted changes, if any)",
+        f"- Command: `{command}`",
+        "",
+        f"Shapes: attention batch {BATCH} x seqlen {SEQLEN} x {HEADS} heads; norms, MLP, "
+        f"rotary and cross-entropy over {TOKENS} tokens, hidden {HIDDEN}, vocabulary {VOCAB}. "
+        "Arguments are those the host launchers pass, specialised as a real launch "
+        "specialises them (integers divisible by 16, aligned pointers, integers equal to 1). "
+        "Every autotune config that the kernel's pruning keeps is listed.",
+        "",
+        "Columns: registers per thread; spill stores/loads in bytes; shared memory per block; "
+        "MMA instructions in the SASS (HGMMA = wgmma, HMMA = mma.sync) and whether all of them "
+        "are wgmma; the main loop (the innermost loop with the most MMA instructions): static "
+        "instruction count of one iteration (all paths), of which MMA, vector integer ALU "
+        f"({', '.join(sorted(kr.INTEGER))}) and spill (STL/LDL); instr/1k: loop instructions "
+        "x warps per 1024 elements of the tile (product of the BLOCK sizes), comparable "
+        f"across configs; fits: no spill and shared memory <= {limit} KB.",
+    ]
+    tables = {}
+    for (variant, launch, config), result in zip(todo, results):
+        tables.setdefault(launch.name, []).append(row(variant, launch, config, result, arch))
+    for name, rows in tables.items():
+        fit = sum(r[-1] == "yes" for r in rows)
+        lines += ["", f"## {name} ({fit} of {len(rows)} fit)", ""]
+        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--arch", type=int, default=90, help="compute capability: 90 (default), 80, ...")
+    add("--kernel", action="append", default=[], help="kernels whose name contains this")
+    add("--head-dim", type=int, action="append", help="attention head dims (64, 128, 256)")
+    add("--dtype", action="append", choices=sorted(DTYPES), help="input dtypes (bf16, fp16)")
+    add("--config", action="append", default=[],
+        help='autotune configs whose label contains this, e.g. "128x64 w4"; kernels '
+        "launched with fixed blocks are always kept")  # fmt: skip
+    add("--quick", action="store_true", help="bf16, head dim 128, configs with 4 warps, 3 stages")
+    add("--jobs", type=int, default=1, help="compiles run in parallel")
+    add("--output", help="markdown file, '-' for none (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.dtype, args.head_dim = args.dtype or ["bf16"], args.head_dim or [128]
+        args.config = args.config or ["w4 s3"]
+    args.dtype = args.dtype or ["bf16", "fp16"]
+    args.head_dim = args.head_dim or [64, 128, 256]
+    words = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python scripts/kernel_report.py", *(f'"{w}"' if " " in w else w
+                                                             for w in words)])  # fmt: skip
+
+    start = time.perf_counter()
+    todo = tasks(args)
+    results = measure_all(todo, args.arch, args.jobs)
+    report = render(todo, results, args.arch, command, (time.perf_counter() - start) / 60)
+    print(report)
+    output = args.output or ROOT / "benchmarks" / "results" / f"kernel_report_sm{args.arch}.md"
+    if output != "-":
+        Path(output).write_text(report)
+        print(f"written to {output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
