@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -32,3 +34,54 @@ def assert_compiles_for_gpu(program: str, *args: str, timeout: float = 600) -> N
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+# Interpreter tests run fp32 and fp16 only (DESIGN.md "Numerics and tests"): bf16 on CUDA.
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(
+            kernel_device() != "cuda", reason="bf16 kernels are checked on CUDA only"
+        ),
+    ),
+]
+
+
+def positional_signature(fn) -> list[tuple[str, object]]:
+    """[(name, default)] of fn's positional parameters (self excluded): what code calling it
+    positionally relies on. Keyword-only extensions are left out."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [
+        (p.name, p.default)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in kinds and p.name != "self"
+    ]
+
+
+def signature_from_text(spec: str) -> list[tuple[str, object]]:
+    """The positional signature written as source, "a, b=1" -> [("a", empty), ("b", 1)]."""
+    return positional_signature(eval(f"lambda {spec}: None"))  # noqa: S307
+
+
+def resolve(module: str, qualname: str):
+    """The object at module + qualname ("pkg.mod", "Class.method")."""
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def official_signature_test(table: list[tuple[str, str, str]]):
+    """A test over table's (module, qualname, official signature as source) rows: the same
+    positional order, names and defaults (ours may add keyword-only arguments). Assign it to a
+    ``test_...`` name in the test module."""
+
+    @pytest.mark.parametrize(
+        "module, qualname, spec", table, ids=[f"{module}.{name}" for module, name, _ in table]
+    )
+    def test(module: str, qualname: str, spec: str) -> None:
+        assert positional_signature(resolve(module, qualname)) == signature_from_text(spec)
+
+    return test

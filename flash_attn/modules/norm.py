@@ -2,7 +2,8 @@
 
 Each norm owns its whole configuration (eps, dropout, prenorm, residual dtype, backend), so a
 block only calls ``ln(x, residual)``. Their state dicts match ``torch.nn.LayerNorm`` (weight,
-bias) and Hugging Face's Llama RMSNorm (weight), so checkpoints load without renaming.
+bias) and Hugging Face's Llama RMSNorm (weight), so checkpoints load without renaming; with
+``zero_centered_weight`` the stored weight is w - 1 (Gemma's convention) and starts at 0.
 """
 
 from __future__ import annotations
@@ -21,36 +22,53 @@ class LayerNorm(nn.Module):
         eps: added to the variance.
         dropout_p: dropout on x before the residual add, applied in training mode only.
         prenorm: forward returns (out, residual_out) for pre-norm blocks.
-        residual_in_fp32: residual_out is fp32.
+        residual_in_fp32: without a residual, residual_out is fp32 (see ``layer_norm_fn``).
         bias: learn a bias (LayerNorm) / no bias (default for RMSNorm).
         backend: passed to :func:`flash_attn.ops.layer_norm.layer_norm_fn`.
+        zero_centered_weight: the norm multiplies by (1 + weight), weight initialised to 0.
     """
 
     is_rms_norm = False
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, dropout_p: float = 0.0,
                  prenorm: bool = False, residual_in_fp32: bool = False, bias: bool = True,
-                 backend: str | None = None, device=None, dtype=None):  # fmt: skip
+                 backend: str | None = None, device=None, dtype=None,
+                 zero_centered_weight: bool = False):  # fmt: skip
         super().__init__()
         self.hidden_size, self.eps, self.dropout_p = hidden_size, eps, dropout_p
         self.prenorm, self.residual_in_fp32, self.backend = prenorm, residual_in_fp32, backend
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.zero_centered_weight = zero_centered_weight
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.bias = (
-            nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype)) if bias else None
+            nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype)) if bias else None
         )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The identity: weight 1 (0 when zero-centred), bias 0."""
+        nn.init.constant_(self.weight, 0.0 if self.zero_centered_weight else 1.0)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x, residual: (..., hidden_size) -> out, or (out, residual_out) when prenorm."""
-        p = self.dropout_p if self.training else 0.0
+        return self.normalize(x, residual, self.prenorm, self.residual_in_fp32)
+
+    def normalize(self, x: torch.Tensor, residual: torch.Tensor | None, prenorm: bool,
+                  residual_in_fp32: bool):  # fmt: skip
+        """forward with prenorm and residual_in_fp32 given per call rather than configured."""
         return layer_norm_fn(
-            x, self.weight, self.bias, residual, self.eps, p, self.prenorm, self.residual_in_fp32,
-            self.is_rms_norm, backend=self.backend,
+            x, self.weight, self.bias, residual, eps=self.eps,
+            dropout_p=self.dropout_p if self.training else 0.0, prenorm=prenorm,
+            residual_in_fp32=residual_in_fp32, zero_centered_weight=self.zero_centered_weight,
+            is_rms_norm=self.is_rms_norm, backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"{self.hidden_size}, eps={self.eps}, dropout_p={self.dropout_p}, "
-            f"prenorm={self.prenorm}, bias={self.bias is not None}"
+            f"prenorm={self.prenorm}, bias={self.bias is not None}, "
+            f"zero_centered_weight={self.zero_centered_weight}"
         )
 
 
@@ -64,7 +82,9 @@ class RMSNorm(LayerNorm):
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dropout_p: float = 0.0,
                  prenorm: bool = False, residual_in_fp32: bool = False, bias: bool = False,
-                 backend: str | None = None, device=None, dtype=None):  # fmt: skip
+                 backend: str | None = None, device=None, dtype=None,
+                 zero_centered_weight: bool = False):  # fmt: skip
         super().__init__(
-            hidden_size, eps, dropout_p, prenorm, residual_in_fp32, bias, backend, device, dtype
-        )
+            hidden_size, eps, dropout_p, prenorm, residual_in_fp32, bias, backend, device, dtype,
+            zero_centered_weight,
+        )  # fmt: skip

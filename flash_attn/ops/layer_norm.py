@@ -1,12 +1,16 @@
 """Fused dropout + residual add + LayerNorm / RMSNorm: functional API and backend dispatch.
 
-    out = layer_norm_fn(x, weight, bias, residual, eps, dropout_p)
+    out = layer_norm_fn(x, weight, bias, residual, eps=1e-5, dropout_p=0.1)
     out, residual = layer_norm_fn(x, weight, bias, residual, prenorm=True)  # pre-norm blocks
+    out, out1 = layer_norm_fn(x, w, b, residual, x1, w1, b1)              # parallel blocks
 
-The Triton path is registered as the custom ops ``flash_attn::layer_norm_fwd`` and
+The signatures, defaults and return values are those of flash-attn 2.x
+(``flash_attn.ops.triton.layer_norm`` re-exports them); ``backend=`` is our keyword-only
+extension. The Triton path is registered as the custom ops ``flash_attn::layer_norm_fwd`` and
 ``flash_attn::layer_norm_bwd`` (with fake implementations and an autograd formula), so
 ``torch.compile`` traces through it. The torch path is native PyTorch (``F.layer_norm``,
-``F.rms_norm``). The modules ``LayerNorm`` and ``RMSNorm`` are in ``flash_attn.modules.norm``.
+``F.rms_norm``) around the reference's composition of the inputs. The modules ``LayerNorm`` and
+``RMSNorm`` are in ``flash_attn.modules.norm``.
 """
 
 from __future__ import annotations
@@ -17,154 +21,172 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.reference.layer_norm import residual_dtype_for
+from flash_attn.ops.reference.layer_norm import (
+    draw_keep_masks,
+    layer_norm_with,
+    pack_outputs,
+    residual_dtype_for,
+)
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Custom ops cannot return None: an empty tensor stands for a missing output."""
+    return t if t is not None else like.new_empty(0, dtype=dtype or like.dtype)
 
 
 @torch.library.custom_op("flash_attn::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor], seed: Optional[torch.Tensor], eps: float, dropout_p: float,
-    is_rms_norm: bool, residual_dtype: torch.dtype, store_residual_out: bool, prenorm: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """x, residual (M, N) -> y (M, N), residual_out (M, N) or (0,), mean (M,), rstd (M,)."""
-    from flash_attn.ops.triton.layer_norm import layer_norm_fwd
+    residual: Optional[torch.Tensor], x1: Optional[torch.Tensor],
+    weight1: Optional[torch.Tensor], bias1: Optional[torch.Tensor],
+    rowscale: Optional[torch.Tensor], seed: Optional[torch.Tensor], eps: float, dropout_p: float,
+    is_rms_norm: bool, zero_centered_weight: bool, out_dtype: torch.dtype,
+    residual_dtype: torch.dtype, store_residual_out: bool, store_dropout_mask: bool,
+    prenorm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """x, x1, residual (M, N) -> y, y1 (M, N) or (0,), residual_out (M, N) or (0,),
+    mean (M,), rstd (M,), keep, keep1 (M, N) bool or (0,)."""
+    from flash_attn.ops.kernels.layer_norm import layer_norm_fwd
 
-    y, residual_out, mean, rstd = layer_norm_fwd(
-        x,
-        weight,
-        bias,
-        eps,
-        residual,
-        dropout_p,
-        seed,
-        is_rms_norm,
-        residual_dtype,
-        store_residual_out,
-    )
-    if residual_out is None:  # custom ops cannot return None
-        residual_out = x.new_empty(0, dtype=residual_dtype)
-    return y, residual_out, mean, rstd
+    y, y1, residual_out, mean, rstd, keep, keep1 = layer_norm_fwd(
+        x, weight, bias, eps, residual, x1, weight1, bias1, dropout_p, seed, rowscale,
+        zero_centered_weight, is_rms_norm, out_dtype, residual_dtype, store_residual_out,
+        store_dropout_mask,
+    )  # fmt: skip
+    return (
+        y, _empty_if_none(y1, y), _empty_if_none(residual_out, x, residual_dtype), mean, rstd,
+        _empty_if_none(keep, x, torch.bool), _empty_if_none(keep1, x, torch.bool),
+    )  # fmt: skip
 
 
 @_layer_norm_fwd_op.register_fake
-def _(
-    x,
-    weight,
-    bias,
-    residual,
-    seed,
-    eps,
-    dropout_p,
-    is_rms_norm,
-    residual_dtype,
-    store_residual_out,
-    prenorm,
-):
-    M = x.shape[0]
-    residual_out = x.new_empty(x.shape if store_residual_out else (0,), dtype=residual_dtype)
-    stats = x.new_empty((M,), dtype=torch.float32)
-    return torch.empty_like(x), residual_out, stats, torch.empty_like(stats)
+def _(x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, eps, dropout_p, is_rms_norm,
+      zero_centered_weight, out_dtype, residual_dtype, store_residual_out, store_dropout_mask,
+      prenorm):  # fmt: skip
+    def maybe(present, dtype):
+        return x.new_empty(x.shape if present else (0,), dtype=dtype)
+
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    return (
+        maybe(True, out_dtype), maybe(weight1 is not None, out_dtype),
+        maybe(store_residual_out, residual_dtype), stats, torch.empty_like(stats),
+        maybe(store_dropout_mask, torch.bool),
+        maybe(store_dropout_mask and x1 is not None, torch.bool),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("flash_attn::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    dresidual_out: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor],
-    dropout_p: float,
-    is_rms_norm: bool,
+    dy: torch.Tensor, dy1: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+    weight1: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+    dresidual_out: Optional[torch.Tensor], rowscale: Optional[torch.Tensor],
+    seed: Optional[torch.Tensor], dropout_p: float, is_rms_norm: bool,
+    zero_centered_weight: bool, x_dtype: torch.dtype, x1_dtype: Optional[torch.dtype],
     residual_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dx (M, N), dweight (N,), dbias (N,), dresidual (M, N) or (0,) without a residual."""
-    from flash_attn.ops.triton.layer_norm import layer_norm_bwd
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """-> dx (M, N), dweight (N,), dbias (N,), dresidual (M, N), dx1 (M, N), dweight1 (N,),
+    dbias1 (N,); the last four (0,) where the forward had no such input."""
+    from flash_attn.ops.kernels.layer_norm import layer_norm_bwd
 
-    dx, dweight, dbias, dresidual = layer_norm_bwd(
-        dy, x, weight, mean, rstd, dresidual_out, dropout_p, seed, is_rms_norm, residual_dtype
-    )
-    if dresidual is None:
-        dresidual = dy.new_empty(0)
-    return dx, dweight, dbias, dresidual
+    dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = layer_norm_bwd(
+        dy, x, weight, mean, rstd, dresidual_out, dy1, weight1, dropout_p, seed, rowscale,
+        zero_centered_weight, is_rms_norm, x_dtype, x1_dtype, residual_dtype,
+    )  # fmt: skip
+    return (
+        dx, dweight, dbias, _empty_if_none(dresidual, dy), _empty_if_none(dx1, dy),
+        _empty_if_none(dweight1, weight), _empty_if_none(dbias1, weight),
+    )  # fmt: skip
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, dresidual_out, seed, dropout_p, is_rms_norm, residual_dtype):
-    dresidual = (
-        dy.new_empty(dy.shape, dtype=residual_dtype)
-        if residual_dtype is not None
-        else dy.new_empty(0)
-    )
-    return torch.empty_like(dy), torch.empty_like(weight), torch.empty_like(weight), dresidual
+def _(dy, dy1, x, weight, weight1, mean, rstd, dresidual_out, rowscale, seed, dropout_p,
+      is_rms_norm, zero_centered_weight, x_dtype, x1_dtype, residual_dtype):  # fmt: skip
+    def maybe(like, dtype):
+        return like.new_empty(like.shape if dtype is not None else (0,), dtype=dtype)
+
+    w1_dtype = weight1.dtype if weight1 is not None else None
+    return (
+        dy.new_empty(dy.shape, dtype=x_dtype), torch.empty_like(weight), torch.empty_like(weight),
+        maybe(dy, residual_dtype), maybe(dy, x1_dtype), maybe(weight, w1_dtype),
+        maybe(weight, w1_dtype),
+    )  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, seed, eps, dropout_p, is_rms_norm, _, store, prenorm = inputs
-    _, residual_out, mean, rstd = output
-    # The backward needs the normalised input: residual_out when it was written, else x.
-    ctx.save_for_backward(residual_out if store else x, weight, mean, rstd, seed)
-    ctx.has_bias = bias is not None
+    x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, _, dropout_p, *flags = inputs
+    is_rms_norm, zero_centered_weight, _, _, store, _, prenorm = flags
+    _, _, residual_out, mean, rstd, keep, keep1 = output
+    # The backward needs the normalised input h: residual_out when it was written, else x.
+    ctx.save_for_backward(residual_out if store else x, weight, weight1, mean, rstd, rowscale, seed)
+    ctx.mark_non_differentiable(mean, rstd, keep, keep1)
+    ctx.has_bias, ctx.has_bias1 = bias is not None, bias1 is not None
+    ctx.x_dtype = x.dtype
+    ctx.x1_dtype = x1.dtype if x1 is not None else None
     ctx.residual_dtype = residual.dtype if residual is not None else None
-    ctx.dropout_p = dropout_p
-    ctx.is_rms_norm = is_rms_norm
+    ctx.dropout_p, ctx.is_rms_norm, ctx.zero_centered_weight = dropout_p, is_rms_norm, flags[1]
     ctx.prenorm = prenorm
 
 
-def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
-    x, weight, mean, rstd, seed = ctx.saved_tensors
-    dx, dweight, dbias, dresidual = _layer_norm_bwd_op(
-        dy,
-        x,
-        weight,
-        mean,
-        rstd,
-        dresidual_out if ctx.prenorm else None,
-        seed,
-        ctx.dropout_p,
-        ctx.is_rms_norm,
-        ctx.residual_dtype,
-    )
+def _backward(ctx, dy, dy1, dresidual_out, *_):
+    h, weight, weight1, mean, rstd, rowscale, seed = ctx.saved_tensors
+    dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = _layer_norm_bwd_op(
+        dy, dy1 if weight1 is not None else None, h, weight, weight1, mean, rstd,
+        dresidual_out if ctx.prenorm else None, rowscale, seed, ctx.dropout_p, ctx.is_rms_norm,
+        ctx.zero_centered_weight, ctx.x_dtype, ctx.x1_dtype, ctx.residual_dtype,
+    )  # fmt: skip
     return (
-        dx,
-        dweight,
-        dbias if ctx.has_bias else None,
+        dx, dweight, dbias if ctx.has_bias else None,
         dresidual if ctx.residual_dtype is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+        dx1 if ctx.x1_dtype is not None else None,
+        dweight1 if weight1 is not None else None,
+        dbias1 if ctx.has_bias1 else None,
+    ) + (None,) * 11  # fmt: skip
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(x, weight, bias, residual, eps, dropout_p):
+def _check_vector(name: str, t, hidden: int) -> None:
+    if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (hidden,)):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be None or have shape ({hidden},) (x's last dimension), "
+                         f"got {got}")  # fmt: skip
+
+
+def _check_like(name: str, t, shape: tuple) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be None or have shape {shape}, got {got}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise TypeError("x must be a floating-point tensor of shape (..., hidden)")
     hidden = x.shape[-1]
     if hidden < 1:
         raise ValueError(f"x's last dimension (hidden) must be >= 1, got shape {tuple(x.shape)}")
-    if not isinstance(weight, torch.Tensor) or weight.shape != (hidden,):
-        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must have shape ({hidden},) (x's last dimension), got {got}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (hidden,)):
-        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"bias must be None or have shape ({hidden},), got {got}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
-            got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
-            raise ValueError(f"residual must be None or have x's shape {tuple(x.shape)}, got {got}")
-        if not residual.is_floating_point():
-            raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+    if weight is None:
+        raise ValueError(f"weight must have shape ({hidden},), got None")
+    for name, t in (("weight", weight), ("bias", bias), ("weight1", weight1), ("bias1", bias1)):
+        _check_vector(name, t, hidden)
+    for name, t in (("residual", residual), ("x1", x1)):
+        _check_like(name, t, tuple(x.shape))
+    _check_like("rowscale", rowscale, tuple(x.shape[:-1]))
+    if rowscale is not None and x1 is not None:
+        raise ValueError("rowscale cannot be combined with x1 (as in flash-attn 2.x)")
+    if bias1 is not None and weight1 is None:
+        raise ValueError("bias1 needs weight1 (the second output's weight)")
+    named = (("weight", weight), ("bias", bias), ("residual", residual), ("x1", x1),
+             ("weight1", weight1), ("bias1", bias1), ("rowscale", rowscale))  # fmt: skip
+    for name, t in named:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not eps > 0.0:
@@ -173,113 +195,171 @@ def _check_inputs(x, weight, bias, residual, eps, dropout_p):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _layer_norm_torch(
-    x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32, is_rms_norm
-):
-    """Native PyTorch: the same math as the reference, with F.dropout and F.layer_norm."""
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    h = x.to(compute_dtype)
-    if dropout_p > 0.0:
-        h = F.dropout(h, dropout_p, training=True)
-    if residual is not None:
-        h = h + residual.to(compute_dtype)
-    hidden = (x.shape[-1],)
-    w = weight.to(compute_dtype)
-    if is_rms_norm:
-        y = F.rms_norm(h, hidden, w, eps)
-        if bias is not None:
-            y = y + bias.to(compute_dtype)
-    else:
-        y = F.layer_norm(h, hidden, w, bias.to(compute_dtype) if bias is not None else None, eps)
-    y = y.to(x.dtype)
-    if prenorm:
-        return y, h.to(residual_dtype_for(x, residual, residual_in_fp32))
-    return y
+def _native_xhat(h: torch.Tensor, eps: float, is_rms_norm: bool) -> torch.Tensor:
+    hidden = (h.shape[-1],)
+    return F.rms_norm(h, hidden, eps=eps) if is_rms_norm else F.layer_norm(h, hidden, eps=eps)
+
+
+def _layer_norm_torch(*args):
+    """Native PyTorch normalisation; the masks come from torch's generator."""
+    x, x1, dropout_p = args[0], args[4], args[8]
+    keep, keep1 = draw_keep_masks(x, x1, dropout_p)
+    return layer_norm_with(_native_xhat, keep, keep1, *args)
+
+
+def _flat(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
+    return t.reshape(-1, hidden) if t is not None else None
 
 
 def _layer_norm_triton(
-    x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32, is_rms_norm
-):
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+    x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
+    residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
+):  # fmt: skip
+    named = (("x", x), ("weight", weight), ("bias", bias), ("residual", residual), ("x1", x1),
+             ("weight1", weight1), ("bias1", bias1))  # fmt: skip
+    for name, t in named:
         if t is not None and t.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 {name}, got {t.dtype}")
-    shape = x.shape
-    hidden = shape[-1]
+    shape, hidden = x.shape, x.shape[-1]
     residual_dtype = residual_dtype_for(x, residual, residual_in_fp32)
     # The seed comes from torch's generator, so torch.manual_seed makes dropout reproducible.
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    # residual_out is needed by the caller (prenorm) or by the backward (it is not x).
-    store = prenorm or residual is not None or dropout_p > 0.0
-    y, residual_out, _, _ = _layer_norm_fwd_op(
-        x.reshape(-1, hidden),  # (..., N) -> (M, N)
-        weight,
-        bias,
-        residual.reshape(-1, hidden) if residual is not None else None,
-        seed,
-        float(eps),
-        float(dropout_p),
-        is_rms_norm,
-        residual_dtype,
-        store,
-        prenorm,
-    )
-    y = y.view(shape)
-    return (y, residual_out.view(shape)) if prenorm else y
+    # residual_out is needed by the caller (prenorm) or by the backward (h is not x).
+    store = prenorm or any(t is not None for t in (residual, x1, rowscale)) or dropout_p > 0.0
+    store_masks = return_dropout_mask and dropout_p > 0.0
+    y, y1, residual_out, _, _, keep, keep1 = _layer_norm_fwd_op(
+        _flat(x, hidden), weight, bias, _flat(residual, hidden), _flat(x1, hidden), weight1,
+        bias1, rowscale.reshape(-1) if rowscale is not None else None, seed, float(eps),
+        float(dropout_p), is_rms_norm, zero_centered_weight, out_dtype or x.dtype,
+        residual_dtype, store, store_masks, prenorm,
+    )  # fmt: skip
+
+    def shaped(t, present: bool):
+        return t.view(shape) if present else None
+
+    return pack_outputs(
+        y.view(shape), shaped(y1, weight1 is not None), shaped(residual_out, prenorm),
+        shaped(keep, store_masks), shaped(keep1, store_masks and x1 is not None),
+        prenorm, return_dropout_mask,
+    )  # fmt: skip
+
+
+def _write_into(result, out, residual_out, has_out1: bool, prenorm: bool):
+    """Copy out (and residual_out with prenorm) into the caller's preallocated tensors and
+    return them in place of the fresh ones (``out=`` / ``residual_out=`` of flash-attn 2.x)."""
+    values = list(result) if isinstance(result, tuple) else [result]
+    if out is not None:
+        values[0] = out.copy_(values[0])
+    if residual_out is not None and prenorm:
+        index = 2 if has_out1 else 1
+        values[index] = residual_out.copy_(values[index])
+    return tuple(values) if isinstance(result, tuple) else values[0]
 
 
 def layer_norm_fn(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    dropout_p: float = 0.0,
-    prenorm: bool = False,
-    residual_in_fp32: bool = False,
-    is_rms_norm: bool = False,
-    *,
-    backend: str | None = None,
-):
-    """LayerNorm (or RMSNorm) of dropout(x) + residual, in one pass.
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None, x1: torch.Tensor | None = None,
+    weight1: torch.Tensor | None = None, bias1: torch.Tensor | None = None, eps: float = 1e-6,
+    dropout_p: float = 0.0, rowscale: torch.Tensor | None = None, prenorm: bool = False,
+    residual_in_fp32: bool = False, zero_centered_weight: bool = False, is_rms_norm: bool = False,
+    return_dropout_mask: bool = False, out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+    *, backend: str | None = None,
+):  # fmt: skip
+    """LayerNorm (or RMSNorm) of h = dropout(x * rowscale) + dropout(x1) + residual, in one pass.
 
     Args:
         x: (..., hidden), fp16/bf16/fp32 (fp64 too on the torch backend).
         weight: (hidden,); bias: (hidden,) or None.
         residual: x's shape, or None.
+        x1: x's shape, or None: a second input added to h (with its own dropout mask).
+        weight1, bias1: (hidden,) or None: with weight1, a second output out1 = xhat * weight1
+            + bias1 of the same normalised h (parallel attention + MLP blocks).
         eps: > 0, added to the variance (LayerNorm) or the mean square (RMSNorm).
-        dropout_p: in [0, 1), applied to x before the residual add (always: pass 0.0 in eval).
-            The Triton path draws its mask in the kernel from a seed taken from torch's
+        dropout_p: in [0, 1), applied to x and x1 before the adds (always: pass 0.0 in eval).
+            The Triton path draws its masks in the kernel from a seed taken from torch's
             generator, so ``torch.manual_seed`` makes it reproducible.
-        prenorm: also return residual_out = dropout(x) + residual, for the next block.
-        residual_in_fp32: residual_out is fp32 (else the residual's dtype, or x's).
+        rowscale: x.shape[:-1] or None: each row of x is scaled before the dropout (stochastic
+            depth). Not with x1.
+        prenorm: also return residual_out = h, for the next block.
+        residual_in_fp32: without a residual, residual_out is fp32 (with one, residual_out has
+            the residual's dtype; else x's).
+        zero_centered_weight: multiply by weight + 1 (and weight1 + 1): Gemma-style weights.
         is_rms_norm: RMSNorm instead of LayerNorm.
+        return_dropout_mask: also return the bool keep masks of x and x1 (None where there is
+            no dropout or no x1).
+        out_dtype: dtype of out and out1 (default x's).
+        out, residual_out: preallocated tensors (x's shape) to write out / residual_out into.
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"`` (see ``flash_attn.ops.backend``).
     Returns:
-        out: x's shape and dtype; or (out, residual_out) when prenorm.
+        out; then out1 when weight1 is given, residual_out when prenorm, and (dropout_mask,
+        dropout_mask1) when return_dropout_mask, in that order, as one tuple.
     Raises:
-        ValueError: shape or device mismatch, eps <= 0, dropout_p outside [0, 1).
+        ValueError: shape or device mismatch, eps <= 0, dropout_p outside [0, 1), rowscale with
+            x1, bias1 without weight1.
         TypeError: non-float inputs, or fp64 on the Triton backend.
     """
-    _check_inputs(x, weight, bias, residual, eps, dropout_p)
-    args = (x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32, is_rms_norm)
+    _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale)
+    args = (
+        x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
+        residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
+    )  # fmt: skip
     if resolve_backend(backend, x.device) == "triton":
-        return _layer_norm_triton(*args)
-    return _layer_norm_torch(*args)
+        result = _layer_norm_triton(*args)
+    else:
+        result = _layer_norm_torch(*args)
+    if out is None and residual_out is None:
+        return result
+    return _write_into(result, out, residual_out, weight1 is not None, prenorm)
 
 
 def rms_norm_fn(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None, eps: float = 1e-6, dropout_p: float = 0.0,
-    prenorm: bool = False, residual_in_fp32: bool = False,
-    *, backend: str | None = None,
+    x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+    rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
+    return_dropout_mask=False, out_dtype=None, out=None, residual_out=None, *, backend=None,
 ):  # fmt: skip
-    """RMSNorm of dropout(x) + residual: :func:`layer_norm_fn` with ``is_rms_norm=True``.
+    """RMSNorm: :func:`layer_norm_fn` with ``is_rms_norm=True`` (same arguments otherwise).
 
-    y = h / sqrt(mean(h ** 2) + eps) * weight (+ bias), h = dropout(x) + residual.
+    out = h / sqrt(mean(h ** 2) + eps) * weight (+ bias).
     """
     return layer_norm_fn(
-        x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32,
-        is_rms_norm=True, backend=backend,
+        x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
+        residual_in_fp32, zero_centered_weight, True, return_dropout_mask, out_dtype, out,
+        residual_out, backend=backend,
     )  # fmt: skip
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def layer_norm_linear_fn(
+    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
+    linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None, eps: float = 1e-6, prenorm: bool = False,
+    residual_in_fp32: bool = False, is_rms_norm: bool = False, *, backend: str | None = None,
+):  # fmt: skip
+    """F.linear(layer_norm_fn(x, ...), linear_weight, linear_bias).
+
+    Args:
+        x, residual: (..., hidden); norm_weight, norm_bias: (hidden,) (bias may be None).
+        linear_weight: (out_features, hidden); linear_bias: (out_features,) or None.
+        eps, prenorm, residual_in_fp32, is_rms_norm, backend: as in :func:`layer_norm_fn`.
+    Returns:
+        (..., out_features), in the autocast dtype under autocast (else the normalised output's
+        dtype, x's); with prenorm, (out, residual_out).
+    """
+    normed = layer_norm_fn(
+        x, norm_weight, norm_bias, residual, eps=eps, prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm,
+        out_dtype=_autocast_dtype(x.device), backend=backend,
+    )  # fmt: skip
+    y, residual_out = normed if prenorm else (normed, None)
+    weight = linear_weight.to(y.dtype)
+    bias = linear_bias.to(y.dtype) if linear_bias is not None else None
+    out = F.linear(y, weight, bias)
+    return (out, residual_out) if prenorm else out

@@ -47,9 +47,14 @@ def _loss_and_dlogits_(logits, labels, dloss, options, backend):
     """
     label_smoothing, lse_square_scale, ignore_index = options
     if backend == "triton":
-        loss, lse = torch.ops.flash_attn.cross_entropy_fwd(logits, labels, *options, True)
+        kernel_options = (label_smoothing, 1.0, lse_square_scale, ignore_index)  # logit_scale 1
+        loss, _, lse = torch.ops.flash_attn.cross_entropy_fwd(
+            logits, labels, None, *kernel_options, True
+        )
         if dloss is not None:
-            torch.ops.flash_attn.cross_entropy_bwd_inplace(dloss, logits, lse, labels, *options)
+            torch.ops.flash_attn.cross_entropy_bwd_inplace(
+                dloss, logits, lse, labels, *kernel_options
+            )
         return loss
     # Plain torch, in place on an fp32 view of the chunk (a copy only for fp16/bf16 logits):
     # exp(x - max) overwrites x, so the chunk needs no second chunk-sized buffer.

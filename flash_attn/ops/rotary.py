@@ -6,7 +6,10 @@
 
 The Triton path is the custom op ``flash_attn::rotary`` (fake + autograd: the backward is the
 same rotation conjugated), so ``torch.compile`` traces it; ``inplace=True`` goes through the
-mutating op ``flash_attn::rotary_``. The torch path is the plain-PyTorch reference.
+mutating op ``flash_attn::rotary_``. The torch path is native PyTorch for the common GPT-NeoX
+case and the plain-PyTorch reference otherwise. On both, ``inplace=True`` accepts a leaf that
+requires grad, as flash-attn 2.x does: its values are overwritten and its ``.grad`` is the
+rotated-back gradient. ``flash_attn.ops.triton.rotary`` re-exports ``apply_rotary``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _rotary_op(
     conjugate: bool,
 ) -> torch.Tensor:  # fmt: skip
     """Out-of-place rotation."""
-    from flash_attn.ops.triton.rotary import rotary_fwd
+    from flash_attn.ops.kernels.rotary import rotary_fwd
 
     offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
     return rotary_fwd(
@@ -51,7 +54,7 @@ def _rotary_inplace_op(
     conjugate: bool,
 ) -> None:  # fmt: skip
     """In-place rotation of x."""
-    from flash_attn.ops.triton.rotary import rotary_fwd
+    from flash_attn.ops.kernels.rotary import rotary_fwd
 
     offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
     rotary_fwd(
@@ -83,18 +86,34 @@ _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _RotaryInplace(torch.autograd.Function):
-    """Autograd for the in-place op (mutating custom ops take no autograd formula): x is
-    overwritten, its gradient is rotated back as for the out-of-place op."""
+    """Autograd for the in-place rotation on either backend (mutating custom ops take no
+    autograd formula): x is overwritten, its gradient is rotated back as for the out-of-place
+    op. Takes the custom ops' arguments, then use_triton."""
 
     @staticmethod
     def forward(ctx, *args):
-        _rotary_inplace_op(*args)
-        x = args[0]
-        ctx.mark_dirty(x)
-        _setup_context(ctx, args, x)
+        *op_args, use_triton = args
+        x = op_args[0]
+        if use_triton:
+            _rotary_inplace_op(*op_args)
+        else:
+            x.copy_(_rotary_torch(*op_args))
+        # A leaf that requires grad cannot be marked dirty. flash-attn 2.x overwrites it
+        # anyway; the returned alias then carries this function's gradient back to the leaf.
+        if not (x.is_leaf and x.requires_grad):
+            ctx.mark_dirty(x)
+        _setup_context(ctx, op_args, x)
+        ctx.use_triton = use_triton
         return x
 
-    backward = staticmethod(_backward)
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.use_triton:
+            return _backward(ctx, dout) + (None,)
+        cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
+        dx = _rotary_torch(dout, cos, sin, seqlen_offsets, ctx.seqlen_offset, cu_seqlens,
+                           ctx.max_seqlen, ctx.interleaved, not ctx.conjugate)  # fmt: skip
+        return (dx,) + (None,) * 9
 
 
 def _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen):
@@ -202,6 +221,18 @@ def _rotary_neox_torch(x, cos, sin, seqlen_offset: int, conjugate: bool):
     return torch.cat((out, x[..., rotary_dim:]), dim=-1)
 
 
+def _rotary_torch(
+    x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
+):  # fmt: skip
+    """The torch backend, out of place, with the custom ops' arguments (differentiable)."""
+    if cu_seqlens is None and seqlen_offsets is None and not interleaved:
+        return _rotary_neox_torch(x, cos, sin, seqlen_offset, conjugate)
+    offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
+    return apply_rotary_ref(
+        x, cos, sin, offsets, cu_seqlens, max_seqlen, interleaved, conjugate=conjugate
+    )
+
+
 def apply_rotary(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -227,7 +258,7 @@ def apply_rotary(
         cu_seqlens: (batch + 1,) int32 cumulative sequence lengths from 0 to total_seqlen.
         max_seqlen: the longest sequence, required with cu_seqlens.
         interleaved: GPT-J layout, pairs (2i, 2i + 1); default GPT-NeoX, (i, i + rotary_dim/2).
-        inplace: write the result into x and return x.
+        inplace: write the result into x and return x (x may be a leaf that requires grad).
         conjugate: rotate by -angle (the inverse rotation).
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``.
     Returns:
@@ -237,19 +268,13 @@ def apply_rotary(
             bad cu_seqlens / max_seqlen / seqlen_offsets. TypeError: dtypes.
     """
     _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen)
-    if resolve_backend(backend, x.device) == "torch":
-        if cu_seqlens is None and isinstance(seqlen_offsets, int) and not interleaved:
-            out = _rotary_neox_torch(x, cos, sin, seqlen_offsets, conjugate)
-            return x.copy_(out) if inplace else out
-        return apply_rotary_ref(
-            x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace, conjugate
-        )
-    if x.dtype not in _TRITON_DTYPES:
+    use_triton = resolve_backend(backend, x.device) == "triton"
+    if use_triton and x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 x, got {x.dtype}")
     offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
     offset_int = 0 if offsets_tensor is not None else seqlen_offsets
     max_seqlen = max_seqlen if cu_seqlens is not None else x.shape[1]
     args = (x, cos, sin, offsets_tensor, offset_int, cu_seqlens, max_seqlen, interleaved, conjugate)
     if inplace:
-        return _RotaryInplace.apply(*args)
-    return _rotary_op(*args)
+        return _RotaryInplace.apply(*args, use_triton)
+    return _rotary_op(*args) if use_triton else _rotary_torch(*args)

@@ -181,12 +181,121 @@ def test_torch_compile_traces_triton_path(inplace):
     torch.testing.assert_close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("eps, z", [(0.0, 0.0), (0.1, 1e-3)])
+def test_logit_scale_within_twice_plain_pytorch_error(backend, dtype, eps, z):
+    device = _device(backend)
+    vocab, scale = 1000, 0.7
+    logits, labels = _inputs(13, vocab, dtype, device, n_ignored=2)
+    opts = dict(label_smoothing=eps, lse_square_scale=z, reduction="none")
+    loss, grad = _loss_and_grad(
+        cross_entropy_loss, logits, labels, logit_scale=scale, backend=backend, **opts
+    )
+    ref_loss, ref_grad = _loss_and_grad(
+        cross_entropy_ref, logits.double(), labels, logit_scale=scale, **opts
+    )
+    pt_loss, pt_grad = _loss_and_grad(
+        lambda x, y, **kw: _plain(x * scale, y, **kw), logits, labels, eps=eps, z=z,
+        ignore_index=-100, reduction="none",
+    )  # fmt: skip
+    atol = (1e-6 if dtype == torch.float32 else 1e-3) + torch.finfo(torch.float32).eps * vocab**0.5
+    assert _err(loss, ref_loss) <= 2 * _err(pt_loss, ref_loss) + atol
+    assert _err(grad, ref_grad) <= 2 * _err(pt_grad, ref_grad) + atol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_z_loss(backend, reduction):
+    device = _device(backend)
+    logits, labels = _inputs(9, 130, torch.float32, device, n_ignored=2)
+    loss, z_loss = cross_entropy_loss(logits, labels, lse_square_scale=0.3, reduction=reduction,
+                                      return_z_loss=True, backend=backend)  # fmt: skip
+    per_row_z = 0.3 * torch.logsumexp(logits.detach(), -1).square() * (labels != -100)
+    expected = per_row_z if reduction == "none" else per_row_z.sum() / 7
+    torch.testing.assert_close(z_loss, expected, rtol=1e-5, atol=1e-5)
+    assert not z_loss.requires_grad and loss.requires_grad
+    torch.testing.assert_close(
+        loss, cross_entropy_loss(logits, labels, lse_square_scale=0.3, reduction=reduction)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_precomputed_lse(backend):
+    """Used (value and softmax gradient) without logit scale and smoothing, else ignored."""
+    device = _device(backend)
+    logits, labels = _inputs(6, 50, torch.float32, device, n_ignored=1)
+    lse = torch.logsumexp(logits.detach(), -1)
+    plain = _loss_and_grad(cross_entropy_loss, logits, labels, reduction="none", backend=backend)
+    given = _loss_and_grad(cross_entropy_loss, logits, labels, reduction="none", backend=backend,
+                           precomputed_lse=lse)  # fmt: skip
+    for a, b in zip(given, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    shifted = cross_entropy_loss(logits, labels, reduction="none", precomputed_lse=lse + 1.0,
+                                 backend=backend)  # fmt: skip
+    torch.testing.assert_close(shifted - plain[0].float(), (labels != -100).float())
+    smoothed = dict(label_smoothing=0.1, reduction="none", backend=backend)
+    torch.testing.assert_close(
+        cross_entropy_loss(logits, labels, precomputed_lse=lse + 1.0, **smoothed),
+        cross_entropy_loss(logits, labels, **smoothed),
+    )
+
+
+def _vocab_parallel_worker(rank, world_size, port, out_dir):
+    """One rank: its half of the vocabulary, both backends; saves loss and gradient shards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)  # fmt: skip
+    try:
+        torch.manual_seed(0)
+        logits, labels = _inputs(7, 2 * 37, torch.float32, "cpu", n_ignored=1)
+        shard = logits.detach().chunk(world_size, dim=1)[rank]
+        results = {}
+        for backend in BACKENDS:
+            x = shard.clone().to(_device(backend)).requires_grad_()
+            loss, z_loss = cross_entropy_loss(
+                x, labels.to(x.device), label_smoothing=0.1, lse_square_scale=1e-3,
+                reduction="none", logit_scale=0.8, return_z_loss=True,
+                process_group=dist.group.WORLD, backend=backend,
+            )  # fmt: skip
+            (loss * torch.linspace(0.5, 1.5, 7, device=x.device)).sum().backward()
+            results[backend] = (loss.detach().cpu(), z_loss.cpu(), x.grad.cpu())
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_process_group_vocab_parallel_matches_unsharded(tmp_path):
+    """Two gloo ranks holding half the vocabulary each: the loss every rank gets and the
+    gradient of each shard equal the unsharded computation's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_vocab_parallel_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    logits, labels = _inputs(7, 2 * 37, torch.float32, "cpu", n_ignored=1)
+    opts = dict(label_smoothing=0.1, lse_square_scale=1e-3, reduction="none", logit_scale=0.8)
+    ref_loss, ref_grad = _loss_and_grad(cross_entropy_ref, logits.double(), labels, **opts)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ref_z = 1e-3 * torch.logsumexp(0.8 * logits.detach().double(), -1).square() * (labels != -100)
+    for backend in BACKENDS:
+        for rank, results in enumerate(ranks):
+            loss, z_loss, grad = results[backend]
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(z_loss.double(), ref_z, rtol=1e-5, atol=1e-6)
+            expected_grad = ref_grad.chunk(2, dim=1)[rank]
+            torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_custom_op_registration_is_consistent():
     device = kernel_device()
     logits, labels = _inputs(3, 20, torch.float32, device, n_ignored=1)
     torch.library.opcheck(
         torch.ops.flash_attn.cross_entropy_fwd.default,
-        (logits, labels, 0.1, 1e-3, -100, False),
+        (logits, labels, None, 0.1, 0.5, 1e-3, -100, False),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -222,18 +331,21 @@ def test_triton_rejects_fp64():
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.triton.cross_entropy import _cross_entropy_bwd_kernel, _cross_entropy_fwd_kernel
+from flash_attn.ops.kernels.cross_entropy import (
+    _cross_entropy_bwd_kernel, _cross_entropy_fwd_kernel)
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 for dt in ("bf16", "fp32"):
     compile_for_gpu(_cross_entropy_fwd_kernel,
         dict(Logits=f"*{dt}", Labels="*i64", LsePartial="*fp32", LossPartial="*fp32",
              stride_row="i64", n_cols="i32", n_blocks="i32", label_smoothing="fp32",
-             ignore_index="i64"), dict(BLOCK_N=8192))
+             logit_scale="fp32", ignore_index="i64", class_start="i64", total_classes="i64"),
+        dict(BLOCK_N=8192))
     compile_for_gpu(_cross_entropy_bwd_kernel,
         dict(DLogits=f"*{dt}", Logits=f"*{dt}", Labels="*i64", Lse="*fp32", DLoss="*fp32",
              stride_dlogits_row="i64", stride_logits_row="i64", stride_dloss="i64",
-             n_cols="i32", label_smoothing="fp32", lse_square_scale="fp32", ignore_index="i64"),
+             n_cols="i32", label_smoothing="fp32", logit_scale="fp32", lse_square_scale="fp32",
+             ignore_index="i64", class_start="i64", total_classes="i64"),
         dict(BLOCK_N=8192))
 print("compiled")
 """

@@ -9,23 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.modules.norm import LayerNorm, RMSNorm
-from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
-from flash_attn.ops.reference.layer_norm import layer_norm_ref
-from flash_attn.ops.triton.layer_norm import layer_norm_bwd, layer_norm_fwd
-from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
+from flash_attn.ops.kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
+from flash_attn.ops.layer_norm import layer_norm_fn, layer_norm_linear_fn, rms_norm_fn
+from flash_attn.ops.reference.layer_norm import layer_norm_ref, rms_norm_ref
+from tests.testing import DTYPES, assert_compiles_for_gpu, kernel_device
 
 DEVICE = kernel_device()
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not HAS_CUDA or DEVICE != "cuda", reason="bf16 kernels are checked on CUDA only"
-        ),
-    ),
-]
 BACKENDS = ["triton", "torch"]
 
 
@@ -99,11 +89,11 @@ def test_matches_reference(
 
     def fused(x, w, b, r):
         return layer_norm_fn(
-            x, w, b, r, eps, prenorm=prenorm, is_rms_norm=is_rms_norm, backend=backend
+            x, w, b, r, eps=eps, prenorm=prenorm, is_rms_norm=is_rms_norm, backend=backend
         )
 
     def oracle(x, w, b, r):
-        return layer_norm_ref(x, w, b, r, eps, prenorm=prenorm, is_rms_norm=is_rms_norm)
+        return layer_norm_ref(x, w, b, r, eps=eps, prenorm=prenorm, is_rms_norm=is_rms_norm)
 
     def plain(x, w, b, r):
         y = _plain(x, w, b, r, eps, is_rms_norm)
@@ -147,7 +137,8 @@ def test_residual_dtypes(backend, residual_in_fp32, residual_dtype):
         )
 
     y, res_out, grads = _run_and_grads(fused, _leaves(x, weight, bias, residual), dy, dres)
-    expected = torch.float32 if residual_in_fp32 else (residual_dtype or dtype)
+    # flash-attn 2.x: residual_in_fp32 only decides when there is no residual.
+    expected = residual_dtype or (torch.float32 if residual_in_fp32 else dtype)
     assert res_out.dtype == expected
     leaves64 = _leaves(x, weight, bias, residual, dtype=torch.float64)
     y_ref, res_ref, grads_ref = _run_and_grads(
@@ -173,7 +164,7 @@ def test_chunked_rows_launcher(is_rms_norm, hidden):
     dres = torch.randn(rows, hidden, device=DEVICE)
     outs = {}
     for max_block in (8192, 256):
-        y, res_out, mean, rstd = layer_norm_fwd(
+        y, _, res_out, mean, rstd, _, _ = layer_norm_fwd(
             x,
             weight,
             bias,
@@ -193,7 +184,7 @@ def test_chunked_rows_launcher(is_rms_norm, hidden):
             is_rms_norm=is_rms_norm,
             residual_dtype=torch.float32,
             max_block=max_block,
-        )
+        )[:4]
         outs[max_block] = (y, res_out, *grads)
     leaves = _leaves(x, weight, bias, residual, dtype=torch.float64)
     y_ref, res_ref, grads_ref = _run_and_grads(
@@ -308,6 +299,209 @@ def test_dropout_backward_uses_the_forward_mask(dtype, is_rms_norm, prenorm):
         torch.testing.assert_close(g.double(), g_ref, **tol)
 
 
+# -- the flash-attn 2.x features: x1 / weight1 / bias1, rowscale, zero-centred weights, masks --
+
+FEATURE_CASES = {
+    # name: (x1, weight1 and bias1, rowscale, zero_centered_weight, dropout_p, prenorm)
+    "parallel_outputs": (True, True, False, False, 0.0, True),
+    "second_input": (True, False, False, True, 0.0, False),
+    "rowscale_zero_centered": (False, False, True, True, 0.0, True),
+    "second_output": (False, True, True, False, 0.0, False),
+    "dropout_both_inputs": (True, True, False, True, 0.2, True),
+}
+
+
+def _feature_inputs(rows, hidden, dtype, case):
+    with_x1, with_w1, with_rowscale = FEATURE_CASES[case][:3]
+    x, weight, bias, residual = _inputs(rows, hidden, dtype)
+    x1 = torch.randn(rows, hidden, dtype=dtype, device=DEVICE) if with_x1 else None
+    weight1 = bias1 = None
+    if with_w1:
+        weight1, bias1, _ = _inputs(rows, hidden, dtype, with_residual=False)[1:]
+    rowscale = torch.rand(rows, device=DEVICE).to(dtype) + 0.5 if with_rowscale else None
+    return [x, weight, bias, residual, x1, weight1, bias1], rowscale
+
+
+def _plain_features(x, w, b, r, x1, w1, b1, rowscale, keep, keep1, p, zero_centered, eps, rms):
+    """Plain PyTorch at the inputs' precision: every add and the norms in x's dtype."""
+    h = x if rowscale is None else x * rowscale.unsqueeze(-1)
+    if keep is not None:
+        h = h * keep / (1 - p)
+    if x1 is not None:
+        h = h + (x1 * keep1 / (1 - p) if keep1 is not None else x1)
+    h = h + r
+    outs = [_plain(h, w + 1 if zero_centered else w, b, None, eps, rms)]
+    if w1 is not None:
+        outs.append(_plain(h, w1 + 1 if zero_centered else w1, b1, None, eps, rms))
+    return outs, h
+
+
+def _feature_loss(outs, residual_out, grads_out):
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, grads_out))
+    return loss + ((residual_out.double() * grads_out[-1]).sum() if residual_out is not None else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_rms_norm", [False, True])
+@pytest.mark.parametrize("case", list(FEATURE_CASES))
+def test_features_match_reference(backend, dtype, is_rms_norm, case):
+    """Forward and backward of every 2.x feature within twice plain PyTorch's error."""
+    with_x1, with_w1, _, zero_centered, p, prenorm = FEATURE_CASES[case]
+    rows, hidden, eps = 9, 130, 1e-5
+    tensors, rowscale = _feature_inputs(rows, hidden, dtype, case)
+    grads_out = [torch.randn(rows, hidden, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    options = dict(eps=eps, dropout_p=p, rowscale=rowscale, prenorm=prenorm,
+                   zero_centered_weight=zero_centered, is_rms_norm=is_rms_norm)  # fmt: skip
+
+    leaves = _leaves(*tensors)
+    result = layer_norm_fn(*leaves, **options, return_dropout_mask=True, backend=backend)
+    n_out = 2 if with_w1 else 1
+    outs, rest = list(result[:n_out]), list(result[n_out:])
+    residual_out = rest.pop(0) if prenorm else None
+    keep, keep1 = rest
+    assert (keep is None) == (p == 0.0) and (keep1 is None) == (p == 0.0 or not with_x1)
+    _feature_loss(outs, residual_out, grads_out).backward()
+
+    oracle_leaves = _leaves(*tensors, dtype=torch.float64)
+    oracle = layer_norm_ref(*oracle_leaves, **options, dropout_mask=keep, dropout_mask1=keep1)
+    oracle = oracle if isinstance(oracle, tuple) else (oracle,)
+    _feature_loss(oracle[:n_out], oracle[n_out] if prenorm else None, grads_out).backward()
+
+    plain_leaves = _leaves(*tensors)
+    plain, h = _plain_features(*plain_leaves, rowscale, keep, keep1, p, zero_centered, eps,
+                               is_rms_norm)  # fmt: skip
+    _feature_loss(plain, h if prenorm else None, grads_out).backward()
+
+    for i, (got, pl, ref) in enumerate(zip(outs, plain, oracle)):
+        assert got.dtype == dtype
+        _check(f"out{i}", got, pl, ref, dtype, hidden)
+    if prenorm:
+        _check("residual_out", residual_out, h, oracle[n_out], dtype)
+    names = ("dx", "dweight", "dbias", "dresidual", "dx1", "dweight1", "dbias1")
+    lengths = (hidden, rows, rows, hidden, hidden, rows, rows)
+    for name, n, t, t_pl, t_ref in zip(names, lengths, leaves, plain_leaves, oracle_leaves):
+        if t is None:
+            continue
+        assert t.grad.dtype == t.dtype, name
+        _check(name, t.grad, t_pl.grad, t_ref.grad, dtype, n)
+
+
+@pytest.mark.parametrize("is_rms_norm", [False, True])
+def test_features_in_chunked_rows(is_rms_norm):
+    """Rows walked in chunks give what one block per row gives, with every feature on."""
+    rows, hidden, p = 5, 700, 0.25
+    (x, w, b, r, x1, w1, b1), _ = _feature_inputs(rows, hidden, torch.float32, "parallel_outputs")
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    dys = [torch.randn(rows, hidden, device=DEVICE) for _ in range(3)]
+    results = []
+    for max_block in (8192, 128):
+        common = dict(dropout_p=p, seed=seed, zero_centered_weight=True, is_rms_norm=is_rms_norm,
+                      max_block=max_block)  # fmt: skip
+        y, y1, h, mean, rstd, keep, keep1 = layer_norm_fwd(
+            x, w, b, 1e-5, r, x1, w1, b1, residual_dtype=torch.float32, store_residual_out=True,
+            store_dropout_mask=True, **common,
+        )  # fmt: skip
+        grads = layer_norm_bwd(
+            dys[0], h, w, mean, rstd, dys[2], dys[1], w1, x_dtype=torch.float32,
+            x1_dtype=torch.float32, residual_dtype=torch.float32, **common,
+        )  # fmt: skip
+        results.append((y, y1, h, mean, rstd, keep, keep1, *grads))
+    for single, chunked in zip(*results):
+        torch.testing.assert_close(chunked, single, atol=1e-5, rtol=1e-5)
+
+
+def test_rowscale_scales_rows_and_their_gradient():
+    x, weight, bias, residual = _inputs(4, 16, torch.float32)
+    rowscale = torch.tensor([0.0, 1.0, 2.0, 0.5], device=DEVICE)
+    x = x.requires_grad_()
+    _, h = layer_norm_fn(x, weight, bias, residual, rowscale=rowscale, prenorm=True)
+    torch.testing.assert_close(h, x.detach() * rowscale[:, None] + residual)
+    h.sum().backward()
+    torch.testing.assert_close(x.grad, rowscale[:, None].expand(4, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_dtype_and_preallocated_outputs(backend):
+    x, weight, bias, residual = _inputs(3, 24, torch.float32)
+    out = torch.empty(3, 24, dtype=torch.float16, device=DEVICE)
+    residual_out = torch.empty(3, 24, device=DEVICE)
+    y, res = layer_norm_fn(x, weight, bias, residual, prenorm=True, out_dtype=torch.float16,
+                           out=out, residual_out=residual_out, backend=backend)  # fmt: skip
+    assert y is out and res is residual_out and y.dtype == torch.float16
+    expected = layer_norm_ref(x, weight, bias, residual, prenorm=True)
+    torch.testing.assert_close(y, expected[0].half())
+    torch.testing.assert_close(res, expected[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_dropout_mask_shapes(backend):
+    x, weight, bias, _ = _inputs(6, 40, torch.float32)
+    y, keep, keep1 = layer_norm_fn(x, weight, bias, return_dropout_mask=True, backend=backend)
+    assert keep is None and keep1 is None
+    y, keep, keep1 = layer_norm_fn(x, weight, bias, x1=x, dropout_p=0.5, return_dropout_mask=True,
+                                   backend=backend)  # fmt: skip
+    assert keep.dtype == torch.bool and keep.shape == x.shape and keep1.shape == x.shape
+    assert not torch.equal(keep, keep1), "x and x1 draw independent masks"
+    expected = layer_norm_ref(x, weight, bias, x1=x, dropout_p=0.5, dropout_mask=keep,
+                              dropout_mask1=keep1)  # fmt: skip
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_layer_norm_linear_fn(backend, prenorm):
+    x, weight, bias, residual = _inputs(5, 32, torch.float32)
+    linear_weight = torch.randn(12, 32, device=DEVICE) / 32**0.5
+    linear_bias = torch.randn(12, device=DEVICE)
+    leaves = _leaves(x, weight, bias, linear_weight, linear_bias, residual)
+    result = layer_norm_linear_fn(*leaves, 1e-5, prenorm, False, True, backend=backend)
+    ref_leaves = _leaves(x, weight, bias, linear_weight, linear_bias, residual, dtype=torch.float64)
+    normed = rms_norm_ref(ref_leaves[0], *ref_leaves[1:3], ref_leaves[5], eps=1e-5, prenorm=prenorm)
+    y_ref, res_ref = normed if prenorm else (normed, None)
+    expected = F.linear(y_ref, ref_leaves[3], ref_leaves[4])
+    out, res = result if prenorm else (result, None)
+    assert out.shape == (5, 12)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    if prenorm:
+        torch.testing.assert_close(res.double(), res_ref, atol=1e-6, rtol=1e-6)
+    (out.double().sum() + (res.double().square().sum() if prenorm else 0)).backward()
+    (expected.sum() + (res_ref.square().sum() if prenorm else 0)).backward()
+    for t, t_ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(t.grad.double(), t_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_centered_weight_modules(backend):
+    x = torch.randn(2, 3, 16, device=DEVICE)
+    rms = RMSNorm(16, eps=1e-6, zero_centered_weight=True, backend=backend, device=DEVICE)
+    ln = LayerNorm(16, eps=1e-5, zero_centered_weight=True, backend=backend, device=DEVICE)
+    assert torch.all(rms.weight == 0) and torch.all(ln.weight == 0) and torch.all(ln.bias == 0)
+    with torch.no_grad():
+        rms.weight.normal_()
+    torch.testing.assert_close(rms(x), F.rms_norm(x, (16,), 1 + rms.weight, 1e-6),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (16,), eps=1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_registration_is_consistent():
+    """Schema, fake tensors and autograd registration of the forward op, with every feature."""
+    (x, w, b, r, x1, w1, b1), _ = _feature_inputs(5, 24, torch.float32, "parallel_outputs")
+    x, r, x1, w, b, w1, b1 = _leaves(x, r, x1, w, b, w1, b1)
+    seed = torch.tensor([3], device=DEVICE)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    f32 = torch.float32
+    # x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, eps, dropout_p, is_rms_norm,
+    # zero_centered_weight, out_dtype, residual_dtype, store_residual_out, store_dropout_mask,
+    # prenorm
+    for args in (
+        (x, w, b, r, x1, w1, b1, None, seed, 1e-5, 0.1, False, True, f32, f32, True, True, True),
+        (x, w, None, None, None, None, None, torch.rand(5, device=DEVICE), None, 1e-5, 0.0, True,
+         False, torch.float16, f32, True, False, False),
+    ):  # fmt: skip
+        torch.library.opcheck(torch.ops.flash_attn.layer_norm_fwd.default, args, test_utils=checks)
+
+
 def test_torch_compile_traces_the_triton_path():
     x, weight, bias, residual = _inputs(9, 40, torch.float32)
 
@@ -394,26 +588,33 @@ def test_triton_rejects_fp64():
         layer_norm_fn(x, w, None, backend="triton")
     # The torch path serves fp64.
     torch.testing.assert_close(
-        layer_norm_fn(x, w, None, backend="torch"), F.layer_norm(x, (8,), w, None, 1e-5)
+        layer_norm_fn(x, w, None, backend="torch"), F.layer_norm(x, (8,), w, None, 1e-6)
     )
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.triton.layer_norm import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
+from flash_attn.ops.kernels.layer_norm import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 h, f, i64, i32 = "*fp16", "*fp32", "i64", "i32"
-fwd = dict(X=h, R=f, W=h, B=h, Y=h, RESIDUAL_OUT=f, Mean=f, Rstd=f, Seed="*i64",
-           stride_x_row=i64, stride_r_row=i64, N=i32, eps="fp32", dropout_p="fp32")
-bwd = dict(X=f, W=h, DY=h, DRESIDUAL_OUT=f, DX=h, DRESIDUAL=f, DW=f, DB=f, Mean=f, Rstd=f,
-           Seed="*i64", stride_x_row=i64, M=i32, N=i32, rows_per_program=i32, dropout_p="fp32")
-for rms, single in ((False, True), (True, False)):
+fwd = dict(X=h, X1=h, R=f, W=h, B=h, W1=h, B1=h, Y=h, Y1=h, RESIDUAL_OUT=f, KEEP="*i1",
+           KEEP1="*i1", RowScale=f, Mean=f, Rstd=f, Seed="*i64", stride_x_row=i64,
+           stride_x1_row=i64, stride_r_row=i64, M=i32, N=i32, eps="fp32", dropout_p="fp32")
+bwd = dict(X=f, W=h, W1=h, DY=h, DY1=h, DRESIDUAL_OUT=f, DX=h, DX1=h, DRESIDUAL=f, DW=f, DB=f,
+           DW1=f, DB1=f, RowScale=f, Mean=f, Rstd=f, Seed="*i64", stride_x_row=i64, M=i32,
+           N=i32, rows_per_program=i32, dropout_p="fp32")
+# Plain fused norms, then every feature at once (parallel outputs, x1, zero-centred weights).
+for rms, single, extra in ((False, True, False), (True, False, False), (False, True, True),
+                           (True, False, True)):
     compile_for_gpu(_layer_norm_fwd_kernel, fwd, dict(
-        IS_RMS_NORM=rms, HAS_RESIDUAL=True, HAS_BIAS=not rms, HAS_DROPOUT=True,
-        STORE_RESIDUAL_OUT=True, BLOCK_N=1024 if single else 4096, SINGLE_BLOCK=single))
-    compile_for_gpu(_layer_norm_bwd_kernel, bwd, dict(
-        IS_RMS_NORM=rms, HAS_DROPOUT=True, HAS_DRESIDUAL_OUT=True, STORE_DRESIDUAL=True,
+        IS_RMS_NORM=rms, HAS_X1=extra, HAS_RESIDUAL=True, HAS_ROWSCALE=not extra,
+        HAS_BIAS=not rms, HAS_W1=extra, HAS_B1=extra, ZERO_CENTERED_WEIGHT=extra,
+        HAS_DROPOUT=True, STORE_RESIDUAL_OUT=True, STORE_DROPOUT_MASK=extra,
         BLOCK_N=1024 if single else 4096, SINGLE_BLOCK=single))
+    compile_for_gpu(_layer_norm_bwd_kernel, bwd, dict(
+        IS_RMS_NORM=rms, HAS_W1=extra, HAS_X1=extra, HAS_ROWSCALE=not extra,
+        ZERO_CENTERED_WEIGHT=extra, HAS_DROPOUT=True, HAS_DRESIDUAL_OUT=True,
+        STORE_DRESIDUAL=True, BLOCK_N=1024 if single else 4096, SINGLE_BLOCK=single))
 print("compiled")
 """
 

@@ -10,20 +10,10 @@ import torch
 from flash_attn.modules.rotary import RotaryEmbedding
 from flash_attn.ops.reference.rotary import apply_rotary_ref
 from flash_attn.ops.rotary import apply_rotary
-from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
+from tests.testing import DTYPES, assert_compiles_for_gpu, kernel_device
 
 DEVICE = kernel_device()
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(
-        torch.bfloat16,
-        marks=pytest.mark.skipif(
-            not HAS_CUDA or DEVICE != "cuda", reason="bf16 kernels are checked on CUDA only"
-        ),
-    ),
-]
 BACKENDS = ["triton", "torch"]
 
 
@@ -179,6 +169,29 @@ def test_inplace_and_conjugate(backend, interleaved):
         lambda t: apply_rotary_ref(t, cos, sin, 3, interleaved=interleaved), x, dout
     )
     torch.testing.assert_close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_inplace_on_a_leaf_that_requires_grad(backend, varlen):
+    """As flash-attn 2.x allows: the leaf's values are overwritten and its .grad is the
+    rotated-back upstream gradient."""
+    cos, sin = _tables(12, 8)
+    x = torch.randn(2, 5, 3, 10, device=DEVICE)
+    varlen_args = {}
+    if varlen:
+        x = x.flatten(0, 1)
+        cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+        varlen_args = dict(cu_seqlens=cu_seqlens, max_seqlen=6)
+    expected = apply_rotary_ref(x, cos, sin, 1, **varlen_args)
+    dout = torch.randn_like(x)
+    _, dx_ref = _value_and_grad(lambda t: apply_rotary_ref(t, cos, sin, 1, **varlen_args), x, dout)
+    leaf = x.clone().requires_grad_()
+    out = apply_rotary(leaf, cos, sin, 1, inplace=True, backend=backend, **varlen_args)
+    torch.testing.assert_close(leaf.detach(), expected)
+    torch.testing.assert_close(out.detach(), expected)
+    out.backward(dout)
+    torch.testing.assert_close(leaf.grad, dx_ref)
 
 
 def test_strided_input():
@@ -359,7 +372,7 @@ def test_torch_compile_varlen():
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.triton.rotary import _rotary_kernel
+from flash_attn.ops.kernels.rotary import _rotary_kernel
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 types = dict(X="*fp16", Out="*fp16", Cos="*fp32", Sin="*fp32", SeqlenOffsets="*i32",

@@ -1,14 +1,17 @@
-"""LayerNorm / RMSNorm with fused dropout and residual add, written out in plain PyTorch.
+"""LayerNorm / RMSNorm with fused dropout, rowscale and residual adds, in plain PyTorch.
 
 The statement of the math and the oracle of the kernel tests:
 
-    residual_out = dropout(x) + residual        (residual_out = dropout(x) without a residual)
-    LayerNorm:  y = (residual_out - mean) / sqrt(var + eps) * weight + bias
-    RMSNorm:    y = residual_out / sqrt(mean(residual_out ** 2) + eps) * weight (+ bias)
+    h   = dropout(x * rowscale) + dropout(x1) + residual     (each term optional)
+    LayerNorm:  xhat = (h - mean(h)) / sqrt(var(h) + eps)
+    RMSNorm:    xhat = h / sqrt(mean(h ** 2) + eps)
+    out  = xhat * weight + bias,  out1 = xhat * weight1 + bias1   (weight + 1 when zero-centred)
 
 Statistics are taken over the last dimension with the biased variance, as ``torch.nn.LayerNorm``.
-Everything is computed in fp32 (fp64 for fp64 inputs) and y is returned in x's dtype; pass fp64
-tensors for an oracle.
+Everything is computed in fp32 (fp64 for fp64 inputs); out is returned in out_dtype (default x's)
+and h, the ``residual_out`` of pre-norm blocks, in the residual's dtype (fp32 without a residual
+when residual_in_fp32, else x's). Pass fp64 tensors for an oracle. The helpers here are shared
+with the functional API so both backends return the same structure.
 """
 
 from __future__ import annotations
@@ -19,64 +22,129 @@ import torch
 def residual_dtype_for(
     x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool
 ) -> torch.dtype:
-    """The dtype of residual_out: fp32 when residual_in_fp32, else the residual's (or x's)."""
-    if residual_in_fp32:
-        return torch.float32
-    return residual.dtype if residual is not None else x.dtype
+    """The dtype of residual_out: the residual's; without one fp32 when residual_in_fp32, else
+    x's (as flash-attn 2.x: residual_in_fp32 only applies where no residual is given)."""
+    if residual is not None:
+        return residual.dtype
+    return torch.float32 if residual_in_fp32 else x.dtype
 
 
-def layer_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None, eps: float = 1e-5, dropout_p: float = 0.0,
-    prenorm: bool = False, residual_in_fp32: bool = False, is_rms_norm: bool = False,
-    *, dropout_mask: torch.Tensor | None = None,
-):  # fmt: skip
-    """dropout + residual add + LayerNorm (or RMSNorm), differentiable by autograd.
+def draw_keep_masks(x: torch.Tensor, x1: torch.Tensor | None, dropout_p: float):
+    """Bool keep masks (x's shape) for x and x1 from torch's generator; None when not needed."""
+    if dropout_p == 0.0:
+        return None, None
+    keep1 = torch.rand(x1.shape, device=x.device) >= dropout_p if x1 is not None else None
+    return torch.rand(x.shape, device=x.device) >= dropout_p, keep1
+
+
+def norm_input(
+    x: torch.Tensor, x1: torch.Tensor | None, residual: torch.Tensor | None,
+    rowscale: torch.Tensor | None, dropout_p: float, keep: torch.Tensor | None,
+    keep1: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """h = dropout(x * rowscale) + dropout(x1) + residual in fp32 (fp64 for fp64 inputs).
 
     Args:
-        x: (..., hidden); residual: same shape as x, any float dtype, or None.
-        weight: (hidden,); bias: (hidden,) or None.
-        eps: added to the variance (LayerNorm) or the mean square (RMSNorm).
-        dropout_p: probability of zeroing an element of x (kept ones are scaled by 1/(1-p)).
-        prenorm: also return residual_out.
-        residual_in_fp32: residual_out is fp32 (else the residual's dtype, or x's).
-        is_rms_norm: RMSNorm instead of LayerNorm (no centring).
-        dropout_mask: bool, x's shape, True where x is kept. Drawn from torch's generator when
-            dropout_p > 0 and it is None.
-    Returns:
-        y in x's dtype, x's shape; or (y, residual_out) when prenorm.
+        x, x1, residual: (..., hidden); rowscale: x.shape[:-1]; keep, keep1: bool keep masks
+            of x and x1 (x's shape), used when dropout_p > 0.
     """
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     h = x.to(compute_dtype)
+    if rowscale is not None:
+        h = h * rowscale.to(compute_dtype).unsqueeze(-1)
     if dropout_p > 0.0:
-        if dropout_mask is None:
-            dropout_mask = torch.rand_like(h) >= dropout_p
-        h = h * dropout_mask / (1.0 - dropout_p)
+        h = h * keep / (1.0 - dropout_p)
+    if x1 is not None:
+        h1 = x1.to(compute_dtype)
+        h = h + (h1 * keep1 / (1.0 - dropout_p) if dropout_p > 0.0 else h1)
     if residual is not None:
         h = h + residual.to(compute_dtype)
-    residual_out = h.to(residual_dtype_for(x, residual, residual_in_fp32))
+    return h
 
+
+def affine_weight(weight: torch.Tensor, zero_centered_weight: bool, dtype: torch.dtype):
+    """The weight the norm multiplies by: weight (+ 1 when zero-centred, Gemma style)."""
+    w = weight.to(dtype)
+    return w + 1.0 if zero_centered_weight else w
+
+
+def pack_outputs(out, out1, residual_out, keep, keep1, prenorm, return_dropout_mask):
+    """The return value of layer_norm_fn: out, then out1 (with a weight1), residual_out (with
+    prenorm), and the two keep masks (with return_dropout_mask), flat; a lone out unwrapped."""
+    values = [out]
+    if out1 is not None:
+        values.append(out1)
+    if prenorm:
+        values.append(residual_out)
+    if return_dropout_mask:
+        values += [keep, keep1]
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def explicit_xhat(h: torch.Tensor, eps: float, is_rms_norm: bool) -> torch.Tensor:
+    """The normalised h, written out: (h - mean) / sqrt(var + eps), or h / sqrt(mean(h^2) + eps)."""
     if is_rms_norm:
-        xhat = h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
-    else:
-        mean = h.mean(dim=-1, keepdim=True)
-        var = (h - mean).square().mean(dim=-1, keepdim=True)
-        xhat = (h - mean) * torch.rsqrt(var + eps)
-    y = xhat * weight.to(compute_dtype)
-    if bias is not None:
-        y = y + bias.to(compute_dtype)
-    y = y.to(x.dtype)
-    return (y, residual_out) if prenorm else y
+        return h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
+    centred = h - h.mean(dim=-1, keepdim=True)
+    return centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+
+
+def layer_norm_with(
+    xhat_fn, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
+    prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
+):  # fmt: skip
+    """layer_norm_fn's math with xhat = xhat_fn(h, eps, is_rms_norm) and the given keep masks:
+    the one body of the reference and of the torch backend (which normalises natively)."""
+    h = norm_input(x, x1, residual, rowscale, dropout_p, keep, keep1)
+    xhat = xhat_fn(h, eps, is_rms_norm)
+
+    def affine(w, b):
+        y = xhat * affine_weight(w, zero_centered_weight, h.dtype)
+        return (y + b.to(h.dtype) if b is not None else y).to(out_dtype or x.dtype)
+
+    out1 = affine(weight1, bias1) if weight1 is not None else None
+    residual_out = h.to(residual_dtype_for(x, residual, residual_in_fp32))
+    return pack_outputs(
+        affine(weight, bias), out1, residual_out, keep, keep1, prenorm, return_dropout_mask
+    )
+
+
+def layer_norm_ref(
+    x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+    rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
+    is_rms_norm=False, return_dropout_mask=False, out_dtype=None,
+    *, dropout_mask=None, dropout_mask1=None,
+):  # fmt: skip
+    """The signature of :func:`flash_attn.ops.layer_norm.layer_norm_fn` (less its preallocated
+    ``out`` / ``residual_out``), differentiable by autograd.
+
+    Args:
+        x, x1, residual: (..., hidden), any float dtype; x1 and residual may be None.
+        weight, weight1: (hidden,); bias, bias1: (hidden,) or None; weight1 None for one output.
+        rowscale: x.shape[:-1] or None. Other arguments as in ``layer_norm_fn``.
+        dropout_mask, dropout_mask1: bool, x's shape, True where x (x1) is kept. Drawn from
+            torch's generator when dropout_p > 0 and they are None.
+    Returns:
+        As ``layer_norm_fn``: out (out_dtype or x's), [out1], [residual_out], [masks].
+    """
+    drawn, drawn1 = draw_keep_masks(x, x1, dropout_p)
+    keep = dropout_mask if dropout_mask is not None else drawn
+    keep1 = dropout_mask1 if dropout_mask1 is not None else drawn1
+    return layer_norm_with(
+        explicit_xhat, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps,
+        dropout_p, rowscale, prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm,
+        return_dropout_mask, out_dtype,
+    )  # fmt: skip
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None, eps: float = 1e-6, dropout_p: float = 0.0,
-    prenorm: bool = False, residual_in_fp32: bool = False,
-    *, dropout_mask: torch.Tensor | None = None,
+    x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
+    rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
+    return_dropout_mask=False, out_dtype=None, *, dropout_mask=None, dropout_mask1=None,
 ):  # fmt: skip
     """:func:`layer_norm_ref` with ``is_rms_norm=True``."""
     return layer_norm_ref(
-        x, weight, bias, residual, eps, dropout_p, prenorm, residual_in_fp32,
-        is_rms_norm=True, dropout_mask=dropout_mask,
+        x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
+        residual_in_fp32, zero_centered_weight, True, return_dropout_mask, out_dtype,
+        dropout_mask=dropout_mask, dropout_mask1=dropout_mask1,
     )  # fmt: skip
