@@ -15,25 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash_attn.modules.norm import RMSNorm
-from flash_attn.ops.layer_norm import layer_norm_fn
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
 from flash_attn.ops.mlp import fused_mlp
 from flash_attn.ops.rotary import apply_rotary
 
 IGNORE_INDEX = -100  # transformers' label for tokens without a loss
-
-
-class UnitOffsetRMSNorm(RMSNorm):
-    """RMSNorm scaled by (1 + weight), Gemma's convention (weight initialised to zeros).
-
-    forward: x (..., hidden_size) -> x's shape and dtype.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Gemma adds the 1 in fp32: a bf16 weight near 0 would lose it to rounding.
-        scale = (1.0 + self.weight.float()).to(x.dtype)
-        return layer_norm_fn(x, scale, None, eps=self.eps, is_rms_norm=True, backend=self.backend)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

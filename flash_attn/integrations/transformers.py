@@ -33,7 +33,6 @@ from flash_attn.flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from flash_attn.integrations import hf_forwards
-from flash_attn.integrations.hf_forwards import UnitOffsetRMSNorm
 from flash_attn.modules.norm import LayerNorm, RMSNorm
 
 ATTENTION_NAME = "flash_attn_triton"
@@ -134,7 +133,7 @@ class Family:
     backbone: str  # attribute of the causal-LM model holding the decoder
     lm_head: str
     norm_class: str
-    norm: type[LayerNorm]  # our replacement
+    norm: Callable[..., LayerNorm]  # our replacement: (hidden_size, eps=, bias=, device=)
     mlp_class: str
     mlp: MlpLayout
     activation_key: str  # config attribute naming the MLP activation
@@ -145,7 +144,7 @@ class Family:
 GATED = MlpLayout(("gate_proj", "up_proj", "down_proj"))
 
 
-def _llama_like(prefix: str, norm: type[LayerNorm] = RMSNorm, activation_key="hidden_act"):
+def _llama_like(prefix: str, norm: Callable[..., LayerNorm] = RMSNorm, activation_key="hidden_act"):
     return Family(
         "model", "lm_head", f"{prefix}RMSNorm", norm, f"{prefix}MLP", GATED, activation_key,
         f"{prefix}Attention", hf_forwards.llama_attention_forward,
@@ -157,7 +156,10 @@ FAMILIES = {
     "mistral": _llama_like("Mistral"),
     "qwen2": _llama_like("Qwen2"),
     "qwen3": _llama_like("Qwen3"),
-    "gemma2": _llama_like("Gemma2", UnitOffsetRMSNorm, "hidden_activation"),
+    # Gemma scales by (1 + weight)
+    "gemma2": _llama_like(
+        "Gemma2", partial(RMSNorm, zero_centered_weight=True), "hidden_activation"
+    ),
     "gpt2": Family(
         "transformer", "lm_head", "LayerNorm", LayerNorm, "GPT2MLP",
         MlpLayout(("c_fc", "c_proj"), Conv1D, "dropout"), "activation_function", None, None,
@@ -175,7 +177,7 @@ def _is_class(module: nn.Module, name: str) -> bool:
     return type(module).__name__ == name and not type(module).__module__.startswith("flash_attn")
 
 
-def _fused_norm(old: nn.Module, kind: type[LayerNorm]) -> LayerNorm:
+def _fused_norm(old: nn.Module, kind: Callable[..., LayerNorm]) -> LayerNorm:
     """Our norm holding old's parameters (same objects, so optimizers and ties still see them)."""
     eps = getattr(old, "variance_epsilon", getattr(old, "eps", None))
     bias = getattr(old, "bias", None)
