@@ -84,7 +84,7 @@ def lightning_steps(cfg, state: dict, steps: int, run_dir: Path) -> list[float]:
     import hydra
     import lightning as L
 
-    from training.callbacks import AtomicCheckpointIO
+    from training.checkpointing import VerifiedCheckpointIO
 
     class StepClock(L.Callback):
         def __init__(self):
@@ -102,7 +102,7 @@ def lightning_steps(cfg, state: dict, steps: int, run_dir: Path) -> list[float]:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c] + [clock]
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[VerifiedCheckpointIO()],
         max_steps=steps, limit_val_batches=0, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)

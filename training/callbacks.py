@@ -1,16 +1,15 @@
-"""Callbacks (throughput and MFU, loss curve, SIGTERM checkpoint) and atomic checkpoint files."""
+"""Callbacks: throughput and MFU, loss curve (checkpoints and stop signals: checkpointing.py,
+stop_signals.py)."""
 
 from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -78,33 +77,10 @@ class OptimizerStepCallback(L.Callback):
         """outputs: what training_step returned for the step's last micro-batch."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file beside the target, fsync, then rename over it.
-
-    Lightning's own save writes through fsspec's transaction, which stages the bytes in the
-    system temp folder and moves them (a copy when that is another filesystem): a kill
-    during the copy leaves a truncated checkpoint. A rename within one folder is atomic, so
-    a checkpoint path always holds a complete file, the old or the new one.
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-
 class LossCurve(OptimizerStepCallback):
     """Keeps (step, loss) of training (every log_every_n_steps) and validation, and writes
-    ``losses.csv`` and ``loss_curve.png`` into the run folder when fitting ends (or fails)."""
+    ``losses.csv`` and ``loss_curve.png`` into the run folder when fitting ends (or fails).
+    The points are part of the checkpoint, so a resumed run's curve starts at step 0."""
 
     def __init__(self, output_dir: str, log_every_n_steps: int = 10, reference: dict | None = None):
         self.output_dir = Path(output_dir)
@@ -112,6 +88,13 @@ class LossCurve(OptimizerStepCallback):
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         self.reference = dict(reference or {})  # label -> horizontal line (e.g. unigram entropy)
+
+    def state_dict(self) -> dict:
+        return {"train": list(self.train), "val": list(self.val)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train = [tuple(point) for point in state_dict["train"]]
+        self.val = [tuple(point) for point in state_dict["val"]]
 
     def on_optimizer_step_end(self, trainer, outputs) -> None:
         if trainer.global_step % self.every:
@@ -168,21 +151,3 @@ class LossCurve(OptimizerStepCallback):
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-
-
-class SigtermCheckpoint(OptimizerStepCallback):
-    """On SIGTERM (preemption, ``scancel``, ``kill``), save ``last.ckpt`` after the current
-    step and stop; ``ckpt_path=last`` resumes from it. Lightning's signal connector sets
-    ``trainer.received_sigterm`` (and broadcasts it to all ranks)."""
-
-    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
-        self.path = Path(dirpath) / filename
-        self.saved = False
-
-    def on_optimizer_step_end(self, trainer, outputs) -> None:
-        if not getattr(trainer, "received_sigterm", False) or self.saved:
-            return
-        trainer.save_checkpoint(self.path)
-        self.saved = True
-        log.warning("SIGTERM: saved %s at step %d, stopping", self.path, trainer.global_step)
-        trainer.should_stop = True

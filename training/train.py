@@ -11,40 +11,47 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from training.callbacks import AtomicCheckpointIO, LossCurve
+from training.callbacks import LossCurve
+from training.checkpointing import VerifiedCheckpointIO
 from training.lightning_module import GPTLightningModule
+from training.loggers import keep_history
+from training.run_folder import resolve_resume, run_dir_chosen, run_folder_lock
+from training.settings import check_settings
+from training.stop_signals import exit_status_on_stop_signal
 
 log = logging.getLogger(__name__)
+
+
+class BlockFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, which also runs CPU processes (gloo), as PyTorch's FSDP
+    does when given the CPU as its device: how FSDP is tested without GPUs. Lightning
+    refuses its own class exactly on a CPU accelerator and hands FSDP no device there."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
+        )  # fmt: skip
+
+    def _determine_device_ids(self):
+        return None if self.root_device.type == "cpu" else super()._determine_device_ids()
 
 
 def fsdp_strategy(wrap_modules=("flash_attn.modules.block.Block",),
                   activation_checkpointing: bool = False, **kwargs):  # fmt: skip
     """Lightning's FSDPStrategy wrapping each transformer block (named by import path, so a
     YAML file can say which), optionally with activation checkpointing of those blocks."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     classes = {hydra.utils.get_class(name) for name in wrap_modules}
     if activation_checkpointing:
         kwargs["activation_checkpointing_policy"] = classes
-    return FSDPStrategy(auto_wrap_policy=classes, **kwargs)
-
-
-def _resolve_ckpt_path(ckpt_path, checkpoint_dir: Path) -> str | None:
-    """None, an explicit file, or "last": checkpoint_dir/last.ckpt when it exists (a job that
-    is requeued with the same hydra.run.dir resumes; a first run starts fresh)."""
-    if ckpt_path in (None, "", "none"):
-        return None
-    if str(ckpt_path) == "last":
-        last = checkpoint_dir / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        log.info("ckpt_path=last but %s does not exist: starting from scratch", last)
-        return None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
-    return str(ckpt_path)
+    return BlockFSDPStrategy(auto_wrap_policy=classes, **kwargs)
 
 
 def build_module(cfg: DictConfig, vocab_size: int | None) -> GPTLightningModule:
@@ -162,10 +169,19 @@ def train(cfg: DictConfig) -> dict:
 
     Returns a dict with the final train/val losses, val bits per byte, the corpus' unigram
     entropy, tokens seen, tokens/s, wall time, the run folder, checkpoint paths and a sample.
+    The run folder is locked for the run (a second run there fails at once); a stop by
+    SIGTERM or SIGINT raises ``StoppedBySignal`` (exit status 143 or 130) after saving.
     """
+    check_settings(cfg)
+    with run_folder_lock(Path(cfg.paths.output_dir)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
+    resume = resolve_resume(cfg.get("ckpt_path"), output_dir, run_dir_chosen())
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -184,11 +200,12 @@ def train(cfg: DictConfig) -> dict:
         if isinstance(cb, LossCurve):
             cb.reference.setdefault("unigram entropy", entropy["nats_per_token"])
     loggers = _instantiate_loggers(cfg.get("logger"))
+    keep_history(loggers, resume.step if resume else 0)
     if not loggers:  # nothing to send learning rates to
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False,
-        plugins=[AtomicCheckpointIO()], accumulate_grad_batches=_accumulation(cfg),
+        plugins=[VerifiedCheckpointIO()], accumulate_grad_batches=_accumulation(cfg),
     )  # fmt: skip
     if trainer.is_global_zero:
         log.info("run folder: %s", output_dir)
@@ -203,20 +220,18 @@ def train(cfg: DictConfig) -> dict:
                  "data/unigram_entropy_bpb": entropy["bits_per_byte"]}, step=0,
             )  # fmt: skip
 
-    ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if getattr(trainer, "received_sigterm", False):
-        log.warning("stopped by SIGTERM; resume with ckpt_path=last hydra.run.dir=%s", output_dir)
-        return {"stopped": "sigterm", "output_dir": str(output_dir)}
+    with exit_status_on_stop_signal(output_dir):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None,
+                    weights_only=True)  # fmt: skip
 
     # last.ckpt always holds the final state, also when max_steps is not a multiple of the
     # checkpoint interval (resuming from it is a no-op).
     last = checkpoint_dir / "last.ckpt"
     if cfg.save_final_checkpoint:
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    best = [cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.best_model_path]
+    best = [p for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "best_model_path", ""))]
     summary = {
         "train_loss": metrics.get("train/loss"),
         "val_loss": metrics.get("val/loss"),

@@ -19,6 +19,7 @@ Rotary positions restart at 0 at the first real token of every sequence (right p
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
@@ -30,7 +31,9 @@ from flash_attn.flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from flash_attn.modules.rotary import RotaryEmbedding
+from flash_attn.ops.attention_checks import window_pair
 from flash_attn.ops.rotary import apply_rotary
+from flash_attn.utils.checks import check_backend, check_bool, check_float, check_int
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -47,6 +50,32 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         closest = 2 ** math.floor(math.log2(num_heads))
         slopes = power_of_2(closest) + power_of_2(2 * closest)[0::2][: num_heads - closest]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+_FLAGS = ("cross_attn", "qkv_proj_bias", "out_proj_bias", "causal", "rotary_emb_interleaved")
+_FLAGS += ("use_alibi",)
+# MHA argument -> check(name, value): the kind and range each argument must have.
+_ARGUMENT_CHECKS = {
+    **dict.fromkeys(("embed_dim", "num_heads"), partial(check_int, minimum=1)),
+    "num_heads_kv": partial(check_int, minimum=1, optional=True),
+    **dict.fromkeys(_FLAGS, check_bool),
+    "dropout": partial(check_float, low=0.0, high=1.0, high_open=True),
+    "softmax_scale": partial(check_float, low=0.0, low_open=True, optional=True),
+    "layer_idx": partial(check_int, minimum=0, optional=True),
+    "rotary_emb_dim": partial(check_int, minimum=0),
+    "rotary_emb_base": partial(check_float, low=0.0, low_open=True),
+    "rotary_max_position_embeddings": partial(check_int, minimum=1, optional=True),
+    "window_size": lambda name, value: window_pair(value),
+    **dict.fromkeys(("backend", "rotary_backend"), check_backend),
+}
+
+
+def _check_arguments(arguments: dict) -> None:
+    """TypeError/ValueError naming the first MHA argument of the wrong kind or range."""
+    for name, check in _ARGUMENT_CHECKS.items():
+        check(name, arguments[name])
+    if arguments["rotary_emb_dim"] % 2:
+        raise ValueError(f"rotary_emb_dim must be even, got {arguments['rotary_emb_dim']}")
 
 
 class MHA(nn.Module):
@@ -97,6 +126,7 @@ class MHA(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        _check_arguments(locals())
         num_heads_kv = num_heads if num_heads_kv is None else num_heads_kv
         if embed_dim % num_heads:
             raise ValueError(
@@ -106,8 +136,6 @@ class MHA(nn.Module):
             raise ValueError(
                 f"num_heads_kv must divide num_heads ({num_heads}), got {num_heads_kv}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if cross_attn and rotary_emb_dim > 0:
             raise ValueError("rotary_emb_dim > 0 is only supported for self-attention")
         self.embed_dim, self.num_heads, self.num_heads_kv = embed_dim, num_heads, num_heads_kv
@@ -116,7 +144,7 @@ class MHA(nn.Module):
             raise ValueError(f"rotary_emb_dim must be <= head_dim ({self.head_dim})")
         self.cross_attn, self.causal, self.dropout = cross_attn, causal, dropout
         self.softmax_scale, self.layer_idx = softmax_scale, layer_idx
-        self.window_size, self.backend = tuple(window_size), backend
+        self.window_size, self.backend = window_pair(window_size), backend
         factory = dict(device=device, dtype=dtype)
         kv_dim = 2 * num_heads_kv * self.head_dim
         if cross_attn:

@@ -7,10 +7,23 @@ models and back. ``GatedMlp``'s fc1 produces ``[up, gate]`` stacked along its ou
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from flash_attn.ops.mlp import ACTIVATIONS, fused_mlp
+from flash_attn.utils.checks import check_backend, check_bool, check_choice, check_int
+
+_SIZE = partial(check_int, minimum=1)
+# FusedMLP argument -> check(name, value): the kind and range each argument must have.
+_ARGUMENT_CHECKS = {
+    "in_features": _SIZE,
+    **dict.fromkeys(("hidden_features", "out_features"), partial(_SIZE, optional=True)),
+    "activation": partial(check_choice, choices=ACTIVATIONS),
+    **dict.fromkeys(("bias1", "bias2", "return_residual"), check_bool),
+    "backend": check_backend,
+}
 
 
 class FusedMLP(nn.Module):
@@ -43,8 +56,8 @@ class FusedMLP(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        for name, check in _ARGUMENT_CHECKS.items():
+            check(name, locals()[name])
         hidden_features = hidden_features if hidden_features is not None else 4 * in_features
         out_features = out_features if out_features is not None else in_features
         fc1_out = 2 * hidden_features if self.gated else hidden_features
@@ -89,7 +102,9 @@ class GatedMlp(FusedMLP):
         bias2: bool = True, multiple_of: int = 128, return_residual: bool = False,
         backend: str | None = None, device=None, dtype=None,
     ):  # fmt: skip
+        check_int("multiple_of", multiple_of, minimum=1)
         if hidden_features is None:
+            check_int("in_features", in_features, minimum=1)
             hidden_features = int(8 * in_features / 3)
             hidden_features = (hidden_features + multiple_of - 1) // multiple_of * multiple_of
         super().__init__(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flash_attn.utils.checks import check_float, check_int
+
 
 @dataclass
 class InferenceParams:
@@ -40,10 +42,19 @@ class InferenceParams:
         self.max_seqlen, self.max_batch_size = max_seqlen, max_batch_size
 
 
+def check_sampling(temperature, top_k, top_p) -> None:
+    """TypeError/ValueError naming temperature (finite, >= 0), top_k (integer >= 0) or top_p
+    (in (0, 1]) when it is not what :func:`sample` takes."""
+    check_float("temperature", temperature, low=0.0)
+    check_int("top_k", top_k, minimum=0)
+    check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """Next tokens from logits (batch, vocab): greedy when temperature == 0 or top_k == 1,
     else softmax(logits / temperature) restricted to the top_k tokens and to the smallest set
     whose probability reaches top_p. Returns (batch,) int64."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0 or top_k == 1:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -84,14 +95,18 @@ def generate(
     Returns:
         (batch, prompt_len + n_new) int64, n_new <= max_new_tokens.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        raise ValueError("input_ids must be a (batch, prompt_len >= 1) integer tensor")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids!r}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(
+            f"input_ids must be (batch, prompt_len >= 1), got shape {tuple(input_ids.shape)}"
+        )
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_sampling(temperature, top_k, top_p)
+    check_int("eos_token_id", eos_token_id, minimum=0, optional=True)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if eos_token_id is not None and vocab is not None and eos_token_id >= vocab:
+        raise ValueError(f"eos_token_id must be < vocab_size ({vocab}), got {eos_token_id}")
     batch, prompt_len = input_ids.shape
     params = InferenceParams(max_seqlen=prompt_len + max_new_tokens, max_batch_size=batch)
     was_training = model.training

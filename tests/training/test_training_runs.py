@@ -1,27 +1,24 @@
-"""Training runs on the CPU: quickstart, every experiment for two steps, resume, faults, DDP."""
+"""Training runs on the CPU: quickstart, every experiment for two steps, resume, DDP (faults:
+test_training_faults.py)."""
 
 from __future__ import annotations
 
 import csv
 import math
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from training_testing import EXPERIMENTS, compose_config, run_train_py, tiny_overrides
+from training_testing import (
+    EXPERIMENTS,
+    compose_config,
+    losses_by_step,
+    run_train_py,
+    tiny_overrides,
+)
 
 from training.lightning_module import GPTLightningModule, NonFiniteLossError
 from training.train import train
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    """{optimizer step: train loss} from the run's losses.csv."""
-    with open(run_dir / "losses.csv") as f:
-        return {
-            int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"
-        }
 
 
 def _ckpt_step(path: Path) -> int:
@@ -139,7 +136,7 @@ def _resume_overrides(corpus, cache_dir, run_dir, steps):
     ]  # fmt: skip
 
 
-def test_resume_continues_with_the_same_losses(tmp_path, cache_dir, corpus):
+def test_resume_continues_with_the_samelosses_by_step(tmp_path, cache_dir, corpus):
     full = train(compose_config(_resume_overrides(corpus, cache_dir, tmp_path / "full", 8)))
     cfg = compose_config(_resume_overrides(corpus, cache_dir, tmp_path / "part", 8))
     cfg.trainer.max_steps = 5  # same schedule (total_steps=8), stopped early
@@ -150,8 +147,8 @@ def test_resume_continues_with_the_same_losses(tmp_path, cache_dir, corpus):
                               f"ckpt_path={ckpt}"])  # fmt: skip
     out = train(resumed)
     assert out["global_step"] == 8 and out["tokens_seen"] == full["tokens_seen"]
-    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(got) == [6, 7, 8]
+    want, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 9))  # the curve's points up to step 5 come along
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
 
@@ -176,67 +173,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, corp
     )
 
 
-def _wait_for(predicate, proc, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
-def _slow_run_args(corpus, cache_dir, run_dir, steps):
-    return [
-        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
-        "logger=csv", f"trainer.max_steps={steps}", f"scheduler.total_steps={steps}",
-        "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_train_steps=4",
-        "callbacks.best_checkpoint=null", "sample.max_new_tokens=0", "model.config.n_layer=4",
-        "data.batch_size=8", "data.seq_len=64",
-    ]  # fmt: skip
-
-
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cache_dir, corpus):
-    steps = 40
-    ref = run_train_py(_slow_run_args(corpus, cache_dir, tmp_path / "ref", steps), cache_dir)
-    killed_dir = tmp_path / "killed"
-    proc = run_train_py(_slow_run_args(corpus, cache_dir, killed_dir, steps), cache_dir)
-    last = killed_dir / "checkpoints" / "last.ckpt"
-    assert _wait_for(last.is_file, proc), proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGKILL)  # mid-training: no handler, no cleanup
-    proc.wait()
-    at_kill = _ckpt_step(last)
-    assert 0 < at_kill < steps, at_kill
-    assert not (killed_dir / "losses.csv").exists()  # it really died before the end
-    resume = run_train_py(
-        [*_slow_run_args(corpus, cache_dir, killed_dir, steps), "ckpt_path=last"], cache_dir
-    )
-    out, _ = resume.communicate(timeout=300)
-    assert resume.returncode == 0, out[-3000:]
-    ref_out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, ref_out[-3000:]
-    want, got = _losses(tmp_path / "ref"), _losses(killed_dir)
-    assert sorted(got) == list(range(at_kill + 1, steps + 1))
-    for step in got:
-        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
-
-
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, cache_dir, corpus):
-    run_dir = tmp_path / "run"
-    args = _slow_run_args(corpus, cache_dir, run_dir, 100_000)
-    args.append("callbacks.last_checkpoint.every_n_train_steps=100000")
-    proc = run_train_py(args, cache_dir)
-    metrics = run_dir / "csv" / "metrics.csv"
-    # training has started once the first metrics are flushed (every 50 steps)
-    assert _wait_for(metrics.is_file, proc, timeout=180), proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    assert "SIGTERM: saved" in out, out[-3000:]
-    assert last.is_file() and 0 < _ckpt_step(last) < 100_000
-
-
 def _ddp_args(corpus, cache_dir, run_dir, steps):
     return [
         *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
@@ -258,8 +194,8 @@ def test_ddp_resume_continues_each_rank_shard(tmp_path, cache_dir, corpus):
     )
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-4000:]
-    want, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(got) == [4, 5, 6]
+    want, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 7))
     for step in got:  # rank 0's loss; its batches depend on both ranks' shard positions
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
 

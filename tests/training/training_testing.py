@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,10 +132,67 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_train_py(args: list[str], cache_dir: Path, **popen) -> subprocess.Popen:
-    """python train.py args..., in the checkout root, as a child process."""
-    env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+def run_train_py(args: list[str], cache_dir: Path, script: Path = ROOT / "train.py",
+                 env: dict | None = None, **popen) -> subprocess.Popen:  # fmt: skip
+    """python train.py args..., in the checkout root, as a child process (script: another
+    entry point; env: more environment variables)."""
+    env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+        [sys.executable, str(script), *args], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
     )  # fmt: skip
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """{optimizer step: train loss} from the run's losses.csv."""
+    with open(run_dir / "losses.csv") as f:
+        return {
+            int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"
+        }
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll predicate() until it is true (True), proc ends or timeout passes (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def slow_run_overrides(corpus: Path, cache_dir: Path, run_dir: Path, steps: int) -> list[str]:
+    """A run slow enough to be stopped mid-training (4 layers, 8 x 64 tokens per step) in
+    run_dir, checkpointing every 4 steps, flushing metrics every step."""
+    return [
+        *tiny_overrides(corpus, cache_dir, run_dir), "logger.csv.flush_logs_every_n_steps=1",
+        f"trainer.max_steps={steps}", f"scheduler.total_steps={steps}",
+        "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_train_steps=4",
+        "callbacks.best_checkpoint=null", "sample.max_new_tokens=0", "model.config.n_layer=4",
+        "data.batch_size=8", "data.seq_len=64",
+    ]  # fmt: skip
+
+
+def slow_run_args(corpus: Path, cache_dir: Path, run_dir: Path, steps: int) -> list[str]:
+    """:func:`slow_run_overrides` as train.py arguments (the run folder as hydra.run.dir)."""
+    overrides = slow_run_overrides(corpus, cache_dir, run_dir, steps)
+    return [o for o in overrides if not o.startswith("paths.output_dir=")] + [
+        f"hydra.run.dir={run_dir}"
+    ]
+
+
+def two_cpu_process_args(corpus: Path, cache_dir: Path, run_dir: Path, steps: int,
+                         strategy: str, total_steps: int = 6) -> list[str]:  # fmt: skip
+    """train.py arguments of a tiny run in run_dir on two CPU processes (gloo): steps of a
+    total_steps schedule, strategy a trainer.strategy value (e.g. ddp, or a {_target_: ...}
+    mapping), no validation or sample."""
+    trainer = "fsdp" if "fsdp" in strategy else "ddp"
+    return [
+        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
+        "logger=csv", f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32", f"trainer.strategy={strategy}", f"trainer.max_steps={steps}",
+        f"scheduler.total_steps={total_steps}", "trainer.val_check_interval=100",
+        "sample.max_new_tokens=0",
+    ]  # fmt: skip
