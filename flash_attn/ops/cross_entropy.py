@@ -165,6 +165,7 @@ def check_cross_entropy_inputs(
     label_smoothing: float,
     ignore_index: int,
     reduction: str,
+    lse_square_scale: float,
     logits_name: str = "logits",
 ) -> None:
     """Validate the arguments shared by the cross-entropy and linear cross-entropy APIs.
@@ -172,7 +173,8 @@ def check_cross_entropy_inputs(
     Raises:
         TypeError: a non-float ``logits_name`` tensor or non-integer labels.
         ValueError: shapes that disagree, an unknown reduction, label smoothing outside
-            [0, 1], or a label outside [0, vocab) that is not ignore_index.
+            [0, 1], a negative lse_square_scale, or a label outside [0, vocab) that is not
+            ignore_index.
     """
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -189,6 +191,8 @@ def check_cross_entropy_inputs(
     check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not lse_square_scale >= 0.0:  # also rejects NaN
+        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -289,7 +293,9 @@ def cross_entropy_loss(
         raise ValueError(f"logits must be 2-D (n_rows, vocab), got shape {tuple(logits.shape)}")
     if logits.shape[1] == 0:
         raise ValueError("logits must have vocab >= 1 columns, got 0")
-    check_cross_entropy_inputs(logits, labels, label_smoothing, ignore_index, reduction)
+    check_cross_entropy_inputs(
+        logits, labels, label_smoothing, ignore_index, reduction, lse_square_scale
+    )
     _check_loss_options(logits, logit_scale, precomputed_lse)
     check_labels_in_range(labels, shard_of(logits, process_group)[1], ignore_index)
     labels = labels.long()

@@ -257,7 +257,9 @@ def linear_cross_entropy(
     out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (..., hidden_dim) -> (tokens, hidden_dim)
     labels = labels.reshape(-1) if isinstance(labels, torch.Tensor) else labels
-    check_cross_entropy_inputs(hidden, labels, label_smoothing, ignore_index, reduction, "hidden")
+    check_cross_entropy_inputs(
+        hidden, labels, label_smoothing, ignore_index, reduction, lse_square_scale, "hidden"
+    )
     vocab = weight.shape[0]
     check_labels_in_range(labels, vocab, ignore_index)
     backend = resolve_backend(backend, hidden.device)

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bad_inputs_testing import assert_rejected
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from tests.bad_inputs.bad_inputs_testing import assert_rejected
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bad_inputs_testing import assert_rejected
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 from flash_attn.utils.generation import sample
+from tests.bad_inputs.bad_inputs_testing import assert_rejected
 
 
 @pytest.fixture(scope="module")

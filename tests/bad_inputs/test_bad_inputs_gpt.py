@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bad_inputs_testing import assert_rejected
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from tests.bad_inputs.bad_inputs_testing import assert_rejected
 
 TINY = dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 

@@ -4,10 +4,10 @@ argument."""
 from __future__ import annotations
 
 import pytest
-from bad_inputs_testing import assert_rejected
 
 from flash_attn.modules.mha import MHA
 from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp
+from tests.bad_inputs.bad_inputs_testing import assert_rejected
 
 MHA_CASES = [
     (dict(num_heads=0), ValueError, "num_heads"),

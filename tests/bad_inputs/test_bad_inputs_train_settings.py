@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bad_inputs_testing import assert_rejected
 
+from tests.bad_inputs.bad_inputs_testing import assert_rejected
 from training.train import train
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
