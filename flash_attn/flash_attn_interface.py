@@ -8,16 +8,23 @@ mask, broadcastable to (batch, nheads, seqlen_q, seqlen_k)) and ``backend`` ("au
 "torch"; see ``flash_attn.ops.backend``).
 
 Common arguments:
-    dropout_p: dropout probability on the attention weights (pass 0.0 at evaluation).
+    dropout_p: dropout probability on the attention weights, a float in [0, 1) (pass 0.0 at
+        evaluation).
     softmax_scale: scaling of q k^T, default 1 / sqrt(headdim).
-    causal: causal mask aligned to the bottom-right corner of the score matrix; rows that see
-        no key (seqlen_q > seqlen_k) give zeros.
-    window_size: (left, right) sliding window around that diagonal, -1 for unlimited.
+    causal: bool (or the int 0 or 1); causal mask aligned to the bottom-right corner of the
+        score matrix; rows that see no key (seqlen_q > seqlen_k) give zeros.
+    window_size: (left, right) sliding window around that diagonal, -1 for unlimited; ints or
+        0-d integer tensors.
     softcap: scores become softcap * tanh(scores / softcap) when > 0.
     alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j|.
     deterministic: accepted for compatibility; the backward is always bit-reproducible.
-    return_attn_probs: also return softmax_lse and S_dmask (for tests): the probabilities with
-        dropped entries negated.
+    return_attn_probs: also return softmax_lse and S_dmask (for tests): the exact, normalised
+        probabilities (the official kernels return per-block unnormalised ones), with dropped
+        entries negated.
+
+Masked keys (outside the causal mask or the window, padding, other sequences of a varlen
+batch) contribute exactly nothing, even when they hold NaN or inf; a row that sees such a key
+gives NaN. Bad arguments raise a TypeError or ValueError that names them.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from flash_attn.ops.attention_kvcache import flash_attn_with_kvcache  # noqa: F4
 # so that this list is the one place that names them.
 _OPTIONS = ("dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes")
 _EXTENSIONS = ("attn_bias", "backend")
-_VARLEN = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+_VARLEN = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "block_table")
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scope: dict, **varlen):
@@ -79,7 +86,10 @@ def flash_attn_func(
         others: see the module docstring.
     Returns:
         out (batch, seqlen_q, nheads, headdim); with return_attn_probs, (out, softmax_lse
-        (batch, nheads, seqlen_q) fp32, S_dmask (batch, nheads, seqlen_q, seqlen_k)).
+        (batch, nheads, seqlen_q) fp32, S_dmask (batch, nheads, seqlen_q, seqlen_k)). S_dmask
+        holds the exact softmax probabilities, normalised (each row sums to 1, or is all zeros
+        for a row that sees no key), negated where dropout dropped the weight; the official
+        package returns per-block unnormalised values there.
     """
     return _attend(q, k, v, locals())
 
@@ -142,6 +152,7 @@ def flash_attn_varlen_func(
     alibi_slopes: Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
     *,
     attn_bias: Tensor | None = None,
     backend: str | None = None,
@@ -154,6 +165,12 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32, sequence b is rows
             cu_seqlens[b]:cu_seqlens[b + 1].
         max_seqlen_q, max_seqlen_k: the longest sequence lengths.
+        block_table: (batch, max_pages) int32 or None. When given, k and v are paged caches
+            (num_pages, page_size, nheads_k, headdim) (paged prefill, as in vLLM): key j of
+            sequence b is k[block_table[b, j // page_size], j % page_size], and
+            cu_seqlens_k[b + 1] - cu_seqlens_k[b] is the number of keys of sequence b. A
+            RuntimeError names block_table when a sequence outgrows its pages. Gradients
+            through the cache need backend="torch".
         attn_bias: broadcastable to (batch, nheads, max_seqlen_q, max_seqlen_k), indexed by
             positions within each sequence.
         others: see the module docstring.

@@ -13,7 +13,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from flash_attn.ops.attention_checks import check_attention_inputs, check_varlen_inputs
+from flash_attn.ops.attention_checks import (
+    check_attention_inputs,
+    check_flag,
+    check_varlen_inputs,
+)
+from flash_attn.ops.attention_kvcache import gather_pages
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.attention_torch import attention_torch
 from flash_attn.ops.backend import resolve_backend
@@ -33,6 +38,7 @@ class KernelInputs:
     max_seqlen_q: int
     max_seqlen_k: int
     seed: Tensor | None  # (1,) int64 when dropout_p > 0
+    block_table: Tensor | None  # (batch, max_pages) int32: k and v are paged caches (varlen)
 
 
 # Every custom op takes its own tensors, then these fields, flattened in this order: a custom
@@ -139,18 +145,31 @@ def _(q, k, lse, *shared):
     return q.new_empty(shape)
 
 
-def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varlen, return_probs):
+def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varlen, return_probs,
+                      block_table=None):  # fmt: skip
+    if (
+        block_table is not None
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
+    ):
+        raise ValueError(
+            "block_table: the triton backend attends to a paged cache without gradients "
+            "(inference); run under torch.no_grad(), or pass backend='torch'"
+        )
     seed = None
     if opts.dropout_p > 0.0:
         # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen or (None, None, 0, 0)
     inputs = KernelInputs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, seed)  # fmt: skip
+                          max_seqlen_k, seed, block_table)  # fmt: skip
     out, lse = _attention_fwd_op(q, k, v, *_flatten(inputs, opts))
     if not return_probs:
         return out, lse, None
-    detached = replace(inputs, bias=bias.detach() if bias is not None else None)
+    if block_table is not None:
+        # The probabilities (for tests) read the keys packed, one sequence after another.
+        k = gather_pages(k, block_table, cu_seqlens_k)
+    detached = replace(inputs, bias=bias.detach() if bias is not None else None, block_table=None)
     probs = _attention_probs_op(q.detach(), k.detach(), lse.detach(), *_flatten(detached, opts))
     return out, lse, probs
 
@@ -176,6 +195,7 @@ def attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    block_table: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Scaled dot-product attention, on the backend picked by :func:`resolve_backend`.
@@ -191,30 +211,36 @@ def attention(
         return_probs: also return the probabilities (tests and inspection only: O(seqlen^2)).
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of packed sequences;
             max_seqlen_q, max_seqlen_k: their longest lengths.
+        block_table: (batch, max_pages) int32, varlen only: k and v are then paged caches
+            (num_pages, page_size, nheads_k, headdim), key j of sequence b lives at
+            [block_table[b, j // page_size], j % page_size], and cu_seqlens_k counts the keys
+            of each sequence. Without gradients on the triton backend.
     Returns:
         out like q; lse (batch, nheads, seqlen_q), or (nheads, total_q) for varlen, fp32 (the
         torch backend computes it only with return_probs, else None); probs (batch, nheads,
         max_seqlen_q, max_seqlen_k) with dropped weights negated, or None.
     """
     varlen = None
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+    if cu_seqlens_q is not None or cu_seqlens_k is not None or block_table is not None:
         varlen = check_varlen_inputs(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table
         )
-    check_attention_inputs(
-        q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes, attn_bias, varlen
-    )
+    check_attention_inputs(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
+                           attn_bias, varlen, paged=block_table is not None)  # fmt: skip
     opts = AttentionOptions.create(
-        q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p
+        q.shape[-1], softmax_scale, check_flag("causal", causal), window_size, softcap, dropout_p
     )
-    run = _attention_triton if resolve_backend(backend, q.device) == "triton" else attention_torch
-    if run is _attention_triton and attn_bias is not None and attn_bias.dtype == torch.bool:
+    bias = attn_bias
+    if resolve_backend(backend, q.device) == "torch":
+        if block_table is not None:
+            k, v = (gather_pages(t, block_table, cu_seqlens_k) for t in (k, v))
+        bias = _expand_bias(bias, q, k, varlen)
+        return attention_torch(q, k, v, opts, bias, alibi_slopes, varlen, return_probs)
+    if bias is not None and bias.dtype == torch.bool:
         # The kernels add the bias; a mask becomes 0 where allowed and -inf where not.
-        attn_bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
-            ~attn_bias, float("-inf")
-        )
-    bias = _expand_bias(attn_bias, q, k, varlen)
-    return run(q, k, v, opts, bias, alibi_slopes, varlen, return_probs)
+        bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
+    bias = _expand_bias(bias, q, k, varlen)
+    return _attention_triton(q, k, v, opts, bias, alibi_slopes, varlen, return_probs, block_table)
 
 
 def _expand_bias(attn_bias, q, k, varlen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -33,7 +34,7 @@ def _check_tensor(name: str, t, q: Tensor, rank: int, layout: str) -> None:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_flag(name: str, value) -> bool:
@@ -76,6 +77,7 @@ def check_attention_inputs(
     attn_bias: Tensor | None = None,
     varlen: tuple | None = None,
     same_batch: bool = True,
+    paged: bool = False,
 ) -> None:
     """Raise TypeError/ValueError naming the argument when q, k, v cannot be attended.
 
@@ -85,14 +87,18 @@ def check_attention_inputs(
     0 <= dropout_p < 1, window values >= -1, softcap >= 0, alibi_slopes fp32 (nheads,) or
     (batch, nheads), attn_bias float or bool and broadcastable to (batch, nheads, seqlen_q,
     seqlen_k). same_batch=False lets k and v have another batch size (a KV cache indexed by
-    cache_batch_idx).
+    cache_batch_idx); paged=True makes k and v paged caches (num_pages, page_size, nheads_k,
+    headdim) beside a varlen q.
     """
     rank, layout = (
         (3, "(total_tokens, nheads, headdim)")
         if varlen
         else (4, "(batch, seqlen, nheads, headdim)")
     )
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    _check_tensor("q", q, q, rank, layout)
+    if paged:
+        rank, layout = 4, "(num_pages, page_size, nheads_k, headdim) with block_table"
+    for name, t in (("k", k), ("v", v)):
         _check_tensor(name, t, q, rank, layout)
     nheads, headdim = q.shape[-2], q.shape[-1]
     if k.shape != v.shape:
@@ -116,10 +122,10 @@ def check_attention_inputs(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     window_pair(window_size)
     if softmax_scale is not None and not (
-        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+        _is_number(softmax_scale) and math.isfinite(softmax_scale)
     ):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+    if not (_is_number(softcap) and math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
     if alibi_slopes is not None:
         if alibi_slopes.dtype != torch.float32:
@@ -157,13 +163,16 @@ def _check_bias(attn_bias, q, k, batch, varlen) -> None:
         )
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        block_table=None):  # fmt: skip
     """Check packed-sequence offsets; return (cu_seqlens_q, cu_seqlens_k, max_q, max_k).
 
     Expected: cu_seqlens_* int32 (batch + 1,) on q's device, starting at 0, non-decreasing,
     ending at the token count of q (resp. k); max_seqlen_* ints at least the longest sequence.
+    With block_table, k and v are paged caches: see :func:`check_block_table`.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    packed = (("q", q),) if block_table is not None else (("q", q), ("k", k), ("v", v))
+    for name, t in packed:
         if isinstance(t, Tensor) and t.dim() != 3:
             raise ValueError(
                 f"{name} must have 3 dimensions (total_tokens, nheads, headdim), "
@@ -199,7 +208,9 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         lengths = cu[1:] - cu[:-1]
         if cu[0].item() != 0 or (lengths < 0).any().item():
             raise ValueError(f"{name} must start at 0 and be non-decreasing, got {cu.tolist()}")
-        if isinstance(tokens, Tensor) and tokens.dim() >= 1 and cu[-1].item() != tokens.shape[0]:
+        if block_table is not None and name == "cu_seqlens_k":
+            check_block_table(block_table, k, lengths, cu.numel() - 1)
+        elif isinstance(tokens, Tensor) and tokens.dim() >= 1 and cu[-1].item() != tokens.shape[0]:
             raise ValueError(
                 f"{name} must end at the number of tokens ({tokens.shape[0]}), got {cu[-1].item()}"
             )
@@ -210,3 +221,36 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
             )
         maxima.append(given)
     return cu_seqlens_q, cu_seqlens_k, maxima[0], maxima[1]
+
+
+def check_block_table(block_table, k_cache, lengths: Tensor | None, batch: int) -> int:
+    """Check a page table and return its capacity (positions per sequence).
+
+    Expected: block_table int32 (batch, max_pages) on the cache's device, naming pages of
+    k_cache (num_pages, page_size, nheads_k, headdim); lengths (batch,), the keys of each
+    sequence, must fit in max_pages * page_size (RuntimeError naming block_table, as the
+    official package). None skips the data-dependent checks (as under torch.compile).
+    """
+    if not (isinstance(block_table, Tensor) and block_table.dtype == torch.int32
+            and block_table.dim() == 2 and block_table.shape[0] == batch):  # fmt: skip
+        raise ValueError(f"block_table must be an int32 tensor of shape ({batch}, max_pages)")
+    if not isinstance(k_cache, Tensor) or k_cache.dim() != 4:
+        raise ValueError(
+            "with block_table, k and v must be paged caches (num_pages, page_size, nheads_k, "
+            f"headdim), got {getattr(k_cache, 'shape', type(k_cache).__name__)}"
+        )
+    if isinstance(k_cache, Tensor) and block_table.device != k_cache.device:
+        raise ValueError(f"block_table is on {block_table.device} but k is on {k_cache.device}")
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size
+    if lengths is None or torch.compiler.is_compiling():
+        return capacity
+    if ((block_table < 0) | (block_table >= k_cache.shape[0])).any():
+        raise ValueError(f"block_table values must be in [0, {k_cache.shape[0]})")
+    longest = int(lengths.max().item())
+    if longest > capacity:
+        raise RuntimeError(
+            f"block_table is too short: {block_table.shape[1]} pages of {page_size} positions "
+            f"hold {capacity} keys per sequence, but a sequence needs {longest}"
+        )
+    return capacity

@@ -2,10 +2,11 @@
 
 ``flash_attn_with_kvcache`` (the official API, re-exported by ``flash_attn``) is defined here.
 Inference only (no autograd). The Triton path reads each batch entry's cache in place (its
-length from cache_seqlens, its row from cache_batch_idx, or its pages from block_table) and,
-when there are too few query blocks to fill the GPU, splits the cache across programs
-(split-KV) and merges the partial softmaxes. The torch path attends each batch entry's valid
-prefix with the dense backend.
+keys from cache_leftpad to cache_seqlens, its row from cache_batch_idx, or its pages from
+block_table) and, when there are too few query blocks to fill the GPU, splits the cache across
+programs (split-KV) and merges the partial softmaxes. The torch path attends each batch
+entry's valid keys with the dense backend. Slots outside them are never read, so a cache
+allocated with torch.empty is fine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flash_attn.ops.attention_checks import check_attention_inputs
+from flash_attn.ops.attention_checks import (
+    check_attention_inputs,
+    check_block_table,
+    check_flag,
+    window_pair,
+)
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.attention_torch import attention_torch_dense
 from flash_attn.ops.backend import resolve_backend
@@ -39,13 +45,40 @@ class CacheLayout:
         pages = self.block_table.long().gather(1, positions // self.page_size)
         return pages, positions % self.page_size
 
-    def keys(self, cache: Tensor, b: int, length: int) -> Tensor:
-        """The first length keys of batch entry b: (1, length, nheads_k, headdim)."""
+    def keys(self, cache: Tensor, b: int, start: int, end: int) -> Tensor:
+        """Keys start to end of batch entry b: (1, end - start, nheads_k, headdim)."""
         if self.block_table is None:
-            return cache[self.rows[b], :length][None]
-        positions = torch.arange(length, device=cache.device)
+            return cache[self.rows[b], start:end][None]
+        positions = torch.arange(start, end, device=cache.device)
         pages = self.block_table[b].long()[positions // self.page_size]
         return cache[pages, positions % self.page_size][None]
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    """The keys that batch entry b attends to: positions [leftpad[b], ends[b]) of its cache."""
+
+    layout: CacheLayout
+    leftpad: Tensor | None  # (batch,) int32, None for 0
+    ends: Tensor  # (batch,) int32
+
+
+def gather_pages(cache: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> Tensor:
+    """The keys (or values) of every sequence of a paged cache, one sequence after another.
+
+    Args:
+        cache: (num_pages, page_size, nheads_k, headdim).
+        block_table: (batch, max_pages) int32, the pages of each sequence in order.
+        cu_seqlens_k: (batch + 1,) int32; sequence b has cu_seqlens_k[b + 1] - cu_seqlens_k[b]
+            keys, from position 0 of its pages.
+    Returns:
+        (total_k, nheads_k, headdim), differentiable with respect to cache.
+    """
+    lengths = cu_seqlens_k.diff()
+    sequence = torch.repeat_interleave(torch.arange(lengths.numel(), device=cache.device), lengths)
+    positions = torch.arange(sequence.numel(), device=cache.device) - cu_seqlens_k[sequence]
+    pages = block_table.long()[sequence, positions // cache.shape[1]]
+    return cache[pages, positions % cache.shape[1]]
 
 
 def _cache_layout(q, k_cache, cache_batch_idx, block_table) -> CacheLayout:
@@ -84,7 +117,8 @@ def _cache_layout(q, k_cache, cache_batch_idx, block_table) -> CacheLayout:
     return CacheLayout(rows, None, k_cache.shape[1], k_cache.shape[1])
 
 
-def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, layout: CacheLayout):
+def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout: CacheLayout):
+    """cache_seqlens as a (batch,) int32 tensor, after checking it and the other cache inputs."""
     batch, seqlen_new = q.shape[0], 0
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values), or neither")
@@ -108,42 +142,80 @@ def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, layout: CacheLayout):
         and cache_seqlens.dtype == torch.int32
     ):
         raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
+    _check_leftpad(cache_leftpad, q, layout)
     if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
-        rows = layout.rows if layout.block_table is None else layout.block_table
-        if ((rows < 0) | (rows >= k_cache.shape[0])).any():
-            name = "cache_batch_idx" if layout.block_table is None else "block_table"
-            raise ValueError(f"{name} values must be in [0, {k_cache.shape[0]})")
         if (cache_seqlens < 0).any():
             raise ValueError("cache_seqlens must be >= 0")
-        longest = int((cache_seqlens + seqlen_new).max().item())
-        if longest > layout.capacity:
+        if (
+            cache_leftpad is not None
+            and ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any()
+        ):
             raise ValueError(
-                f"the cache is too short: cache_seqlens + {seqlen_new} new tokens "
-                f"reach {longest} > the cache's {layout.capacity} positions"
+                f"cache_leftpad must be in [0, cache_seqlens] for each batch entry, got "
+                f"{cache_leftpad.tolist()} with cache_seqlens {cache_seqlens.tolist()}"
             )
+        if layout.block_table is not None:
+            check_block_table(layout.block_table, k_cache, cache_seqlens + seqlen_new, batch)
+        else:
+            _check_cache_rows(layout.rows, k_cache.shape[0], appending=k is not None)
+            longest = int((cache_seqlens + seqlen_new).max().item())
+            if longest > layout.capacity:
+                raise ValueError(
+                    f"the cache is too short: cache_seqlens + {seqlen_new} new tokens "
+                    f"reach {longest} > the cache's {layout.capacity} positions"
+                )
     return cache_seqlens.to(q.device)
 
 
-def _rotate(q, k, rotary_cos, rotary_sin, cache_seqlens, causal_or_local, interleaved, backend):
+def _check_leftpad(cache_leftpad, q: Tensor, layout: CacheLayout) -> None:
+    if cache_leftpad is None:
+        return
+    batch = q.shape[0]
+    if not (
+        isinstance(cache_leftpad, Tensor)
+        and cache_leftpad.dtype == torch.int32
+        and cache_leftpad.shape == (batch,)
+    ):
+        raise ValueError(f"cache_leftpad must be an int32 tensor of shape ({batch},)")
+    if cache_leftpad.device != q.device:
+        raise ValueError(f"cache_leftpad is on {cache_leftpad.device} but q is on {q.device}")
+    if layout.block_table is not None:
+        raise ValueError("pass cache_leftpad or block_table, not both (as the official package)")
+
+
+def _check_cache_rows(rows: Tensor, batch_cache: int, appending: bool) -> None:
+    """The cache rows of the batch entries (cache_batch_idx) exist, and no two entries append
+    to the same row (one of their writes would be lost)."""
+    if ((rows < 0) | (rows >= batch_cache)).any():
+        raise ValueError(f"cache_batch_idx values must be in [0, {batch_cache})")
+    if appending and rows.unique().numel() != rows.numel():
+        raise ValueError(
+            "cache_batch_idx must not repeat a cache row when k and v are appended (each batch "
+            f"entry writes its own row), got {rows.tolist()}"
+        )
+
+
+def _rotate(q, k, rotary_cos, rotary_sin, positions, causal_or_local, interleaved, backend):
+    """q and k rotated: k's first new token (and q's) sits at positions[b] of sequence b."""
     from flash_attn.ops.rotary import apply_rotary
 
     if k is not None:
         k = apply_rotary(
-            k, rotary_cos, rotary_sin, cache_seqlens, interleaved=interleaved, backend=backend
+            k, rotary_cos, rotary_sin, positions, interleaved=interleaved, backend=backend
         )
     if causal_or_local:
-        # The new queries sit at positions cache_seqlens, cache_seqlens + 1, ...
+        # The new queries sit at positions[b], positions[b] + 1, ...
         q = apply_rotary(
-            q, rotary_cos, rotary_sin, cache_seqlens, interleaved=interleaved, backend=backend
+            q, rotary_cos, rotary_sin, positions, interleaved=interleaved, backend=backend
         )
     else:
-        # Without a mask every new query is placed at position cache_seqlens.
+        # Without a mask every new query is placed at position positions[b].
         batch, seqlen_q, nheads, headdim = q.shape
         q = apply_rotary(
             q.reshape(batch, 1, seqlen_q * nheads, headdim),
             rotary_cos,
             rotary_sin,
-            cache_seqlens,
+            positions,
             interleaved=interleaved,
             backend=backend,
         ).view(q.shape)
@@ -194,22 +266,28 @@ def flash_attn_with_kvcache(
         k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
             cache_seqlens[b], cache_seqlens[b] + 1, ... of cache row cache_batch_idx[b] (or b).
         rotary_cos, rotary_sin: (seqlen_rotary, rotary_dim / 2) or None: k is rotated at its
-            cache positions; q too when causal or local, else all of q at cache_seqlens.
-        cache_seqlens: int or (batch,) int32, the tokens already in each cache row. None means
-            the whole cache (only without k and v).
-        cache_batch_idx: (batch,) int32, which cache row each batch entry uses.
+            positions in the sequence (counted from cache_leftpad); q too when causal or local,
+            else all of q at the position of the first new token.
+        cache_seqlens: int or (batch,) int32, where each cache row's tokens end (the new ones
+            are written from there). None means the whole cache (only without k and v).
+        cache_batch_idx: (batch,) int32, which cache row each batch entry uses; no row twice
+            when k and v are appended.
+        cache_leftpad: (batch,) int32 or None, where each cache row's tokens start: the slots
+            before it are padding, never attended, and rotary positions count from it.
+            Excludes block_table (as in the official package).
         block_table: (batch, max_pages) int32: page p of batch entry b's sequence is
             k_cache[block_table[b, p]] (a paged cache, as in vLLM); excludes cache_batch_idx.
-        cache_leftpad: not supported (NotImplementedError when given).
+            A RuntimeError names it when the sequences outgrow their pages.
         num_splits: split-KV programs per query block; 0 picks from the GPU's SM count.
         return_softmax_lse: also return the (batch, nheads, seqlen_q) fp32 log-sum-exp.
         others: see ``flash_attn.flash_attn_interface``. Causal is aligned to the end of each
-            cache row.
+            cache row. Slots outside [cache_leftpad, cache_seqlens + seqlen_new) may hold
+            anything (torch.empty garbage, NaN): they contribute nothing.
     Returns:
         out (batch, seqlen_q, nheads, headdim), and softmax_lse when asked for.
     """
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported; pass None")
+    window_size = window_pair(window_size)
+    causal = check_flag("causal", causal)
     check_attention_inputs(
         q,
         k_cache,
@@ -226,12 +304,11 @@ def flash_attn_with_kvcache(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     layout = _cache_layout(q, k_cache, cache_batch_idx, block_table)
-    cache_seqlens = _check_cache_inputs(q, k_cache, k, v, cache_seqlens, layout)
+    cache_seqlens = _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout)
     if rotary_cos is not None:
-        local = causal or tuple(window_size) != (-1, -1)
-        q, k = _rotate(
-            q, k, rotary_cos, rotary_sin, cache_seqlens, local, rotary_interleaved, backend
-        )
+        local = causal or window_size != (-1, -1)
+        positions = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad
+        q, k = _rotate(q, k, rotary_cos, rotary_sin, positions, local, rotary_interleaved, backend)
     if k is not None:
         # Append in place: entry b's new tokens go to positions cache_seqlens[b] + 0, 1, ...
         positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
@@ -242,16 +319,18 @@ def flash_attn_with_kvcache(
     else:
         seqlens_k = cache_seqlens
     opts = AttentionOptions.create(q.shape[-1], softmax_scale, causal, window_size, softcap)
-    out, lse = _attend_to_cache(q, k_cache, v_cache, seqlens_k, layout, cache_batch_idx, opts,
-                                alibi_slopes, num_splits, return_softmax_lse, backend)  # fmt: skip
+    keys = CacheKeys(layout, cache_leftpad, seqlens_k)
+    out, lse = _attend_to_cache(q, k_cache, v_cache, keys, cache_batch_idx, opts, alibi_slopes,
+                                num_splits, return_softmax_lse, backend)  # fmt: skip
     return (out, lse) if return_softmax_lse else out
 
 
-def _attend_to_cache(q, k_cache, v_cache, seqlens_k, layout, cache_batch_idx, opts, alibi_slopes,
+def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts, alibi_slopes,
                      num_splits, return_lse, backend):  # fmt: skip
-    """(out, lse) of q attending to the first seqlens_k[b] keys of each batch entry's cache. The
-    torch path computes lse only when return_lse (it then materialises the scores of each batch
-    entry); the Triton path always has it."""
+    """(out, lse) of q attending to each batch entry's keys in the cache. The torch path
+    computes lse only when return_lse (it then materialises the scores of each batch entry);
+    the Triton path always has it."""
+    layout = keys.layout
     if resolve_backend(backend, q.device) == "triton":
         from flash_attn.ops.triton.attention import attention_fwd
 
@@ -263,13 +342,15 @@ def _attend_to_cache(q, k_cache, v_cache, seqlens_k, layout, cache_batch_idx, op
             opts,
             num_splits=splits,
             alibi_slopes=alibi_slopes,
-            seqlens_k=seqlens_k.to(torch.int32),
+            seqlens_k=keys.ends.to(torch.int32),
+            cache_leftpad=keys.leftpad,
             k_batch_idx=cache_batch_idx,
             block_table=layout.block_table,
             max_seqlen_k=layout.capacity,
         )
+    starts = keys.leftpad.tolist() if keys.leftpad is not None else [0] * q.shape[0]
     outs, lses = [], []
-    for b, length in enumerate(seqlens_k.tolist()):
+    for b, (start, end) in enumerate(zip(starts, keys.ends.tolist())):
         slopes = (
             alibi_slopes[b]
             if alibi_slopes is not None and alibi_slopes.dim() == 2
@@ -277,8 +358,8 @@ def _attend_to_cache(q, k_cache, v_cache, seqlens_k, layout, cache_batch_idx, op
         )
         out, lse, _ = attention_torch_dense(
             q[b : b + 1],
-            layout.keys(k_cache, b, length),
-            layout.keys(v_cache, b, length),
+            layout.keys(k_cache, b, start, end),
+            layout.keys(v_cache, b, start, end),
             opts,
             None,
             slopes,

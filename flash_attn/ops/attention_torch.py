@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from einops import repeat
 
 from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.reference.attention import alibi_bias, attention_ref, window_allowed
+from flash_attn.ops.reference.attention import (
+    alibi_bias,
+    attention_ref,
+    nonfinite_to_zero,
+    rows_seeing,
+    window_allowed,
+)
 
 
 def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, return_probs):
@@ -53,17 +59,24 @@ def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, r
         return out.to(q.dtype), lse.float(), probs.to(q.dtype)
 
     seqlen_q, nheads, seqlen_k, nheads_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    mask = _sdpa_mask(q, seqlen_q, seqlen_k, opts, bias, alibi_slopes)
+    poisoned = None
+    if mask is not None or opts.causal:
+        # A masked key must contribute nothing even if it holds NaN or inf (garbage in a cache
+        # slot): SDPA would add -inf to a NaN score and multiply a NaN value by 0.
+        k, bad_keys = nonfinite_to_zero(k)
+        v, bad_values = nonfinite_to_zero(v)
+        allowed = None if mask is None else _allowed(mask)
+        poisoned = rows_seeing(bad_keys | bad_values, nheads, allowed, seqlen_q)
     if nheads != nheads_k:
         # (B, Sk, Hk, D) -> (B, Sk, H, D)
         k = repeat(k, "b s hk d -> b s (hk g) d", g=nheads // nheads_k)
         v = repeat(v, "b s hk d -> b s (hk g) d", g=nheads // nheads_k)
-    mask = _sdpa_mask(q, seqlen_q, seqlen_k, opts, bias, alibi_slopes)
     empty_rows = None
     if mask is not None:
         # Rows that see no key attend to everything here and are zeroed below, so they are
         # zeros with finite gradients in every torch version.
-        blocked = torch.isneginf(mask) if mask.dtype != torch.bool else ~mask
-        empty_rows = blocked.all(dim=-1, keepdim=True)  # (..., Sq, 1)
+        empty_rows = ~_allowed(mask).any(dim=-1, keepdim=True)  # (..., Sq, 1)
         mask = mask.masked_fill(empty_rows, 0.0 if mask.dtype != torch.bool else True)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -76,7 +89,14 @@ def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, r
     )  # (B, H, Sq, D)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
+    if poisoned is not None:
+        out = out.masked_fill(poisoned, float("nan"))
     return out.transpose(1, 2).contiguous(), None, None  # (B, H, Sq, D) -> (B, Sq, H, D)
+
+
+def _allowed(mask):
+    """True where an SDPA attn_mask (bool, or additive float) lets a query see a key."""
+    return mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
 
 
 def _sdpa_mask(q, seqlen_q, seqlen_k, opts, bias, alibi_slopes):

@@ -9,9 +9,6 @@ come after them and are not checked).
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import pytest
 import torch
 
@@ -19,7 +16,7 @@ import flash_attn
 from flash_attn import bert_padding
 from flash_attn.layers import rotary as rotary_layers
 from flash_attn.ops.reference.attention import attention_ref
-from tests.testing import kernel_device
+from tests.testing import kernel_device, official_signature_test
 
 OFFICIAL_SIGNATURES = [
     (
@@ -101,33 +98,7 @@ OFFICIAL_SIGNATURES = [
 ]
 
 
-def _official_parameters(spec: str) -> list[tuple[str, object]]:
-    """ "a, b=1" -> [("a", empty), ("b", 1)]."""
-    params = inspect.signature(eval(f"lambda {spec}: None")).parameters.values()  # noqa: S307
-    return [(p.name, p.default) for p in params]
-
-
-def _resolve(module: str, qualname: str):
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-@pytest.mark.parametrize(
-    "module, qualname, spec",
-    OFFICIAL_SIGNATURES,
-    ids=[f"{module}.{name}" for module, name, _ in OFFICIAL_SIGNATURES],
-)
-def test_official_name_and_signature(module, qualname, spec):
-    """Same positional order, names and defaults; ours may add keyword-only arguments."""
-    ours = inspect.signature(_resolve(module, qualname)).parameters.values()
-    positional = [
-        (p.name, p.default)
-        for p in ours
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
-    ]
-    assert positional == _official_parameters(spec)
+test_official_name_and_signature = official_signature_test(OFFICIAL_SIGNATURES)
 
 
 # -- behaviour: official positional order, both backends ------------------------------------------
@@ -209,6 +180,47 @@ def test_kvcache_decoding(device):
     keys, values = torch.cat([history[1], k], 1), torch.cat([history[2], v], 1)
     _close(out, attention_ref(q, keys, values, None, True)[0])
     _close(k_cache[:, 5:6], k)  # the new key was appended in place
+
+
+def test_varlen_with_block_table(device):
+    """Paged prefill: the sequences' keys and values live in pages of 4 named by block_table."""
+    q, k, v = _qkv(device, batch=1, seqlen=9)
+    q, k, v = q[0], k[0], v[0]  # (9, H, D): sequences of 5 and 4 queries, of 6 and 3 keys
+    cu_seqlens_q = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
+    cu_seqlens_k = torch.tensor([0, 6, 9], dtype=torch.int32, device=device)
+    block_table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32, device=device)
+    k_cache, v_cache = (torch.full((4, 4, 2, 16), float("nan"), device=device) for _ in "kv")
+    for cache, packed in ((k_cache, k), (v_cache, v)):
+        cache[3], cache[0, :2], cache[1, :3] = packed[:4], packed[4:6], packed[6:9]
+    with torch.no_grad():
+        # q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, window, softcap, alibi,
+        # deterministic, return_attn_probs, block_table
+        out = flash_attn.flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
+                                                5, 6, 0.0, None, True, (-1, -1), 0.0, None,
+                                                False, False, block_table)  # fmt: skip
+    for rows, keys in ((slice(0, 5), slice(0, 6)), (slice(5, 9), slice(6, 9))):
+        expected = attention_ref(q[None, rows], k[None, keys], v[None, keys], None, True)[0]
+        _close(out[None, rows], expected)
+
+
+def test_kvcache_with_cache_leftpad(device):
+    """Each cache row's tokens start at cache_leftpad; the slots before it are never read."""
+    q, k, v = _qkv(device, seqlen=1)
+    history = _qkv(device, seqlen=6)
+    k_cache, v_cache = (torch.full((2, 16, 2, 16), float("nan"), device=device) for _ in "kv")
+    cache_leftpad = torch.tensor([2, 5], dtype=torch.int32, device=device)
+    cache_seqlens = torch.tensor([6, 6], dtype=torch.int32, device=device)
+    for b, start in enumerate(cache_leftpad.tolist()):
+        k_cache[b, start:6], v_cache[b, start:6] = history[1][b, start:], history[2][b, start:]
+    # q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+    # cache_leftpad, block_table, softmax_scale, causal
+    out = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, None, None, cache_seqlens,
+                                             None, cache_leftpad, None, None, True)  # fmt: skip
+    for b, start in enumerate(cache_leftpad.tolist()):
+        keys = torch.cat([history[1][b : b + 1, start:], k[b : b + 1]], 1)
+        values = torch.cat([history[2][b : b + 1, start:], v[b : b + 1]], 1)
+        _close(out[b : b + 1], attention_ref(q[b : b + 1], keys, values, None, True)[0])
+    _close(k_cache[:, 6:7], k)  # appended after cache_seqlens
 
 
 def test_unpad_input_with_unused_mask_and_concatenated_sequences():

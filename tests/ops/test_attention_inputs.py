@@ -87,6 +87,11 @@ def test_packed_shapes_are_checked():
 BAD_OPTIONS = [
     (dict(window_size=(-2, 0)), ValueError, "window_size must be two integers >= -1"),
     (dict(window_size=(1,)), ValueError, "window_size"),
+    (dict(window_size=None), TypeError, "window_size must be a pair"),
+    (dict(window_size=(2.5, 0)), TypeError, "window_size must be two integers"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (dict(causal="no"), TypeError, "causal must be a bool"),
+    (dict(causal=2), TypeError, "causal must be a bool"),
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (
         dict(alibi_slopes=torch.ones(4, dtype=torch.float16)),
@@ -104,6 +109,35 @@ BAD_OPTIONS = [
 def test_bad_options_are_rejected(kwargs, error, message):
     with pytest.raises(error, match=message):
         flash_attn_func(*qkv(), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_window_of_0d_tensors_and_integer_flags_are_accepted(backend):
+    """window_size as a pair of 0-d tensors (as a config may hold it), causal as 0 or 1."""
+    from flash_attn import flash_attn_with_kvcache
+
+    q, k, v = qkv(dtype=torch.float32)
+    window = (torch.tensor(3), torch.tensor(0))
+    expected = flash_attn_func(q, k, v, causal=True, window_size=(3, 0), backend=backend)
+    out = flash_attn_func(q, k, v, causal=1, window_size=window, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    cached = flash_attn_with_kvcache(q, k, v, cache_seqlens=8, causal=True, window_size=window,
+                                     backend=backend)  # fmt: skip
+    torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_paged_varlen_input_is_rejected():
+    q, cu = torch.randn(10, 2, 16), torch.tensor([0, 4, 10], dtype=torch.int32)
+    pages = torch.randn(3, 4, 2, 16)
+    table = torch.tensor([[0], [1]], dtype=torch.int32)  # one page of 4 keys each
+    with pytest.raises(RuntimeError, match="block_table is too short"):
+        flash_attn_varlen_func(q, pages, pages, cu, cu, 6, 6, block_table=table)
+    with pytest.raises(ValueError, match=r"block_table must be an int32 tensor of shape \(2,"):
+        flash_attn_varlen_func(q, pages, pages, cu, cu, 6, 6, block_table=table.long())
+    with pytest.raises(ValueError, match=r"block_table values must be in \[0, 3\)"):
+        flash_attn_varlen_func(q, pages, pages, cu, cu, 6, 6, block_table=table.repeat(1, 2) + 2)
+    with pytest.raises(ValueError, match="k and v must be paged caches"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, block_table=table)
 
 
 def test_bad_varlen_input_is_rejected():

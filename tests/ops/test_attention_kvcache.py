@@ -123,15 +123,35 @@ def test_bad_cache_input_is_rejected():
             cache_seqlens=1,
             cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32),
         )
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+    with pytest.raises(ValueError, match=r"cache_leftpad must be an int32 tensor of shape \(2,\)"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_leftpad=torch.zeros(2))
+    leftpad = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cache_leftpad must be in \[0, cache_seqlens\]"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=3, cache_leftpad=leftpad)
+    with pytest.raises(ValueError, match="duplicate|must not repeat a cache row"):
+        flash_attn_with_kvcache(
+            q,
+            k_cache,
+            k_cache.clone(),
+            new[:, :1],
+            new[:, :1],
+            cache_seqlens=1,
+            cache_batch_idx=torch.zeros(2, dtype=torch.int32),
+        )
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, causal="no")
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, window_size=None)
     with pytest.raises(ValueError, match=r"block_table must be an int32 tensor of shape \(2, "):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), block_table=torch.zeros(2, 1))
     table = torch.tensor([[0], [1]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="cache is too short"):  # 1 page of 8 positions
+    with pytest.raises(RuntimeError, match="block_table is too short"):  # 1 page of 8 positions
         flash_attn_with_kvcache(
             q, k_cache, k_cache.clone(), new, new, cache_seqlens=6, block_table=table
         )
+    with pytest.raises(ValueError, match="cache_leftpad or block_table, not both"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, block_table=table,
+                                cache_leftpad=torch.zeros(2, dtype=torch.int32))  # fmt: skip
     with pytest.raises(ValueError, match=r"block_table values must be in \[0, 2\)"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, block_table=table + 1)
 
@@ -169,3 +189,41 @@ def test_paged_cache_equals_contiguous_cache(backend):
         torch.testing.assert_close(gathered, contiguous[0][b])
     unused = order[batch * pages :].to(device)
     assert torch.equal(paged[0][unused], torch.zeros_like(paged[0][unused]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_left_padded_cache_decodes_as_the_unpadded_cache(backend, num_splits):
+    """Prompts of different lengths right-aligned in one cache (as batched generation pads
+    them), with garbage in the padding, decode, rotary included, exactly as each prompt alone
+    in an unpadded cache."""
+    device, _ = device_and_dtypes(backend)
+    batch, capacity, nheads, nheads_k, headdim = 3, 40, 4, 2, 32
+    lengths, width, steps = [9, 3, 14], 14, 3
+    leftpad = torch.tensor([width - n for n in lengths], dtype=torch.int32, device=device)
+    cos, sin = _rotary_tables(capacity, 16, device)
+    options = dict(rotary_cos=cos, rotary_sin=sin, causal=True, rotary_interleaved=False,
+                   num_splits=num_splits, backend=backend)  # fmt: skip
+    padded = [torch.full((batch, capacity, nheads_k, headdim), float("nan"), device=device)
+              for _ in "kv"]  # fmt: skip
+    alone = [torch.zeros(batch, capacity, nheads_k, headdim, device=device) for _ in "kv"]
+    q = torch.randn(batch, width + steps, nheads, headdim, device=device)
+    k, v = (torch.randn(batch, width + steps, nheads_k, headdim, device=device) for _ in "kv")
+
+    def step(caches, b, rows, **cache_args):
+        return flash_attn_with_kvcache(q[b, rows], *(c[b] for c in caches), k[b, rows], v[b, rows],
+                                       **cache_args, **options)  # fmt: skip
+
+    for b, n in enumerate(lengths):  # prefill: the prompt fills slots [leftpad, width)
+        rows, one = slice(width - n, width), slice(b, b + 1)
+        out = step(padded, one, rows, cache_seqlens=leftpad[one], cache_leftpad=leftpad[one])
+        torch.testing.assert_close(out, step(alone, one, rows, cache_seqlens=0))
+    for t in range(width, width + steps):  # decoding, the whole batch at once
+        seqlens = torch.full((batch,), t, dtype=torch.int32, device=device)
+        out = step(padded, slice(None), slice(t, t + 1), cache_seqlens=seqlens,
+                   cache_leftpad=leftpad)  # fmt: skip
+        assert torch.isfinite(out).all()
+        for b, n in enumerate(lengths):
+            one = slice(b, b + 1)
+            expected = step(alone, one, slice(t, t + 1), cache_seqlens=n + t - width)
+            torch.testing.assert_close(out[one], expected, rtol=1e-5, atol=1e-6)

@@ -49,6 +49,41 @@ def causal_allowed(seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
     return window_allowed(seqlen_q, seqlen_k, causal=True, device=device)
 
 
+def nonfinite_to_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values x (batch, seqlen_k, nheads_k, headdim) with their NaN and inf entries
+    replaced by 0, and (batch, seqlen_k, nheads_k) bool, True for the vectors that had any.
+
+    A masked key's probability is exactly 0, but 0 * NaN is NaN: zeroed, a key that holds
+    garbage (a cache slot never written) contributes nothing to the queries that cannot see
+    it, and :func:`rows_seeing` names the queries that can, which get NaN back.
+    """
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), ~finite.all(-1)
+
+
+def rows_seeing(
+    bad_keys: torch.Tensor, nheads: int, allowed: torch.Tensor | None = None, seqlen_q: int = 0
+) -> torch.Tensor:
+    """(batch, nheads, seqlen_q, 1) bool: True for the queries that see one of bad_keys.
+
+    Args:
+        bad_keys: (batch, seqlen_k, nheads_k) bool; query head h reads key head
+            h // (nheads // nheads_k).
+        allowed: bool broadcastable to (batch, nheads, seqlen_q, seqlen_k), True where a query
+            sees a key; None for the causal mask of seqlen_q queries, computed in
+            O(seqlen_q + seqlen_k) memory (row i sees keys j <= i + seqlen_k - seqlen_q).
+    """
+    seqlen_k = bad_keys.shape[1]
+    if allowed is None:
+        seen_so_far = bad_keys.int().cumsum(dim=1) > 0  # (B, Sk, Hk): a bad key at j' <= j
+        last = torch.arange(seqlen_q, device=bad_keys.device) + seqlen_k - seqlen_q
+        rows = seen_so_far[:, last.clamp(min=0)] & (last >= 0)[None, :, None]  # (B, Sq, Hk)
+        return repeat(rows, "b s hk -> b (hk g) s 1", g=nheads // rows.shape[-1])
+    # Counting the bad keys each row sees as a product keeps memory at the mask's size.
+    bad = repeat(bad_keys, "b s hk -> b (hk g) s 1", g=nheads // bad_keys.shape[-1])
+    return allowed.to(torch.float32) @ bad.to(torch.float32) > 0
+
+
 def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """ALiBi as an explicit bias: -slope * |i + seqlen_k - seqlen_q - j|.
 
@@ -124,5 +159,9 @@ def attention_ref(
         if dropout_keep is None:
             dropout_keep = torch.rand_like(probs, dtype=torch.float32) >= dropout_p
         weights = probs.masked_fill(~dropout_keep, 0.0) / (1.0 - dropout_p)
+    # Masked keys contribute nothing, even NaN or inf values: only the rows that see them do.
+    v, bad_values = nonfinite_to_zero(v)
+    poisoned = rows_seeing(bad_values, nheads, ~torch.isneginf(scores))  # (B, H, Sq, 1)
     out = torch.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = out.masked_fill(poisoned.transpose(1, 2), float("nan"))  # (B, Sq, H, 1)
     return out, lse, probs
