@@ -2,8 +2,10 @@
 
     PYTHONPATH=. python scripts/generate.py --checkpoint PATH --prompt "Once upon a time"
 
-PATH holds config.json, the weights and the tokenizer files (as written by
-``save_pretrained`` of a transformers model and tokenizer). Greedy with --top-k 1.
+PATH holds config.json, the weights and the tokenizer files: a transformers model and
+tokenizer's ``save_pretrained`` folder, or the ``hf/`` folder a training run ends with
+(``scripts/export_hf.py`` makes one from any checkpoint). Greedy with --top-k 1. The prompt
+and the new tokens must fit in the model's context (n_positions).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face-layout folder")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -31,6 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """ValueError naming --max-new-tokens when prompt + new tokens exceed the context (0: no
+    limit known)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if context and prompt_tokens + max_new_tokens > context:
+        raise ValueError(
+            f"the prompt ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) exceed "
+            f"the model's context of {context} tokens; use --max-new-tokens "
+            f"{max(context - prompt_tokens, 0)} or less, or a shorter prompt"
+        )
 
 
 def main(argv=None) -> str:
@@ -46,6 +61,7 @@ def main(argv=None) -> str:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = GPTLMHeadModel.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    check_context(input_ids.shape[1], args.max_new_tokens, model.config.n_positions)
     start = time.perf_counter()
     out = model.generate(
         input_ids,

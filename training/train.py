@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from training.callbacks import LossCurve
 from training.checkpointing import VerifiedCheckpointIO
+from training.hf_export import HuggingFaceFolder
 from training.lightning_module import GPTLightningModule
 from training.loggers import keep_history
 from training.run_folder import resolve_resume, run_dir_chosen, run_folder_lock
@@ -196,6 +197,8 @@ def _train(cfg: DictConfig) -> dict:
 
     entropy = datamodule.unigram_entropy()
     callbacks = _instantiate_dict(cfg.get("callbacks"))
+    hf_folder = output_dir / "hf"  # every run ends with a Hugging Face folder
+    callbacks.append(HuggingFaceFolder(hf_folder))
     for cb in callbacks:
         if isinstance(cb, LossCurve):
             cb.reference.setdefault("unigram entropy", entropy["nats_per_token"])
@@ -245,6 +248,7 @@ def _train(cfg: DictConfig) -> dict:
         "output_dir": str(output_dir),
         "last_checkpoint": str(last) if last.is_file() else None,
         "best_checkpoint": best[0] if best else None,
+        "hf_folder": str(hf_folder) if (hf_folder / "config.json").is_file() else None,
         "sample": None,
     }
     sample = cfg.sample
@@ -288,10 +292,13 @@ def _print_summary(s: dict) -> None:
         f"(unigram entropy {s['unigram_entropy_bpb']:.3f})",
         f"checkpoints       last {s['last_checkpoint']}",
         f"                  best {s['best_checkpoint']}",
+        f"hugging face      {s['hf_folder']}",
     ]
     if s["sample"] is not None:
         lines += ["", "--- sample " + "-" * 60, s["sample"], "-" * 71]
-    print("\n".join(lines), flush=True)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    Path(s["output_dir"], "summary.txt").write_text(text.lstrip("\n") + "\n")
 
 
 def main_env_defaults() -> None:

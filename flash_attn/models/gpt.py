@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,15 @@ from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp
 from flash_attn.modules.norm import LayerNorm, RMSNorm
 from flash_attn.ops.cross_entropy import cross_entropy_loss
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
+from flash_attn.ops.mlp import ACTIVATIONS
 from flash_attn.utils import generation
+from flash_attn.utils.checks import (
+    check_backend,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+)
 
 _PRESETS: dict[str, dict] = {
     # GPT-2 (OpenAI), context 1024.
@@ -117,21 +126,17 @@ class GPTConfig:
     hf_family: str | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, check in _FIELD_CHECKS.items():
+            check(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head_kv must divide n_head ({self.n_head}), got {self.n_head_kv}")
-        if self.norm_type not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm_type must be 'layernorm' or 'rmsnorm', got {self.norm_type!r}")
-        if not 0.0 <= self.rotary_emb_fraction <= 1.0:
-            raise ValueError(
-                f"rotary_emb_fraction must be in [0, 1], got {self.rotary_emb_fraction}"
+        if self.rotary_emb_scaling is not None and not isinstance(self.rotary_emb_scaling, dict):
+            raise TypeError(
+                "rotary_emb_scaling must be a dict (Hugging Face rope_scaling) or None, got "
+                f"{self.rotary_emb_scaling!r}"
             )
-        if self.n_positions < 0:
-            raise ValueError(f"n_positions must be >= 0, got {self.n_positions}")
 
     @property
     def kv_heads(self) -> int:
@@ -171,6 +176,31 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_POSITIVE_INT = partial(check_int, minimum=1)
+_FLAGS = [f.name for f in dataclasses.fields(GPTConfig) if f.type == "bool"]
+_DROPOUT = partial(check_float, low=0.0, high=1.0, high_open=True)
+# GPTConfig field -> check(name, value): the kind and range each field must have
+# (every bool field must be a bool: a string such as "false" would count as true).
+_FIELD_CHECKS = {
+    **dict.fromkeys(
+        ("vocab_size", "n_embd", "n_layer", "n_head", "pad_vocab_size_multiple"), _POSITIVE_INT
+    ),
+    "n_positions": partial(check_int, minimum=0),
+    "n_head_kv": partial(check_int, minimum=1, optional=True),
+    "n_inner": partial(check_int, minimum=1, optional=True),
+    "sliding_window": partial(check_int, minimum=1, optional=True),
+    "activation": partial(check_choice, choices=ACTIVATIONS),
+    "norm_type": partial(check_choice, choices=("layernorm", "rmsnorm")),
+    "backend": check_backend,
+    "layer_norm_epsilon": partial(check_float, low=0.0, low_open=True),
+    "rotary_emb_fraction": partial(check_float, low=0.0, high=1.0),
+    "rotary_emb_base": partial(check_float, low=0.0, low_open=True),
+    "initializer_range": partial(check_float, low=0.0),
+    **dict.fromkeys(("embd_pdrop", "resid_pdrop", "attn_pdrop"), _DROPOUT),
+    **dict.fromkeys(_FLAGS, check_bool),
+}
 
 
 # Weights with one row per vocabulary entry: padded to padded_vocab_size in the model, saved
@@ -253,6 +283,29 @@ def _build_block(config: GPTConfig, layer_idx: int, device=None, dtype=None) -> 
     return Block(attn, mlp, ln_1, _norm(config, config.resid_pdrop, prenorm=True, **factory))
 
 
+def document_layout(document_starts: torch.Tensor):
+    """Packed documents as varlen sequences.
+
+    Args:
+        document_starts: (batch, seqlen) bool, true at the first token of each document; the
+            first token of each row always starts one (a document cut by the window's edge).
+    Returns:
+        cu_seqlens (num_documents + 1,) int32 offsets into the flattened (batch * seqlen)
+        tokens, max_seqlen (int, the longest document), position_ids (batch, seqlen) int64
+        counting from 0 in each document.
+    """
+    starts = document_starts.bool().clone()
+    starts[:, 0] = True
+    flat = starts.flatten()  # (B * T,)
+    first = flat.nonzero().squeeze(1)  # (num_documents,) index of each document's first token
+    total = torch.tensor([flat.numel()], device=flat.device)
+    cu_seqlens = torch.cat([first, total]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    own_first = first[flat.long().cumsum(0) - 1]  # (B * T,) first token of each token's document
+    position_ids = torch.arange(flat.numel(), device=flat.device) - own_first
+    return cu_seqlens, max_seqlen, position_ids.view(starts.shape)
+
+
 class GPTModel(nn.Module):
     """Embeddings, n_layer blocks and the final norm: input_ids -> hidden states."""
 
@@ -268,16 +321,30 @@ class GPTModel(nn.Module):
         )
         self.ln_f = _norm(config, config.resid_pdrop, device=device, dtype=dtype)
 
-    def forward(self, input_ids, position_ids=None, inference_params=None, key_padding_mask=None):
-        """input_ids (batch, seqlen) -> hidden states (batch, seqlen, n_embd)."""
+    def forward(self, input_ids, position_ids=None, inference_params=None, key_padding_mask=None,
+                document_starts=None):  # fmt: skip
+        """input_ids (batch, seqlen) -> hidden states (batch, seqlen, n_embd).
+
+        document_starts: (batch, seqlen) bool, true at each document's first token: tokens
+        attend only within their document and positions restart at 0 in each (see
+        :func:`document_layout`).
+        """
         config = self.config
         if position_ids is None and inference_params is not None:
             offset = inference_params.seqlen_offset
             position_ids = torch.arange(
                 offset, offset + input_ids.shape[1], device=input_ids.device
             )
-        hidden = self.embeddings(input_ids, position_ids)
         attn_kwargs = {}
+        if document_starts is not None:
+            if inference_params is not None or key_padding_mask is not None:
+                raise ValueError("document_starts cannot be combined with a KV cache or padding")
+            cu_seqlens, max_seqlen, doc_positions = document_layout(document_starts)
+            position_ids = doc_positions if position_ids is None else position_ids
+            attn_kwargs = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+        hidden = self.embeddings(input_ids, position_ids)
+        if document_starts is not None:
+            hidden = hidden.flatten(0, 1)  # (B, T, E) -> (B * T, E): the varlen layout
         if inference_params is not None:
             attn_kwargs["inference_params"] = inference_params
         if key_padding_mask is not None:
@@ -291,7 +358,45 @@ class GPTModel(nn.Module):
         if hidden2 is not None:
             p = self.ln_f.dropout_p if self.training else 0.0
             residual = residual + F.dropout(hidden2, p, self.training)
-        return self.ln_f(hidden, residual)
+        hidden = self.ln_f(hidden, residual)
+        if document_starts is not None:
+            hidden = hidden.unflatten(0, input_ids.shape)  # (B * T, E) -> (B, T, E)
+        return hidden
+
+
+def _check_positions_and_mask(config: GPTConfig, input_ids, position_ids, attention_mask):
+    """ValueError/TypeError naming position_ids or attention_mask when they do not fit
+    input_ids (batch, seqlen): learned positions beyond n_positions (checked for CPU inputs,
+    like input_ids), a mask of another shape, or a row of the mask with no real token."""
+    batch, seqlen = input_ids.shape
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids!r}")
+        if position_ids.shape not in ((seqlen,), (batch, seqlen)):
+            raise ValueError(
+                f"position_ids must be ({seqlen},) or ({batch}, {seqlen}), got "
+                f"{tuple(position_ids.shape)}"
+            )
+        limit = config.max_seqlen
+        if limit is not None and position_ids.device.type == "cpu" and position_ids.numel():
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= limit:
+                raise ValueError(
+                    f"position_ids must lie in [0, n_positions={limit}), got [{low}, {high}]"
+                )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != (batch, seqlen):
+            raise ValueError(
+                f"attention_mask must be (batch, seqlen) = ({batch}, {seqlen}), got "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if not bool(attention_mask.bool().any(dim=1).all()):
+            raise ValueError(
+                "attention_mask has a row with no real token (all zeros); every sequence needs "
+                "at least one"
+            )
 
 
 class GPTLMHeadModel(nn.Module):
@@ -358,6 +463,7 @@ class GPTLMHeadModel(nn.Module):
         num_last_tokens: int = 0,
         shift_labels: bool = True,
         reduction: str = "mean",
+        document_starts: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits and, with labels, the next-token loss.
 
@@ -373,6 +479,10 @@ class GPTLMHeadModel(nn.Module):
                 is the target of position t (inputs = w[:, :-1], labels = w[:, 1:]).
             reduction: "mean" (over non-ignored tokens), "sum" or "none" (per-token losses of
                 shape (batch, seqlen - 1) when shifted, (batch, seqlen) otherwise).
+            document_starts: (batch, seqlen) bool, true at the first token of each document
+                packed into the rows: attention stays within documents (varlen kernel) and
+                positions restart at 0. With shift_labels, a document's first token is not a
+                target; with aligned labels the caller sets those targets to -100.
         Returns:
             :class:`CausalLMOutput` with logits (batch, seqlen, vocab_size) in the model dtype
             and loss (fp32) when labels are given.
@@ -399,10 +509,19 @@ class GPTLMHeadModel(nn.Module):
                 f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                 f"got {tuple(labels.shape)}"
             )
+        _check_positions_and_mask(self.config, input_ids, position_ids, attention_mask)
+        check_int("num_last_tokens", num_last_tokens, minimum=0)
         key_padding_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
-        hidden = self.transformer(input_ids, position_ids, inference_params, key_padding_mask)
+        if document_starts is not None and document_starts.shape != input_ids.shape:
+            raise ValueError(
+                f"document_starts must have input_ids' shape {tuple(input_ids.shape)}, "
+                f"got {tuple(document_starts.shape)}"
+            )
+        hidden = self.transformer(
+            input_ids, position_ids, inference_params, key_padding_mask, document_starts
+        )
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         weight = self.lm_head.weight[:vocab]  # padded rows never reach the logits or loss
@@ -411,6 +530,8 @@ class GPTLMHeadModel(nn.Module):
         scored = slice(None, -1) if shift_labels else slice(None)
         if labels is not None and shift_labels:
             labels = labels[:, 1:]  # (B, T) -> (B, T - 1), labels[:, t] now targets position t
+            if document_starts is not None:  # the previous document cannot predict it
+                labels = labels.masked_fill(document_starts[:, 1:].bool(), -100)
         if labels is not None and self.config.linear_cross_entropy:
             loss = linear_cross_entropy(
                 hidden[:, scored], weight, labels.contiguous(), bias, reduction=reduction,

@@ -59,20 +59,24 @@ class SpecialTokens:
     def from_folder(cls, folder: Path, hf_config: dict) -> SpecialTokens:
         """The settings of a checkpoint folder whose config.json is ``hf_config``."""
         generation_file = folder / "generation_config.json"
-        generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+        generation = read_json(generation_file) if generation_file.exists() else {}
         generation.pop("transformers_version", None)
         return cls({k: hf_config.get(k) for k in SPECIAL_TOKEN_FIELDS}, generation)
 
     def with_ids(self, ids: dict) -> SpecialTokens:
         """These settings with the non-None entries of ids (e.g. a tokenizer's) replacing
-        theirs, in config.json and in generation_config.json alike."""
-        known = {k: v for k, v in ids.items() if v is not None}
-        generation = dict(self.generation_config)
-        for key, value in known.items():
-            # a list (several stop tokens) that holds the id already stays as it is
-            if not (isinstance(generation.get(key), list) and value in generation[key]):
-                generation[key] = value
-        return SpecialTokens({**self.ids, **known}, generation)
+        theirs, in config.json and in generation_config.json alike; a list of ids (several
+        stop tokens, as in Llama 3) that holds the new id stays as it is."""
+
+        def merged(settings: dict) -> dict:
+            out = dict(settings)
+            for key, value in ids.items():
+                held = isinstance(out.get(key), list) and value in out[key]
+                if value is not None and not held:
+                    out[key] = value
+            return out
+
+        return SpecialTokens(merged(self.ids), merged(self.generation_config))
 
     def generation_json(self) -> dict:
         """generation_config.json: the ids that are set, then the stored settings."""
@@ -91,12 +95,23 @@ def family_of(hf_config: dict) -> str:
 
 
 def resolve_folder(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; else a hub id downloaded with huggingface_hub (needs a network)."""
-    path = Path(name_or_path)
+    """A local folder as is; else a hub id downloaded with huggingface_hub (needs a network).
+
+    A name that can only be a path (absolute, starting with "." or "~", or with more than one
+    "/"; a hub id is "name" or "owner/name") and is not a folder is a FileNotFoundError.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"name_or_path must be a folder path or hub id (str), got {name_or_path!r}"
+        )
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{name_or_path!r} is a file; pass the checkpoint folder")
+    text = os.fspath(name_or_path)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"no checkpoint folder at {text}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -120,21 +135,57 @@ def load_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / name).exists():
             files = [folder / name]
         elif index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [folder / s for s in shards]
+            files = _shard_files(folder, index)
         if files:
             break
     if not files:
         raise FileNotFoundError(f"no {' or '.join(_WEIGHT_FILES)} (or sharded index) in {folder}")
     state_dict = {}
     for file in files:
+        state_dict.update(_read_weights(file))
+    return state_dict
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object file; ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _shard_files(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names; ValueError naming the index when it has no
+    weight_map or names a file outside folder (``../x`` or an absolute path)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map object")
+    root = folder.resolve()
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        file = (folder / str(shard)).resolve()
+        if not file.is_relative_to(root):
+            raise ValueError(f"{index} names shard {shard!r}, outside the checkpoint folder")
+        files.append(file)
+    return files
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors or PyTorch weight file (weights_only=True); a damaged
+    or missing file is an error naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"weight file {file} is missing")
+    try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state_dict.update(load_file(str(file)))
-        else:
-            state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
-    return state_dict
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch.load raise many kinds for a damaged file
+        raise ValueError(f"cannot read weight file {file}: {err}") from err
 
 
 def load_hf_checkpoint(
@@ -153,7 +204,7 @@ def load_hf_checkpoint(
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = read_json(config_file)
     family = family_of(hf_config)
     module = FAMILIES[family]
     try:

@@ -51,10 +51,7 @@ def check_architecture(config, family: str, **required) -> None:
         if value not in (allowed if isinstance(allowed, (tuple, range)) else (allowed,)):
             wrong.append(f"{name}={value!r} (needs {allowed!r})")
     if wrong:
-        raise ValueError(
-            f"this model is not a {family} architecture ({', '.join(wrong)}); "
-            f"it cannot be saved as {family}"
-        )
+        raise ValueError(f"the {family} layout cannot hold this model: {', '.join(wrong)}")
 
 
 def rope_to_hf(config) -> dict:

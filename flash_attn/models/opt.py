@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from flash_attn.models.hf_common import (
-    SAVABLE_ACTIVATIONS,
-    activation_from_hf,
-    activation_to_hf,
-    check_architecture,
-    concat_rows,
-    decoder_named_fields,
-    decoder_named_fields_to_hf,
-    split_rows,
-    weight_map,
-)
+import flash_attn.models.hf_common as common
 
 ARCHITECTURES = ("OPTForCausalLM",)
 
 # Hugging Face module names, in the order of ours (see weight_map); qkv_proj is made by
 # from_hf_layout.
-WEIGHT_MAP = weight_map(
+WEIGHT_MAP = common.weight_map(
     top=(
         "model.decoder.embed_tokens",
         "model.decoder.embed_positions",
@@ -52,10 +42,12 @@ def config_from_hf(hf: dict) -> dict:
         )
     bias = hf.get("enable_bias", True)
     return dict(
-        decoder_named_fields(hf),
+        common.decoder_named_fields(hf),
         n_positions=hf["max_position_embeddings"],
         n_inner=hf["ffn_dim"],
-        activation=activation_from_hf(hf.get("activation_function", "relu"), "activation_function"),
+        activation=common.activation_from_hf(
+            hf.get("activation_function", "relu"), "activation_function"
+        ),
         qkv_proj_bias=bias,
         out_proj_bias=bias,
         mlp_fc1_bias=bias,
@@ -78,25 +70,25 @@ def from_hf_layout(state_dict: dict, fields: dict) -> dict:
     positions = out.get(_POSITIONS)
     if positions is not None:
         out[_POSITIONS] = positions[_POSITION_OFFSET:]
-    return concat_rows(out, _QKV, "qkv_proj")
+    return common.concat_rows(out, _QKV, "qkv_proj")
 
 
 def config_to_hf(config) -> dict:
     """An OPT config.json dict; ValueError naming the fields OPT cannot hold."""
     bias = config.qkv_proj_bias
-    check_architecture(
+    common.check_architecture(
         config, "OPT", norm_type="layernorm", rotary_emb_dim=0, n_positions=range(1, 1 << 31),
         parallel_block=False, gated_mlp=False, kv_heads=config.n_head, out_proj_bias=bias,
         mlp_fc1_bias=bias, mlp_fc2_bias=bias, lm_head_bias=False,
-        embd_pdrop=config.resid_pdrop, activation=SAVABLE_ACTIVATIONS,
+        embd_pdrop=config.resid_pdrop, activation=common.SAVABLE_ACTIVATIONS,
     )  # fmt: skip
     return {
         "architectures": list(ARCHITECTURES),
         "model_type": "opt",
-        **decoder_named_fields_to_hf(config),
+        **common.decoder_named_fields_to_hf(config),
         "ffn_dim": config.n_inner or 4 * config.n_embd,
         "word_embed_proj_dim": config.n_embd,
-        "activation_function": activation_to_hf(config.activation),
+        "activation_function": common.activation_to_hf(config.activation),
         "do_layer_norm_before": True,
         "enable_bias": bias,
         "dropout": config.resid_pdrop,
@@ -107,7 +99,7 @@ def config_to_hf(config) -> dict:
 
 def to_hf_layout(state_dict: dict, config) -> dict:
     """qkv_proj split into q/k/v_proj; the position offset rows put back (as zeros)."""
-    out = split_rows(state_dict, "qkv_proj", _QKV)
+    out = common.split_rows(state_dict, "qkv_proj", _QKV)
     positions = out[_POSITIONS]
     offset_rows = positions.new_zeros(_POSITION_OFFSET, positions.shape[1])
     out[_POSITIONS] = torch.cat([offset_rows, positions])

@@ -47,3 +47,11 @@ def test_generate_script_greedy_matches_hf(tmp_path, capsys):
     assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
     assert text.startswith(prompt) and len(text.split()) > 4  # something was generated
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_prompt_and_new_tokens_must_fit_the_context():
+    check_context = _load_script().check_context
+    check_context(prompt_tokens=10, max_new_tokens=22, context=32)
+    check_context(prompt_tokens=10, max_new_tokens=500, context=0)  # no known limit
+    with pytest.raises(ValueError, match="--max-new-tokens 22 or less"):
+        check_context(prompt_tokens=10, max_new_tokens=23, context=32)

@@ -144,6 +144,20 @@ def test_save_pretrained_without_ids_writes_none(tmp_path):
     assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (None, None, None)
 
 
+def test_tokenizer_ids_replace_the_models_but_keep_stop_lists():
+    from flash_attn.models.hf_checkpoint import SpecialTokens
+
+    stored = SpecialTokens(
+        {"bos_token_id": 1, "eos_token_id": [7, 9], "pad_token_id": None},
+        {"eos_token_id": [7, 9], "temperature": 0.6},
+    )
+    merged = stored.with_ids({"bos_token_id": 3, "eos_token_id": 9, "pad_token_id": None})
+    assert merged.ids == {"bos_token_id": 3, "eos_token_id": [7, 9], "pad_token_id": None}
+    assert merged.generation_json() == {"bos_token_id": 3, "eos_token_id": [7, 9],
+                                        "temperature": 0.6}  # fmt: skip
+    assert stored.with_ids({"eos_token_id": 5}).ids["eos_token_id"] == 5
+
+
 @pytest.mark.parametrize("kind", ["transformers", "tokenizers"])
 def test_save_pretrained_writes_the_tokenizer(checkpoints, kind, tmp_path):
     """A transformers tokenizer is saved as is; a tokenizers.Tokenizer is wrapped with the
@@ -227,11 +241,12 @@ def test_model_trained_here_opens_in_transformers(arch, tmp_path):
 def test_save_pretrained_rejects_other_layouts(tmp_path):
     from flash_attn.models.gpt import GPTConfig
 
+    # a gated MLP with LayerNorm: no family has both
     model = GPTLMHeadModel(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB,
-                                     parallel_block=True, rotary_emb_fraction=0.5))  # fmt: skip
-    with pytest.raises(ValueError, match=r"no Hugging Face layout.*GPT-2.*parallel_block=True"):
+                                     gated_mlp=True, rotary_emb_fraction=0.5))  # fmt: skip
+    with pytest.raises(ValueError, match=r"no Hugging Face layout(.|\n)*GPT-2.*gated_mlp=True"):
         model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not a OPT architecture.*parallel_block=True"):
+    with pytest.raises(ValueError, match="OPT layout cannot hold this model: .*gated_mlp=True"):
         model.save_pretrained(tmp_path, family="opt")
     with pytest.raises(ValueError, match="family must be one of"):
         model.save_pretrained(tmp_path, family="bert")

@@ -8,6 +8,7 @@ the text does (it keys the token cache).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import sysconfig
@@ -18,6 +19,8 @@ _SUFFIX_TO_BUILDER = {
     ".json": "json", ".jsonl": "json", ".parquet": "parquet",
 }  # fmt: skip
 _COMPRESSIONS = (".zst", ".gz", ".bz2", ".xz")
+
+log = logging.getLogger(__name__)
 
 
 def quickstart_files(max_bytes: int) -> list[Path]:
@@ -75,6 +78,27 @@ def _expand(patterns) -> list[str]:
     return files
 
 
+def files_builder_args(source) -> tuple[str, dict[str, list[str]], dict]:
+    """(datasets builder, {split: files}, builder kwargs) of a data.source.kind=files config."""
+    data_files = source.get("data_files")
+    if not data_files:
+        raise ValueError("data.source.data_files is required for data.source.kind=files")
+    if isinstance(data_files, str) or not hasattr(data_files, "keys"):
+        data_files = {"train": data_files}
+    resolved = {split: _expand(patterns) for split, patterns in data_files.items()}
+    builders = {_builder_for(f) for fs in resolved.values() for f in fs}
+    builder = source.get("format") or (builders.pop() if len(builders) == 1 else None)
+    if builder is None:
+        raise ValueError(f"data.source.data_files mixes formats {sorted(builders)}")
+    kwargs = {}
+    if builder == "text":
+        # Several text files hold one document each; a single one holds many, separated
+        # by blank lines.
+        single = all(len(files) == 1 for files in resolved.values())
+        kwargs = {"sample_by": "paragraph" if single else "document"}
+    return builder, resolved, kwargs
+
+
 def _offline_hint(name: str) -> str:
     cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
@@ -91,15 +115,90 @@ def _offline_hint(name: str) -> str:
     )
 
 
+PARQUET_EXPORT = "refs/convert/parquet"
+
+
+def _is_loading_script_error(exc: Exception) -> bool:
+    return isinstance(exc, RuntimeError) and "Dataset scripts are no longer supported" in str(exc)
+
+
+def _load_hub_once(path: str, **kwargs):
+    """datasets.load_dataset of a hub dataset, with "cannot reach it" errors turned into the
+    offline hint (a loading-script refusal is passed on as it is)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
+        raise RuntimeError(_offline_hint(path) + f"\n(original error: {exc})") from exc
+    except Exception as exc:  # datasets' own "not found" errors have no common base
+        if type(exc).__name__ in (
+            "DatasetNotFoundError",
+            "HfHubHTTPError",
+            "LocalEntryNotFoundError",
+        ):
+            raise RuntimeError(_offline_hint(path) + f"\n(original error: {exc})") from exc
+        raise
+
+
+def load_hub_dataset(source, **kwargs):
+    """The hub dataset data.source names (DatasetDict, or IterableDatasetDict with
+    ``streaming=True`` in kwargs).
+
+    A dataset published with a loading script (which datasets 4 and later refuse) is loaded
+    from the hub's parquet export instead (revision refs/convert/parquet, one folder per
+    config).
+    """
+    name, config = source.get("name"), source.get("config_name")
+    try:
+        return _load_hub_once(name, name=config, revision=source.get("revision"), **kwargs)
+    except RuntimeError as exc:
+        if not _is_loading_script_error(exc):
+            raise
+        script_error = exc
+    log.warning("%s has a loading script (%s): loading its parquet export (revision %s)",
+                name, script_error, PARQUET_EXPORT)  # fmt: skip
+    try:
+        return _load_hub_once(name, data_dir=config, revision=PARQUET_EXPORT, **kwargs)
+    except Exception as exc:
+        raise RuntimeError(
+            f"Could not load the dataset {name!r}: (1) load_dataset refused its loading script "
+            f"({script_error}); (2) its parquet export (revision={PARQUET_EXPORT!r}) failed too "
+            f"({exc}). Use local files instead: data.source.kind=files "
+            "data.source.data_files='/data/corpus/*.parquet' (or .jsonl, .jsonl.zst, .txt)."
+        ) from exc
+
+
+def _split_single_document(dataset, text_field: str, val_fraction: float):
+    """(train, validation) datasets of one document each: its last val_fraction of characters,
+    cut at a line start where there is one, is held out."""
+    import datasets
+
+    if len(dataset) == 0 or not dataset[0][text_field].strip():
+        raise ValueError("the training text is empty; check data.source.data_files")
+    text = dataset[0][text_field]
+    cut = int(len(text) * (1.0 - val_fraction))
+    cut = text.rfind("\n", 0, cut) + 1 or cut
+    if not 0 < cut < len(text):
+        raise ValueError(
+            f"one document of {len(text)} characters cannot be split for validation with "
+            f"data.source.val_fraction={val_fraction}; use more text or a larger val_fraction"
+        )
+    return tuple(
+        datasets.Dataset.from_dict({text_field: [part]}) for part in (text[:cut], text[cut:])
+    )
+
+
 def load_text_dataset(source, cache_dir: str | os.PathLike, seed: int = 0):
     """Load a source config as (DatasetDict with train/validation, text column, fingerprint).
 
     Args:
         source: mapping with ``kind`` ("quickstart", "files", "hub") and its options:
-            quickstart: max_bytes. files: data_files (path, glob or list), format (optional).
-            hub: name, config_name, revision, split, val_split. All: text_field,
-            val_fraction (held-out share of documents when there is no validation split),
-            max_documents (cap, for quick runs).
+            quickstart: max_bytes. files: data_files (path, glob or list; a single .txt file
+            is split into documents at blank lines), format (optional). hub: name,
+            config_name, revision, split, val_split. All: text_field, val_fraction (held-out
+            share of documents when there is no validation split; of the text when there is
+            one document), max_documents (cap, for quick runs).
         cache_dir: the shared cache folder (datasets' own cache for local files goes under it).
     """
     import datasets
@@ -120,17 +219,7 @@ def load_text_dataset(source, cache_dir: str | os.PathLike, seed: int = 0):
         splits = {"train": ds}
         text_field = "text"
     elif kind == "files":
-        data_files = source.get("data_files")
-        if not data_files:
-            raise ValueError("data.source.data_files is required for data.source.kind=files")
-        if isinstance(data_files, str) or not hasattr(data_files, "keys"):
-            data_files = {"train": data_files}
-        resolved = {split: _expand(patterns) for split, patterns in data_files.items()}
-        builders = {_builder_for(f) for fs in resolved.values() for f in fs}
-        builder = source.get("format") or (builders.pop() if len(builders) == 1 else None)
-        if builder is None:
-            raise ValueError(f"data.source.data_files mixes formats {sorted(builders)}")
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        builder, resolved, kwargs = files_builder_args(source)
         loaded = datasets.load_dataset(
             builder, data_files=resolved, cache_dir=hf_cache or os.path.join(cache_dir, "hf"),
             **kwargs,
@@ -146,21 +235,9 @@ def load_text_dataset(source, cache_dir: str | os.PathLike, seed: int = 0):
         name = source.get("name")
         if not name:
             raise ValueError("data.source.name is required for data.source.kind=hub")
-        try:
-            loaded = datasets.load_dataset(
-                name, source.get("config_name"), revision=source.get("revision"),
-                cache_dir=hf_cache, num_proc=source.get("download_num_proc"),
-            )  # fmt: skip
-        except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
-            raise RuntimeError(_offline_hint(name) + f"\n(original error: {exc})") from exc
-        except Exception as exc:  # datasets' own "not found" errors have no common base
-            if type(exc).__name__ in (
-                "DatasetNotFoundError",
-                "HfHubHTTPError",
-                "LocalEntryNotFoundError",
-            ):
-                raise RuntimeError(_offline_hint(name) + f"\n(original error: {exc})") from exc
-            raise
+        loaded = load_hub_dataset(
+            source, cache_dir=hf_cache, num_proc=source.get("download_num_proc")
+        )
         splits = dict(loaded)
         train_split = source.get("split") or "train"
         if train_split not in splits:
@@ -188,11 +265,12 @@ def load_text_dataset(source, cache_dir: str | os.PathLike, seed: int = 0):
         validation = splits[val_split]
     else:
         val_fraction = float(source.get("val_fraction") or 0.0005)
-        n_val = max(1, round(len(train) * val_fraction))
         if len(train) < 2:
-            raise ValueError("need at least 2 documents to hold out a validation split")
-        parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-        train, validation = parts["train"], parts["test"]
+            train, validation = _split_single_document(train, text_field, val_fraction)
+        else:
+            n_val = max(1, round(len(train) * val_fraction))
+            parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+            train, validation = parts["train"], parts["test"]
     keep = [text_field]
     train = train.select_columns(keep)
     validation = validation.select_columns(keep)

@@ -5,8 +5,11 @@ Three kinds:
   train or download.
 - ``bpe``: a byte-level BPE trained here with the ``tokenizers`` library on the training text
   (a few MB are enough for a small vocabulary), cached as JSON in the cache folder.
-- ``pretrained``: a ``tokenizer.json`` from a local path or the Hugging Face hub (``gpt2``,
-  ``EleutherAI/gpt-neox-20b``).
+- ``pretrained``: a Hugging Face tokenizer (a checkpoint folder, a hub id such as ``gpt2`` or
+  ``EleutherAI/gpt-neox-20b``) or a bare ``tokenizer.json``.
+
+:meth:`TextTokenizer.to_transformers` gives each of them as a transformers tokenizer, which is
+what a run writes into its Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -39,6 +42,18 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in enumerate(chars)}
 
 
+def byte_level_backend():
+    """A ``tokenizers.Tokenizer`` with the ids of the "bytes" kind: byte b is id b, and
+    ``<|endoftext|>`` is 256 (byte-level BPE with no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    backend = Tokenizer(models.BPE(vocab=_byte_decoder(), merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([EOS_TOKEN])
+    return backend
+
+
 class TextTokenizer:
     """Text <-> token ids, with an end-of-text id appended to every document.
 
@@ -46,24 +61,43 @@ class TextTokenizer:
         kind: "bytes", "bpe" or "pretrained".
         backend: a ``tokenizers.Tokenizer`` (None for "bytes").
         name: human-readable identity (used in cache folder names).
+        hf_tokenizer: the transformers tokenizer backend came from (pretrained folders and hub
+            ids); its eos token ends documents, and :meth:`to_transformers` returns it.
     """
 
-    def __init__(self, kind: str, backend=None, name: str = "bytes"):
+    def __init__(self, kind: str, backend=None, name: str = "bytes", hf_tokenizer=None):
         self.kind = kind
         self.backend = backend
         self.name = name
+        self.hf_tokenizer = hf_tokenizer
         if backend is None:
             self.vocab_size = 257
             self.eos_id = 256
         else:
             self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-            eos = backend.token_to_id(EOS_TOKEN)
+            eos_token = getattr(hf_tokenizer, "eos_token", None) or EOS_TOKEN
+            eos = backend.token_to_id(eos_token)
             if eos is None:
                 raise ValueError(
-                    f"tokenizer {name!r} has no {EOS_TOKEN!r} token; documents need an "
+                    f"tokenizer {name!r} has no {eos_token!r} token; documents need an "
                     "end-of-text separator"
                 )
             self.eos_id = eos
+
+    def to_transformers(self):
+        """The tokenizer as a transformers tokenizer (``AutoTokenizer`` reopens what its
+        ``save_pretrained`` writes), with the same ids. A pretrained one is returned as
+        loaded; "bytes" and "bpe" become a ``PreTrainedTokenizerFast`` whose bos, eos and pad
+        token is ``<|endoftext|>``."""
+        if self.hf_tokenizer is not None:
+            return self.hf_tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        backend = self.backend or byte_level_backend()
+        eos = backend.id_to_token(self.eos_id)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token=eos, eos_token=eos, pad_token=eos
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -133,16 +167,35 @@ def _train_bpe(texts: Iterable[str], vocab_size: int):
     return bpe._tokenizer
 
 
+def _load_transformers_tokenizer(name: str):
+    """AutoTokenizer's fast tokenizer of a folder with tokenizer_config.json or of a hub id
+    (None when it has none, or when the hub cannot be reached)."""
+    path = Path(name).expanduser()
+    if path.is_file() or (path.is_dir() and not (path / "tokenizer_config.json").is_file()):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
+    except Exception:  # offline, or not a transformers tokenizer: the tokenizer.json path
+        return None
+    return tokenizer if getattr(tokenizer, "is_fast", False) else None
+
+
 def _load_pretrained(name: str):
+    """(tokenizers.Tokenizer, transformers tokenizer or None) of a folder, hub id or file."""
     from tokenizers import Tokenizer
 
+    hf_tokenizer = _load_transformers_tokenizer(name)
+    if hf_tokenizer is not None:
+        return hf_tokenizer.backend_tokenizer, hf_tokenizer
     path = Path(name).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path)), None
     try:
-        return Tokenizer.from_pretrained(name)
+        return Tokenizer.from_pretrained(name), None
     except Exception as exc:
         raise RuntimeError(
             f"Could not load the tokenizer {name!r}: {exc}\n"
@@ -178,7 +231,9 @@ def build_tokenizer(
     if kind == "pretrained":
         if not name:
             raise ValueError("data.tokenizer.name is required for kind='pretrained'")
-        return TextTokenizer("pretrained", _load_pretrained(name), name=Path(name).name or name)
+        backend, hf_tokenizer = _load_pretrained(name)
+        label = Path(name).name or name
+        return TextTokenizer("pretrained", backend, name=label, hf_tokenizer=hf_tokenizer)
     if kind != "bpe":
         raise ValueError(f"tokenizer kind must be 'bytes', 'bpe' or 'pretrained', got {kind!r}")
     if vocab_size < 258:
