@@ -11,17 +11,20 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from training.data.packing import batch_tokens
+
 log = logging.getLogger(__name__)
 
 
-def windows_in_batch(batch: torch.Tensor) -> int:
-    """B of a (B, T + 1) batch of token windows."""
-    return batch.shape[0]
+def windows_in_batch(batch) -> int:
+    """B of a (B, T + 1) batch of token windows (or of a dict batch's "tokens")."""
+    return batch_tokens(batch).shape[0]
 
 
-def tokens_in_batch(batch: torch.Tensor) -> int:
+def tokens_in_batch(batch) -> int:
     """B * T, the tokens trained on in a (B, T + 1) batch of token windows."""
-    return batch.shape[0] * (batch.shape[1] - 1)
+    windows = batch_tokens(batch)
+    return windows.shape[0] * (windows.shape[1] - 1)
 
 
 # Dense peak FLOP/s of GPUs whose names Lightning's table does not match (it knows an H200 only

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from training.data.packing import batch_tokens
 from training.optim import build_optimizer, build_scheduler
 
 
@@ -74,7 +75,9 @@ class GPTLightningModule(L.LightningModule):
         vocab_size: the tokenizer's vocabulary, when the model config leaves it unset.
         check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss (one
             device-to-host sync per step).
-    Batches: (B, T + 1) int64 windows; inputs ``[:, :-1]``, targets ``[:, 1:]``.
+    Batches: (B, T + 1) int64 windows; inputs ``[:, :-1]``, targets ``[:, 1:]``. Or a dict
+    of those windows ("tokens") and, for document masking, "document_starts" (B, T + 1) bool:
+    attention and positions stay within documents and a document's first token is no target.
     """
 
     def __init__(self, model: dict, optimizer: dict, scheduler: dict, compile: bool = False,
@@ -95,20 +98,27 @@ class GPTLightningModule(L.LightningModule):
         self._val_sums = None
 
     # -- loss --------------------------------------------------------------------------------
-    def loss(self, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, batch, reduction: str = "mean") -> torch.Tensor:
         """The model's cross-entropy of every next token of the (B, T + 1) windows (fp32
         scalar), through the compiled forward when compile=True."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-        output = self.forward_model(inputs, labels=targets, shift_labels=False, reduction=reduction)
+        windows = batch_tokens(batch)
+        inputs, targets = windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+        starts = batch.get("document_starts") if isinstance(batch, dict) else None
+        if starts is not None:
+            targets = targets.masked_fill(starts[:, 1:], -100)  # first tokens of documents
+            starts = starts[:, :-1]
+        output = self.forward_model(inputs, labels=targets, shift_labels=False,
+                                    reduction=reduction, document_starts=starts)  # fmt: skip
         return output.loss
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, vocab) logits."""
         return self.forward_model(input_ids).logits
 
-    def _count_flops(self, batch: torch.Tensor, share: float) -> None:
+    def _count_flops(self, batch, share: float) -> None:
         """Set flops_per_batch, which Lightning's ThroughputMonitor reads after each batch: the
         batch's training FLOPs on this device times share (1/3: the forward alone)."""
+        batch = batch_tokens(batch)
         seq_len = batch.shape[1] - 1
         per_token = flops_per_token(self.model.config, self.num_params_no_embeddings, seq_len)
         self.flops_per_batch = share * per_token * batch.shape[0] * seq_len
@@ -126,11 +136,12 @@ class GPTLightningModule(L.LightningModule):
             self.token_bytes = token_bytes
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.tokens_seen += (batch.shape[1] - 1) * batch.shape[0] * self.trainer.world_size
+        windows = batch_tokens(batch)
+        self.tokens_seen += (windows.shape[1] - 1) * windows.shape[0] * self.trainer.world_size
         self._count_flops(batch, share=1.0)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
-            datamodule.on_train_batch_consumed(batch.shape[0])
+            datamodule.on_train_batch_consumed(windows.shape[0], batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -160,13 +171,15 @@ class GPTLightningModule(L.LightningModule):
     def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._count_flops(batch, share=1 / 3)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         nats = self.loss(batch, reduction="sum")
-        targets = batch[:, 1:]
-        num_bytes = self.token_bytes[targets].sum()
+        targets = batch_tokens(batch)[:, 1:]
+        scored = torch.ones_like(targets, dtype=torch.bool)
+        if isinstance(batch, dict) and "document_starts" in batch:
+            scored = ~batch["document_starts"][:, 1:]
+        num_bytes = self.token_bytes[targets][scored].sum()
         self._val_sums += torch.stack(
-            [nats.double(), torch.tensor(targets.numel(), device=self.device).double(),
-             num_bytes.double()]
+            [nats.double(), scored.sum().double(), num_bytes.double()]
         )  # fmt: skip
 
     def on_validation_epoch_end(self) -> None:
@@ -193,6 +206,20 @@ class GPTLightningModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+        """Clip by the global norm; under FSDP, by FSDP's own norm over the sharded gradients
+        (Lightning's FSDP precision plugin refuses norm clipping)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(wrapped, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("under FSDP, trainer.gradient_clip_algorithm must be 'norm'")
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_and_scheduler(self, max_steps: int):
         """AdamW over the model and its per-step LambdaLR, which ends at scheduler.total_steps

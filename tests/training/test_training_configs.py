@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hydra
 import pytest
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from omegaconf import OmegaConf
 from training_testing import CONFIG_DIR, EXPERIMENTS, compose_config
 
@@ -70,7 +71,7 @@ def test_trainer_groups_compose(trainer, tmp_path):
     strategy = cfg.trainer.strategy
     if trainer in ("ddp", "fsdp"):
         built = hydra.utils.instantiate(strategy)  # the strategy object, before any launch
-        assert type(built).__name__ == {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}[trainer]
+        assert isinstance(built, {"ddp": DDPStrategy, "fsdp": FSDPStrategy}[trainer])
 
 
 @pytest.mark.parametrize("group", ["logger=wandb", "logger=none", "scheduler=linear", "debug=fast"])

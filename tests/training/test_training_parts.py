@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
-from training.callbacks import AtomicCheckpointIO
+from training.checkpointing import VerifiedCheckpointIO
 from training.lightning_module import GPTLightningModule, flops_per_token
 from training.optim import build_optimizer, lr_lambda, param_groups
 
@@ -65,7 +65,7 @@ def test_flops_per_token_counts_matmuls():
 
 
 def test_atomic_checkpoint_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
+    io = VerifiedCheckpointIO()
     path = tmp_path / "ckpts" / "last.ckpt"
     io.save_checkpoint({"step": 1, "w": torch.arange(4)}, path)
     assert torch.load(path)["step"] == 1

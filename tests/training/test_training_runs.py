@@ -15,6 +15,7 @@ from training_testing import (
     losses_by_step,
     run_train_py,
     tiny_overrides,
+    two_cpu_process_args,
 )
 
 from training.lightning_module import GPTLightningModule, NonFiniteLossError
@@ -173,24 +174,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, corp
     )
 
 
-def _ddp_args(corpus, cache_dir, run_dir, steps):
-    return [
-        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
-        "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32", "trainer.strategy=ddp", f"trainer.max_steps={steps}",
-        "scheduler.total_steps=6", "trainer.val_check_interval=100", "sample.max_new_tokens=0",
-    ]  # fmt: skip
-
-
 def test_ddp_resume_continues_each_rank_shard(tmp_path, cache_dir, corpus):
-    full = run_train_py(_ddp_args(corpus, cache_dir, tmp_path / "full", 6), cache_dir)
-    part = run_train_py(_ddp_args(corpus, cache_dir, tmp_path / "part", 3), cache_dir)
+    full = run_train_py(
+        two_cpu_process_args(corpus, cache_dir, tmp_path / "full", 6, "ddp"), cache_dir
+    )
+    part = run_train_py(
+        two_cpu_process_args(corpus, cache_dir, tmp_path / "part", 3, "ddp"), cache_dir
+    )
     for proc in (full, part):
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-4000:]
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     resumed = run_train_py(
-        [*_ddp_args(corpus, cache_dir, tmp_path / "resumed", 6), f"ckpt_path={ckpt}"], cache_dir
+        [
+            *two_cpu_process_args(corpus, cache_dir, tmp_path / "resumed", 6, "ddp"),
+            f"ckpt_path={ckpt}",
+        ],
+        cache_dir,
     )
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-4000:]

@@ -196,3 +196,16 @@ def two_cpu_process_args(corpus: Path, cache_dir: Path, run_dir: Path, steps: in
         f"scheduler.total_steps={total_steps}", "trainer.val_check_interval=100",
         "sample.max_new_tokens=0",
     ]  # fmt: skip
+
+
+def step_checkpoint_overrides(step: int) -> list[str]:
+    """A callback keeping the checkpoint of optimizer step ``step`` as
+    ``checkpoints/at-<step>.ckpt`` beside last.ckpt (a run to resume from, and the
+    uninterrupted run to compare with, in one)."""
+    key = "+callbacks.at_step"
+    return [
+        f"{key}._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"{key}.dirpath=${{paths.output_dir}}/checkpoints", f"{key}.filename='at-{{step}}'",
+        f"{key}.every_n_train_steps={step}", f"{key}.save_top_k=-1",
+        f"{key}.auto_insert_metric_name=false", f"{key}.save_on_train_epoch_end=false",
+    ]  # fmt: skip

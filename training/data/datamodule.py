@@ -1,4 +1,5 @@
-"""Random windows of a cached token array, with a sampler that resumes at the exact batch."""
+"""Windows of a cached token array (with a sampler that resumes at the exact batch), or of a
+document stream (training/data/streaming.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,13 +17,26 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from training.data.packing import window_batch
 from training.data.sources import load_text_dataset
+from training.data.streaming import (
+    StreamingWindows,
+    StreamPositions,
+    document_texts,
+    open_streams,
+)
 from training.data.token_cache import load_tokens, tokenize_to_cache
 from training.data.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "tokens-v1"
+CACHE_FORMAT = "tokens-v2"  # v2: empty documents are skipped
+STREAMING_ENTROPY_TOKENS = 1_000_000  # tokenized at start-up for the unigram entropy
+
+
+def collate_windows(windows: list[torch.Tensor], eos_id: int | None):
+    """Stacked (B, T + 1) windows, with their document starts when eos_id is given."""
+    return window_batch(torch.stack(windows), eos_id)
 
 
 class WindowDataset(Dataset):
@@ -142,11 +157,23 @@ class GPTDataModule(L.LightningDataModule):
         num_proc: processes tokenising the text (``datasets.map(num_proc=...)``).
         cache_dir: shared cache folder; token files go to ``<cache_dir>/tokens/<key>/``.
         seed: window order seed.
+        streaming: tokenize documents on the fly in the loader workers instead of caching the
+            corpus (hub and files sources).
+        shuffle: train on windows in a seeded random order (false: in corpus order, the same
+            windows on both paths).
+        shuffle_buffer: streaming: documents read in a shuffled order together.
+        val_documents: streaming: documents held out for validation when the source has no
+            validation split.
+        document_mask: batches carry document starts (attention and positions per document).
+    Batches: (B, T + 1) int64 windows, or a dict with "tokens" (those windows) and, with
+    document_mask, "document_starts" (B, T + 1) bool (streaming: also the stream position).
     """
 
     def __init__(self, source: dict, tokenizer: dict, seq_len: int = 1024, batch_size: int = 8,
                  num_workers: int = 0, num_proc: int = 1, cache_dir: str = ".cache",
-                 seed: int = 0, pin_memory: bool = True):  # fmt: skip
+                 seed: int = 0, pin_memory: bool = True, streaming: bool = False,
+                 shuffle: bool = True, shuffle_buffer: int = 10000, val_documents: int = 1000,
+                 document_mask: bool = False):  # fmt: skip
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -156,6 +183,10 @@ class GPTDataModule(L.LightningDataModule):
         self.num_workers, self.num_proc = num_workers, num_proc
         self.cache_dir, self.seed = os.path.expanduser(str(cache_dir)), seed
         self.pin_memory = pin_memory
+        self.streaming, self.shuffle, self.shuffle_buffer = streaming, shuffle, shuffle_buffer
+        self.val_documents, self.document_mask = val_documents, document_mask
+        self.streams: dict | None = None  # streaming: {"train", "validation", "text_field"}
+        self.stream_positions: StreamPositions | None = None
         self.tokenizer: TextTokenizer | None = None
         self.files: dict[str, Path] = {}
         self.train_sampler: ResumableWindowSampler | None = None
@@ -163,32 +194,39 @@ class GPTDataModule(L.LightningDataModule):
 
     # -- building the cache ------------------------------------------------------------------
     def build(self) -> dict[str, Path]:
-        """Tokenizer and token files, built once and then read from the cache."""
-        if self.files:
+        """Tokenizer and token files, built once and then read from the cache (streaming: the
+        tokenizer and the document streams; no token files)."""
+        if self.files or self.streams:
             return self.files
         Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
         # Processes of one node (DDP ranks, concurrent runs) build a cache entry once.
         with FileLock(Path(self.cache_dir) / ".build.lock"):
             return self._build_locked()
 
-    def _build_locked(self) -> dict[str, Path]:
-        dataset, text_field, fingerprint = load_text_dataset(
-            self.source, self.cache_dir, seed=self.seed
-        )
+    def _build_tokenizer(self, fingerprint: str, texts) -> TextTokenizer:
+        """The configured tokenizer; a BPE is trained on the first train_bytes of texts."""
         tok_cfg = self.tokenizer_cfg
 
         def training_texts():
             budget = int(tok_cfg.get("train_bytes") or 20_000_000)
-            for text in dataset["train"][text_field] if budget else []:
+            for text in texts() if budget else []:
                 yield text
                 budget -= len(text)
                 if budget <= 0:
                     return
 
-        self.tokenizer = build_tokenizer(
+        return build_tokenizer(
             tok_cfg.get("kind", "bytes"), tok_cfg.get("name"), int(tok_cfg.get("vocab_size") or 0),
             self.cache_dir, fingerprint, training_texts,
         )  # fmt: skip
+
+    def _build_locked(self) -> dict[str, Path]:
+        if self.streaming:
+            return self._open_streams()
+        dataset, text_field, fingerprint = load_text_dataset(
+            self.source, self.cache_dir, seed=self.seed
+        )
+        self.tokenizer = self._build_tokenizer(fingerprint, lambda: dataset["train"][text_field])
         key_text = json.dumps([CACHE_FORMAT, fingerprint, self.tokenizer.fingerprint])
         key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
         label = str(self.source.get("name") or self.source.get("kind")).replace("/", "_")
@@ -205,21 +243,38 @@ class GPTDataModule(L.LightningDataModule):
             self.files[split] = path
         return self.files
 
+    def _open_streams(self) -> dict[str, Path]:
+        train, validation, fingerprint = open_streams(
+            self.source, self.cache_dir, self.val_documents
+        )
+        text_field = self.source.get("text_field") or "text"
+        self.tokenizer = self._build_tokenizer(
+            fingerprint, lambda: document_texts(train, text_field)
+        )
+        self.streams = {"train": train, "validation": validation, "text_field": text_field}
+        return self.files
+
     def prepare_data(self) -> None:
         self.build()
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
     def setup(self, stage: str | None = None) -> None:
         files = self.build()
-        rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+        if self.streaming:
+            self._setup_streams()
+            return
+        rank, world = self._rank_and_world()
         self.datasets = {}
         for split, path in files.items():
             tokens = load_tokens(path, verify=False)
             self.datasets[split] = WindowDataset(path, tokens.dtype, len(tokens), self.seq_len)
         train = self.datasets["train"]
         self.train_sampler = ResumableWindowSampler(
-            train.num_tokens, self.seq_len, self.seed, rank, world, True, self.batch_size
+            train.num_tokens, self.seq_len, self.seed, rank, world, self.shuffle, self.batch_size
         )
         if self._pending_state is not None:
             self.train_sampler.load_state_dict(self._pending_state)
@@ -235,19 +290,49 @@ class GPTDataModule(L.LightningDataModule):
                 "(data.source.val_fraction) or lower data.batch_size / data.seq_len"
             ) from exc
 
+    def _setup_streams(self) -> None:
+        rank, world = self._rank_and_world()
+        streams = max(1, self.num_workers)
+        common = dict(
+            text_field=self.streams["text_field"], tokenizer=self.tokenizer, seq_len=self.seq_len,
+            batch_size=self.batch_size, rank=rank, world_size=world, streams=streams,
+            document_mask=self.document_mask,
+        )  # fmt: skip
+        self.datasets = {
+            "train": StreamingWindows(
+                self.streams["train"],
+                seed=self.seed,
+                shuffle_buffer=self.shuffle_buffer if self.shuffle else 0,
+                **common,
+            ),  # fmt: skip
+            "validation": StreamingWindows(self.streams["validation"], repeat=False, **common),
+        }
+        pending = self._pending_state
+        self.stream_positions = StreamPositions(rank, world, streams)
+        if pending is not None:
+            self.stream_positions.load_state_dict(pending)
+            self._pending_state = None
+
     # -- loaders -----------------------------------------------------------------------------
-    def _loader(self, split: str, sampler: Sampler) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None) -> DataLoader:
+        pin = self.pin_memory and torch.cuda.is_available()
+        if self.streaming:  # the dataset yields whole batches
+            return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
+                              pin_memory=pin)  # fmt: skip
+        eos = self.tokenizer.eos_id if self.document_mask else None
         return DataLoader(
             self.datasets[split], batch_size=self.batch_size, sampler=sampler, drop_last=True,
-            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=False,
+            num_workers=self.num_workers, pin_memory=pin, persistent_workers=False,
+            collate_fn=partial(collate_windows, eos_id=eos),
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            self.stream_positions.apply(self.datasets["train"])
         return self._loader("train", self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.val_sampler)
+        return self._loader("validation", getattr(self, "val_sampler", None))
 
     # -- facts the model and the logs need ---------------------------------------------------
     @property
@@ -260,10 +345,26 @@ class GPTDataModule(L.LightningDataModule):
         self.build()
         return torch.from_numpy(self.tokenizer.token_byte_lengths())
 
+    def _sample_tokens(self, max_tokens: int) -> np.ndarray:
+        """The first max_tokens training tokens (streaming: of the stream's first documents)."""
+        if not self.streaming:
+            return load_tokens(self.build()["train"], verify=False)[:max_tokens]
+        self.build()
+        chunks, count = [], 0
+        for text in document_texts(self.streams["train"], self.streams["text_field"]):
+            chunks.append(np.asarray(self.tokenizer.encode_batch([text])[0], dtype=np.int64))
+            count += len(chunks[-1])
+            if count >= max_tokens:
+                break
+        return np.concatenate(chunks)[:max_tokens]
+
     def unigram_entropy(self, max_tokens: int = 50_000_000) -> dict:
         """Entropy of the training tokens' unigram distribution (the loss of a model that
-        ignores context), in nats per token and bits per byte."""
-        tokens = load_tokens(self.build()["train"], verify=False)[:max_tokens]
+        ignores context), in nats per token and bits per byte (streaming: of the first
+        STREAMING_ENTROPY_TOKENS tokens)."""
+        if self.streaming:
+            max_tokens = min(max_tokens, STREAMING_ENTROPY_TOKENS)
+        tokens = self._sample_tokens(max_tokens)
         counts = np.bincount(tokens, minlength=self.tokenizer.vocab_size).astype(np.float64)
         p = counts[counts > 0] / counts.sum()
         nats = float(-(p * np.log(p)).sum())
@@ -272,16 +373,34 @@ class GPTDataModule(L.LightningDataModule):
         return {"nats_per_token": nats, "bits_per_byte": bpb, "num_tokens": int(counts.sum())}
 
     # -- resumption ----------------------------------------------------------------------------
-    def on_train_batch_consumed(self, local_samples: int) -> None:
+    def on_train_batch_consumed(self, local_samples: int, batch=None) -> None:
+        """Record that this rank trained on a batch of local_samples windows (the batch
+        itself tells a stream's position)."""
         if self.train_sampler is not None:
             self.train_sampler.advance(local_samples)
+        if self.stream_positions is not None:
+            self.stream_positions.record(batch)
 
     def state_dict(self) -> dict:
+        if self.stream_positions is not None:
+            return {"train_streams": self.stream_positions.state_dict()}
         if self.train_sampler is None:
             return {}
         return {"train_sampler": self.train_sampler.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if self.streaming:
+            state = state_dict.get("train_streams")
+            if state is None:
+                raise ValueError(
+                    "the checkpoint holds no stream positions: it comes from a run with "
+                    "data.streaming=false; resume it with the same setting"
+                )
+            if self.stream_positions is None:
+                self._pending_state = state
+            else:
+                self.stream_positions.load_state_dict(state)
+            return
         state = state_dict.get("train_sampler")
         if state is None:
             return

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data.packing import require_text
+
 _FULL_CHECKSUM_LIMIT = 512 << 20  # bytes; larger files are checked on 256 evenly spaced blocks
 _BLOCK = 1 << 20
 
@@ -100,11 +102,13 @@ def write_tokens(path: str | os.PathLike, chunks, num_tokens: int, dtype, extra:
 
 def tokenize_to_cache(dataset, tokenizer, text_field: str, path, num_proc: int, extra: dict):
     """Tokenise a ``datasets.Dataset`` in parallel (``map(num_proc=...)``), end-of-text after
-    each document, and write the concatenation to path. Returns the memmap."""
+    each document (empty documents are skipped), and write the concatenation to path.
+    Returns the memmap."""
     num_proc = max(1, min(int(num_proc or 1), len(dataset)))
 
     def encode(batch):
-        ids = tokenizer.encode_batch(batch[text_field])
+        texts = [require_text(text, text_field) for text in batch[text_field]]
+        ids = [ids if text else [] for text, ids in zip(texts, tokenizer.encode_batch(texts))]
         return {"ids": ids, "len": [len(x) for x in ids]}
 
     tokenized = dataset.map(
