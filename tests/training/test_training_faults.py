@@ -48,13 +48,14 @@ def _metric_steps(run_dir: Path, key: str) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get(key)]
 
 
-def _kill_after_checkpoint(args, cache_dir, last: Path, after_step: int) -> int:
-    """Start train.py, SIGKILL it once last.ckpt holds a step > after_step; that step."""
-    proc = run_train_py(args, cache_dir)
-    saved = lambda: last.is_file() and _ckpt_step(last) > after_step  # noqa: E731
-    assert wait_for(saved, proc, timeout=180), proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGKILL)  # mid-training: no handler, no cleanup
-    proc.wait()
+def _kill_at_step(args, cache_dir, last: Path, step: int) -> int:
+    """Run train.py until it SIGKILLs itself after optimizer step ``step``; the step that
+    last.ckpt then holds."""
+    kill = ["+callbacks.kill._target_=tests.training.kill_at_step.KillAtStep",
+            f"+callbacks.kill.step={step}"]  # fmt: skip
+    proc = run_train_py([*args, *kill], cache_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
     return _ckpt_step(last)
 
 
@@ -63,9 +64,9 @@ def test_kill_twice_then_resume_keeps_the_whole_history(tmp_path, cache_dir, cor
     run_dir = tmp_path / "killed"
     args = [*slow_run_args(corpus, cache_dir, run_dir, steps), "ckpt_path=last"]
     last = run_dir / "checkpoints" / "last.ckpt"
-    first = _kill_after_checkpoint(args, cache_dir, last, 0)
-    second = _kill_after_checkpoint(args, cache_dir, last, first)
-    assert 0 < first < second < steps
+    first = _kill_at_step(args, cache_dir, last, 6)  # checkpoints every 4 steps
+    second = _kill_at_step(args, cache_dir, last, 10)
+    assert (first, second) == (4, 8)
     # the last resume and the uninterrupted reference run in this process (no start-up)
     overrides = slow_run_overrides(corpus, cache_dir, run_dir, steps)
     assert train(compose_config([*overrides, "ckpt_path=last"]))["global_step"] == steps
