@@ -29,7 +29,7 @@ def build(kernel, **constexprs):
 blocks = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32")
 for on in (False, True):
     flags = dict(VARLEN=on, HAS_SEQLENS_K=False, HAS_BIAS=on, HAS_ALIBI=on, SOFTCAP=on,
-                 MASK_WINDOW=on, DROPOUT=on, **blocks)
+                 MASK_WINDOW=on, DROPOUT=on, EVEN_M=not on, EVEN_N=not on, **blocks)
     build(fwd._attn_fwd_kernel, **dict(flags, HAS_SEQLENS_K=not on, HAS_KV_BATCH_IDX=not on,
                                        PAGED=not on))
     build(fwd._attn_probs_kernel, **flags)

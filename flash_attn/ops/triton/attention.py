@@ -13,7 +13,9 @@ outside the window are skipped, so work grows with the window, not with the sequ
 
 Numerics: the softmax uses exp2 on scores scaled by log2(e); the running max, running sum and
 output accumulator stay in fp32; the log-sum-exp is stored in natural-log units, +inf for a row
-that attends to nothing (its output is zero, never NaN).
+that attends to nothing (its output is zero, never NaN). In the forward, keys that a row may
+not see contribute nothing to it even when they hold NaN or inf (see :func:`finite_values`);
+keys outside the sequence are never read.
 
 Dropout draws from Philox keyed by a seed tensor and the element's position
 ((batch * nheads + head) * max_seqlen_q + i) * max_seqlen_k + j, so the backward regenerates
@@ -35,33 +37,68 @@ from flash_attn.ops.backend import interpreter_enabled
 from flash_attn.ops.triton.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
+MAX_BLOCK = 128  # the largest BLOCK_M or BLOCK_N of any config
 
 
-def autotune_configs(block_ms, block_ns, warps, stages):
-    """Autotune candidates; a single large-block config under the CPU interpreter."""
+def autotune_configs(block_ms, block_ns, stages, owned="BLOCK_M", warps=None):
+    """Autotune candidates with ``warps`` warps, or one warpgroup (4 warps) per 64 rows of the
+    block the program owns (``owned``), the rows a warpgroup MMA covers; a single config under
+    the CPU interpreter."""
     if interpreter_enabled():
         # The interpreter runs programs one by one in NumPy: few, large blocks are fastest.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in block_ms
-        for bn in block_ns
-        for w in warps
-        for s in stages
-    ]
+    configs = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm in block_ms for bn in block_ns]
+    return [triton.Config(c, num_warps=w, num_stages=s)
+            for c in configs for w in warps or [c[owned] // 16] for s in stages
+            if 16 * w >= c[owned]]  # fmt: skip
 
 
-def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head dims need smaller tiles to fit the accumulator in registers/SRAM."""
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    limit = 128 * 64 if head_dim <= 128 else 64 * 64
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    return kept or configs[:1]
+# What a config holds, fitted to the compiler's report (scripts/kernel_report.py) at head dims
+# 64 to 256: 32-bit registers per program (fp32 accumulators and score tiles, more of the latter
+# where tiles are masked by a window or causal mask, and, in the backward, a quarter of a
+# register per element of each tile the loop loads, for its addresses), and elements in shared
+# memory (tiles kept for the whole program, plus one buffer per pipeline stage for each tile
+# the loop loads). Past its kernel's registers per thread, ptxas spills.
+FOOTPRINTS = {
+    "fwd": (160, lambda bm, bn, d, stages, masked: (
+        bm * d + (1.5 + 2.5 * masked) * bm * bn, bm * d + stages * 2 * bn * d)),
+    "dkdv": (92, lambda bm, bn, d, stages, masked: (
+        2 * bn * d + (2 + masked) * bm * bn + 0.5 * bm * d, 2 * bn * d + stages * 2 * bm * d)),
+    "dq": (128, lambda bm, bn, d, stages, masked: (
+        bm * d + (2 + masked) * bm * bn + 0.5 * bn * d, 2 * bm * d + stages * 2 * bn * d)),
+}  # fmt: skip
+
+
+def shared_memory_limit() -> int:
+    """Shared memory one block may use: the GPU's, or the smallest of the GPUs the kernels
+    target (sm_80) where there is none (autotune spaces built without a device)."""
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return properties.shared_memory_per_block_optin
+    return 163 * 1024
+
+
+def prune_by(kernel):
+    """``prune_configs_by`` of a kernel whose configs hold ``FOOTPRINTS[kernel]``."""
+    registers_per_thread, footprint = FOOTPRINTS[kernel]
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        itemsize = args["Q"].element_size()
+
+        def fits(c):
+            registers, elements = footprint(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                            args["HEAD_DIM"], c.num_stages, args["MASK_WINDOW"])
+            return (registers <= registers_per_thread * 32 * c.num_warps
+                    and elements * itemsize <= shared_memory_limit())  # fmt: skip
+
+        return [c for c in configs if fits(c)] or configs[:1]
+
+    return {"early_config_prune": prune}
 
 
 # Retune when head dim, masking or the order of magnitude of the lengths change.
 TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "seqlen_q_bucket", "seqlen_k_bucket"]
-PRUNE = {"early_config_prune": _prune_for_head_dim}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,17 +204,22 @@ def scores(
         bias = tl.load(bias_base + rows * stride_bias_m + cols * stride_bias_n, mask=in_bounds,
                        other=0.0)  # fmt: skip
         s += bias.to(tl.float32) * LOG2E
-    distance = cols - rows - (seqlen_k - seqlen_q)
+    diag = seqlen_k - seqlen_q
     if HAS_ALIBI:
-        s -= (slope * LOG2E) * tl.abs(distance).to(tl.float32)
+        s -= (slope * LOG2E) * tl.abs(cols - rows - diag).to(tl.float32)
     if MASKED:
-        visible = tl.full(distance.shape, True, tl.int1)
-        if not EVEN_M:
-            visible = visible & (rows < seqlen_q)
-        if not EVEN_N:
-            visible = visible & (cols < seqlen_k)
+        # A query sees an interval of keys: each key is compared with its query's two ends,
+        # computed once per query.
+        visible = tl.full(s.shape, True, tl.int1)
         if MASK_WINDOW:
-            visible = visible & (distance >= -window_left) & (distance <= window_right)
+            visible = cols >= rows + (diag - window_left)
+        if MASK_WINDOW or not (EVEN_M and EVEN_N):
+            last_key = rows + (diag + window_right) if MASK_WINDOW else rows * 0 + (seqlen_k - 1)
+            if MASK_WINDOW and not EVEN_N:
+                last_key = tl.minimum(last_key, seqlen_k - 1)
+            if not EVEN_M:
+                last_key = tl.where(rows < seqlen_q, last_key, -1)
+            visible = visible & (cols <= last_key)
         s = tl.where(visible, s, float("-inf"))
     return s, dsoftcap
 
@@ -193,8 +235,9 @@ def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
     diag = seqlen_k - seqlen_q
     lo = tl.maximum(start_m + diag - window_left, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(start_m + BLOCK_M + diag + window_right, seqlen_k)
-    # The block's last query sees keys from first_key on, its first query keys before end.
-    first_key = start_m + BLOCK_M - 1 + diag - window_left
+    # The block's last query (past seqlen_q there are none) sees keys from first_key on, its
+    # first query keys before end.
+    first_key = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1 + diag - window_left
     lo_full = tl.minimum(lo + tl.cdiv(tl.maximum(first_key - lo, 0), BLOCK_N) * BLOCK_N, hi)
     end = tl.minimum(start_m + diag + window_right + 1, hi)
     hi_full = lo_full + tl.maximum(end - lo_full, 0) // BLOCK_N * BLOCK_N
@@ -215,6 +258,18 @@ def key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size, str
 
 
 @triton.jit
+def finite_values(v, s):
+    """v (BLOCK_N, HEAD_DIM) with its NaN and inf entries zeroed, and (BLOCK_M,) bool, True for
+    the rows of the tile's scores s (BLOCK_M, BLOCK_N), -inf where masked, that see such a
+    value. A masked key's probability is exactly 0, but 0 * NaN is NaN: this way garbage in a
+    masked key (a cache slot never written) reaches only the rows that see it."""
+    finite = (v - v) == 0
+    bad_keys = tl.max(tl.where(finite, 0, 1), 1)
+    seen = (s > float("-inf")) & (bad_keys[None, :] > 0)
+    return tl.where(finite, v, tl.zeros_like(v)), tl.max(seen.to(tl.int32), 1) > 0
+
+
+@triton.jit
 def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Bool tile, True where the weight of query rows[i] and key start_n + j is kept:
     (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when TRANSPOSED; rows broadcast as the tile's
@@ -227,18 +282,17 @@ def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.c
     seed, bh, max_seqlen_q, max_seqlen_k, dropout_p = dropout
     groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
     row_offsets = (bh.to(tl.int64) * max_seqlen_q + rows) * tl.cdiv(max_seqlen_k, 4)
-    if TRANSPOSED:
-        offsets = groups[:, None] + row_offsets
-    else:
-        offsets = row_offsets + groups[None, :]
+    offsets = groups[:, None] + row_offsets if TRANSPOSED else row_offsets + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-    threshold = (dropout_p * 4294967296.0).to(tl.uint32)
+    threshold = tl.cast(dropout_p * 4294967296.0, tl.uint32)
     # join(join(a, c), join(b, d)) flattens its last two dims to a, b, c, d.
     keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold),
                    tl.join(r1 >= threshold, r3 >= threshold))  # fmt: skip
     if TRANSPOSED:
-        return tl.reshape(tl.permute(keep, (0, 2, 3, 1)), (BLOCK_N, offsets.shape[1]))
-    return tl.reshape(keep, (offsets.shape[0], BLOCK_N))
+        keep = tl.reshape(tl.permute(keep, (0, 2, 3, 1)), (BLOCK_N, offsets.shape[1]))
+    else:
+        keep = tl.reshape(keep, (offsets.shape[0], BLOCK_N))
+    return keep
 
 
 @triton.jit
@@ -291,16 +345,17 @@ def query_block(
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi, flags,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi,
+    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
-    updated, m_i in log2 units. keys: where k and v are (bases, page table, strides); flags:
-    the kernel's constexpr switches. Without MASKED every score of every block is visible."""
+    updated, m_i in log2 units. keys: where k and v are (bases, page table, strides). Without
+    MASKED every score of every block is visible."""
     (k_base, v_base, in_dim, BlockTable, off_b, stride_table_b, page_size,
      stride_kb, stride_kn, stride_vb, stride_vn) = keys  # fmt: skip
-    SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N = flags
     seqlen_k = mods[1]
     qk_scale = mods[2] * LOG2E
     offs_n = tl.arange(0, BLOCK_N)
@@ -334,15 +389,21 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, 0.0)
+        # Only tiles on the edges of a window hold keys that some rows may not see and that are
+        # loaded (keys outside the sequence are loaded as 0).
+        if MASKED and MASK_WINDOW:
+            v, poisoned = finite_values(v, s)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        if MASKED and MASK_WINDOW:
+            acc = tl.where(poisoned[:, None], float("nan"), acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.autotune(
-    configs=autotune_configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4]),
+    configs=autotune_configs([64, 128], [16, 32, 64, 128], [2, 3]),
     key=TUNE_KEY,
-    prune_configs_by=PRUNE,
+    prune_configs_by=prune_by("fwd"),
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -368,6 +429,7 @@ def _attn_fwd_kernel(
     HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
     PAGED: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # q stays in SRAM for the whole loop over keys.
@@ -386,7 +448,6 @@ def _attn_fwd_kernel(
         off_bk = tl.load(KBatchIdx + off_b)
     if PAGED:
         off_bk = 0  # each key's page gives its row below
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
@@ -406,16 +467,25 @@ def _attn_fwd_kernel(
     hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     keys = (k_base, v_base, in_dim, BlockTable, off_b, stride_table_b, page_size,
             stride_kb, stride_kn, stride_vb, stride_vn)  # fmt: skip
-    flags = (SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N)
     # Blocks seen whole need no mask; only those at the window's edges, on the diagonal or past
-    # the last full block of keys do.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
-                                    flags, False, DOT_PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
-                                    flags, True, DOT_PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    # the last full block of keys do (without a window and with EVEN_N, there are none).
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N, False,
+        DOT_PRECISION, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    if MASK_WINDOW or not EVEN_N:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
+            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N, True,
+            DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
     if MASK_WINDOW:
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
-                                        flags, True, DOT_PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
+            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N, True,
+            DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -451,6 +521,7 @@ def _attn_probs_kernel(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     max_seqlen_q = seqlen_q
@@ -477,10 +548,11 @@ def _attn_probs_kernel(
             other=0.0,
         )
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s, _ = scores(qk, rows, cols, mods, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW)
-        p = tl.math.exp(s - lse[:, None])
+        s, _ = scores(qk, rows[:, None], cols[None, :], mods, SOFTCAP, HAS_BIAS, HAS_ALIBI,
+                      MASK_WINDOW, True, EVEN_M, EVEN_N)  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if DROPOUT:
-            p = tl.where(dropout_keep(dropout, rows, cols), p, -p)
+            p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, -p)
         bh = tl.program_id(1).to(tl.int64)
         out_offs = (bh * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
         tl.store(
@@ -587,6 +659,9 @@ def shared_kernel_args(
         DROPOUT=opts.dropout_p > 0.0,
         # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # Lengths that are multiples of every block size need no bounds masks.
+        EVEN_M=not varlen and seqlen_q % MAX_BLOCK == 0,
+        EVEN_N=not varlen and key_ranges is None and seqlen_k % MAX_BLOCK == 0,
     ), batch
 
 

@@ -16,12 +16,12 @@ import triton.language as tl
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.triton.attention import (
     LOG2E,
-    PRUNE,
     TUNE_KEY,
     autotune_configs,
     dropout_keep,
     key_range,
     lse_strides,
+    prune_by,
     query_block,
     score_mods,
     scores,
@@ -63,33 +63,111 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _tile_grads(
-    q, k, v, do, lse, delta, rows, cols, mods, dropout,
+    qk, dp, lse, delta, rows, cols, start_n, mods, dropout,
     SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    MASKED: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """For a (BLOCK_M, BLOCK_N) tile: the weights that multiplied V (p after dropout), dS (the
-    gradient of the scores, = dBias) and dS scaled back through the softcap (for dQ and dK).
-    mods and dropout: the tuples of ``score_mods`` and ``query_block``."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, dsoftcap = scores(qk, rows, cols, mods, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW)
+    """From a tile's q k^T and dO v^T (or, TRANSPOSED, their transposes k q^T and v dO^T): the
+    weights that multiplied V (p after dropout), dS (the gradient of the scores, = dBias) and dS
+    scaled back through the softcap (for dQ and dK). lse (log2 units), delta, rows and cols
+    broadcast along the tile as in :func:`scores`; mods and dropout: the tuples of
+    ``score_mods`` and ``query_block``."""
+    s, dsoftcap = scores(qk, rows, cols, mods, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASKED,
+                         EVEN_M, EVEN_N)  # fmt: skip
     # Padding rows read lse = +inf, so their probabilities are exactly 0.
-    p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s - lse)
     p_dropped = p
     if DROPOUT:
-        dropout_p = dropout[4]
-        keep = dropout_keep(dropout, rows, cols)
-        scale = 1.0 / (1.0 - dropout_p)
+        keep = dropout_keep(dropout, rows, start_n, BLOCK_N, TRANSPOSED)
+        scale = 1.0 / (1.0 - dropout[4])
         p_dropped = tl.where(keep, p * scale, 0.0)
         dp = tl.where(keep, dp * scale, 0.0)
-    ds = p * (dp - delta[:, None])
-    return p_dropped, ds, ds * dsoftcap
+    ds = p * (dp - delta)
+    if SOFTCAP:
+        return p_dropped, ds, ds * dsoftcap
+    return p_dropped, ds, ds
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v, queries, cols, start_n, mods, dropout, lo, hi,
+    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK and dV of one key block summed over query blocks [lo, hi) of one head, on transposed
+    tiles (keys x queries): k q^T and v dO^T put the keys first, so p^T and dS^T are the
+    register operands of dV += p^T dO and dK += dS^T q, as the tensor cores want them.
+    queries: where q, dO, lse and delta are. Without MASKED every score is visible."""
+    q_base, do_base, Lse, Delta, lse_base, stride_qm, stride_om, in_dim = queries
+    seqlen_q = mods[0]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        rows = start_m + offs_m
+        in_rows = (rows < seqlen_q) | (not MASKED) | EVEN_M
+        qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
+                     mask=in_rows[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
+        do = tl.load(do_base + rows[:, None] * stride_om + offs_d[None, :],
+                     mask=in_rows[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+        lse = tl.load(Lse + lse_base + rows, mask=in_rows, other=float("inf")) * LOG2E
+        delta = tl.load(Delta + lse_base + rows, mask=in_rows, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        pT, _, dsT = _tile_grads(
+            qkT, dpT, lse[None, :], delta[None, :], rows[None, :], cols[:, None], start_n, mods,
+            dropout, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, MASKED,
+            True, BLOCK_N,
+        )  # fmt: skip
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse, delta, rows, keys, mods, dropout, lo, hi,
+    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    MASKED: tl.constexpr, DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block summed over key blocks [lo, hi); stores dBias tiles when DBIAS.
+    keys: where k, v and dBias are. Without MASKED every score is visible."""
+    k_base, v_base, stride_kn, stride_vn, in_dim, DBias, dbias_base, max_seqlen_k = keys
+    seqlen_q, seqlen_k = mods[0], mods[1]
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        in_keys = (cols < seqlen_k) | (not MASKED) | EVEN_N
+        kv_mask = in_keys[None, :] & in_dim[:, None]
+        kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
+        vT = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        _, ds_scores, ds = _tile_grads(
+            qk, dp, lse[:, None], delta[:, None], rows[:, None], cols[None, :], start_n, mods,
+            dropout, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, MASKED,
+            False, BLOCK_N,
+        )  # fmt: skip
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        if DBIAS:
+            dbias_offs = rows[:, None].to(tl.int64) * max_seqlen_k + cols[None, :]
+            tl.store(DBias + dbias_base + dbias_offs, ds_scores,
+                     mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))  # fmt: skip
+    return dq
 
 
 @triton.autotune(
-    configs=autotune_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    # Two warpgroups share the key block: dK and dV accumulate in registers.
+    configs=autotune_configs([16, 32, 64], [64, 128], [2], warps=[8]),
     key=TUNE_KEY,
-    prune_configs_by=PRUNE,
+    prune_configs_by=prune_by("dkdv"),
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -106,6 +184,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
@@ -123,7 +202,6 @@ def _attn_bwd_dkdv_kernel(
     if start_n >= seqlen_k:
         return
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
@@ -137,35 +215,38 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    # Query blocks that see none of these keys (causal, window) are skipped: the key range of
-    # this key block with the roles of queries and keys swapped.
-    lo, hi = key_range(start_n, seqlen_k, seqlen_q, window_right, window_left, BLOCK_N, BLOCK_M)
+    # Query blocks that see none of these keys (causal, window) are skipped, and those that see
+    # all of them skip the masks: the key range of this key block with the roles swapped.
+    lo, lo_full, hi_full, hi = key_range(start_n, seqlen_k, seqlen_q, window_right, window_left,
+                                         BLOCK_N, BLOCK_M)  # fmt: skip
     for g in range(0, group_size):
         off_h = off_hk * group_size + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
-        do_base = DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
-        lse_base = off_b * stride_lse_b + off_h * stride_lse_h + q_start
+        queries = (Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
+                   DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_om,
+                   Lse, Delta, off_b * stride_lse_b + off_h * stride_lse_h + q_start,
+                   stride_qm, stride_om, in_dim)  # fmt: skip
         mods = score_mods(Bias, Slopes, off_b, off_h,
                           stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
                           stride_slope_b, seqlen_q, seqlen_k, softmax_scale, softcap,
                           window_left, window_right, HAS_ALIBI)  # fmt: skip
         dropout = (seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-            q = tl.load(
-                q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0
-            )
-            do = tl.load(
-                do_base + rows[:, None] * stride_om + offs_d[None, :], mask=q_mask, other=0.0
-            )
-            lse = tl.load(Lse + lse_base + rows, mask=rows < seqlen_q, other=float("inf"))
-            delta = tl.load(Delta + lse_base + rows, mask=rows < seqlen_q, other=0.0)
-            p_dropped, _, ds = _tile_grads(q, k, v, do, lse, delta, rows, cols, mods, dropout,
-                                           SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT,
-                                           DOT_PRECISION)  # fmt: skip
-            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, queries, cols, start_n, mods, dropout, lo_full, hi_full,
+            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, False,
+            DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+        if MASK_WINDOW or not EVEN_M:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, queries, cols, start_n, mods, dropout, hi_full, hi,
+                SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
+                DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+        if MASK_WINDOW:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, queries, cols, start_n, mods, dropout, lo, lo_full,
+                SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
+                DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
 
     dk = dk * softmax_scale
     out_offs = (
@@ -179,9 +260,9 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    configs=autotune_configs([64, 128], [32, 64], [2, 3], warps=[4, 8]),
     key=TUNE_KEY,
-    prune_configs_by=PRUNE,
+    prune_configs_by=prune_by("dq"),
 )
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -198,6 +279,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     max_seqlen_q = seqlen_q
@@ -212,7 +294,6 @@ def _attn_bwd_dq_kernel(
     if start_m >= seqlen_q:
         return
     off_hk = off_h // (nheads // nheads_k)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
@@ -224,30 +305,33 @@ def _attn_bwd_dq_kernel(
     )
     do = tl.load(DO + do_offs, mask=q_mask, other=0.0)
     lse_offs = off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows
-    lse = tl.load(Lse + lse_offs, mask=rows < seqlen_q, other=float("inf"))
+    lse = tl.load(Lse + lse_offs, mask=rows < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + lse_offs, mask=rows < seqlen_q, other=0.0)
-    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
-    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    keys = (K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
+            V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
+            stride_kn, stride_vn, in_dim, DBias,
+            tl.program_id(1).to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)  # fmt: skip
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        _, ds_scores, ds = _tile_grads(q, k, v, do, lse, delta, rows, cols, mods, dropout,
-                                       SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT,
-                                       DOT_PRECISION)  # fmt: skip
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        if DBIAS:
-            bh = tl.program_id(1).to(tl.int64)
-            dbias_offs = (bh * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
-            tl.store(
-                DBias + dbias_offs,
-                ds_scores,
-                mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k),
-            )
+    lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                         BLOCK_M, BLOCK_N)  # fmt: skip
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse, delta, rows, keys, mods, dropout, lo_full, hi_full,
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, False,
+        DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    if MASK_WINDOW or not EVEN_N:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, rows, keys, mods, dropout, hi_full, hi,
+            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
+            DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
+    if MASK_WINDOW:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, rows, keys, mods, dropout, lo, lo_full,
+            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
+            DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
 
     dq = dq * softmax_scale
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
