@@ -24,10 +24,8 @@ os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
-import importlib  # noqa: E402
 import inspect  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -40,24 +38,15 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from flash_attn.utils import kernel_report as kr  # noqa: E402
-
-
-def _kernels(op: str):
-    """The module that defines ``op``'s Triton kernels and launchers, wherever the tree keeps
-    it (a module of the same name may be a compatibility shim without kernels)."""
-    for package in ("flash_attn.ops.kernels", "flash_attn.ops.triton"):
-        with contextlib.suppress(ModuleNotFoundError):
-            module = importlib.import_module(f"{package}.{op}")
-            defined = [kr.unwrap_jit(k).__module__ for k in kr.kernels(module).values()]
-            if module.__name__ in defined:
-                return module
-    raise ModuleNotFoundError(f"no module under flash_attn.ops defines Triton kernels for {op}")
-
-
-attention, attention_bwd, cross_entropy, layer_norm, mlp, rotary = map(
-    _kernels, ["attention", "attention_bwd", "cross_entropy", "layer_norm", "mlp", "rotary"]
+from flash_attn.ops.kernels import (  # noqa: E402
+    attention,
+    attention_bwd,
+    cross_entropy,
+    layer_norm,
+    mlp,
+    rotary,
 )
+from flash_attn.utils import kernel_report as kr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -101,9 +101,7 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
     "/"; a hub id is "name" or "owner/name") and is not a folder is a FileNotFoundError.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(
-            f"name_or_path must be a folder path or hub id (str), got {name_or_path!r}"
-        )
+        raise TypeError(f"name_or_path must be a folder path or hub id (str), got {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -71,7 +71,7 @@ def _custom_op(name: str, tensors: str, returns: str):
 
 @_custom_op("attention_fwd", "Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)")
 def _attention_fwd_op(q, k, v, *shared):
-    from flash_attn.ops.triton.attention import attention_fwd
+    from flash_attn.ops.kernels.attention import attention_fwd
 
     return _launch(attention_fwd, q, k, v, shared=shared)
 
@@ -91,7 +91,7 @@ def _(q, k, v, *shared):
     "(Tensor, Tensor, Tensor, Tensor)",
 )
 def _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared):
-    from flash_attn.ops.triton.attention_bwd import attention_bwd
+    from flash_attn.ops.kernels.attention_bwd import attention_bwd
 
     dq, dk, dv, dbias = _launch(attention_bwd, dout, q, k, v, out, lse, shared=shared,
                                 bias_requires_grad=bias_requires_grad)  # fmt: skip
@@ -129,7 +129,7 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 @_custom_op("attention_probs", "Tensor q, Tensor k, Tensor lse", "Tensor")
 def _attention_probs_op(q, k, lse, *shared):
-    from flash_attn.ops.triton.attention import attention_probs
+    from flash_attn.ops.kernels.attention import attention_probs
 
     return _launch(attention_probs, q, k, lse, shared=shared)
 

@@ -332,7 +332,7 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
     the Triton path always has it."""
     layout = keys.layout
     if resolve_backend(backend, q.device) == "triton":
-        from flash_attn.ops.triton.attention import attention_fwd
+        from flash_attn.ops.kernels.attention import attention_fwd
 
         splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
         return attention_fwd(

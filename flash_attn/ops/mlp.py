@@ -31,7 +31,7 @@ def _linear_act_fwd_op(
     gated: bool,
     store_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_attn.ops.triton.mlp import linear_act_fwd
+    from flash_attn.ops.kernels.mlp import linear_act_fwd
 
     return linear_act_fwd(x, weight, bias, activation, gated, store_pre)
 
@@ -48,7 +48,7 @@ def _(x, weight, bias, activation, gated, store_pre):
 def _linear_act_bwd_op(
     dout: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
 ) -> torch.Tensor:
-    from flash_attn.ops.triton.mlp import linear_act_bwd
+    from flash_attn.ops.kernels.mlp import linear_act_bwd
 
     return linear_act_bwd(dout, pre, activation, gated)
 

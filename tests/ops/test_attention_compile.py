@@ -7,7 +7,7 @@ so every kernel is also compiled, with its features off and all on, by Triton's 
 from tests.testing import assert_compiles_for_gpu
 
 _COMPILE = """
-from flash_attn.ops.triton import attention as fwd, attention_bwd as bwd
+from flash_attn.ops.kernels import attention as fwd, attention_bwd as bwd
 from flash_attn.utils.triton_compile import compile_for_gpu, unwrap_jit
 
 POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "DBias": "*fp32", "Slopes": "*fp32",

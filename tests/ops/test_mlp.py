@@ -251,7 +251,7 @@ def test_bad_input(backend):
 
 _COMPILE_FOR_SM90 = """
 import sys
-from flash_attn.ops.triton.mlp import _act_bwd_kernel, _linear_act_fwd_kernel
+from flash_attn.ops.kernels.mlp import _act_bwd_kernel, _linear_act_fwd_kernel
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 every = sys.argv[1] == "all"

@@ -11,7 +11,7 @@ holds more than one (block_m, block_n) tile of them:
   P, and use D_i = rowsum(dO_i * O_i) for the softmax gradient dS = P * (dP - D).
 
 This file is for reading and for checking: the loops run in Python, one tile at a time, each
-tile batched over (batch, heads). The kernels in ``flash_attn/ops/triton/attention.py`` are
+tile batched over (batch, heads). The kernels in ``flash_attn/ops/kernels/attention.py`` are
 the same algorithm with one program per block.
 
 Layout: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim);

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.triton.attention import (
+from flash_attn.ops.kernels.attention import (
     LOG2E,
     TUNE_KEY,
     autotune_configs,
@@ -29,7 +29,7 @@ from flash_attn.ops.triton.attention import (
     shared_kernel_args,
     token_strides,
 )
-from flash_attn.ops.triton.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.triton.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_BLOCK = 128  # the largest BLOCK_M or BLOCK_N of any config
@@ -87,8 +87,13 @@ def prune_by(kernel):
         itemsize = args["Q"].element_size()
 
         def fits(c):
-            registers, elements = footprint(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                            args["HEAD_DIM"], c.num_stages, args["MASK_WINDOW"])
+            registers, elements = footprint(
+                c.kwargs["BLOCK_M"],
+                c.kwargs["BLOCK_N"],
+                args["HEAD_DIM"],
+                c.num_stages,
+                args["MASK_WINDOW"],
+            )
             return (registers <= registers_per_thread * 32 * c.num_warps
                     and elements * itemsize <= shared_memory_limit())  # fmt: skip
 

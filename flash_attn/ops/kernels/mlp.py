@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.triton.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard
 
 
 @triton.jit
