@@ -35,9 +35,32 @@ def is_local(path) -> bool:
     return fsspec.utils.get_protocol(str(path)) in ("file", "local")
 
 
+# A sharded (FSDP) checkpoint is a folder: torch.distributed.checkpoint's metadata and one
+# shard per rank, plus Lightning's meta.pt holding everything but the sharded tensors.
+SHARDED_META = "meta.pt"
+
+
+def is_sharded(path) -> bool:
+    """Whether path is a sharded checkpoint folder."""
+    fs, fs_path = fsspec.core.url_to_fs(str(path))
+    return fs.isdir(fs_path)
+
+
+def _stored_state(path) -> str:
+    """The file holding a checkpoint's global_step: the checkpoint, or a sharded one's meta.pt."""
+    return f"{str(path).rstrip('/')}/{SHARDED_META}" if is_sharded(path) else str(path)
+
+
 def checkpoint_problem(path) -> str | None:
-    """What is wrong with the checkpoint file at path (a local path or fsspec URL), None when
-    every zip record is present and matches its CRC-32."""
+    """What is wrong with the checkpoint at path (a local path or fsspec URL), None when every
+    zip record is present and matches its CRC-32 (for a sharded checkpoint folder: its meta.pt
+    and its metadata file are there and meta.pt is intact)."""
+    if is_sharded(path):
+        fs, fs_path = fsspec.core.url_to_fs(str(path))
+        missing = [n for n in (SHARDED_META, ".metadata") if not fs.isfile(f"{fs_path}/{n}")]
+        if missing:
+            return f"the sharded checkpoint folder lacks {', '.join(missing)}"
+        path = _stored_state(path)
     fs, fs_path = fsspec.core.url_to_fs(str(path))
     if not fs.isfile(fs_path):
         return "the file does not exist"
@@ -81,7 +104,8 @@ def verified_step(path) -> int:
     unpickles with weights_only=True (tensors memory-mapped, not read); CheckpointError
     naming the file and what is wrong otherwise."""
     check_intact(path)
-    checkpoint = read_checkpoint(path, map_location="cpu", mmap=is_local(path))
+    state = _stored_state(path)
+    checkpoint = read_checkpoint(state, map_location="cpu", mmap=is_local(state))
     return int(checkpoint.get("global_step", 0))
 
 
@@ -97,7 +121,8 @@ def _recorded_step(path: Path) -> int:
     """The global_step a checkpoint's pickle records (-1 when it cannot be read); the
     tensors are memory-mapped, not read, so this is cheap even for a large file."""
     try:
-        return int(read_checkpoint(path, map_location="cpu", mmap=True).get("global_step", -1))
+        state = _stored_state(path)
+        return int(read_checkpoint(state, map_location="cpu", mmap=True).get("global_step", -1))
     except Exception:  # a damaged file: verification says what is wrong with it
         return -1
 
@@ -107,7 +132,7 @@ def _newest_first(folder: Path) -> list[Path]:
     equals, then the newer file): periodic last.ckpt saves and best-*.ckpt saves interleave,
     and a copied folder's modification times say nothing. Files whose step cannot be read
     come first: they may be the newest, and verifying them reports what is wrong."""
-    files = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    files = list(folder.glob("*.ckpt"))  # files, or folders of sharded checkpoints
     steps = {p: _recorded_step(p) for p in files}
     rank = {p: (steps[p] < 0, steps[p], p.name == "last.ckpt", p.stat().st_mtime) for p in files}
     return sorted(files, key=rank.get, reverse=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 from flash_attn.models.hf_checkpoint import SpecialTokens, writable_family
@@ -95,11 +96,24 @@ class HuggingFaceFolder(L.Callback):
         except ValueError as err:
             log.warning("no Hugging Face folder for this architecture: %s", err)
             return
-        # collective under FSDP (gathers the full weights on rank 0): every rank calls it
-        state_dict = trainer.strategy.lightning_module_state_dict()
+        state_dict = _full_state_dict(trainer)
         if trainer.is_global_zero:
             write_hf_folder(self.folder, self.metadata, state_dict)
             log.info("Hugging Face folder: %s", self.folder)
+
+
+def _full_state_dict(trainer: L.Trainer) -> dict:
+    """The LightningModule's whole state dict (keys ``model.*``). A collective under FSDP (the
+    full weights gathered to CPU): every rank calls it. Lightning's own state dict is sharded
+    when the strategy saves sharded checkpoints, so FSDP asks torch for the full one."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return trainer.strategy.lightning_module_state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # gathered to CPU from GPUs; for CPU processes (gloo) the tensors are there already
+    offload = trainer.strategy.root_device.type != "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    return get_model_state_dict(trainer.strategy.model, options=options)
 
 
 def export_checkpoint(checkpoint_path, folder, tokenizer: str | None = None) -> Path:

@@ -100,8 +100,8 @@ def resolve_resume(ckpt_path, run_dir: Path, chosen_run_dir: bool) -> Resume | N
     if not isinstance(ckpt_path, (str, os.PathLike)):
         raise TypeError(f"ckpt_path must be a path, 'last' or null, got {ckpt_path!r}")
     if str(ckpt_path) != "last":
-        if is_local(ckpt_path) and not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+        if is_local(ckpt_path) and not Path(ckpt_path).exists():
+            raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
         return intact_checkpoint(ckpt_path)
     resume = latest_checkpoint(run_dir / "checkpoints")
     if resume is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from training_testing import (
-    ROOT,
     losses_by_step,
     run_train_py,
     step_checkpoint_overrides,
@@ -18,30 +17,6 @@ SHARDED = "{_target_:training.train.fsdp_strategy,state_dict_type:sharded}"
 # streamed documents with document masking: each rank's stream position is in the checkpoint
 STREAMING = ["+data.streaming=true", "+data.val_documents=10", "+data.document_mask=true"]
 
-# train.py with two stand-ins for what does not take sharded FSDP state yet: the resume
-# check (it verifies checkpoint files; a sharded checkpoint is a folder) is given the folder
-# directly, and the Hugging Face export at the end of fit (it reads the model's state dict,
-# which is sharded under state_dict_type=sharded) is skipped. The variables reach the second
-# process, which Lightning starts by running this script again.
-TRAIN_SHARDED = """
-import os, sys
-sys.path.insert(0, os.environ["REPO_ROOT"])
-import hydra
-import training.hf_export
-import training.train
-from training.checkpointing import Resume
-
-training.hf_export.HuggingFaceFolder.on_fit_end = lambda *args: None
-if "RESUME_FOLDER" in os.environ:
-    resume = Resume(os.environ["RESUME_FOLDER"], int(os.environ["RESUME_STEP"]))
-    training.train.resolve_resume = lambda *args, **kwargs: resume
-configs = os.path.join(os.environ["REPO_ROOT"], "configs")
-main = hydra.main(version_base="1.3", config_path=configs, config_name="config")
-training.train.main_env_defaults()
-main(training.train.train)()
-"""
-
-
 def _finish(proc) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
@@ -50,20 +25,18 @@ def _finish(proc) -> str:
 
 def test_fsdp_sharded_checkpoint_resumes_with_the_same_losses(tmp_path, cache_dir, corpus):
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    driver = tmp_path / "train_sharded.py"
-    driver.write_text(TRAIN_SHARDED)
-    env = {"REPO_ROOT": str(ROOT)}
     args = [*two_cpu_process_args(corpus, cache_dir, full_dir, 6, SHARDED), *STREAMING]
-    _finish(run_train_py([*args, *step_checkpoint_overrides(3)], cache_dir, driver, env))
+    _finish(run_train_py([*args, *step_checkpoint_overrides(3)], cache_dir))
     at_step_3 = full_dir / "checkpoints" / "at-3.ckpt"
     assert at_step_3.is_dir()  # one shard per rank, and the metadata
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in at_step_3.iterdir()}
     meta = torch.load(at_step_3 / "meta.pt", weights_only=True)
     streams = meta["GPTDataModule"]["train_streams"]
     assert streams["world_size"] == 2 and [r["batches"] for r in streams["ranks"]] == [3, 3]
-    env.update(RESUME_FOLDER=str(at_step_3), RESUME_STEP="3")
+    # the full weights, gathered from both shards, end in the run's Hugging Face folder
+    assert (full_dir / "hf" / "model.safetensors").is_file()
     args = [*two_cpu_process_args(corpus, cache_dir, resumed_dir, 6, SHARDED), *STREAMING]
-    _finish(run_train_py(args, cache_dir, driver, env))
+    _finish(run_train_py([*args, f"ckpt_path={at_step_3}"], cache_dir))
     want, got = losses_by_step(full_dir), losses_by_step(resumed_dir)
     assert sorted(want) == list(range(1, 7)) and {4, 5, 6} <= set(got)
     for step in (4, 5, 6):
