@@ -151,3 +151,31 @@ def test_paged_cache_garbage_in_unused_slots(backend):
         expected = flash_attn_func(q[b : b + 1], keys[b][None], values[b][None], causal=True,
                                    backend=backend)  # fmt: skip
         torch.testing.assert_close(out[b : b + 1], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", MASKS[:3], ids=lambda o: "-".join(map(str, o.items())))
+def test_bad_key_gradient_reaches_only_the_rows_that_see_it(backend, options):
+    """dQ of the rows that cannot see a NaN/inf key equals the clean dQ (the masked tile's
+    0 * NaN in dO v^T and in dS k stays 0)."""
+    device, dtypes = device_and_dtypes(backend)
+    seqlen = 70
+    allowed = window_allowed(seqlen, seqlen, options.get("causal", False),
+                             options.get("window_size", (-1, -1)))  # fmt: skip
+    for dtype in dtypes:
+        q = torch.randn(2, seqlen, 4, 16, dtype=dtype, device=device)
+        k, v = (torch.randn(2, seqlen, 2, 16, dtype=dtype, device=device) for _ in "kv")
+        dout = torch.randn_like(q)
+        grads = []
+        for j, value in ((None, None), (seqlen - 9, float("nan")), (seqlen - 1, float("inf"))):
+            keys, values = (
+                (k, v) if j is None else (_spoil(t, (slice(None), j), value) for t in (k, v))
+            )
+            query = q.clone().requires_grad_()
+            flash_attn_func(query, keys, values, backend=backend, **options).backward(dout)
+            grads.append((j, query.grad))
+        clean = grads[0][1]
+        for j, dq in grads[1:]:
+            unseen = ~allowed[:, j].to(device)
+            assert torch.isfinite(dq[:, unseen]).all(), (j, "a row that cannot see it")
+            torch.testing.assert_close(dq[:, unseen], clean[:, unseen], rtol=0, atol=0)

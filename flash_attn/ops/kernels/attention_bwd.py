@@ -84,6 +84,10 @@ def _tile_grads(
         p_dropped = tl.where(keep, p * scale, 0.0)
         dp = tl.where(keep, dp * scale, 0.0)
     ds = p * (dp - delta)
+    if MASKED:
+        # a masked score's p is exactly 0, but dp may be NaN there (garbage in a masked key's
+        # v): 0 * NaN must not reach dK or dQ. Where p is 0 for a visible score, ds is 0 too.
+        ds = tl.where(p == 0.0, 0.0, ds)
     if SOFTCAP:
         return p_dropped, ds, ds * dsoftcap
     return p_dropped, ds, ds
@@ -155,6 +159,8 @@ def _attn_bwd_dq_inner(
             dropout, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, MASKED,
             False, BLOCK_N,
         )  # fmt: skip
+        if MASKED:  # a masked key's ds is 0, and 0 * (NaN or inf in its k) must stay 0
+            kT = tl.where((kT - kT) == 0, kT, 0.0)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
         if DBIAS:
             dbias_offs = rows[:, None].to(tl.int64) * max_seqlen_k + cols[None, :]
