@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from training_testing import (
     CONFIG_DIR,
+    checkpoint_step,
     compose_config,
     losses_by_step,
     run_train_py,
@@ -38,10 +39,6 @@ from training.stop_signals import StoppedBySignal
 from training.train import train
 
 
-def _ckpt_step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-
-
 def _metric_steps(run_dir: Path, key: str) -> list[int]:
     """The steps of metrics.csv's rows that hold key, in file order."""
     with open(run_dir / "csv" / "metrics.csv") as f:
@@ -56,7 +53,7 @@ def _kill_at_step(args, cache_dir, last: Path, step: int) -> int:
     proc = run_train_py([*args, *kill], cache_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
-    return _ckpt_step(last)
+    return checkpoint_step(last)
 
 
 def test_kill_twice_then_resume_keeps_the_whole_history(tmp_path, cache_dir, corpus):
@@ -201,7 +198,7 @@ def test_sigterm_saves_prints_the_resume_command_and_exits_143(tmp_path, cache_d
     last = run_dir / "checkpoints" / "last.ckpt"
     assert f"SIGTERM: saved {last}" in out, out[-3000:]
     assert f"ckpt_path=last hydra.run.dir={run_dir}" in out
-    assert 0 < _ckpt_step(last) < 100_000
+    assert 0 < checkpoint_step(last) < 100_000
     assert losses_by_step(run_dir)  # the curve was written on the way out
 
 
@@ -229,7 +226,7 @@ def test_sigint_saves_and_exits_130(tmp_path, cache_dir, corpus, monkeypatch, ca
     with pytest.raises(StoppedBySignal) as stop:
         train(cfg)
     assert stop.value.code == 130  # 128 + SIGINT
-    assert _ckpt_step(tmp_path / "checkpoints" / "last.ckpt") == 2
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 2
     assert f"ckpt_path=last hydra.run.dir={tmp_path}" in caplog.text
     assert sorted(losses_by_step(tmp_path)) == [1, 2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
@@ -246,7 +243,7 @@ def test_moved_run_folder_resumes_and_overwrites_last_ckpt(finished_run, tmp_pat
     ]))  # fmt: skip
     assert summary["global_step"] == 6
     names = sorted(p.name for p in (moved / "checkpoints").iterdir())
-    assert "last-v1.ckpt" not in names and _ckpt_step(moved / "checkpoints" / "last.ckpt") == 6
+    assert "last-v1.ckpt" not in names and checkpoint_step(moved / "checkpoints" / "last.ckpt") == 6
     assert sorted(losses_by_step(moved)) == list(range(1, 7))
     assert _metric_steps(moved, "train/loss") == list(range(6))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from training_testing import (
     EXPERIMENTS,
+    checkpoint_step,
     compose_config,
     losses_by_step,
     run_train_py,
@@ -20,10 +21,6 @@ from training_testing import (
 
 from training.lightning_module import GPTLightningModule, NonFiniteLossError
 from training.train import train
-
-
-def _ckpt_step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
 def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
@@ -143,7 +140,7 @@ def test_resume_continues_with_the_samelosses_by_step(tmp_path, cache_dir, corpu
     cfg.trainer.max_steps = 5  # same schedule (total_steps=8), stopped early
     train(cfg)
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    assert _ckpt_step(ckpt) == 5
+    assert checkpoint_step(ckpt) == 5
     resumed = compose_config([*_resume_overrides(corpus, cache_dir, tmp_path / "resumed", 8),
                               f"ckpt_path={ckpt}"])  # fmt: skip
     out = train(resumed)

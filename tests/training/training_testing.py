@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -209,3 +211,8 @@ def step_checkpoint_overrides(step: int) -> list[str]:
         f"{key}.every_n_train_steps={step}", f"{key}.save_top_k=-1",
         f"{key}.auto_insert_metric_name=false", f"{key}.save_on_train_epoch_end=false",
     ]  # fmt: skip
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint file records."""
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
