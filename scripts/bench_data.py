@@ -1,8 +1,8 @@
 """Tokens/s of the two data paths on one CPU core: streaming (tokenize while training) against
 reading windows of the cached memmap.
 
-    PYTHONPATH=. python scripts/bench_data.py                  # markdown to stdout
-    PYTHONPATH=. python scripts/bench_data.py --out benchmarks/results/data_cpu-2core.md
+    python scripts/bench_data.py                  # markdown to stdout
+    python scripts/bench_data.py --out benchmarks/results/data_cpu-2core.md
 
 No network: the text is the standard library's Python sources (the quickstart corpus), one
 document per file, written as jsonl; the tokenizer is a byte-level BPE with GPT-2's
@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout_path  # noqa: F401 (makes training/ importable)
 import torch
 
 from flash_attn.utils.benchmark import machine_name

@@ -1,8 +1,8 @@
 """Training throughput: the Lightning loop against a bare PyTorch loop, and the quickstart.
 
-    PYTHONPATH=. python scripts/bench_training.py                  # both parts, markdown to stdout
-    PYTHONPATH=. python scripts/bench_training.py --out benchmarks/results/training_cpu-2core.md
-    PYTHONPATH=. python scripts/bench_training.py --skip-quickstart --steps 10 --repeats 2
+    python scripts/bench_training.py                  # both parts, markdown to stdout
+    python scripts/bench_training.py --out benchmarks/results/training_cpu-2core.md
+    python scripts/bench_training.py --skip-quickstart --steps 10 --repeats 2
 
 Loop overhead: the quickstart model and data, trained for ``--steps`` optimizer steps by
 
@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout_path  # noqa: F401 (makes training/ importable)
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

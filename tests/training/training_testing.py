@@ -134,13 +134,11 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_train_py(args: list[str], cache_dir: Path, script: Path = ROOT / "train.py",
-                 env: dict | None = None, **popen) -> subprocess.Popen:  # fmt: skip
-    """python train.py args..., in the checkout root, as a child process (script: another
-    entry point; env: more environment variables)."""
-    env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+def run_train_py(args: list[str], cache_dir: Path, **popen) -> subprocess.Popen:
+    """python train.py args..., in the checkout root, as a child process."""
+    env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, str(script), *args], cwd=ROOT, env=env,
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
     )  # fmt: skip
 
