@@ -97,7 +97,6 @@ def workloads(dtypes: list[str], head_dims: list[int]):
                 args = dict(q=q, k=q, v=q, out=q, do=q, lse=lse, softmax_scale=d**-0.5)
                 args.update(causal=causal)
                 yield label, attention.attention_fwd, args
-                yield label, attention.attention_probs, args
                 yield label, attention_bwd.attention_bwd, args
         x, w = _t(TOKENS, HIDDEN, dtype=dt), _t(HIDDEN, dtype=dt)
         stats = _t(TOKENS, dtype=torch.float32)

@@ -16,12 +16,9 @@ import triton.language as tl
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.kernels.attention import (
     LOG2E,
-    TUNE_KEY,
-    autotune_configs,
     dropout_keep,
     key_range,
     lse_strides,
-    prune_by,
     query_block,
     score_mods,
     scores,
@@ -29,6 +26,7 @@ from flash_attn.ops.kernels.attention import (
     shared_kernel_args,
     token_strides,
 )
+from flash_attn.ops.kernels.attention_tuning import DKDV_CONFIGS, DQ_CONFIGS, TUNE_KEY, prune_by
 from flash_attn.ops.kernels.launch import device_guard
 
 
@@ -170,8 +168,7 @@ def _attn_bwd_dq_inner(
 
 
 @triton.autotune(
-    # Two warpgroups share the key block: dK and dV accumulate in registers.
-    configs=autotune_configs([16, 32, 64], [64, 128], [2], warps=[8]),
+    configs=DKDV_CONFIGS,
     key=TUNE_KEY,
     prune_configs_by=prune_by("dkdv"),
 )
@@ -266,7 +263,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs([64, 128], [32, 64], [2, 3], warps=[4, 8]),
+    configs=DQ_CONFIGS,
     key=TUNE_KEY,
     prune_configs_by=prune_by("dq"),
 )
