@@ -8,7 +8,7 @@ the case, the naive reference where it does not (softcap, returned probabilities
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -69,20 +69,35 @@ def _custom_op(name: str, tensors: str, returns: str):
     return torch.library.custom_op(f"flash_attn::{name}", mutates_args=(), schema=schema)
 
 
-@_custom_op("attention_fwd", "Tensor q, Tensor k, Tensor v", "(Tensor, Tensor)")
-def _attention_fwd_op(q, k, v, *shared):
+@_custom_op("attention_fwd", "Tensor q, Tensor k, Tensor v, bool return_probs",
+            "(Tensor, Tensor, Tensor)")  # fmt: skip
+def _attention_fwd_op(q, k, v, return_probs, *shared):
+    """(out, lse, probs); probs is empty unless return_probs (a custom op cannot return None)."""
     from flash_attn.ops.kernels.attention import attention_fwd
 
-    return _launch(attention_fwd, q, k, v, shared=shared)
+    probs = q.new_zeros(_probs_shape(q, k, shared) if return_probs else 0)
+    out, lse = _launch(attention_fwd, q, k, v, shared=shared,
+                       probs=probs if return_probs else None)  # fmt: skip
+    return out, lse, probs
+
+
+def _probs_shape(q, k, shared):
+    """(batch, nheads, max_seqlen_q, max_seqlen_k) of the probabilities."""
+    inputs = _unflatten(shared)[0]
+    if inputs.cu_seqlens_q is not None:
+        batch = inputs.cu_seqlens_q.shape[0] - 1
+        return (batch, q.shape[1], inputs.max_seqlen_q, inputs.max_seqlen_k)
+    return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, *shared):
+def _(q, k, v, return_probs, *shared):
     if _unflatten(shared)[0].cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
     else:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Sq)
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    probs = q.new_empty(_probs_shape(q, k, shared) if return_probs else 0)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), probs
 
 
 @_custom_op(
@@ -109,40 +124,24 @@ def _(dout, q, k, v, out, lse, bias_requires_grad, *shared):
 
 def _setup_context(ctx, inputs, output):
     # Tensors go through save_for_backward; scalars (and absent tensors) ride on ctx.
-    ctx.save_for_backward(*output, *(x if isinstance(x, Tensor) else None for x in inputs))
+    out, lse, probs = output
+    ctx.mark_non_differentiable(probs)
+    ctx.save_for_backward(out, lse, *(x if isinstance(x, Tensor) else None for x in inputs))
     ctx.scalars = [None if isinstance(x, Tensor) else x for x in inputs]
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, dprobs):
     out, lse, *saved = ctx.saved_tensors
-    q, k, v, *shared = [x if x is not None else s for x, s in zip(saved, ctx.scalars)]
+    q, k, v, _, *shared = [x if x is not None else s for x, s in zip(saved, ctx.scalars)]
     bias = _unflatten(shared)[0].bias
-    bias_requires_grad = bias is not None and ctx.needs_input_grad[3]  # bias: shared[0]
+    bias_requires_grad = bias is not None and ctx.needs_input_grad[4]  # bias: shared[0]
     dq, dk, dv, dbias = _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared)
     dbias = dbias if bias_requires_grad else None
-    # One gradient per input: q, k, v, bias, then None for the other shared fields.
-    return (dq, dk, dv, dbias) + (None,) * (len(_SHARED_FIELDS) - 1)
+    # One gradient per input: q, k, v, return_probs, bias, then None for the other shared fields.
+    return (dq, dk, dv, None, dbias) + (None,) * (len(_SHARED_FIELDS) - 1)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@_custom_op("attention_probs", "Tensor q, Tensor k, Tensor lse", "Tensor")
-def _attention_probs_op(q, k, lse, *shared):
-    from flash_attn.ops.kernels.attention import attention_probs
-
-    return _launch(attention_probs, q, k, lse, shared=shared)
-
-
-@_attention_probs_op.register_fake
-def _(q, k, lse, *shared):
-    inputs = _unflatten(shared)[0]
-    if inputs.cu_seqlens_q is not None:
-        batch = inputs.cu_seqlens_q.shape[0] - 1
-        shape = (batch, q.shape[1], inputs.max_seqlen_q, inputs.max_seqlen_k)
-    else:
-        shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-    return q.new_empty(shape)
 
 
 def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varlen, return_probs,
@@ -163,15 +162,8 @@ def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varle
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen or (None, None, 0, 0)
     inputs = KernelInputs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, seed, block_table)  # fmt: skip
-    out, lse = _attention_fwd_op(q, k, v, *_flatten(inputs, opts))
-    if not return_probs:
-        return out, lse, None
-    if block_table is not None:
-        # The probabilities (for tests) read the keys packed, one sequence after another.
-        k = gather_pages(k, block_table, cu_seqlens_k)
-    detached = replace(inputs, bias=bias.detach() if bias is not None else None, block_table=None)
-    probs = _attention_probs_op(q.detach(), k.detach(), lse.detach(), *_flatten(detached, opts))
-    return out, lse, probs
+    out, lse, probs = _attention_fwd_op(q, k, v, return_probs, *_flatten(inputs, opts))
+    return out, lse, probs if return_probs else None
 
 
 # ---------------------------------------------------------------------------------------------

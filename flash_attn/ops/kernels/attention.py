@@ -23,10 +23,13 @@ the mask instead of storing it.
 
 Every kernel that owns a query block starts with :func:`query_block`; what the score modifiers
 of one head need travels as one tuple (``mods``, see :func:`score_mods`), and so does what
-the dropout mask needs (``dropout``, see :func:`dropout_keep`).
+the dropout mask needs (``dropout``, see :func:`dropout_keep`). The compile-time features of a
+launch travel as one constexpr, ``FEATURES`` (see :class:`Features`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,6 +40,21 @@ from flash_attn.ops.kernels.attention_tuning import FWD_CONFIGS, MAX_BLOCK, TUNE
 from flash_attn.ops.kernels.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+class Features(NamedTuple):
+    """The compile-time features of a launch, built once by each kernel from its parameters of
+    these names and passed down as one constexpr (``FEATURES.SOFTCAP``, ...)."""
+
+    SOFTCAP: tl.constexpr  # softcap * tanh(s / softcap)
+    HAS_BIAS: tl.constexpr  # + bias
+    HAS_ALIBI: tl.constexpr  # - slope * |i - j| (bottom-right aligned)
+    MASK_WINDOW: tl.constexpr  # a window or causal mask
+    DROPOUT: tl.constexpr
+    EVEN_M: tl.constexpr  # seqlen_q is a multiple of every BLOCK_M: no bounds masks on rows
+    EVEN_N: tl.constexpr  # seqlen_k is a multiple of every BLOCK_N: no bounds masks on keys
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces shared by every attention kernel
 
@@ -112,13 +130,8 @@ def scores(
     rows,
     cols,
     mods,
-    SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr,
+    FEATURES: tl.constexpr,
     MASKED: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
 ):
     """Attention scores of a tile from its q k^T, in log2 units (score * log2(e), for exp2),
     with d(score)/d(q k^T * softmax_scale) from the softcap (1 without). rows and cols index
@@ -129,35 +142,46 @@ def scores(
     (seqlen_q, seqlen_k, softmax_scale, softcap, bias_base, stride_bias_m, stride_bias_n, slope,
      window_left, window_right) = mods  # fmt: skip
     dsoftcap = 1.0
-    if SOFTCAP:
+    if FEATURES.SOFTCAP:
         t = tanh(qk * (softmax_scale / softcap))
         s = t * (softcap * LOG2E)
         dsoftcap = 1.0 - t * t
     else:
         s = qk * (softmax_scale * LOG2E)
-    if HAS_BIAS:
+    if FEATURES.HAS_BIAS:
         in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
         bias = tl.load(bias_base + rows * stride_bias_m + cols * stride_bias_n, mask=in_bounds,
                        other=0.0)  # fmt: skip
         s += bias.to(tl.float32) * LOG2E
     diag = seqlen_k - seqlen_q
-    if HAS_ALIBI:
+    if FEATURES.HAS_ALIBI:
         s -= (slope * LOG2E) * tl.abs(cols - rows - diag).to(tl.float32)
     if MASKED:
         # A query sees an interval of keys: each key is compared with its query's two ends,
         # computed once per query.
         visible = tl.full(s.shape, True, tl.int1)
-        if MASK_WINDOW:
+        if FEATURES.MASK_WINDOW:
             visible = cols >= rows + (diag - window_left)
-        if MASK_WINDOW or not (EVEN_M and EVEN_N):
-            last_key = rows + (diag + window_right) if MASK_WINDOW else rows * 0 + (seqlen_k - 1)
-            if MASK_WINDOW and not EVEN_N:
+        if FEATURES.MASK_WINDOW or not (FEATURES.EVEN_M and FEATURES.EVEN_N):
+            last_key = (
+                rows + (diag + window_right) if FEATURES.MASK_WINDOW else rows * 0 + (seqlen_k - 1)
+            )
+            if FEATURES.MASK_WINDOW and not FEATURES.EVEN_N:
                 last_key = tl.minimum(last_key, seqlen_k - 1)
-            if not EVEN_M:
+            if not FEATURES.EVEN_M:
                 last_key = tl.where(rows < seqlen_q, last_key, -1)
             visible = visible & (cols <= last_key)
         s = tl.where(visible, s, float("-inf"))
     return s, dsoftcap
+
+
+@triton.jit
+def block_indices(start, length, BLOCK: tl.constexpr, MASKED: tl.constexpr, EVEN: tl.constexpr):
+    """(indices, inside), both (BLOCK,): the indices start, ..., start + BLOCK - 1 of a block
+    along one dimension and which of them are < length. Without MASKED (a block seen whole) or
+    along an EVEN dimension every index counts as inside, so the bounds checks compile away."""
+    indices = start + tl.arange(0, BLOCK)
+    return indices, (indices < length) | (not MASKED) | EVEN
 
 
 @triton.jit
@@ -181,12 +205,13 @@ def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
-def key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size, stride_b, stride_n,
-                PAGED: tl.constexpr):  # fmt: skip
+def key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED: tl.constexpr):
     """Offsets of keys ``cols`` from their cache row: cols * stride_n, or, in a paged cache,
-    through the batch entry's page table (page p of the sequence is cache row BlockTable[b, p])."""
+    through the batch entry's page table (page p of the sequence is cache row BlockTable[b, p]).
+    pages: (BlockTable, off_b, stride_table_b, page_size)."""
     offsets = cols * stride_n
     if PAGED:
+        BlockTable, off_b, stride_table_b, page_size = pages
         page = tl.load(BlockTable + off_b * stride_table_b + cols // page_size, mask=in_keys,
                        other=0)  # fmt: skip
         offsets = page.to(tl.int64) * stride_b + (cols % page_size) * stride_n
@@ -282,36 +307,28 @@ def query_block(
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
+    FEATURES: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
-    updated, m_i in log2 units. keys: where k and v are (bases, page table, strides). Without
-    MASKED every score of every block is visible."""
-    (k_base, v_base, in_dim, BlockTable, off_b, stride_table_b, page_size,
-     stride_kb, stride_kn, stride_vb, stride_vn) = keys  # fmt: skip
+    updated, m_i in log2 units. keys: ((k_base, stride_kb, stride_kn), (v_base, stride_vb,
+    stride_vn), in_dim, pages). Without MASKED every score of every block is visible."""
+    (k_base, stride_kb, stride_kn), (v_base, stride_vb, stride_vn), in_dim, pages = keys
     seqlen_k = mods[1]
     qk_scale = mods[2] * LOG2E
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        in_keys = (cols < seqlen_k) | (not MASKED) | EVEN_N
-        k_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
-                             stride_kb, stride_kn, PAGED)  # fmt: skip
-        v_offs = key_offsets(cols, in_keys, BlockTable, off_b, stride_table_b, page_size,
-                             stride_vb, stride_vn, PAGED)  # fmt: skip
+        cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
+        k_offs = key_offsets(cols, in_keys, pages, stride_kb, stride_kn, PAGED)
+        v_offs = key_offsets(cols, in_keys, pages, stride_vb, stride_vn, PAGED)
         kT = tl.load(k_base + k_offs[None, :] + offs_d[:, None],
                      mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
         v = tl.load(v_base + v_offs[:, None] + offs_d[None, :],
                     mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        if MASKED or SOFTCAP or HAS_BIAS or HAS_ALIBI:
-            s, _ = scores(qk, rows[:, None], cols[None, :], mods, SOFTCAP, HAS_BIAS, HAS_ALIBI,
-                          MASK_WINDOW, MASKED, EVEN_M, EVEN_N)  # fmt: skip
+        if MASKED or FEATURES.SOFTCAP or FEATURES.HAS_BIAS or FEATURES.HAS_ALIBI:
+            s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, MASKED)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far keeps m = -inf; shift by 0 to avoid inf - inf.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -323,17 +340,44 @@ def _attn_fwd_inner(
             p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
+        if FEATURES.DROPOUT:
             p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, 0.0)
         # Only tiles on the edges of a window hold keys that some rows may not see and that are
         # loaded (keys outside the sequence are loaded as 0).
-        if MASKED and MASK_WINDOW:
+        if MASKED and FEATURES.MASK_WINDOW:
             v, poisoned = finite_values(v, s)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        if MASKED and MASK_WINDOW:
+        if MASKED and FEATURES.MASK_WINDOW:
             acc = tl.where(poisoned[:, None], float("nan"), acc)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _store_probs(
+    P, q, keys, rows, mods, dropout, lse2, FEATURES: tl.constexpr, PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Store the block's probabilities exp2(s - lse2) (lse2: (BLOCK_M,) log-sum-exp in log2
+    units) over every key of its sequence into P, (B, H, max_seqlen_q, max_seqlen_k), laid out
+    as the dropout positions are; negated where dropout drops the weight."""
+    (k_base, stride_kb, stride_kn), values, in_dim, pages = keys
+    seqlen_q, seqlen_k = mods[0], mods[1]
+    bh, max_seqlen_q, max_seqlen_k = dropout[1], dropout[2], dropout[3]
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, True, False)
+        k_offs = key_offsets(cols, in_keys, pages, stride_kb, stride_kn, PAGED)
+        kT = tl.load(k_base + k_offs[None, :] + offs_d[:, None],
+                     mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, True)
+        p = tl.math.exp2(s - lse2[:, None])
+        if FEATURES.DROPOUT:
+            p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, -p)
+        offsets = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
+        tl.store(P + offsets, p.to(P.dtype.element_ty),
+                 mask=(rows[:, None] < seqlen_q) & in_keys[None, :])  # fmt: skip
 
 
 @triton.autotune(
@@ -352,6 +396,7 @@ def _attn_fwd_kernel(
     Bias,  # broadcastable to (B, H, Sq, Sk), read when HAS_BIAS
     Slopes,  # (H,) or (B, H) fp32, read when HAS_ALIBI
     Seed,  # (1,) int64, read when DROPOUT
+    P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
@@ -364,7 +409,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -401,26 +446,26 @@ def _attn_fwd_kernel(
     hi = tl.minimum(hi, (split + 1) * keys_per_split)
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
-    keys = (k_base, v_base, in_dim, BlockTable, off_b, stride_table_b, page_size,
-            stride_kb, stride_kn, stride_vb, stride_vn)  # fmt: skip
+    pages = (BlockTable, off_b, stride_table_b, page_size)
+    keys = ((k_base, stride_kb, stride_kn), (v_base, stride_vb, stride_vn), in_dim, pages)
+    FEATURES: tl.constexpr = Features(
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
+    )
     # Blocks seen whole need no mask; only those at the window's edges, on the diagonal or past
     # the last full block of keys do (without a window and with EVEN_N, there are none).
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N, False,
-        DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        FEATURES, False, PAGED, DOT_PRECISION, HEAD_DIM, BLOCK_N,
     )  # fmt: skip
     if MASK_WINDOW or not EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
-            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N, True,
-            DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            FEATURES, True, PAGED, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
     if MASK_WINDOW:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
-            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, PAGED, EVEN_M, EVEN_N, True,
-            DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            FEATURES, True, PAGED, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
 
     empty = l_i == 0.0
@@ -428,7 +473,13 @@ def _attn_fwd_kernel(
     acc = acc / l_safe[:, None]
     if DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / LOG2E)
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    if STORE_PROBS:
+        _store_probs(
+            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, DOT_PRECISION, HEAD_DIM,
+            BLOCK_N,
+        )  # fmt: skip
+    lse = lse2 / LOG2E
     lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse_b + off_h * stride_lse_h
     tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
     o_ptrs = (
@@ -442,60 +493,6 @@ def _attn_fwd_kernel(
     tl.store(
         o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & in_dim[None, :]
     )
-
-
-@triton.jit
-def _attn_probs_kernel(
-    Q, K, Lse, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
-    P,  # (B, H, max_Sq, max_Sk): probabilities, negated where dropout drops them
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-    stride_lse_b, stride_lse_h,
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    softmax_scale, softcap, dropout_p, window_left, window_right,
-    seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    max_seqlen_q = seqlen_q
-    max_seqlen_k = seqlen_k
-    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
-        Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
-        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-        nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
-        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
-    )  # fmt: skip
-    off_hk = off_h // (nheads // nheads_k)
-    offs_d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(
-        Lse + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows,
-        mask=rows < seqlen_q,
-        other=float("inf"),
-    )
-    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
-    for start_n in range(0, max_seqlen_k, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kT = tl.load(
-            k_base + cols[None, :] * stride_kn + offs_d[:, None],
-            mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim),
-            other=0.0,
-        )
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        s, _ = scores(qk, rows[:, None], cols[None, :], mods, SOFTCAP, HAS_BIAS, HAS_ALIBI,
-                      MASK_WINDOW, True, EVEN_M, EVEN_N)  # fmt: skip
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
-        if DROPOUT:
-            p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, -p)
-        bh = tl.program_id(1).to(tl.int64)
-        out_offs = (bh * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
-        tl.store(
-            P + out_offs,
-            p.to(P.dtype.element_ty),
-            mask=(rows[:, None] < max_seqlen_q) & (cols[None, :] < max_seqlen_k),
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,6 +619,7 @@ def attention_fwd(
     num_splits: int = 1,
     k_batch_idx: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
     **inputs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
@@ -636,12 +634,17 @@ def attention_fwd(
             (num_pages, page_size, nheads_k, headdim) and key j of batch entry b lives at
             [block_table[b, j // page_size], j % page_size]; seqlens_k (or, for varlen,
             cu_seqlens_k) gives the lengths.
+        probs: None, or a zeroed (batch, nheads, max_seqlen_q, max_seqlen_k) tensor of q's
+            dtype (the official ``S_dmask``, for tests) that receives the probabilities before
+            dropout, negated where dropout drops the weight; one split only.
     Returns:
         out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen, fp32, natural log, +inf for rows with no visible key.
     """
     args, batch = shared_kernel_args(q, k, opts, block_table=block_table, **inputs)
     varlen = args["VARLEN"]
+    if probs is not None and num_splits > 1:
+        raise ValueError(f"probs: stored by one split only, got num_splits={num_splits}")
     lse_shape = _lse_shape(q, args, batch)
     if num_splits > 1:
         # Partial results in fp32, one slice per split; keys per split a multiple of any BLOCK_N.
@@ -673,6 +676,8 @@ def attention_fwd(
             stride_table_b=block_table.stride(0) if block_table is not None else 0,
             page_size=k.shape[1] if block_table is not None else 1,
             PAGED=block_table is not None,
+            P=probs if probs is not None else out,
+            STORE_PROBS=probs is not None,
             **lse_strides(lse, varlen),
             **args,
         )
@@ -690,27 +695,3 @@ def _combine_splits(out, lse, dtype, varlen):
     weights = weights.transpose(-1, -2).unsqueeze(-1)
     combined = (weights * out).sum(dim=0).to(dtype)
     return combined, lse_total.masked_fill(lse_total == float("-inf"), float("inf"))
-
-
-def attention_probs(q, k, lse, opts: AttentionOptions, **inputs) -> torch.Tensor:
-    """The forward's attention probabilities, for tests (the official ``S_dmask``).
-
-    Args:
-        q, k, opts and inputs: as given to :func:`attention_fwd`; lse: its second output.
-    Returns:
-        (batch, nheads, max_seqlen_q, max_seqlen_k) in q's dtype: softmax probabilities before
-        dropout, negated where dropout dropped the weight.
-    """
-    args, batch = shared_kernel_args(q, k, opts, **inputs)
-    nheads, seqlen_q, seqlen_k = args["nheads"], args["seqlen_q"], args["seqlen_k"]
-    probs = torch.zeros((batch, nheads, seqlen_q, seqlen_k), dtype=q.dtype, device=q.device)
-    with device_guard(q):
-        _attn_probs_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
-            Lse=lse,
-            P=probs,
-            **lse_strides(lse, args["VARLEN"]),
-            BLOCK_M=64,
-            BLOCK_N=64,
-            **args,
-        )
-    return probs

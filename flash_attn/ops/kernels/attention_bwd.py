@@ -16,6 +16,8 @@ import triton.language as tl
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.kernels.attention import (
     LOG2E,
+    Features,
+    block_indices,
     dropout_keep,
     key_range,
     lse_strides,
@@ -62,21 +64,18 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _tile_grads(
     qk, dp, lse, delta, rows, cols, start_n, mods, dropout,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    MASKED: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_N: tl.constexpr,
+    FEATURES: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """From a tile's q k^T and dO v^T (or, TRANSPOSED, their transposes k q^T and v dO^T): the
     weights that multiplied V (p after dropout), dS (the gradient of the scores, = dBias) and dS
     scaled back through the softcap (for dQ and dK). lse (log2 units), delta, rows and cols
     broadcast along the tile as in :func:`scores`; mods and dropout: the tuples of
-    ``score_mods`` and ``query_block``."""
-    s, dsoftcap = scores(qk, rows, cols, mods, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASKED,
-                         EVEN_M, EVEN_N)  # fmt: skip
+    ``score_mods`` and ``query_block``; FEATURES: see ``attention.py``."""
+    s, dsoftcap = scores(qk, rows, cols, mods, FEATURES, MASKED)
     # Padding rows read lse = +inf, so their probabilities are exactly 0.
     p = tl.math.exp2(s - lse)
     p_dropped = p
-    if DROPOUT:
+    if FEATURES.DROPOUT:
         keep = dropout_keep(dropout, rows, start_n, BLOCK_N, TRANSPOSED)
         scale = 1.0 / (1.0 - dropout[4])
         p_dropped = tl.where(keep, p * scale, 0.0)
@@ -86,7 +85,7 @@ def _tile_grads(
         # a masked score's p is exactly 0, but dp may be NaN there (garbage in a masked key's
         # v): 0 * NaN must not reach dK or dQ. Where p is 0 for a visible score, ds is 0 too.
         ds = tl.where(p == 0.0, 0.0, ds)
-    if SOFTCAP:
+    if FEATURES.SOFTCAP:
         return p_dropped, ds, ds * dsoftcap
     return p_dropped, ds, ds
 
@@ -94,10 +93,8 @@ def _tile_grads(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, queries, cols, start_n, mods, dropout, lo, hi,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FEATURES: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one key block summed over query blocks [lo, hi) of one head, on transposed
     tiles (keys x queries): k q^T and v dO^T put the keys first, so p^T and dS^T are the
@@ -105,12 +102,10 @@ def _attn_bwd_dkdv_inner(
     queries: where q, dO, lse and delta are. Without MASKED every score is visible."""
     q_base, do_base, Lse, Delta, lse_base, stride_qm, stride_om, in_dim = queries
     seqlen_q = mods[0]
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m
-        in_rows = (rows < seqlen_q) | (not MASKED) | EVEN_M
+        rows, in_rows = block_indices(start_m, seqlen_q, BLOCK_M, MASKED, FEATURES.EVEN_M)
         qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
                      mask=in_rows[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
         do = tl.load(do_base + rows[:, None] * stride_om + offs_d[None, :],
@@ -121,8 +116,7 @@ def _attn_bwd_dkdv_inner(
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         pT, _, dsT = _tile_grads(
             qkT, dpT, lse[None, :], delta[None, :], rows[None, :], cols[:, None], start_n, mods,
-            dropout, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, MASKED,
-            True, BLOCK_N,
+            dropout, FEATURES, MASKED, True, BLOCK_N,
         )  # fmt: skip
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
@@ -132,21 +126,17 @@ def _attn_bwd_dkdv_inner(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, rows, keys, mods, dropout, lo, hi,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    MASKED: tl.constexpr, DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    FEATURES: tl.constexpr, MASKED: tl.constexpr, DBIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block summed over key blocks [lo, hi); stores dBias tiles when DBIAS.
     keys: where k, v and dBias are. Without MASKED every score is visible."""
     k_base, v_base, stride_kn, stride_vn, in_dim, DBias, dbias_base, max_seqlen_k = keys
     seqlen_q, seqlen_k = mods[0], mods[1]
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        in_keys = (cols < seqlen_k) | (not MASKED) | EVEN_N
+        cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
         kv_mask = in_keys[None, :] & in_dim[:, None]
         kT = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
         vT = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None], mask=kv_mask, other=0.0)
@@ -154,8 +144,7 @@ def _attn_bwd_dq_inner(
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         _, ds_scores, ds = _tile_grads(
             qk, dp, lse[:, None], delta[:, None], rows[:, None], cols[None, :], start_n, mods,
-            dropout, SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, MASKED,
-            False, BLOCK_N,
+            dropout, FEATURES, MASKED, False, BLOCK_N,
         )  # fmt: skip
         if MASKED:  # a masked key's ds is 0, and 0 * (NaN or inf in its k) must stay 0
             kT = tl.where((kT - kT) == 0, kT, 0.0)
@@ -216,6 +205,9 @@ def _attn_bwd_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
+    FEATURES: tl.constexpr = Features(
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
+    )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Query blocks that see none of these keys (causal, window) are skipped, and those that see
@@ -235,20 +227,17 @@ def _attn_bwd_dkdv_kernel(
         dropout = (seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, queries, cols, start_n, mods, dropout, lo_full, hi_full,
-            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, False,
-            DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+            FEATURES, False, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         if MASK_WINDOW or not EVEN_M:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, queries, cols, start_n, mods, dropout, hi_full, hi,
-                SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
-                DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+                FEATURES, True, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
             )  # fmt: skip
         if MASK_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, queries, cols, start_n, mods, dropout, lo, lo_full,
-                SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
-                DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+                FEATURES, True, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
             )  # fmt: skip
 
     dk = dk * softmax_scale
@@ -315,25 +304,25 @@ def _attn_bwd_dq_kernel(
             stride_kn, stride_vn, in_dim, DBias,
             tl.program_id(1).to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)  # fmt: skip
 
+    FEATURES: tl.constexpr = Features(
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
+    )
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N)  # fmt: skip
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, rows, keys, mods, dropout, lo_full, hi_full,
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, False,
-        DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        FEATURES, False, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
     )  # fmt: skip
     if MASK_WINDOW or not EVEN_N:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, rows, keys, mods, dropout, hi_full, hi,
-            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
-            DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
     if MASK_WINDOW:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, rows, keys, mods, dropout, lo, lo_full,
-            SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N, True,
-            DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
 
     dq = dq * softmax_scale
