@@ -26,10 +26,7 @@ import torch
 
 from flash_attn.ops.backend import resolve_backend
 from flash_attn.ops.reference.attention import attention_ref
-from flash_attn.ops.reference.attention_tiled import (
-    attention_tiled,
-    attention_tiled_fwd,
-)
+from flash_attn.ops.reference.attention_tiled import Tiling, attention_tiled, attention_tiled_fwd
 
 DTYPES = {
     "fp64": torch.float64,
@@ -138,7 +135,7 @@ def main(argv=None) -> int:
         return attention_ref(q, k, v, causal=causal, attn_bias=mask)[0]
 
     def tiled_loops(q, k, v):
-        return attention_tiled_fwd(q, k, v, causal=causal, mask=mask, **blocks)[0]
+        return attention_tiled_fwd(q, k, v, Tiling(causal=causal, mask=mask, **blocks))[0]
 
     def tiled_paper(q, k, v):
         return attention_tiled(q, k, v, causal=causal, mask=mask, **blocks)

@@ -5,6 +5,7 @@ import torch
 
 from flash_attn.ops.reference.attention import attention_ref, causal_allowed
 from flash_attn.ops.reference.attention_tiled import (
+    Tiling,
     attention_tiled,
     attention_tiled_bwd,
     attention_tiled_fwd,
@@ -114,12 +115,11 @@ def test_mask_broadcasts_and_equals_causal():
 def test_autograd_through_the_tiled_forward_matches_the_papers_backward():
     q, k, v = _qkv(1, 20, 13, 4, 2, 8)
     mask = _random_mask(1, 4, 20, 13)
-    out, lse = attention_tiled_fwd(q, k, v, causal=True, mask=mask, block_m=6, block_n=4)
+    tiling = Tiling(causal=True, mask=mask, block_m=6, block_n=4)
+    out, lse = attention_tiled_fwd(q, k, v, tiling)
     do = torch.randn_like(out)
     through_loops = torch.autograd.grad(out, (q, k, v), do)
-    papers = attention_tiled_bwd(
-        do, q, k, v, out.detach(), lse, causal=True, mask=mask, block_m=6, block_n=4
-    )
+    papers = attention_tiled_bwd(do, q, k, v, out.detach(), lse, tiling)
     for a, b in zip(papers, through_loops):
         _close(a, b)
 

@@ -31,15 +31,34 @@ the kernels do), in the input dtype otherwise (so fp64 inputs give an fp64 oracl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "AttentionTiledFunction",
+    "Tiling",
     "attention_tiled",
     "attention_tiled_bwd",
     "attention_tiled_fwd",
 ]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """What the tiled algorithm takes besides the tensors it works on.
+
+    softmax_scale: None for 1 / sqrt(headdim). causal: the bottom-right aligned causal mask.
+    mask: bool, broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = may attend.
+    block_m, block_n: rows of a query block and of a key block (any positive int; they need
+    not divide the sequence lengths).
+    """
+
+    softmax_scale: float | None = None
+    causal: bool = False
+    mask: torch.Tensor | None = None
+    block_m: int = 64
+    block_n: int = 64
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -129,9 +148,10 @@ def _merge_heads(x):
     return x.permute(0, 3, 1, 2, 4).flatten(2, 3)
 
 
-def _prepare(q, k, v, softmax_scale, mask, block_m, block_n):
+def _prepare(q, k, v, tiling: Tiling):
     """Checked inputs split into key/value head groups: (Q, K, V, mask5, scale, acc_dtype)."""
-    _check_inputs(q, k, v, mask, block_m, block_n)
+    softmax_scale, mask = tiling.softmax_scale, tiling.mask
+    _check_inputs(q, k, v, mask, tiling.block_m, tiling.block_n)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     Q = _split_heads(q, nheads_k)  # (B, Hk, G, Sq, D)
@@ -146,14 +166,7 @@ def _prepare(q, k, v, softmax_scale, mask, block_m, block_n):
 
 
 def attention_tiled_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    mask: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Tiling
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward (online softmax), plain differentiable PyTorch.
 
@@ -164,26 +177,24 @@ def attention_tiled_fwd(
     Args:
         q: (batch, seqlen_q, nheads, headdim), float dtype.
         k, v: (batch, seqlen_k, nheads_k, headdim), q's dtype; nheads % nheads_k == 0.
-        softmax_scale: defaults to 1 / sqrt(headdim).
-        causal: bottom-right aligned causal mask.
-        mask: bool, broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = may attend.
-        block_m, block_n: rows of a query block, rows of a key block (any positive int).
+        tiling: scale, masks and block sizes (:class:`Tiling`).
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype.
         lse: (batch, nheads, seqlen_q), accumulation dtype (fp32 for fp16/bf16 inputs),
             natural-log log-sum-exp of the scaled scores, +inf for rows that see no key.
     """
-    Q, K, V, mask5, scale, acc_dtype = _prepare(q, k, v, softmax_scale, mask, block_m, block_n)
+    Q, K, V, mask5, scale, acc_dtype = _prepare(q, k, v, tiling)
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    causal = tiling.causal
 
     O_blocks, L_blocks = [], []
-    for rows in _blocks(seqlen_q, block_m):
+    for rows in _blocks(seqlen_q, tiling.block_m):
         # Load Q_i; initialise O_i = 0, l_i = 0, m_i = -inf (paper, Algorithm 1, lines 2 and 6).
         Q_i = Q[..., rows, :].to(acc_dtype)
         O_i = Q_i.new_zeros(Q_i.shape)  # (B, Hk, G, Br, D), unnormalised
         l_i = Q_i.new_zeros(Q_i.shape[:-1])  # (B, Hk, G, Br) running sum of exp
         m_i = Q_i.new_full(Q_i.shape[:-1], float("-inf"))  # (B, Hk, G, Br) running max
-        for cols in _blocks(seqlen_k, block_n):
+        for cols in _blocks(seqlen_k, tiling.block_n):
             if _causal_skips(causal, rows, cols, seqlen_q, seqlen_k):
                 break  # every later key block is above the diagonal too
             allowed = _tile_allowed(mask5, causal, rows, cols, seqlen_q, seqlen_k, q.device)
@@ -234,11 +245,7 @@ def attention_tiled_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    mask: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
+    tiling: Tiling,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's backward: recompute each tile of P from L, never store P.
 
@@ -248,13 +255,14 @@ def attention_tiled_bwd(
     Args:
         do, out: (batch, seqlen_q, nheads, headdim); lse: (batch, nheads, seqlen_q) as returned
             by :func:`attention_tiled_fwd`.
-        q, k, v, softmax_scale, causal, mask, block_m, block_n: as given to the forward.
+        q, k, v, tiling: as given to the forward.
     Returns:
         dq (batch, seqlen_q, nheads, headdim), dk and dv (batch, seqlen_k, nheads_k, headdim),
         in the inputs' dtype.
     """
-    Q, K, V, mask5, scale, acc_dtype = _prepare(q, k, v, softmax_scale, mask, block_m, block_n)
+    Q, K, V, mask5, scale, acc_dtype = _prepare(q, k, v, tiling)
     seqlen_q, seqlen_k, nheads_k = q.shape[1], k.shape[1], k.shape[2]
+    causal = tiling.causal
     dO = _split_heads(do, nheads_k)  # (B, Hk, G, Sq, D)
     O = _split_heads(out, nheads_k)  # (B, Hk, G, Sq, D)
     L = lse.unflatten(1, (nheads_k, -1)).to(acc_dtype)  # (B, H, Sq) -> (B, Hk, G, Sq)
@@ -263,10 +271,10 @@ def attention_tiled_bwd(
     # gradient, sum_j P_ij dP_ij, computed from O instead of from P.
     D = (dO.to(acc_dtype) * O.to(acc_dtype)).sum(dim=-1)  # (B, Hk, G, Sq)
 
-    row_blocks = _blocks(seqlen_q, block_m)
+    row_blocks = _blocks(seqlen_q, tiling.block_m)
     dQ_blocks = [None] * len(row_blocks)  # dQ_i accumulates over key blocks
     dK_blocks, dV_blocks = [], []
-    for cols in _blocks(seqlen_k, block_n):
+    for cols in _blocks(seqlen_k, tiling.block_n):
         # Load K_j, V_j; initialise dK_j = dV_j = 0.
         K_j = K[..., cols, :].to(acc_dtype)  # (B, Hk, 1, Bc, D)
         V_j = V[..., cols, :].to(acc_dtype)
@@ -329,27 +337,21 @@ class AttentionTiledFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(q, k, v, softmax_scale, causal, mask, block_m, block_n):
-        return attention_tiled_fwd(q, k, v, softmax_scale, causal, mask, block_m, block_n)
+    def forward(q, k, v, tiling):
+        return attention_tiled_fwd(q, k, v, tiling)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, softmax_scale, causal, mask, block_m, block_n = inputs
+        q, k, v, ctx.tiling = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask = mask
-        ctx.args = (softmax_scale, causal, block_m, block_n)
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         # lse is an auxiliary output: its gradient (if any) is ignored.
         q, k, v, out, lse = ctx.saved_tensors
-        softmax_scale, causal, block_m, block_n = ctx.args
-        dq, dk, dv = attention_tiled_bwd(
-            dout, q, k, v, out, lse, softmax_scale, causal, ctx.mask, block_m, block_n
-        )
-        return dq, dk, dv, None, None, None, None, None
+        return *attention_tiled_bwd(dout, q, k, v, out, lse, ctx.tiling), None
 
 
 def attention_tiled(
@@ -368,15 +370,13 @@ def attention_tiled(
     Args:
         q: (batch, seqlen_q, nheads, headdim), float dtype.
         k, v: (batch, seqlen_k, nheads_k, headdim), q's dtype; nheads % nheads_k == 0.
-        softmax_scale: defaults to 1 / sqrt(headdim).
-        causal: bottom-right aligned causal mask.
-        mask: bool, broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = may attend.
-        block_m, block_n: tile sizes; need not divide the sequence lengths.
+        softmax_scale, causal, mask, block_m, block_n: see :class:`Tiling`.
         return_lse: also return the log-sum-exp.
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype; with ``return_lse``, also
         lse (batch, nheads, seqlen_q) (fp32 for fp16/bf16 inputs), +inf for rows that see
         no key (their output is zero).
     """
-    out, lse = AttentionTiledFunction.apply(q, k, v, softmax_scale, causal, mask, block_m, block_n)
+    tiling = Tiling(softmax_scale, causal, mask, block_m, block_n)
+    out, lse = AttentionTiledFunction.apply(q, k, v, tiling)
     return (out, lse) if return_lse else out
