@@ -25,6 +25,15 @@ Every kernel that owns a query block starts with :func:`query_block`; what the s
 of one head need travels as one tuple (``mods``, see :func:`score_mods`), and so does what
 the dropout mask needs (``dropout``, see :func:`dropout_keep`). The compile-time features of a
 launch travel as one constexpr, ``FEATURES`` (see :class:`Features`).
+
+On Hopper (compute capability >= 9) the forward can load q, k, v and store its output through
+tensor descriptors (TMA, ``attention_fwd(..., tma=True)``, or ``None`` for wherever
+:func:`tma_allowed` finds it possible: a dense batch, no varlen offsets, no paged cache, aligned
+layouts): each program makes one 2-D descriptor per tensor over the rows of its batch entry and
+head (:func:`rows_descriptor`), which zero-fills rows past the sequence and columns past the
+head dim as the pointer path's masks do, so both paths compute the same thing. The pointer path
+is the default: on an H200 the descriptors each program builds cost more than TMA saves below
+about 8k keys (benchmarks/results/NVIDIA-H200/tma_vs_pointers.md).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.kernels.attention_tuning import FWD_CONFIGS, MAX_BLOCK, TUNE_KEY, prune_by
@@ -219,6 +229,40 @@ def key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED: tl.constexpr):
 
 
 @triton.jit
+def rows_descriptor(base, nrows, stride_row, head_dim, BLOCK: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Tensor descriptor (TMA) over the (nrows, head_dim) matrix at base (row stride stride_row,
+    unit column stride), in (BLOCK, HEAD_DIM) tiles: loads give 0 past row nrows and column
+    head_dim, stores skip them. base and stride_row must be 16-byte aligned."""
+    return tl.make_tensor_descriptor(base, shape=[nrows, head_dim], strides=[stride_row, 1],
+                                     block_shape=[BLOCK, HEAD_DIM])  # fmt: skip
+
+
+@triton.jit
+def load_keys(src, start_n, cols, in_keys, in_dim, pages, PAGED: tl.constexpr, TMA: tl.constexpr,
+              TRANSPOSED: tl.constexpr):  # fmt: skip
+    """The tile of K or V holding keys cols = start_n + arange(BLOCK_N), (BLOCK_N, HEAD_DIM),
+    or (HEAD_DIM, BLOCK_N) when TRANSPOSED; 0 outside the keys (not in_keys) and past the head
+    dim (not in_dim). src: the keys' :func:`rows_descriptor` when TMA, else (base, stride_b,
+    stride_n) located through :func:`key_offsets` (with pages)."""
+    if TMA:
+        tile = src.load([start_n, 0])
+        if TRANSPOSED:
+            tile = tl.trans(tile)
+    else:
+        base, stride_b, stride_n = src
+        offsets = key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED)
+        offs_d = tl.arange(0, in_dim.shape[0])
+        if TRANSPOSED:
+            tile = tl.load(base + offsets[None, :] + offs_d[:, None],
+                           mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
+        else:
+            tile = tl.load(base + offsets[:, None] + offs_d[None, :],
+                           mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+    return tile
+
+
+@triton.jit
 def finite_values(v, s):
     """v (BLOCK_N, HEAD_DIM) with its NaN and inf entries zeroed, and (BLOCK_M,) bool, True for
     the rows of the tile's scores s (BLOCK_M, BLOCK_N), -inf where masked, that see such a
@@ -265,11 +309,12 @@ def query_block(
     softmax_scale, softcap, dropout_p, window_left, window_right,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):  # fmt: skip
     """What a program that owns the query block (program_id(0), head program_id(1)) starts
     from: (off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
-    the block's q (BLOCK_M, HEAD_DIM) loaded, mods for :func:`scores` and dropout for
-    :func:`dropout_keep`."""
+    the block's q (BLOCK_M, HEAD_DIM) loaded (through a :func:`rows_descriptor` when TMA), mods
+    for :func:`scores` and dropout for :func:`dropout_keep`."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     off_b = bh // nheads
@@ -280,15 +325,21 @@ def query_block(
         CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
     )
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = (
-        Q
-        + off_b * stride_qb
-        + off_h * stride_qh
-        + (q_start + rows[:, None]) * stride_qm
-        + offs_d[None, :]
-    )
-    q = tl.load(q_ptrs, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
+    if TMA:
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+        q_desc = rows_descriptor(q_base, seqlen_q, stride_qm, head_dim, BLOCK_M, HEAD_DIM)
+        q = q_desc.load([start_m, 0])
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = (
+            Q
+            + off_b * stride_qb
+            + off_h * stride_qh
+            + (q_start + rows[:, None]) * stride_qm
+            + offs_d[None, :]
+        )
+        q_mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     mods = score_mods(Bias, Slopes, off_b, off_h,
                       stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
                       seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
@@ -307,25 +358,20 @@ def query_block(
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi,
-    FEATURES: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    FEATURES: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
-    updated, m_i in log2 units. keys: ((k_base, stride_kb, stride_kn), (v_base, stride_vb,
-    stride_vn), in_dim, pages). Without MASKED every score of every block is visible."""
-    (k_base, stride_kb, stride_kn), (v_base, stride_vb, stride_vn), in_dim, pages = keys
+    updated, m_i in log2 units. keys: (k_src, v_src, in_dim, pages), k_src and v_src as
+    :func:`load_keys` takes them. Without MASKED every score of every block is visible."""
+    k_src, v_src, in_dim, pages = keys
     seqlen_k = mods[1]
     qk_scale = mods[2] * LOG2E
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
-        k_offs = key_offsets(cols, in_keys, pages, stride_kb, stride_kn, PAGED)
-        v_offs = key_offsets(cols, in_keys, pages, stride_vb, stride_vn, PAGED)
-        kT = tl.load(k_base + k_offs[None, :] + offs_d[:, None],
-                     mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
-        v = tl.load(v_base + v_offs[:, None] + offs_d[None, :],
-                    mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+        kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
+        v = load_keys(v_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, False)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         if MASKED or FEATURES.SOFTCAP or FEATURES.HAS_BIAS or FEATURES.HAS_ALIBI:
             s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, MASKED)
@@ -356,20 +402,17 @@ def _attn_fwd_inner(
 @triton.jit
 def _store_probs(
     P, q, keys, rows, mods, dropout, lse2, FEATURES: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Store the block's probabilities exp2(s - lse2) (lse2: (BLOCK_M,) log-sum-exp in log2
     units) over every key of its sequence into P, (B, H, max_seqlen_q, max_seqlen_k), laid out
     as the dropout positions are; negated where dropout drops the weight."""
-    (k_base, stride_kb, stride_kn), values, in_dim, pages = keys
+    k_src, in_dim, pages = keys[0], keys[2], keys[3]
     seqlen_q, seqlen_k = mods[0], mods[1]
     bh, max_seqlen_q, max_seqlen_k = dropout[1], dropout[2], dropout[3]
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, True, False)
-        k_offs = key_offsets(cols, in_keys, pages, stride_kb, stride_kn, PAGED)
-        kT = tl.load(k_base + k_offs[None, :] + offs_d[:, None],
-                     mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
+        kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, True)
         p = tl.math.exp2(s - lse2[:, None])
@@ -382,7 +425,7 @@ def _store_probs(
 
 @triton.autotune(
     configs=FWD_CONFIGS,
-    key=TUNE_KEY,
+    key=[*TUNE_KEY, "TMA"],
     prune_configs_by=prune_by("fwd"),
 )
 @triton.jit
@@ -411,6 +454,7 @@ def _attn_fwd_kernel(
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
     PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    TMA: tl.constexpr,  # q, k, v, Out through tensor descriptors (see tma_allowed)
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # q stays in SRAM for the whole loop over keys.
@@ -418,7 +462,7 @@ def _attn_fwd_kernel(
         Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
         stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
         nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
-        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M, TMA,
     )  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
@@ -447,7 +491,12 @@ def _attn_fwd_kernel(
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     pages = (BlockTable, off_b, stride_table_b, page_size)
-    keys = ((k_base, stride_kb, stride_kn), (v_base, stride_vb, stride_vn), in_dim, pages)
+    if TMA:
+        k_src = rows_descriptor(k_base, seqlen_k, stride_kn, head_dim, BLOCK_N, HEAD_DIM)
+        v_src = rows_descriptor(v_base, seqlen_k, stride_vn, head_dim, BLOCK_N, HEAD_DIM)
+    else:
+        k_src, v_src = (k_base, stride_kb, stride_kn), (v_base, stride_vb, stride_vn)
+    keys = (k_src, v_src, in_dim, pages)
     FEATURES: tl.constexpr = Features(
         SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
     )
@@ -455,17 +504,17 @@ def _attn_fwd_kernel(
     # the last full block of keys do (without a window and with EVEN_N, there are none).
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
-        FEATURES, False, PAGED, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        FEATURES, False, PAGED, TMA, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     if MASK_WINDOW or not EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
-            FEATURES, True, PAGED, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            FEATURES, True, PAGED, TMA, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     if MASK_WINDOW:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
-            FEATURES, True, PAGED, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            FEATURES, True, PAGED, TMA, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
 
     empty = l_i == 0.0
@@ -476,23 +525,27 @@ def _attn_fwd_kernel(
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     if STORE_PROBS:
         _store_probs(
-            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, DOT_PRECISION, HEAD_DIM,
-            BLOCK_N,
+            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, TMA, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     lse = lse2 / LOG2E
     lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse_b + off_h * stride_lse_h
     tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
-    o_ptrs = (
-        Out
-        + split * stride_out_split
-        + off_b * stride_ob
-        + off_h * stride_oh
-        + (q_start + rows[:, None]) * stride_om
-        + offs_d[None, :]
-    )
-    tl.store(
-        o_ptrs, acc.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & in_dim[None, :]
-    )
+    o = acc.to(Out.dtype.element_ty)
+    if TMA:
+        o_base = Out + split * stride_out_split + off_b * stride_ob + off_h * stride_oh
+        o_desc = rows_descriptor(o_base + q_start * stride_om, seqlen_q, stride_om, head_dim,
+                                 BLOCK_M, HEAD_DIM)  # fmt: skip
+        o_desc.store([start_m, 0], o)
+    else:
+        o_ptrs = (
+            Out
+            + split * stride_out_split
+            + off_b * stride_ob
+            + off_h * stride_oh
+            + (q_start + rows[:, None]) * stride_om
+            + offs_d[None, :]
+        )
+        tl.store(o_ptrs, o, mask=(rows[:, None] < seqlen_q) & in_dim[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,6 +663,41 @@ def lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
     return dict(stride_lse_b=0 if varlen else lse.stride(-3), stride_lse_h=lse.stride(-2))
 
 
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """Whether TMA can read or write t through descriptors over its (rows, head_dim) slices:
+    unit last stride, and a 16-byte aligned base and other strides."""
+    size = t.element_size()
+    aligned = all(stride * size % 16 == 0 for stride in t.stride()[:-1])
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and aligned
+
+
+def tma_allowed(tensors, *, dense: bool, tma: bool | None = None) -> bool:
+    """Whether the forward goes through tensor descriptors (TMA) for ``tensors`` (q, k, v and
+    the output). It may when the launch is dense (no varlen offsets, no paged cache: each
+    program reads and writes strided rows of one batch entry and head) and every tensor passes
+    :func:`tma_layout_ok`. tma: None, it then does on a CUDA device of compute capability >= 9;
+    False, never; True, always (the CPU interpreter, or a compile for sm_90 from meta tensors),
+    a ValueError where it may not."""
+    allowed = dense and all(tma_layout_ok(t) for t in tensors)
+    if tma is None:
+        q = tensors[0]
+        return allowed and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    if tma and not allowed:
+        raise ValueError("tma=True: needs a dense batch and 16-byte aligned unit-stride rows")
+    return tma
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory that Triton asks for at launch (the in-kernel tensor descriptors)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Install :func:`_scratch` as Triton's allocator unless one is set (it is per thread)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def attention_fwd(
     q,
     k,
@@ -620,6 +708,7 @@ def attention_fwd(
     k_batch_idx: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     probs: torch.Tensor | None = None,
+    tma: bool | None = False,
     **inputs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
@@ -637,6 +726,9 @@ def attention_fwd(
         probs: None, or a zeroed (batch, nheads, max_seqlen_q, max_seqlen_k) tensor of q's
             dtype (the official ``S_dmask``, for tests) that receives the probabilities before
             dropout, negated where dropout drops the weight; one split only.
+        tma: load and store through tensor descriptors: False (the default, see the module
+            docstring), never; True, required; None, where :func:`tma_allowed` finds it
+            possible on a Hopper GPU.
     Returns:
         out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen, fp32, natural log, +inf for rows with no visible key.
@@ -656,6 +748,10 @@ def attention_fwd(
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
         keys_per_split = triton.cdiv(args["seqlen_k"], 128) * 128
     split_strides = (out.stride(0), lse.stride(0)) if num_splits > 1 else (0, 0)
+    dense = not varlen and block_table is None
+    use_tma = tma_allowed((q, k, v, out), dense=dense, tma=tma)
+    if use_tma and q.is_cuda:
+        _ensure_allocator()
 
     def grid(meta):
         return (triton.cdiv(args["seqlen_q"], meta["BLOCK_M"]), batch * args["nheads"], num_splits)
@@ -678,6 +774,7 @@ def attention_fwd(
             PAGED=block_table is not None,
             P=probs if probs is not None else out,
             STORE_PROBS=probs is not None,
+            TMA=use_tma,
             **lse_strides(lse, varlen),
             **args,
         )
