@@ -43,7 +43,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
 
 from flash_attn.ops.attention_options import AttentionOptions
 from flash_attn.ops.kernels.attention_tuning import FWD_CONFIGS, MAX_BLOCK, TUNE_KEY, prune_by
@@ -694,6 +693,8 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 
 def _ensure_allocator() -> None:
     """Install :func:`_scratch` as Triton's allocator unless one is set (it is per thread)."""
+    from triton.runtime import _allocation  # Triton >= 3.3; only the TMA path needs it
+
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
 
