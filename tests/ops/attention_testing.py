@@ -58,3 +58,28 @@ def compare(ours_fn, reference_at, tensors, dout, dtype, name):
     names = ["out"] + [f"grad{i}" for i in range(len(ours) - 1)]
     for label, o, r, p in zip(names, ours, ref, plain):
         assert_within_criterion(o, r, p, dtype, f"{name} {label}")
+
+
+def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
+    """Triton types of the runtime arguments of an attention kernel, for
+    :func:`flash_attn.utils.triton_compile.compile_for_gpu`: q, k, v and the outputs in
+    ``dtype``, the rest as the launchers pass them (see ``shared_kernel_args``)."""
+    from flash_attn.utils.triton_compile import unwrap_jit
+
+    strides = ("i32",) * 3
+    special = {
+        "Lse": "*fp32", "Delta": "*fp32", "DBias": "*fp32", "Seed": "*i64",
+        "KBatchIdx": "*i32", "BlockTable": "*i32", "CuSeqlensQ": "*i32", "dropout_p": "fp32",
+        "stride_lse": ("i32",) * 2,
+        "lengths": ("*i32",) * 3,
+        "scoring": (f"*{dtype}", ("i32",) * 4, "*fp32", "i32", "fp32", "fp32", "i32", "i32"),
+    }  # fmt: skip
+    types = {}
+    for name in unwrap_jit(kernel).arg_names:
+        if name in special:
+            types[name] = special[name]
+        elif name.startswith("stride_") and name.count("_") == 1:  # stride_q, stride_k, ...
+            types[name] = strides
+        else:  # other pointers are q, k, v or outputs; the rest are sizes and strides
+            types[name] = f"*{dtype}" if name[0].isupper() else "i32"
+    return types

@@ -8,22 +8,12 @@ from tests.testing import assert_compiles_for_gpu
 
 _COMPILE = """
 from flash_attn.ops.kernels import attention as fwd, attention_bwd as bwd
-from flash_attn.utils.triton_compile import compile_for_gpu, unwrap_jit
-
-POINTERS = {"Lse": "*fp32", "Delta": "*fp32", "DBias": "*fp32", "Slopes": "*fp32",
-            "Seed": "*i64", "CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "SeqlensK": "*i32",
-            "KBatchIdx": "*i32", "BlockTable": "*i32"}
-FLOATS = {"softmax_scale", "softcap", "dropout_p"}
+from flash_attn.utils.triton_compile import compile_for_gpu
+from tests.ops.attention_testing import kernel_arg_types
 
 
 def build(kernel, **constexprs):
-    types = {}
-    for name in unwrap_jit(kernel).arg_names:
-        if name[0].isupper():  # a pointer: fp16 tensors unless listed
-            types[name] = POINTERS.get(name, "*fp16")
-        else:
-            types[name] = "fp32" if name in FLOATS else "i32"
-    compile_for_gpu(kernel, types, constexprs)
+    compile_for_gpu(kernel, kernel_arg_types(kernel), constexprs)
 
 
 blocks = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32")

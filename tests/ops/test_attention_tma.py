@@ -96,13 +96,10 @@ def test_tma_forced_or_refused(hopper):
 
 _COMPILE = """
 from flash_attn.ops.kernels import attention as fwd
-from flash_attn.utils.triton_compile import compile_for_gpu, unwrap_jit
+from flash_attn.utils.triton_compile import compile_for_gpu
+from tests.ops.attention_testing import kernel_arg_types
 
-POINTERS = {"Lse": "*fp32", "Slopes": "*fp32", "Seed": "*i64", "CuSeqlensQ": "*i32",
-            "CuSeqlensK": "*i32", "SeqlensK": "*i32", "KBatchIdx": "*i32", "BlockTable": "*i32"}
-FLOATS = {"softmax_scale", "softcap", "dropout_p"}
-types = {n: (POINTERS.get(n, "*fp16") if n[0].isupper() else "fp32" if n in FLOATS else "i32")
-         for n in unwrap_jit(fwd._attn_fwd_kernel).arg_names}
+types = kernel_arg_types(fwd._attn_fwd_kernel)
 for on in (False, True):
     flags = dict(VARLEN=False, PAGED=False, HAS_SEQLENS_K=on, HAS_KV_BATCH_IDX=on, HAS_BIAS=on,
                  HAS_ALIBI=on, SOFTCAP=on, MASK_WINDOW=on, DROPOUT=on, STORE_PROBS=on,

@@ -21,7 +21,10 @@ Dropout draws from Philox keyed by a seed tensor and the element's position
 ((batch * nheads + head) * max_seqlen_q + i) * max_seqlen_k + j, so the backward regenerates
 the mask instead of storing it.
 
-Every kernel that owns a query block starts with :func:`query_block`; what the score modifiers
+Kernel arguments that belong together travel as tuples: each tensor's (batch, token, head)
+strides (``stride_q``, ..., see :func:`head_start`), the sequence offsets (``lengths``, see
+:func:`sequence`) and the score modifiers (``scoring``, see :func:`score_mods`). Every kernel
+that owns a query block starts with :func:`query_block`; what the score modifiers
 of one head need travels as one tuple (``mods``, see :func:`score_mods`), and so does what
 the dropout mask needs (``dropout``, see :func:`dropout_keep`). The compile-time features of a
 launch travel as one constexpr, ``FEATURES`` (see :class:`Features`).
@@ -69,21 +72,15 @@ class Features(NamedTuple):
 
 
 @triton.jit
-def sequence(
-    CuSeqlensQ,
-    CuSeqlensK,
-    SeqlensK,
-    off_b,
-    seqlen_q,
-    seqlen_k,
-    VARLEN: tl.constexpr,
-    HAS_SEQLENS_K: tl.constexpr,
-):
+def sequence(lengths, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
+             HAS_SEQLENS_K: tl.constexpr):  # fmt: skip
     """(q_start, seqlen_q, k_start, seqlen_k) of batch entry off_b: its first row in the token
-    dimension and its lengths (packed varlen batches). SeqlensK, (B, 2) int32 when
-    HAS_SEQLENS_K, overrides the keys: batch entry b sees keys [SeqlensK[b, 0], SeqlensK[b, 1])
-    of its cache row (a KV cache with cache_leftpad and cache_seqlens, or the pages of a paged
-    varlen batch), which the kernel then indexes from 0."""
+    dimension and its lengths. lengths: (CuSeqlensQ, CuSeqlensK, SeqlensK), the (B + 1,) int32
+    offsets of packed varlen batches, read when VARLEN, and SeqlensK, (B, 2) int32 when
+    HAS_SEQLENS_K, which overrides the keys: batch entry b sees keys
+    [SeqlensK[b, 0], SeqlensK[b, 1]) of its cache row (a KV cache with cache_leftpad and
+    cache_seqlens, or the pages of a paged varlen batch), which the kernel then indexes from 0."""
+    CuSeqlensQ, CuSeqlensK, SeqlensK = lengths
     q_start = 0
     k_start = 0
     if VARLEN:
@@ -118,13 +115,14 @@ def tanh(x):
 
 
 @triton.jit
-def score_mods(
-    Bias, Slopes, off_b, off_h,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-    seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
-    HAS_ALIBI: tl.constexpr,
-):  # fmt: skip
-    """What :func:`scores` needs for head off_h of batch entry off_b, as one tuple."""
+def score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI: tl.constexpr):
+    """What :func:`scores` needs for head off_h of batch entry off_b, as one tuple. scoring:
+    (Bias, its strides (b, h, m, n), Slopes, their batch stride, softmax_scale, softcap,
+    window_left, window_right), the kernels' argument of that name."""
+    Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right = (
+        scoring
+    )
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n = stride_bias
     bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
     slope = 0.0
     if HAS_ALIBI:
@@ -300,12 +298,15 @@ def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.c
 
 
 @triton.jit
+def head_start(T, strides, off_b, off_h, start):
+    """Pointer to token ``start`` of head off_h of batch entry off_b in T, (B, S, H, D), or
+    varlen (total_tokens, H, D) with batch stride 0; strides: its (batch, token, head) strides."""
+    return T + off_b * strides[0] + off_h * strides[2] + start * strides[1]
+
+
+@triton.jit
 def query_block(
-    Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
-    stride_qb, stride_qm, stride_qh,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-    nheads, seqlen_q, seqlen_k, head_dim,
-    softmax_scale, softcap, dropout_p, window_left, window_right,
+    Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
     TMA: tl.constexpr = False,
@@ -313,7 +314,8 @@ def query_block(
     """What a program that owns the query block (program_id(0), head program_id(1)) starts
     from: (off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
     the block's q (BLOCK_M, HEAD_DIM) loaded (through a :func:`rows_descriptor` when TMA), mods
-    for :func:`scores` and dropout for :func:`dropout_keep`."""
+    for :func:`scores` and dropout for :func:`dropout_keep`. The arguments are the kernels'
+    of these names (stride_q: (batch, token, head) strides)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     off_b = bh // nheads
@@ -321,28 +323,19 @@ def query_block(
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     q_start, seqlen_q, k_start, seqlen_k = sequence(
-        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+        lengths, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
     )
     rows = start_m + tl.arange(0, BLOCK_M)
+    q_base = head_start(Q, stride_q, off_b, off_h, q_start)
     if TMA:
-        q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
-        q_desc = rows_descriptor(q_base, seqlen_q, stride_qm, head_dim, BLOCK_M, HEAD_DIM)
+        q_desc = rows_descriptor(q_base, seqlen_q, stride_q[1], head_dim, BLOCK_M, HEAD_DIM)
         q = q_desc.load([start_m, 0])
     else:
         offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = (
-            Q
-            + off_b * stride_qb
-            + off_h * stride_qh
-            + (q_start + rows[:, None]) * stride_qm
-            + offs_d[None, :]
-        )
+        q_ptrs = q_base + rows[:, None] * stride_q[1] + offs_d[None, :]
         q_mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    mods = score_mods(Bias, Slopes, off_b, off_h,
-                      stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-                      seqlen_q, seqlen_k, softmax_scale, softcap, window_left, window_right,
-                      HAS_ALIBI)  # fmt: skip
+    mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -429,24 +422,19 @@ def _store_probs(
 )
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B, stride_*b = 0
+    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B
     Out,  # like Q, contiguous
     Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
-    CuSeqlensQ, CuSeqlensK,  # (B + 1,) int32, read when VARLEN
-    SeqlensK,  # (B, 2) int32 [first, end) keys of each batch entry, read when HAS_SEQLENS_K
+    stride_q, stride_k, stride_v, stride_o,  # (batch, token, head) strides; varlen: batch 0
+    stride_lse,  # (batch, head)
+    lengths,  # see sequence()
+    scoring,  # see score_mods(); Bias broadcastable to (B, H, Sq, Sk), Slopes (H,) or (B, H)
+    Seed, dropout_p,  # (1,) int64, read when DROPOUT
     KBatchIdx,  # (B,) int32 batch entry of k/v for each of q's (KV cache), when HAS_KV_BATCH_IDX
-    Bias,  # broadcastable to (B, H, Sq, Sk), read when HAS_BIAS
-    Slopes,  # (H,) or (B, H) fp32, read when HAS_ALIBI
-    Seed,  # (1,) int64, read when DROPOUT
     P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-    stride_lse_b, stride_lse_h,
     keys_per_split, stride_out_split, stride_lse_split,  # split-KV: one slice of keys each
     BlockTable, stride_table_b, page_size,  # paged cache: (B, pages) int32, read when PAGED
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -458,10 +446,8 @@ def _attn_fwd_kernel(
 ):  # fmt: skip
     # q stays in SRAM for the whole loop over keys.
     off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
-        Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
-        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-        nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
-        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M, TMA,
+        Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
+        HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M, TMA,
     )  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
@@ -474,12 +460,13 @@ def _attn_fwd_kernel(
         off_bk = 0  # each key's page gives its row below
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
-    k_base = K + off_bk * stride_kb + off_hk * stride_kh + k_start * stride_kn
-    v_base = V + off_bk * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    k_base = head_start(K, stride_k, off_bk, off_hk, k_start)
+    v_base = head_start(V, stride_v, off_bk, off_hk, k_start)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    window_left, window_right = mods[8], mods[9]
     lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N)  # fmt: skip
     # Split-KV: program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split),
@@ -491,10 +478,10 @@ def _attn_fwd_kernel(
     hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     pages = (BlockTable, off_b, stride_table_b, page_size)
     if TMA:
-        k_src = rows_descriptor(k_base, seqlen_k, stride_kn, head_dim, BLOCK_N, HEAD_DIM)
-        v_src = rows_descriptor(v_base, seqlen_k, stride_vn, head_dim, BLOCK_N, HEAD_DIM)
-    else:
-        k_src, v_src = (k_base, stride_kb, stride_kn), (v_base, stride_vb, stride_vn)
+        k_src = rows_descriptor(k_base, seqlen_k, stride_k[1], head_dim, BLOCK_N, HEAD_DIM)
+        v_src = rows_descriptor(v_base, seqlen_k, stride_v[1], head_dim, BLOCK_N, HEAD_DIM)
+    else:  # a paged cache steps over pages with the batch stride
+        k_src, v_src = (k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1])
     keys = (k_src, v_src, in_dim, pages)
     FEATURES: tl.constexpr = Features(
         SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
@@ -527,23 +514,15 @@ def _attn_fwd_kernel(
             P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, TMA, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     lse = lse2 / LOG2E
-    lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse_b + off_h * stride_lse_h
+    lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse[0] + off_h * stride_lse[1]
     tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
     o = acc.to(Out.dtype.element_ty)
+    o_base = head_start(Out + split * stride_out_split, stride_o, off_b, off_h, q_start)
     if TMA:
-        o_base = Out + split * stride_out_split + off_b * stride_ob + off_h * stride_oh
-        o_desc = rows_descriptor(o_base + q_start * stride_om, seqlen_q, stride_om, head_dim,
-                                 BLOCK_M, HEAD_DIM)  # fmt: skip
+        o_desc = rows_descriptor(o_base, seqlen_q, stride_o[1], head_dim, BLOCK_M, HEAD_DIM)
         o_desc.store([start_m, 0], o)
     else:
-        o_ptrs = (
-            Out
-            + split * stride_out_split
-            + off_b * stride_ob
-            + off_h * stride_oh
-            + (q_start + rows[:, None]) * stride_om
-            + offs_d[None, :]
-        )
+        o_ptrs = o_base + rows[:, None] * stride_o[1] + offs_d[None, :]
         tl.store(o_ptrs, o, mask=(rows[:, None] < seqlen_q) & in_dim[None, :])
 
 
@@ -551,11 +530,10 @@ def _attn_fwd_kernel(
 # Launchers
 
 
-def token_strides(name: str, token: str, t: torch.Tensor, varlen: bool) -> dict:
-    """Kernel arguments stride_{name}b, stride_{name}{token}, stride_{name}h of t: its batch,
-    token and head strides; batch stride 0 for packed varlen tensors."""
-    strides = (0, t.stride(0), t.stride(1)) if varlen else t.stride()[:3]
-    return dict(zip((f"stride_{name}b", f"stride_{name}{token}", f"stride_{name}h"), strides))
+def token_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides of t, the kernels' stride_q, stride_k, ...: batch stride 0
+    for packed varlen tensors (total_tokens, heads, head_dim)."""
+    return (0, t.stride(0), t.stride(1)) if varlen else tuple(t.stride()[:3])
 
 
 def shared_kernel_args(
@@ -603,35 +581,38 @@ def shared_kernel_args(
     left = unlimited if opts.window_left < 0 else opts.window_left
     right = 0 if opts.causal else (unlimited if opts.window_right < 0 else opts.window_right)
     placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
-    bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     slope_stride = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         slope_stride = alibi_slopes.stride(0)
+    scoring = (  # see score_mods()
+        bias if bias is not None else placeholder,
+        tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
+        alibi_slopes if alibi_slopes is not None else placeholder,
+        slope_stride,
+        opts.softmax_scale,
+        opts.softcap,
+        left,
+        right,
+    )
+    lengths = (  # see sequence()
+        cu_seqlens_q if varlen else placeholder,
+        cu_seqlens_k if varlen else placeholder,
+        key_ranges if key_ranges is not None else placeholder,
+    )
     return dict(
         Q=q,
         K=k,
-        CuSeqlensQ=cu_seqlens_q if varlen else placeholder,
-        CuSeqlensK=cu_seqlens_k if varlen else placeholder,
-        SeqlensK=key_ranges if key_ranges is not None else placeholder,
-        Bias=bias if bias is not None else placeholder,
-        Slopes=alibi_slopes if alibi_slopes is not None else placeholder,
+        stride_q=token_strides(q, varlen),
+        stride_k=token_strides(k, varlen and block_table is None),
+        lengths=lengths,
+        scoring=scoring,
         Seed=seed if seed is not None else placeholder,
-        **token_strides("q", "m", q, varlen),
-        **token_strides("k", "n", k, varlen and block_table is None),
-        **dict(
-            zip(("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n"), bias_strides)
-        ),
-        stride_slope_b=slope_stride,
+        dropout_p=opts.dropout_p,
         nheads=nheads,
         nheads_k=k.shape[-2],
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         head_dim=head_dim,
-        softmax_scale=opts.softmax_scale,
-        softcap=opts.softcap,
-        dropout_p=opts.dropout_p,
-        window_left=left,
-        window_right=right,
         seqlen_q_bucket=triton.next_power_of_2(seqlen_q),
         seqlen_k_bucket=triton.next_power_of_2(seqlen_k),
         HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
@@ -657,9 +638,10 @@ def _lse_shape(q, args, batch):
     return (batch, args["nheads"], args["seqlen_q"])
 
 
-def lse_strides(lse: torch.Tensor, varlen: bool) -> dict:
-    """Kernel arguments locating lse[b, h] ((B, H, Sq), or varlen (H, total_q): no b)."""
-    return dict(stride_lse_b=0 if varlen else lse.stride(-3), stride_lse_h=lse.stride(-2))
+def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of lse ((B, H, Sq), or varlen (H, total_q): batch 0), the kernels'
+    stride_lse."""
+    return (0 if varlen else lse.stride(-3), lse.stride(-2))
 
 
 def tma_layout_ok(t: torch.Tensor) -> bool:
@@ -762,21 +744,21 @@ def attention_fwd(
             V=v,
             Out=out,
             Lse=lse,
-            **token_strides("v", "n", v, varlen and block_table is None),
-            **token_strides("o", "m", out[0] if num_splits > 1 else out, varlen),
+            stride_v=token_strides(v, varlen and block_table is None),
+            stride_o=token_strides(out[0] if num_splits > 1 else out, varlen),
+            stride_lse=lse_strides(lse, varlen),
             keys_per_split=keys_per_split,
             stride_out_split=split_strides[0],
             stride_lse_split=split_strides[1],
-            KBatchIdx=k_batch_idx if k_batch_idx is not None else args["SeqlensK"],
+            KBatchIdx=k_batch_idx if k_batch_idx is not None else args["lengths"][2],
             HAS_KV_BATCH_IDX=k_batch_idx is not None,
-            BlockTable=block_table if block_table is not None else args["SeqlensK"],
+            BlockTable=block_table if block_table is not None else args["lengths"][2],
             stride_table_b=block_table.stride(0) if block_table is not None else 0,
             page_size=k.shape[1] if block_table is not None else 1,
             PAGED=block_table is not None,
             P=probs if probs is not None else out,
             STORE_PROBS=probs is not None,
             TMA=use_tma,
-            **lse_strides(lse, varlen),
             **args,
         )
     if num_splits == 1:

@@ -19,6 +19,7 @@ from flash_attn.ops.kernels.attention import (
     Features,
     block_indices,
     dropout_keep,
+    head_start,
     key_range,
     lse_strides,
     query_block,
@@ -37,7 +38,7 @@ def _attn_bwd_delta_kernel(
     Out, DO,  # like Q, contiguous
     Delta,  # like Lse
     CuSeqlensQ,
-    stride_ob, stride_om, stride_oh, stride_lse_b, stride_lse_h,
+    stride_o, stride_lse,  # (batch, token, head) and (batch, head) strides
     nheads, seqlen_q, head_dim,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -46,16 +47,16 @@ def _attn_bwd_delta_kernel(
     off_b = bh // nheads
     off_h = bh % nheads
     q_start, seqlen_q, _, _ = sequence(
-        CuSeqlensQ, CuSeqlensQ, CuSeqlensQ, off_b, seqlen_q, 0, VARLEN, False
+        (CuSeqlensQ, CuSeqlensQ, CuSeqlensQ), off_b, seqlen_q, 0, VARLEN, False
     )
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
-    offs = off_b * stride_ob + off_h * stride_oh + (q_start + rows[:, None]) * stride_om
+    offs = head_start(0, stride_o, off_b, off_h, q_start) + rows[:, None] * stride_o[1]
     o = tl.load(Out + offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(
-        Delta + off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows,
+        Delta + off_b * stride_lse[0] + off_h * stride_lse[1] + q_start + rows,
         tl.sum(o * do, 1),
         mask=rows < seqlen_q,
     )
@@ -164,14 +165,9 @@ def _attn_bwd_dq_inner(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
-    CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-    stride_lse_b, stride_lse_h,
+    stride_q, stride_k, stride_v, stride_o, stride_dk, stride_lse,  # as in the forward
+    lengths, scoring, Seed, dropout_p,
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -189,16 +185,17 @@ def _attn_bwd_dkdv_kernel(
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     q_start, seqlen_q, k_start, seqlen_k = sequence(
-        CuSeqlensQ, CuSeqlensK, SeqlensK, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
+        lengths, off_b, seqlen_q, seqlen_k, VARLEN, HAS_SEQLENS_K
     )
     if start_n >= seqlen_k:
         return
+    softmax_scale, window_left, window_right = scoring[4], scoring[6], scoring[7]
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     kv_mask = (cols[:, None] < seqlen_k) & in_dim[None, :]
-    k_ptrs = K + off_b * stride_kb + off_hk * stride_kh + (k_start + cols[:, None]) * stride_kn
-    v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + (k_start + cols[:, None]) * stride_vn
+    k_ptrs = head_start(K, stride_k, off_b, off_hk, k_start) + cols[:, None] * stride_k[1]
+    v_ptrs = head_start(V, stride_v, off_b, off_hk, k_start) + cols[:, None] * stride_v[1]
     k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     seed = 0
@@ -216,14 +213,11 @@ def _attn_bwd_dkdv_kernel(
                                          BLOCK_N, BLOCK_M)  # fmt: skip
     for g in range(0, group_size):
         off_h = off_hk * group_size + g
-        queries = (Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm,
-                   DO + off_b * stride_ob + off_h * stride_oh + q_start * stride_om,
-                   Lse, Delta, off_b * stride_lse_b + off_h * stride_lse_h + q_start,
-                   stride_qm, stride_om, in_dim)  # fmt: skip
-        mods = score_mods(Bias, Slopes, off_b, off_h,
-                          stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
-                          stride_slope_b, seqlen_q, seqlen_k, softmax_scale, softcap,
-                          window_left, window_right, HAS_ALIBI)  # fmt: skip
+        queries = (head_start(Q, stride_q, off_b, off_h, q_start),
+                   head_start(DO, stride_o, off_b, off_h, q_start),
+                   Lse, Delta, off_b * stride_lse[0] + off_h * stride_lse[1] + q_start,
+                   stride_q[1], stride_o[1], in_dim)  # fmt: skip
+        mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
         dropout = (seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, queries, cols, start_n, mods, dropout, lo_full, hi_full,
@@ -241,12 +235,8 @@ def _attn_bwd_dkdv_kernel(
             )  # fmt: skip
 
     dk = dk * softmax_scale
-    out_offs = (
-        off_b * stride_dkb
-        + off_hk * stride_dkh
-        + (k_start + cols[:, None]) * stride_dkn
-        + offs_d[None, :]
-    )
+    out_offs = head_start(0, stride_dk, off_b, off_hk, k_start) + cols[:, None] * stride_dk[1]
+    out_offs += offs_d[None, :]
     tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -260,13 +250,9 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous
     DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
-    CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-    stride_lse_b, stride_lse_h,
+    stride_q, stride_k, stride_v, stride_o, stride_lse,  # as in the forward
+    lengths, scoring, Seed, dropout_p,
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    softmax_scale, softcap, dropout_p, window_left, window_right,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -277,31 +263,26 @@ def _attn_bwd_dq_kernel(
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
-        Q, CuSeqlensQ, CuSeqlensK, SeqlensK, Bias, Slopes, Seed, stride_qb, stride_qm, stride_qh,
-        stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n, stride_slope_b,
-        nheads, seqlen_q, seqlen_k, head_dim, softmax_scale, softcap, dropout_p, window_left,
-        window_right, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+        Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
+        HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
     )  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
         return
+    softmax_scale, window_left, window_right = scoring[4], scoring[6], scoring[7]
     off_hk = off_h // (nheads // nheads_k)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
     q_mask = (rows[:, None] < seqlen_q) & in_dim[None, :]
-    do_offs = (
-        off_b * stride_ob
-        + off_h * stride_oh
-        + (q_start + rows[:, None]) * stride_om
-        + offs_d[None, :]
-    )
+    do_offs = head_start(0, stride_o, off_b, off_h, q_start) + rows[:, None] * stride_o[1]
+    do_offs += offs_d[None, :]
     do = tl.load(DO + do_offs, mask=q_mask, other=0.0)
-    lse_offs = off_b * stride_lse_b + off_h * stride_lse_h + q_start + rows
+    lse_offs = off_b * stride_lse[0] + off_h * stride_lse[1] + q_start + rows
     lse = tl.load(Lse + lse_offs, mask=rows < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + lse_offs, mask=rows < seqlen_q, other=0.0)
-    keys = (K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn,
-            V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn,
-            stride_kn, stride_vn, in_dim, DBias,
+    keys = (head_start(K, stride_k, off_b, off_hk, k_start),
+            head_start(V, stride_v, off_b, off_hk, k_start),
+            stride_k[1], stride_v[1], in_dim, DBias,
             tl.program_id(1).to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)  # fmt: skip
 
     FEATURES: tl.constexpr = Features(
@@ -353,9 +334,9 @@ def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias_require
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
     stride_lse = lse_strides(lse, varlen)
-    stride_out = token_strides("o", "m", out, varlen)
-    common = dict(V=v, DO=do, Lse=lse, Delta=delta, **token_strides("v", "n", v, varlen),
-                  **stride_out, **stride_lse, **args)  # fmt: skip
+    stride_o = token_strides(out, varlen)
+    common = dict(V=v, DO=do, Lse=lse, Delta=delta, stride_v=token_strides(v, varlen),
+                  stride_o=stride_o, stride_lse=stride_lse, **args)  # fmt: skip
     dbias = None
     if bias_requires_grad:
         dbias = torch.zeros(
@@ -366,9 +347,9 @@ def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias_require
             out,
             do,
             delta,
-            args["CuSeqlensQ"],
-            *stride_out.values(),
-            *stride_lse.values(),
+            args["lengths"][0],
+            stride_o,
+            stride_lse,
             nheads,
             seqlen_q,
             args["head_dim"],
@@ -377,9 +358,7 @@ def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias_require
             BLOCK_M=64,
         )
         grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)  # noqa: E731
-        _attn_bwd_dkdv_kernel[grid_kv](
-            DK=dk, DV=dv, **token_strides("dk", "n", dk, varlen), **common
-        )
+        _attn_bwd_dkdv_kernel[grid_kv](DK=dk, DV=dv, stride_dk=token_strides(dk, varlen), **common)
         grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
         _attn_bwd_dq_kernel[grid_q](
             DQ=dq, DBias=dbias if dbias is not None else delta, DBIAS=dbias is not None, **common
