@@ -2,14 +2,18 @@
 
 Each kernel is launched by its own host launcher on ``meta`` tensors of representative shapes
 (attention: batch 2 x seqlen 4096 x 32 heads; the others: GPT shapes of 8192 tokens, hidden
-2048), every autotune config that the kernel's pruning keeps is compiled for ``sm_<arch>`` with
-Triton's bundled ptxas, and the cubin is measured: registers, spills, shared memory, MMA
+2048), every autotune config that the kernel's pruning keeps for ``sm_<arch>`` is compiled for
+it with Triton's bundled ptxas, and the cubin is measured: registers, spills, shared memory, MMA
 instructions, and the main loop's instructions in the SASS. A config fits when it does not
-spill and its shared memory fits in one block (227 KB on sm_90, 163 KB on sm_80).
+spill and its shared memory fits in one block (227 KB on sm_90, 163 KB on sm_80). With
+``--unpruned`` every config of the autotune spaces is compiled, kept or not: the evidence the
+footprints of ``flash_attn/ops/kernels/attention_tuning.py`` are fitted to.
 
     python scripts/kernel_report.py                    # everything, sm_90, bf16 and fp16
+    python scripts/kernel_report.py --arch 80          # everything, sm_80 (A100)
     python scripts/kernel_report.py --quick            # bf16, head dim 128, 4 warps, 3 stages
     python scripts/kernel_report.py --kernel attn_fwd --head-dim 128 --config "128x64 w4"
+    python scripts/kernel_report.py --kernel dkdv --head-dim 256 --unpruned --output -
 
 The report goes to stdout and to benchmarks/results/kernel_report_sm<arch>.md (``--output``).
 """
@@ -41,6 +45,7 @@ import triton  # noqa: E402
 from flash_attn.ops.kernels import (  # noqa: E402
     attention,
     attention_bwd,
+    attention_tuning,
     cross_entropy,
     layer_norm,
     mlp,
@@ -125,8 +130,9 @@ def workloads(dtypes: list[str], head_dims: list[int]):
             yield label, mlp.linear_act_bwd, dict(args, activation=act, gated=gated)
 
 
-def tasks(args) -> list[tuple[str, kr.Launch, object]]:
-    """(variants, launch, config) to compile, after the --kernel and --config filters. A launch
+def tasks(args) -> list[tuple[str, kr.Launch, object, bool]]:
+    """(variants, launch, config, whether the pruning for sm_<arch> keeps it) to compile: the
+    kept configs, or all with --unpruned, after the --kernel and --config filters. A launch
     that several variants make alike (the backward's delta kernel does not see causality) is
     compiled once, labelled with all of them."""
     seen = {}
@@ -134,14 +140,15 @@ def tasks(args) -> list[tuple[str, kr.Launch, object]]:
         for launch in kr.capture(launcher, lambda: call_by_name(launcher, values)):  # noqa: B023
             if args.kernel and not any(k in launch.name for k in args.kernel):
                 continue
-            configs = kr.kept_configs(launch)
-            for config in configs:
+            with attention_tuning.pruning_for(args.arch):
+                kept = kr.kept_configs(launch)
+            for config in kr.all_configs(launch) if args.unpruned else kept:
                 name = kr.config_label(launch, config)
                 if config is not None and args.config and not any(c in name for c in args.config):
                     continue
                 key = (kr.launch_key(launch), name)
-                seen.setdefault(key, ([], launch, config))[0].append(label)
-    return [(", ".join(labels), launch, config) for labels, launch, config in seen.values()]
+                seen.setdefault(key, ([], launch, config, config in kept))[0].append(label)
+    return [(", ".join(labels), *rest) for labels, *rest in seen.values()]
 
 
 _TASKS: list = []  # what the worker processes compile, by index (inherited through fork)
@@ -149,7 +156,7 @@ _TASKS: list = []  # what the worker processes compile, by index (inherited thro
 
 def _measure(index: int, arch: int):
     """Compile and measure task ``index``: (Figures, or the compiler's error, and seconds)."""
-    _, launch, config = _TASKS[index]
+    _, launch, config, _ = _TASKS[index]
     start = time.perf_counter()
     try:
         result = kr.analyse(kr.compile_launch(launch, config, arch))
@@ -169,7 +176,7 @@ def measure_all(todo, arch: int, jobs: int) -> list:
     pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
     outcomes = pool.imap(_star_measure, indices) if pool else map(_star_measure, indices)
     for i, (result, seconds) in enumerate(outcomes):
-        variant, launch, config = todo[i]
+        variant, launch, config, _ = todo[i]
         label = kr.config_label(launch, config)
         print(f"[{i + 1}/{len(todo)}] {launch.name} {variant} {label}: {seconds:.1f} s",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -188,7 +195,7 @@ COLUMNS = ["variant", "config", "regs", "spill B st/ld", "smem KB", "MMA HGMMA/H
 
 
 def row(variant: str, launch: kr.Launch, config, result, arch: int) -> list[str]:
-    """One table row; a compiler error fills the figures' columns."""
+    """One table row (the COLUMNS); a compiler error fills the figures' columns."""
     head = [variant, kr.config_label(launch, config)]
     if isinstance(result, str):
         return head + [f"error: {result}"] + [""] * (len(COLUMNS) - 3)
@@ -207,8 +214,9 @@ def row(variant: str, launch: kr.Launch, config, result, arch: int) -> list[str]
     return head + [str(v) for v in figures]
 
 
-def render(todo, results, arch: int, command: str, minutes: float) -> str:
-    """The markdown report: where and how it was made, then one table per kernel."""
+def render(todo, results, arch: int, command: str, minutes: float, unpruned=False) -> str:
+    """The markdown report: where and how it was made, then one table per kernel (with a
+    "kept" column when ``unpruned``)."""
     git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "?"
     limit = kr.SHARED_LIMIT.get(arch, kr.SHARED_LIMIT[80]) // 1024
@@ -226,7 +234,10 @@ def render(todo, results, arch: int, command: str, minutes: float) -> str:
         f"rotary and cross-entropy over {TOKENS} tokens, hidden {HIDDEN}, vocabulary {VOCAB}. "
         "Arguments are those the host launchers pass, specialised as a real launch "
         "specialises them (integers divisible by 16, aligned pointers, integers equal to 1). "
-        "Every autotune config that the kernel's pruning keeps is listed.",
+        "Every autotune config of the kernels' spaces is listed; kept: whether the pruning for "
+        f"sm_{arch} keeps it."
+        if unpruned
+        else f"Every autotune config that the kernel's pruning for sm_{arch} keeps is listed.",
         "",
         "Columns: registers per thread; spill stores/loads in bytes; shared memory per block; "
         "MMA instructions in the SASS (HGMMA = wgmma, HMMA = mma.sync) and whether all of them "
@@ -236,13 +247,14 @@ def render(todo, results, arch: int, command: str, minutes: float) -> str:
         "x warps per 1024 elements of the tile (product of the BLOCK sizes), comparable "
         f"across configs; fits: no spill and shared memory <= {limit} KB.",
     ]
-    tables = {}
-    for (variant, launch, config), result in zip(todo, results):
-        tables.setdefault(launch.name, []).append(row(variant, launch, config, result, arch))
+    tables, columns = {}, COLUMNS + ["kept"] * unpruned
+    for (variant, launch, config, kept), result in zip(todo, results):
+        cells = row(variant, launch, config, result, arch) + ["yes" if kept else "no"] * unpruned
+        tables.setdefault(launch.name, []).append(cells)
     for name, rows in tables.items():
-        fit = sum(r[-1] == "yes" for r in rows)
+        fit = sum(r[len(COLUMNS) - 1] == "yes" for r in rows)
         lines += ["", f"## {name} ({fit} of {len(rows)} fit)", ""]
-        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -259,6 +271,8 @@ def main(argv=None) -> int:
         help='autotune configs whose label contains this, e.g. "128x64 w4"; kernels '
         "launched with fixed blocks are always kept")  # fmt: skip
     add("--quick", action="store_true", help="bf16, head dim 128, configs with 4 warps, 3 stages")
+    add("--unpruned", action="store_true",
+        help="every autotune config, kept or not (a kept column says which)")  # fmt: skip
     add("--jobs", type=int, default=1, help="compiles run in parallel")
     add("--output", help="markdown file, '-' for none (default benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -274,7 +288,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     todo = tasks(args)
     results = measure_all(todo, args.arch, args.jobs)
-    report = render(todo, results, args.arch, command, (time.perf_counter() - start) / 60)
+    minutes = (time.perf_counter() - start) / 60
+    report = render(todo, results, args.arch, command, minutes, args.unpruned)
     print(report)
     output = args.output or ROOT / "benchmarks" / "results" / f"kernel_report_sm{args.arch}.md"
     if output != "-":

@@ -28,10 +28,11 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
+from flash_attn.ops.kernels.attention_tuning import SHARED_MEMORY
 from flash_attn.utils.triton_compile import unwrap_jit
 
-# Shared memory one block may use (opt-in maximum), bytes.
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# Shared memory one block may use (opt-in maximum), bytes, by compute capability.
+SHARED_LIMIT = SHARED_MEMORY
 MMA = {"HGMMA", "HMMA"}
 SPILL = {"STL", "LDL"}
 # Vector integer ALU work: address arithmetic, index masks, compares (uniform-datapath U* ops
@@ -121,15 +122,24 @@ def launch_key(launch: Launch) -> tuple:
     def describe(v):
         if isinstance(v, torch.Tensor):
             return ("tensor", v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
+        if isinstance(v, tuple):  # arguments grouped in tuples (strides, score modifiers)
+            return tuple(describe(x) for x in v)
         return v
 
     args = tuple(describe(v) for v in launch.args)
     return (launch.name, args, tuple((k, describe(v)) for k, v in launch.kwargs.items()))
 
 
+def all_configs(launch: Launch) -> list:
+    """The kernel's autotune configs, or ``[None]`` for a kernel launched with fixed
+    meta-parameters."""
+    return list(launch.kernel.configs) if isinstance(launch.kernel, Autotuner) else [None]
+
+
 def kept_configs(launch: Launch) -> list:
-    """The autotune configs that survive the kernel's own pruning for these arguments, or
-    ``[None]`` for a kernel launched with fixed meta-parameters."""
+    """The autotune configs that survive the kernel's own pruning for these arguments (for the
+    GPU here, or the arch that ``attention_tuning.pruning_for`` names), or ``[None]`` for a
+    kernel launched with fixed meta-parameters."""
     tuner = launch.kernel
     if not isinstance(tuner, Autotuner):
         return [None]

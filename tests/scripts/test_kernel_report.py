@@ -1,5 +1,6 @@
-"""scripts/kernel_report.py: the SASS analysis on a hand-written listing, and the script on a
-small subset (the attention forward at one tile, and the LayerNorm forward) compiled for sm_90.
+"""scripts/kernel_report.py: the SASS analysis on a hand-written listing, and the script on
+small subsets: the attention forward at two tiles and the LayerNorm forward compiled for sm_90,
+and the forward's 128x128 tile, pruned for and compiled for sm_80.
 
 The script runs in a subprocess: it sets TRITON_INTERPRET=0 before importing the kernels,
 which the interpreter-mode tests of this session must not see.
@@ -14,9 +15,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kernel_report.py"
-ATTN_TILE = "128x32 w8 s2"
-SUBSET = ["--arch", "90", "--dtype", "bf16", "--head-dim", "128", "--config", ATTN_TILE,
-          "--kernel", "_attn_fwd_kernel", "--kernel", "_layer_norm_fwd_kernel"]  # fmt: skip
+# At head dim 128 the pruning for sm_90 keeps the 128x128 tile without a mask, 128x32 with one.
+TILES = {"bf16 d128 full": "128x128 w8 s2", "bf16 d128 causal": "128x32 w8 s2"}
+SUBSET = ["--arch", "90", "--dtype", "bf16", "--head-dim", "128", "--kernel", "_attn_fwd_kernel",
+          "--kernel", "_layer_norm_fwd_kernel",
+          *(f"--config={tile}" for tile in TILES.values())]  # fmt: skip
+# sm_80 keeps 128x128 (both stage counts) at head dim 64 without a mask only.
+SUBSET_SM80 = ["--arch", "80", "--dtype", "bf16", "--head-dim", "64", "--config", "128x128 w8",
+               "--kernel", "_attn_fwd_kernel"]  # fmt: skip
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -49,12 +55,10 @@ def test_sass_analysis_finds_the_innermost_loop():
     assert kr._spill_bytes("STL.64") == 8 and kr._spill_bytes("LDL.LU") == 4
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """Tables of the subset's report, by kernel: a list of {column: cell} rows."""
+def run_report(args, output):
+    """Tables of the script's report for ``args``, by kernel: a list of {column: cell} rows."""
     pytest.importorskip("triton")
-    output = tmp_path_factory.mktemp("report") / "report.md"
-    result = subprocess.run([sys.executable, str(SCRIPT), *SUBSET, "--output", str(output)],
+    result = subprocess.run([sys.executable, str(SCRIPT), *args, "--output", str(output)],
                             capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**os.environ, "TRITON_INTERPRET": "0"})  # fmt: skip
     if result.returncode != 0 and "not found" in result.stderr.lower():
@@ -75,10 +79,20 @@ def report(tmp_path_factory):
     return tables
 
 
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run_report(SUBSET, tmp_path_factory.mktemp("report") / "report.md")
+
+
+@pytest.fixture(scope="module")
+def report_sm80(tmp_path_factory):
+    return run_report(SUBSET_SM80, tmp_path_factory.mktemp("report") / "report_sm80.md")
+
+
 def test_report_has_real_figures(report):
     forward, norm = report["_attn_fwd_kernel"], report["_layer_norm_fwd_kernel"]
-    assert [r["variant"] for r in forward] == ["bf16 d128 full", "bf16 d128 causal"]
-    assert {r["config"] for r in forward} == {ATTN_TILE}
+    assert {r["variant"]: r["config"] for r in forward} == TILES
+    assert [r["variant"] for r in forward] == list(TILES)
     assert len(norm) == 2  # LayerNorm and RMSNorm, at their launchers' fixed block
     for r in forward + norm:
         assert 0 < int(r["regs"]) <= 255
@@ -89,7 +103,7 @@ def test_report_has_real_figures(report):
         assert int(r["MMA HGMMA/HMMA"].split("/")[0]) > 0 and r["wgmma"] == "all"
         assert int(r["loop MMA"]) > 0
         assert int(r["loop instr"]) > int(r["loop MMA"]) + int(r["loop int"])
-    # The causal mask costs integer work in the loop.
+    # The causal mask costs integer work in the loop, though its tile is 4 times smaller.
     assert int(forward[1]["loop int"]) > int(forward[0]["loop int"])
 
 
@@ -102,3 +116,16 @@ def test_kept_configs_fit(report):
         if r["fits"] != "yes"
     ]
     assert not misfits, misfits
+
+
+def test_sm80_prunes_and_compiles_for_sm80(report_sm80):
+    """The 128x128 forward fits on sm_80 without a mask (with mma.sync: no wgmma there); with
+    one the pruning for sm_80 drops it."""
+    forward = report_sm80["_attn_fwd_kernel"]
+    assert [(r["variant"], r["config"]) for r in forward] == [
+        ("bf16 d64 full", "128x128 w8 s2"),
+        ("bf16 d64 full", "128x128 w8 s3"),
+    ]
+    for r in forward:
+        assert r["fits"] == "yes" and r["wgmma"] == "none"
+        assert int(r["MMA HGMMA/HMMA"].split("/")[1]) > 0

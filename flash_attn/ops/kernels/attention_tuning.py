@@ -1,8 +1,19 @@
 """The autotune spaces of the attention kernels and their pruning, fitted to what the compiler
-emits (``scripts/kernel_report.py``): a kept config neither spills registers nor asks for more
-shared memory than a block can get."""
+emits (``scripts/kernel_report.py``) for the GPU the kernels run on, or for the one the report
+compiles for (:func:`target_arch`).
+
+A program owns a block of rows (the forward and dQ: BLOCK_M queries; dK/dV: BLOCK_N keys) and
+loops over the other side in steps of the other block. A config is kept when its
+:class:`Footprint` fits (it neither spills registers nor asks for more shared memory than a
+block can get) and no config that fits takes longer steps with the same owned block and warps:
+a longer step costs fewer loop instructions per element (the report's instr/1k column), so the
+autotuner only weighs owned blocks, warps and pipeline stages, at most six configs per key.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -10,66 +21,147 @@ import triton
 from flash_attn.ops.backend import interpreter_enabled
 
 MAX_BLOCK = 128  # the largest BLOCK_M or BLOCK_N of any config
+# Shared memory one block may use (the opt-in maximum), bytes, by compute capability.
+SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+_arch: int | None = None  # set by pruning_for
 
 
-def autotune_configs(block_ms, block_ns, stages, owned="BLOCK_M", warps=None):
-    """Autotune candidates with ``warps`` warps, or one warpgroup (4 warps) per 64 rows of the
-    block the program owns (``owned``), the rows a warpgroup MMA covers; a single config under
-    the CPU interpreter."""
-    if interpreter_enabled():
-        # The interpreter runs programs one by one in NumPy: few, large blocks are fastest.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    configs = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm in block_ms for bn in block_ns]
-    return [triton.Config(c, num_warps=w, num_stages=s)
-            for c in configs for w in warps or [c[owned] // 16] for s in stages
-            if 16 * w >= c[owned]]  # fmt: skip
+def target_arch() -> int:
+    """Compute capability (10 * major + minor, e.g. 90) the configs are pruned for: the one
+    :func:`pruning_for` sets, else the current GPU's, else 90."""
+    if _arch is not None:
+        return _arch
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+    return 90
 
 
-# What a config holds, fitted to the compiler's report (scripts/kernel_report.py) at head dims
-# 64 to 256: 32-bit registers per program (fp32 accumulators and score tiles, more of the latter
-# where tiles are masked by a window or causal mask, and, in the backward, a quarter of a
-# register per element of each tile the loop loads, for its addresses), and elements in shared
-# memory (tiles kept for the whole program, plus one buffer per pipeline stage for each tile
-# the loop loads). Past its kernel's registers per thread, ptxas spills.
-FOOTPRINTS = {
-    "fwd": (160, lambda bm, bn, d, stages, masked: (
-        bm * d + (1.5 + 2.5 * masked) * bm * bn, bm * d + stages * 2 * bn * d)),
-    "dkdv": (92, lambda bm, bn, d, stages, masked: (
-        2 * bn * d + (2 + masked) * bm * bn + 0.5 * bm * d, 2 * bn * d + stages * 2 * bm * d)),
-    "dq": (128, lambda bm, bn, d, stages, masked: (
-        bm * d + (2 + masked) * bm * bn + 0.5 * bn * d, 2 * bm * d + stages * 2 * bn * d)),
-}  # fmt: skip
+@contextlib.contextmanager
+def pruning_for(arch: int):
+    """Prune for ``sm_<arch>`` inside the ``with`` block (the kernel report compiles for a GPU
+    that is not here)."""
+    global _arch
+    previous, _arch = _arch, arch
+    try:
+        yield
+    finally:
+        _arch = previous
 
 
 def shared_memory_limit() -> int:
-    """Shared memory one block may use: the GPU's, or the smallest of the GPUs the kernels
-    target (sm_80) where there is none (autotune spaces built without a device)."""
-    if torch.cuda.is_available():
+    """Shared memory one block may use, bytes: the GPU's own, or :data:`SHARED_MEMORY`'s for
+    the arch :func:`pruning_for` names (sm_80's for an arch it lacks)."""
+    if _arch is None and torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(torch.cuda.current_device())
         return properties.shared_memory_per_block_optin
-    return 163 * 1024
+    return SHARED_MEMORY.get(target_arch(), SHARED_MEMORY[80])
 
 
-def prune_by(kernel):
-    """``prune_configs_by`` of a kernel whose configs hold ``FOOTPRINTS[kernel]``."""
-    registers_per_thread, footprint = FOOTPRINTS[kernel]
+def largest(configs: list, group, size) -> list:
+    """The ``configs`` whose ``size(config)`` is the largest among the configs of the same
+    ``group(config)``, in their order."""
+    top = {}
+    for c in configs:
+        top[group(c)] = max(top.get(group(c), size(c)), size(c))
+    return [c for c in configs if size(c) == top[group(c)]]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a config of one kernel holds, fitted to the compiler's report at head dims 64 to 256.
+
+    Registers per thread, (accumulators x owned x HEAD_DIM + (scores + masked) x BLOCK_M x
+    BLOCK_N + loaded x step x HEAD_DIM) / threads, with ``masked`` counted where a window or
+    causal mask is compiled in, must stay within a budget. Its terms (fp32 accumulators, score
+    tiles, the tiles a step loads) weigh differently on sm_90, whose wgmma reads operands from
+    shared memory, and on the other archs, whose mma.sync reads them from registers:
+    ``registers`` holds (budget, scores, masked, loaded) for 90 and for 80 (every other arch).
+    Shared memory holds (kept x owned + stages x 2 x step) x HEAD_DIM elements: the tiles kept
+    for the whole program, and one buffer per pipeline stage for each of the two tiles a step
+    loads.
+    """
+
+    owned: str  # the block a program owns, "BLOCK_M" or "BLOCK_N"; it steps through the other
+    accumulators: int
+    kept: int
+    registers: dict[int, tuple[float, float, float, float]]
+
+    def step(self, config) -> int:
+        """The block the loop steps through."""
+        return config.kwargs["BLOCK_N" if self.owned == "BLOCK_M" else "BLOCK_M"]
+
+    def registers_per_thread(self, config, head_dim: int, masked: bool, arch: int):
+        """(estimated registers per thread, budget) of ``config`` on ``sm_<arch>``."""
+        budget, scores, mask, loaded = self.registers[90 if arch // 10 == 9 else 80]
+        tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        accumulators = self.accumulators * config.kwargs[self.owned] * head_dim
+        loads = loaded * self.step(config) * head_dim
+        elements = accumulators + (scores + mask * masked) * tile + loads
+        return elements / (32 * config.num_warps), budget
+
+    def shared_bytes(self, config, head_dim: int, itemsize: int) -> int:
+        """Shared memory of one block, bytes."""
+        rows = self.kept * config.kwargs[self.owned] + config.num_stages * 2 * self.step(config)
+        return rows * head_dim * itemsize
+
+    def fits(self, config, head_dim: int, masked: bool, itemsize: int, arch: int, shared: int):
+        """Whether ``config`` stays within the register budget of ``sm_<arch>`` and within
+        ``shared`` bytes of shared memory."""
+        registers, budget = self.registers_per_thread(config, head_dim, masked, arch)
+        return registers <= budget and self.shared_bytes(config, head_dim, itemsize) <= shared
+
+
+# Refit when the kernels change: ``scripts/kernel_report.py --unpruned --arch <80|90>`` compiles
+# every config; per arch, pick terms under which the longest kept step of every owned block and
+# warps compiles without spilling at head dims 64, 128 and 256, causal or not, budgets in the
+# middle of the range that allows.
+FOOTPRINTS = {
+    # q and the output accumulator stay; each step loads k and v.
+    "fwd": Footprint("BLOCK_M", 1, 1, {90: (166, 1, 4, 0.5), 80: (106, 1, 4, 0)}),
+    # k and v stay, with the dK and dV accumulators; each step loads q and dO.
+    "dkdv": Footprint("BLOCK_N", 2, 2, {90: (152, 4, 6, 1), 80: (180, 10, 3, 0.5)}),
+    # q and dO stay, with the dQ accumulator; each step loads k and v.
+    "dq": Footprint("BLOCK_M", 1, 2, {90: (115, 1, 2, 1), 80: (135, 8, 2, 0)}),
+}
+
+# (BLOCK_M values, BLOCK_N values, warps, pipeline stages) of each kernel's autotune space.
+SPACES = {
+    # One warpgroup per 64 query rows, or two on 64 rows (they split the head dim).
+    "fwd": ([64, 128], [32, 64, 128], [4, 8], [2, 3]),
+    # Two warpgroups share the key block: dK and dV accumulate in registers.
+    "dkdv": ([16, 32, 64], [32, 64, 128], [8], [2]),
+    "dq": ([64, 128], [16, 32, 64], [4, 8], [2]),
+}
+
+
+def autotune_configs(kernel: str) -> list:
+    """The autotune candidates of ``kernel`` (:data:`SPACES`, with at least 16 rows of the
+    owned block per warp), or a single config under the CPU interpreter."""
+    if interpreter_enabled():
+        # The interpreter runs programs one by one in NumPy: few, large blocks are fastest.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    block_ms, block_ns, warps, stages = SPACES[kernel]
+    blocks = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm in block_ms for bn in block_ns]
+    owned = FOOTPRINTS[kernel].owned
+    return [triton.Config(b, num_warps=w, num_stages=s)
+            for b in blocks for w in warps for s in stages if 16 * w >= b[owned]]  # fmt: skip
+
+
+def prune_by(kernel: str) -> dict:
+    """``prune_configs_by`` of ``kernel``: the configs whose ``FOOTPRINTS[kernel]`` fits on
+    :func:`target_arch` with the longest step for their owned block and warps (the first config
+    when none fits)."""
+    footprint = FOOTPRINTS[kernel]
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        itemsize = args["Q"].element_size()
-
-        def fits(c):
-            registers, elements = footprint(
-                c.kwargs["BLOCK_M"],
-                c.kwargs["BLOCK_N"],
-                args["HEAD_DIM"],
-                c.num_stages,
-                args["MASK_WINDOW"],
-            )
-            return (registers <= registers_per_thread * 32 * c.num_warps
-                    and elements * itemsize <= shared_memory_limit())  # fmt: skip
-
-        return [c for c in configs if fits(c)] or configs[:1]
+        shape = (args["HEAD_DIM"], args["MASK_WINDOW"], args["Q"].element_size())
+        where = (target_arch(), shared_memory_limit())
+        kept = [c for c in configs if footprint.fits(c, *shape, *where)]
+        group = lambda c: (c.kwargs[footprint.owned], c.num_warps)  # noqa: E731
+        return largest(kept, group, footprint.step) or configs[:1]
 
     return {"early_config_prune": prune}
 
@@ -77,8 +169,6 @@ def prune_by(kernel):
 # Retune when head dim, masking or the order of magnitude of the lengths change.
 TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "seqlen_q_bucket", "seqlen_k_bucket"]
 
-
-FWD_CONFIGS = autotune_configs([64, 128], [16, 32, 64, 128], [2, 3])
-# Two warpgroups share the key block: dK and dV accumulate in registers.
-DKDV_CONFIGS = autotune_configs([16, 32, 64], [64, 128], [2], warps=[8])
-DQ_CONFIGS = autotune_configs([64, 128], [32, 64], [2, 3], warps=[4, 8])
+FWD_CONFIGS = autotune_configs("fwd")
+DKDV_CONFIGS = autotune_configs("dkdv")
+DQ_CONFIGS = autotune_configs("dq")

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.kernels.attention_tuning import largest
 from flash_attn.ops.kernels.launch import device_guard
 
 
@@ -75,20 +76,28 @@ def _configs():
         # The interpreter runs programs one by one in NumPy: few, large tiles are fastest.
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
         for bm in (64, 128)
         for bn in (64, 128)
         for bk in (32, 64)
-        for w, s in ((4, 3), (8, 3), (4, 4))
+        for w in (4, 8)
     ]
 
 
+# fp32 accumulator elements per thread a tile may hold (the gated kernel holds two per output):
+# 128 spill on sm_80 and sm_90, 64 do not (scripts/kernel_report.py).
+ACCUMULATORS_PER_THREAD = 64
+
+
 def _prune(configs, named_args, **kwargs):
-    # The gated kernel holds two accumulators: keep its tiles within the register budget.
+    """The configs whose accumulators fit in registers, and of those with the same warps, the
+    ones with the largest tiles (the fewest loads per output): six per key."""
     gated = kwargs.get("GATED", named_args.get("GATED"))
-    limit = 64 * 128 if gated else 128 * 128
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    return kept or configs[:1]
+    tile = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    fits = [
+        c for c in configs if (1 + gated) * tile(c) <= ACCUMULATORS_PER_THREAD * 32 * c.num_warps
+    ]
+    return largest(fits, lambda c: c.num_warps, tile) or configs[:1]
 
 
 @triton.autotune(
