@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.kernels.attention_tuning import FWD_CONFIGS, MAX_BLOCK, TUNE_KEY, prune_by
+from flash_attn.ops.kernels.attention_tuning import MAX_BLOCK, autotune
 from flash_attn.ops.kernels.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -298,6 +298,15 @@ def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.c
 
 
 @triton.jit
+def program_block(BLOCK: tl.constexpr, nheads):
+    """(start, bh, off_b, off_h) of the block this program owns in a grid of (blocks along the
+    sequence, batch * nheads): its first row, bh = off_b * nheads + off_h, the batch entry and
+    the head."""
+    bh = tl.program_id(1)
+    return tl.program_id(0) * BLOCK, bh, bh // nheads, bh % nheads
+
+
+@triton.jit
 def head_start(T, strides, off_b, off_h, start):
     """Pointer to token ``start`` of head off_h of batch entry off_b in T, (B, S, H, D), or
     varlen (total_tokens, H, D) with batch stride 0; strides: its (batch, token, head) strides."""
@@ -316,10 +325,7 @@ def query_block(
     the block's q (BLOCK_M, HEAD_DIM) loaded (through a :func:`rows_descriptor` when TMA), mods
     for :func:`scores` and dropout for :func:`dropout_keep`. The arguments are the kernels'
     of these names (stride_q: (batch, token, head) strides)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
+    start_m, bh, off_b, off_h = program_block(BLOCK_M, nheads)
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     q_start, seqlen_q, k_start, seqlen_k = sequence(
@@ -415,11 +421,7 @@ def _store_probs(
                  mask=(rows[:, None] < seqlen_q) & in_keys[None, :])  # fmt: skip
 
 
-@triton.autotune(
-    configs=FWD_CONFIGS,
-    key=[*TUNE_KEY, "TMA"],
-    prune_configs_by=prune_by("fwd"),
-)
+@autotune("fwd", extra_key=("TMA",))
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B

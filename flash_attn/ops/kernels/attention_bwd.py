@@ -22,6 +22,7 @@ from flash_attn.ops.kernels.attention import (
     head_start,
     key_range,
     lse_strides,
+    program_block,
     query_block,
     score_mods,
     scores,
@@ -29,7 +30,7 @@ from flash_attn.ops.kernels.attention import (
     shared_kernel_args,
     token_strides,
 )
-from flash_attn.ops.kernels.attention_tuning import DKDV_CONFIGS, DQ_CONFIGS, TUNE_KEY, prune_by
+from flash_attn.ops.kernels.attention_tuning import autotune
 from flash_attn.ops.kernels.launch import device_guard
 
 
@@ -42,10 +43,7 @@ def _attn_bwd_delta_kernel(
     nheads, seqlen_q, head_dim,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    off_b = bh // nheads
-    off_h = bh % nheads
+    start_m, _, off_b, off_h = program_block(BLOCK_M, nheads)
     q_start, seqlen_q, _, _ = sequence(
         (CuSeqlensQ, CuSeqlensQ, CuSeqlensQ), off_b, seqlen_q, 0, VARLEN, False
     )
@@ -157,11 +155,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(
-    configs=DKDV_CONFIGS,
-    key=TUNE_KEY,
-    prune_configs_by=prune_by("dkdv"),
-)
+@autotune("dkdv")
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
@@ -177,10 +171,7 @@ def _attn_bwd_dkdv_kernel(
 ):  # fmt: skip
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
     # its group, so dK and dV are written once, without atomics.
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    off_b = bhk // nheads_k
-    off_hk = bhk % nheads_k
+    start_n, _, off_b, off_hk = program_block(BLOCK_N, nheads_k)
     group_size = nheads // nheads_k
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
@@ -241,11 +232,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(
-    configs=DQ_CONFIGS,
-    key=TUNE_KEY,
-    prune_configs_by=prune_by("dq"),
-)
+@autotune("dq")
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous

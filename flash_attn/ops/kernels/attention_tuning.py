@@ -169,6 +169,9 @@ def prune_by(kernel: str) -> dict:
 # Retune when head dim, masking or the order of magnitude of the lengths change.
 TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "seqlen_q_bucket", "seqlen_k_bucket"]
 
-FWD_CONFIGS = autotune_configs("fwd")
-DKDV_CONFIGS = autotune_configs("dkdv")
-DQ_CONFIGS = autotune_configs("dq")
+
+def autotune(kernel: str, extra_key: tuple[str, ...] = ()):
+    """The ``triton.autotune`` decorator of ``kernel`` ("fwd", "dkdv" or "dq"): its space, its
+    pruning, and :data:`TUNE_KEY` plus the kernel's own ``extra_key`` parameters."""
+    return triton.autotune(configs=autotune_configs(kernel), key=[*TUNE_KEY, *extra_key],
+                           prune_configs_by=prune_by(kernel))  # fmt: skip
