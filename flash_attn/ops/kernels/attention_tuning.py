@@ -13,6 +13,7 @@ autotuner only weighs owned blocks, warps and pipeline stages, at most six confi
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,12 @@ def autotune_configs(kernel: str) -> list:
             for b in blocks for w in warps for s in stages if 16 * w >= b[owned]]  # fmt: skip
 
 
+def autotuning() -> bool:
+    """False when ``FLASH_ATTN_AUTOTUNE=0``: each kernel then compiles and runs the first kept
+    config of each tune key, without timing the others (tests, quick runs)."""
+    return os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
+
+
 def prune_by(kernel: str) -> dict:
     """``prune_configs_by`` of ``kernel``: the configs whose ``FOOTPRINTS[kernel]`` fits on
     :func:`target_arch` with the longest step for their owned block and warps (the first config
@@ -161,7 +168,8 @@ def prune_by(kernel: str) -> dict:
         where = (target_arch(), shared_memory_limit())
         kept = [c for c in configs if footprint.fits(c, *shape, *where)]
         group = lambda c: (c.kwargs[footprint.owned], c.num_warps)  # noqa: E731
-        return largest(kept, group, footprint.step) or configs[:1]
+        kept = largest(kept, group, footprint.step) or configs[:1]
+        return kept if autotuning() else kept[:1]
 
     return {"early_config_prune": prune}
 
