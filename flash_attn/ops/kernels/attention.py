@@ -661,6 +661,8 @@ def tma_allowed(tensors, *, dense: bool, tma: bool | None = None) -> bool:
     :func:`tma_layout_ok`. tma: None, it then does on a CUDA device of compute capability >= 9;
     False, never; True, always (the CPU interpreter, or a compile for sm_90 from meta tensors),
     a ValueError where it may not."""
+    if tma is False:  # the default: nothing to check on every launch
+        return False
     allowed = dense and all(tma_layout_ok(t) for t in tensors)
     if tma is None:
         q = tensors[0]
