@@ -219,7 +219,7 @@ def render(todo, results, arch: int, command: str, minutes: float, unpruned=Fals
     "kept" column when ``unpruned``)."""
     git = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or "?"
-    limit = kr.SHARED_LIMIT.get(arch, kr.SHARED_LIMIT[80]) // 1024
+    limit = attention_tuning.shared_memory_of(arch) // 1024
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f"# Triton kernels compiled for sm_{arch}",

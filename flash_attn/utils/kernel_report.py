@@ -28,11 +28,9 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
-from flash_attn.ops.kernels.attention_tuning import SHARED_MEMORY
+from flash_attn.ops.kernels.attention_tuning import shared_memory_of
 from flash_attn.utils.triton_compile import unwrap_jit
 
-# Shared memory one block may use (opt-in maximum), bytes, by compute capability.
-SHARED_LIMIT = SHARED_MEMORY
 MMA = {"HGMMA", "HMMA"}
 SPILL = {"STL", "LDL"}
 # Vector integer ALU work: address arithmetic, index masks, compares (uniform-datapath U* ops
@@ -79,7 +77,7 @@ class Figures:
 
     def misfits(self, arch: int) -> list[str]:
         """Why it does not fit one block on ``sm_<arch>``: "spill", "smem", or nothing."""
-        too_much_shared = self.shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+        too_much_shared = self.shared > shared_memory_of(arch)
         spilled = self.spill_stores + self.spill_loads > 0
         return [why for why, bad in (("spill", spilled), ("smem", too_much_shared)) if bad]
 

@@ -57,7 +57,13 @@ def shared_memory_limit() -> int:
     if _arch is None and torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(torch.cuda.current_device())
         return properties.shared_memory_per_block_optin
-    return SHARED_MEMORY.get(target_arch(), SHARED_MEMORY[80])
+    return shared_memory_of(target_arch())
+
+
+def shared_memory_of(arch: int) -> int:
+    """Shared memory one block may use on ``sm_<arch>``, bytes (sm_80's for an arch that
+    :data:`SHARED_MEMORY` lacks)."""
+    return SHARED_MEMORY.get(arch, SHARED_MEMORY[80])
 
 
 def largest(configs: list, group, size) -> list:
