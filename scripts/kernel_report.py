@@ -137,7 +137,10 @@ def tasks(args) -> list[tuple[str, kr.Launch, object, bool]]:
     compiled once, labelled with all of them."""
     seen = {}
     for label, launcher, values in workloads(args.dtype, args.head_dim):
-        for launch in kr.capture(launcher, lambda: call_by_name(launcher, values)):  # noqa: B023
+        # Launchers and pruning both see the target arch.
+        with attention_tuning.pruning_for(args.arch):
+            launches = kr.capture(launcher, lambda: call_by_name(launcher, values))  # noqa: B023
+        for launch in launches:
             if args.kernel and not any(k in launch.name for k in args.kernel):
                 continue
             with attention_tuning.pruning_for(args.arch):

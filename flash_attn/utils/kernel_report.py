@@ -33,6 +33,8 @@ from flash_attn.utils.triton_compile import unwrap_jit
 
 MMA = {"HGMMA", "HMMA"}
 SPILL = {"STL", "LDL"}
+# Copies from global to shared memory that do not wait (cp.async and TMA): a pipelined loop.
+ASYNC_COPY = {"LDGSTS", "UTMALDG"}
 # Vector integer ALU work: address arithmetic, index masks, compares (uniform-datapath U* ops
 # run once per warp and are left out).
 INTEGER = {
@@ -224,7 +226,9 @@ def _spill_bytes(opcode: str) -> int:
 
 def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
     """The main loop: among innermost loops (a backward branch to an earlier address, no other
-    loop inside), the one with the most MMA instructions, then the most instructions."""
+    loop inside), the one with the most MMA instructions, then the most instructions. Pipelined
+    loops with MMAs (they copy asynchronously) count first: a kernel's loop without such copies,
+    beside pipelined ones, is a rarely run path (the attention kernels' guarded rerun)."""
     spans = [
         (int(operands), address)
         for address, opcode, operands in instructions
@@ -237,15 +241,16 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
     loops = []
     for lo, hi in innermost:
         body = [op.split(".")[0] for address, op, _ in instructions if lo <= address <= hi]
-        loops.append(
-            Loop(
-                instructions=len(body),
-                mma=sum(op in MMA for op in body),
-                integer=sum(op in INTEGER for op in body),
-                spill=sum(op in SPILL for op in body),
-            )
+        pipelined = any(op in ASYNC_COPY for op in body) and any(op in MMA for op in body)
+        loop = Loop(
+            instructions=len(body),
+            mma=sum(op in MMA for op in body),
+            integer=sum(op in INTEGER for op in body),
+            spill=sum(op in SPILL for op in body),
         )
-    return max(loops, key=lambda loop: (loop.mma, loop.instructions), default=None)
+        loops.append((pipelined, loop))
+    best = max(loops, key=lambda pair: (pair[0], pair[1].mma, pair[1].instructions), default=None)
+    return best and best[1]
 
 
 def analyse(compiled) -> Figures:

@@ -55,6 +55,28 @@ def test_sass_analysis_finds_the_innermost_loop():
     assert kr._spill_bytes("STL.64") == 8 and kr._spill_bytes("LDL.LU") == 4
 
 
+def test_pipelined_loop_counts_before_a_longer_one_without_async_copies():
+    """The forward's guarded rerun (loads, then stores to shared memory) has as many MMAs as
+    the pipelined loops and more instructions, but runs only for a spoiled block."""
+    pytest.importorskip("triton")
+    from flash_attn.utils import kernel_report as kr
+
+    def loop(start, body):
+        lines = [f"        /*{start + 16 * i:04x}*/  {op} ;" for i, op in enumerate(body)]
+        label = f".L_x_{start}:"
+        branch = f"        /*{start + 16 * len(body):04x}*/  @P0 BRA `({label[:-1]}) ;"
+        return "\n".join([label, *lines, branch])
+
+    mma = "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"
+    pipelined = loop(0x100, ["LDGSTS.E [R2], desc[UR4][R4.64]", mma, "IMAD R2, R3, R4, R5"])
+    rerun = loop(0x400, ["LDG.E R4, desc[UR4][R2.64]", "STS [R2], R4", mma, "IMAD R2, R3, R4, R5",
+                         "IMAD R2, R3, R4, R5"])  # fmt: skip
+    found = kr.main_loop(kr.parse_sass(pipelined + "\n" + rerun))
+    assert found == kr.Loop(instructions=4, mma=1, integer=1, spill=0)
+    # Without any pipelined loop, the longest one with the most MMAs, as before.
+    assert kr.main_loop(kr.parse_sass(rerun)).instructions == 6
+
+
 def run_report(args, output):
     """Tables of the script's report for ``args``, by kernel: a list of {column: cell} rows."""
     pytest.importorskip("triton")
