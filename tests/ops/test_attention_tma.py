@@ -102,9 +102,9 @@ from tests.ops.attention_testing import kernel_arg_types
 types = kernel_arg_types(fwd._attn_fwd_kernel)
 for on in (False, True):
     flags = dict(VARLEN=False, PAGED=False, HAS_SEQLENS_K=on, HAS_KV_BATCH_IDX=on, HAS_BIAS=on,
-                 HAS_ALIBI=on, SOFTCAP=on, MASK_WINDOW=on, DROPOUT=on, STORE_PROBS=on,
-                 EVEN_M=not on, EVEN_N=not on, TMA=True, HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64,
-                 DOT_PRECISION="tf32")
+                 HAS_ALIBI=on, SOFTCAP=on, MASK_WINDOW=on, MASK_LEFT=on, DROPOUT=on,
+                 STORE_PROBS=on, EVEN_M=not on, EVEN_N=not on, TMA=True, RERUN=1,
+                 HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, DOT_PRECISION="tf32")
     ptx = compile_for_gpu(fwd._attn_fwd_kernel, types, flags).asm["ptx"]
     # q, k, v loaded and the output stored by the bulk tensor copy engine.
     assert "cp.async.bulk.tensor.2d.shared::cta.global" in ptx, "no TMA load"
@@ -175,3 +175,22 @@ def test_tma_matches_pointer_path_on_a_kv_cache():
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, out_ptr, rtol=0, atol=0)
     torch.testing.assert_close(lse, lse_ptr, rtol=0, atol=0)
+
+
+@needs_descriptors
+def test_tma_block_with_a_bad_masked_key_is_computed_again_on_pointers():
+    """NaN in the v of a key that only the later queries see: the blocks that come out spoiled
+    are computed again with the guard, on pointers, so both paths give the rows before the key
+    exactly the clean result, and the rows that see it NaN."""
+    torch.manual_seed(0)
+    device = kernel_device()
+    q, k, v = (torch.randn(1, 70, 2, 64, dtype=torch.float16, device=device) for _ in "qkv")
+    opts = AttentionOptions.create(64, causal=True)
+    clean, _ = attention_fwd(q, k, v, opts, tma=True)
+    spoiled = v.clone()
+    spoiled[:, 50, :, 7] = float("nan")
+    (out, lse), (out_ptr, lse_ptr) = run_both(q, k, spoiled, opts)
+    torch.testing.assert_close(out, out_ptr, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse, lse_ptr, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out[:, :50], clean[:, :50], rtol=0, atol=0)
+    assert out[:, 50:].isnan().any(-1).all()

@@ -14,7 +14,7 @@ outside the window are skipped, so work grows with the window, not with the sequ
 Numerics: the softmax uses exp2 on scores scaled by log2(e); the running max, running sum and
 output accumulator stay in fp32; the log-sum-exp is stored in natural-log units, +inf for a row
 that attends to nothing (its output is zero, never NaN). In the forward, keys that a row may
-not see contribute nothing to it even when they hold NaN or inf (see :func:`finite_values`);
+not see contribute nothing to it even when they hold NaN or inf (see :func:`_attn_fwd_inner`);
 keys outside the sequence are never read.
 
 Dropout draws from Philox keyed by a seed tensor and the element's position
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.kernels.attention_tuning import MAX_BLOCK, autotune
+from flash_attn.ops.kernels.attention_tuning import MAX_BLOCK, autotune, target_arch
 from flash_attn.ops.kernels.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -62,6 +62,7 @@ class Features(NamedTuple):
     HAS_BIAS: tl.constexpr  # + bias
     HAS_ALIBI: tl.constexpr  # - slope * |i - j| (bottom-right aligned)
     MASK_WINDOW: tl.constexpr  # a window or causal mask
+    MASK_LEFT: tl.constexpr  # the window has a left edge (window_size[0] >= 0); causal has not
     DROPOUT: tl.constexpr
     EVEN_M: tl.constexpr  # seqlen_q is a multiple of every BLOCK_M: no bounds masks on rows
     EVEN_N: tl.constexpr  # seqlen_k is a multiple of every BLOCK_N: no bounds masks on keys
@@ -167,7 +168,7 @@ def scores(
         # A query sees an interval of keys: each key is compared with its query's two ends,
         # computed once per query.
         visible = tl.full(s.shape, True, tl.int1)
-        if FEATURES.MASK_WINDOW:
+        if FEATURES.MASK_LEFT:
             visible = cols >= rows + (diag - window_left)
         if FEATURES.MASK_WINDOW or not (FEATURES.EVEN_M and FEATURES.EVEN_N):
             last_key = (
@@ -260,15 +261,9 @@ def load_keys(src, start_n, cols, in_keys, in_dim, pages, PAGED: tl.constexpr, T
 
 
 @triton.jit
-def finite_values(v, s):
-    """v (BLOCK_N, HEAD_DIM) with its NaN and inf entries zeroed, and (BLOCK_M,) bool, True for
-    the rows of the tile's scores s (BLOCK_M, BLOCK_N), -inf where masked, that see such a
-    value. A masked key's probability is exactly 0, but 0 * NaN is NaN: this way garbage in a
-    masked key (a cache slot never written) reaches only the rows that see it."""
-    finite = (v - v) == 0
-    bad_keys = tl.max(tl.where(finite, 0, 1), 1)
-    seen = (s > float("-inf")) & (bad_keys[None, :] > 0)
-    return tl.where(finite, v, tl.zeros_like(v)), tl.max(seen.to(tl.int32), 1) > 0
+def nonfinite_rows(x):
+    """(rows,) bool: which rows of x (rows, cols) hold NaN or inf."""
+    return tl.sum((x * 0.0).to(tl.float32), 1) != 0.0  # 0 * (NaN or inf) is NaN
 
 
 @triton.jit
@@ -356,23 +351,38 @@ def query_block(
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi,
-    FEATURES: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    FEATURES: tl.constexpr, MASKED: tl.constexpr, GUARD: tl.constexpr, PAGED: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
     updated, m_i in log2 units. keys: (k_src, v_src, in_dim, pages), k_src and v_src as
-    :func:`load_keys` takes them. Without MASKED every score of every block is visible."""
+    :func:`load_keys` takes them. Without MASKED every score of every block is visible.
+
+    GUARD (pointer keys): 0 for the main path; 1 or 2 for the rarely run path (see
+    ``_attn_fwd_kernel``), 1 not pipelined (it then holds no shared memory of its own), 2
+    pipelined as the main loops (see ``RERUN``). With MASKED, NaN and inf in a key's v then
+    reach only the rows that see it: otherwise p = 0 for the rows that may not see the key, but
+    0 * NaN is NaN. Such a key is read as zeros and its visible scores become NaN, so the rows
+    that see it come out NaN, as 0 * NaN makes them; every other row is bit for bit what it is
+    without."""
     k_src, v_src, in_dim, pages = keys
     seqlen_k = mods[1]
     qk_scale = mods[2] * LOG2E
-    for start_n in range(lo, hi, BLOCK_N):
+    STAGES: tl.constexpr = 1 if GUARD == 1 else None
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
         kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
+        if GUARD and MASKED:
+            v = load_keys(v_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, False)
+            bad = nonfinite_rows(v)
+            in_keys = in_keys & ~bad
         v = load_keys(v_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, False)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         if MASKED or FEATURES.SOFTCAP or FEATURES.HAS_BIAS or FEATURES.HAS_ALIBI:
             s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, MASKED)
+            if GUARD and MASKED:
+                s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far keeps m = -inf; shift by 0 to avoid inf - inf.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -386,13 +396,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if FEATURES.DROPOUT:
             p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, 0.0)
-        # Only tiles on the edges of a window hold keys that some rows may not see and that are
-        # loaded (keys outside the sequence are loaded as 0).
-        if MASKED and FEATURES.MASK_WINDOW:
-            v, poisoned = finite_values(v, s)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        if MASKED and FEATURES.MASK_WINDOW:
-            acc = tl.where(poisoned[:, None], float("nan"), acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -421,6 +425,73 @@ def _store_probs(
                  mask=(rows[:, None] < seqlen_q) & in_keys[None, :])  # fmt: skip
 
 
+@triton.jit
+def _attn_fwd_rows(
+    q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES: tl.constexpr,
+    GUARD: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr, STORE_PROBS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Attend the query block (q, rows) to every key it sees and store its output, lse and,
+    with STORE_PROBS, probabilities. Returns whether the block's unnormalised output holds NaN
+    or inf (always False without a window mask). outputs: (Out, stride_o, stride_out_split,
+    Lse, stride_lse, stride_lse_split, P); place: (off_b, off_h, q_start, split, head_dim).
+    GUARD: see :func:`_attn_fwd_inner`. Other arguments: the forward kernel's."""
+    Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P = outputs
+    off_b, off_h, q_start, split, head_dim = place
+    lo, lo_full, hi_full, hi = key_blocks
+    seqlen_q, dropout_p = mods[0], dropout[4]
+    BLOCK_M: tl.constexpr = rows.shape[0]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Blocks seen whole need no mask; only those at the window's edges, on the diagonal or past
+    # the last full block of keys do (without a window and with EVEN_N, there are none). Only
+    # they hold keys that some rows may not see and that are loaded (keys outside the sequence
+    # are loaded as 0).
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
+        FEATURES, False, GUARD, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    if FEATURES.MASK_WINDOW or not FEATURES.EVEN_N:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
+            FEATURES, True, GUARD, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+    if FEATURES.MASK_LEFT:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
+            FEATURES, True, GUARD, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+    spoiled = False
+    if FEATURES.MASK_WINDOW:
+        total = tl.sum(tl.sum(acc, 1), 0)
+        spoiled = total - total != 0.0
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    if FEATURES.DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    if STORE_PROBS:
+        _store_probs(
+            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+    lse = lse2 / LOG2E
+    lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse[0] + off_h * stride_lse[1]
+    tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
+    o = acc.to(Out.dtype.element_ty)
+    o_base = head_start(Out + split * stride_out_split, stride_o, off_b, off_h, q_start)
+    if TMA:
+        o_desc = rows_descriptor(o_base, seqlen_q, stride_o[1], head_dim, BLOCK_M, HEAD_DIM)
+        o_desc.store([rows.min(), 0], o)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        o_ptrs = o_base + rows[:, None] * stride_o[1] + offs_d[None, :]
+        tl.store(o_ptrs, o, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
+    return spoiled
+
+
 @autotune("fwd", extra_key=("TMA",))
 @triton.jit
 def _attn_fwd_kernel(
@@ -440,10 +511,14 @@ def _attn_fwd_kernel(
     seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
-    PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr, PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     TMA: tl.constexpr,  # q, k, v, Out through tensor descriptors (see tma_allowed)
+    # The guarded rerun's GUARD (see _attn_fwd_inner): 1 (not pipelined) on sm_90, whose wgmma
+    # reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop stages
+    # its tiles in registers (it spills at head dim 256).
+    RERUN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # q stays in SRAM for the whole loop over keys.
@@ -465,9 +540,6 @@ def _attn_fwd_kernel(
     k_base = head_start(K, stride_k, off_bk, off_hk, k_start)
     v_base = head_start(V, stride_v, off_bk, off_hk, k_start)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     window_left, window_right = mods[8], mods[9]
     lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N)  # fmt: skip
@@ -479,53 +551,34 @@ def _attn_fwd_kernel(
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     pages = (BlockTable, off_b, stride_table_b, page_size)
+    # A paged cache steps over pages with the batch stride.
+    pointer_keys = ((k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1]),
+                    in_dim, pages)  # fmt: skip
     if TMA:
-        k_src = rows_descriptor(k_base, seqlen_k, stride_k[1], head_dim, BLOCK_N, HEAD_DIM)
-        v_src = rows_descriptor(v_base, seqlen_k, stride_v[1], head_dim, BLOCK_N, HEAD_DIM)
-    else:  # a paged cache steps over pages with the batch stride
-        k_src, v_src = (k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1])
-    keys = (k_src, v_src, in_dim, pages)
-    FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
-    )
-    # Blocks seen whole need no mask; only those at the window's edges, on the diagonal or past
-    # the last full block of keys do (without a window and with EVEN_N, there are none).
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
-        FEATURES, False, PAGED, TMA, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
-    if MASK_WINDOW or not EVEN_N:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
-            FEATURES, True, PAGED, TMA, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-    if MASK_WINDOW:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
-            FEATURES, True, PAGED, TMA, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    if DROPOUT:
-        acc = acc * (1.0 / (1.0 - dropout_p))
-    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    if STORE_PROBS:
-        _store_probs(
-            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, TMA, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-    lse = lse2 / LOG2E
-    lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse[0] + off_h * stride_lse[1]
-    tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
-    o = acc.to(Out.dtype.element_ty)
-    o_base = head_start(Out + split * stride_out_split, stride_o, off_b, off_h, q_start)
-    if TMA:
-        o_desc = rows_descriptor(o_base, seqlen_q, stride_o[1], head_dim, BLOCK_M, HEAD_DIM)
-        o_desc.store([start_m, 0], o)
+        keys = (rows_descriptor(k_base, seqlen_k, stride_k[1], head_dim, BLOCK_N, HEAD_DIM),
+                rows_descriptor(v_base, seqlen_k, stride_v[1], head_dim, BLOCK_N, HEAD_DIM),
+                in_dim, pages)  # fmt: skip
     else:
-        o_ptrs = o_base + rows[:, None] * stride_o[1] + offs_d[None, :]
-        tl.store(o_ptrs, o, mask=(rows[:, None] < seqlen_q) & in_dim[None, :])
+        keys = pointer_keys
+    FEATURES: tl.constexpr = Features(
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
+    )
+    key_blocks = (lo, lo_full, hi_full, hi)
+    outputs = (Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P)
+    place = (off_b, off_h, q_start, split, head_dim)
+    spoiled = _attn_fwd_rows(
+        q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, 0, PAGED, TMA,
+        STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    # A masked key holding NaN or inf in v spoils the rows that may not see it (0 * NaN), and
+    # with them the sum of the block. Only then is the block computed and stored again with the
+    # guard (see _attn_fwd_inner), which leaves the other rows bit for bit as they were: the
+    # common case pays one sum, and the guard's work stays out of the main loops.
+    if spoiled:  # a constant False without a window mask
+        _attn_fwd_rows(
+            q, pointer_keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, RERUN,
+            PAGED, False, STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,6 +677,7 @@ def shared_kernel_args(
         HAS_ALIBI=alibi_slopes is not None,
         SOFTCAP=opts.softcap > 0.0,
         MASK_WINDOW=left < unlimited or right < unlimited,
+        MASK_LEFT=left < unlimited,
         DROPOUT=opts.dropout_p > 0.0,
         # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -763,6 +817,7 @@ def attention_fwd(
             P=probs if probs is not None else out,
             STORE_PROBS=probs is not None,
             TMA=use_tma,
+            RERUN=1 if target_arch() >= 90 else 2,
             **args,
         )
     if num_splits == 1:

@@ -165,8 +165,8 @@ def _attn_bwd_dkdv_kernel(
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
@@ -194,7 +194,7 @@ def _attn_bwd_dkdv_kernel(
         seed = tl.load(Seed)
 
     FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
     )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -214,7 +214,9 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, k, v, queries, cols, start_n, mods, dropout, lo_full, hi_full,
             FEATURES, False, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        if MASK_WINDOW or not EVEN_M:
+        # With the roles swapped, the window's left edge (or the last queries) masks the last
+        # query blocks, its right edge (causal: the diagonal) the first ones.
+        if MASK_LEFT or not EVEN_M:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, queries, cols, start_n, mods, dropout, hi_full, hi,
                 FEATURES, True, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
@@ -243,7 +245,8 @@ def _attn_bwd_dq_kernel(
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -273,7 +276,7 @@ def _attn_bwd_dq_kernel(
             tl.program_id(1).to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)  # fmt: skip
 
     FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, DROPOUT, EVEN_M, EVEN_N
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
     )
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
@@ -287,7 +290,7 @@ def _attn_bwd_dq_kernel(
             dq, q, do, lse, delta, rows, keys, mods, dropout, hi_full, hi,
             FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
-    if MASK_WINDOW:
+    if MASK_LEFT:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse, delta, rows, keys, mods, dropout, lo, lo_full,
             FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,

@@ -80,11 +80,13 @@ class Footprint:
     """What a config of one kernel holds, fitted to the compiler's report at head dims 64 to 256.
 
     Registers per thread, (accumulators x owned x HEAD_DIM + (scores + masked) x BLOCK_M x
-    BLOCK_N + loaded x step x HEAD_DIM) / threads, with ``masked`` counted where a window or
-    causal mask is compiled in, must stay within a budget. Its terms (fp32 accumulators, score
-    tiles, the tiles a step loads) weigh differently on sm_90, whose wgmma reads operands from
-    shared memory, and on the other archs, whose mma.sync reads them from registers:
-    ``registers`` holds (budget, scores, masked, loaded) for 90 and for 80 (every other arch).
+    BLOCK_N + loaded x step x HEAD_DIM) / threads + rerun x HEAD_DIM / 16, with ``masked`` and
+    ``rerun`` counted where a window or causal mask is compiled in, must stay within a budget.
+    Its terms (fp32 accumulators, score tiles, the tiles a step loads, and what the guarded
+    rerun of a block that comes out non-finite holds per head-dim column) weigh differently on
+    sm_90, whose wgmma reads operands from shared memory, and on the other archs, whose mma.sync
+    reads them from registers: ``registers`` holds (budget, scores, masked, loaded, rerun) for
+    90 and for 80 (every other arch).
     Shared memory holds (kept x owned + stages x 2 x step) x HEAD_DIM elements: the tiles kept
     for the whole program, and one buffer per pipeline stage for each of the two tiles a step
     loads.
@@ -93,7 +95,7 @@ class Footprint:
     owned: str  # the block a program owns, "BLOCK_M" or "BLOCK_N"; it steps through the other
     accumulators: int
     kept: int
-    registers: dict[int, tuple[float, float, float, float]]
+    registers: dict[int, tuple[float, float, float, float, float]]
 
     def step(self, config) -> int:
         """The block the loop steps through."""
@@ -101,12 +103,12 @@ class Footprint:
 
     def registers_per_thread(self, config, head_dim: int, masked: bool, arch: int):
         """(estimated registers per thread, budget) of ``config`` on ``sm_<arch>``."""
-        budget, scores, mask, loaded = self.registers[90 if arch // 10 == 9 else 80]
+        budget, scores, mask, loaded, rerun = self.registers[90 if arch // 10 == 9 else 80]
         tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
         accumulators = self.accumulators * config.kwargs[self.owned] * head_dim
         loads = loaded * self.step(config) * head_dim
         elements = accumulators + (scores + mask * masked) * tile + loads
-        return elements / (32 * config.num_warps), budget
+        return elements / (32 * config.num_warps) + rerun * masked * head_dim / 16, budget
 
     def shared_bytes(self, config, head_dim: int, itemsize: int) -> int:
         """Shared memory of one block, bytes."""
@@ -126,11 +128,11 @@ class Footprint:
 # middle of the range that allows.
 FOOTPRINTS = {
     # q and the output accumulator stay; each step loads k and v.
-    "fwd": Footprint("BLOCK_M", 1, 1, {90: (166, 1, 4, 0.5), 80: (106, 1, 4, 0)}),
+    "fwd": Footprint("BLOCK_M", 1, 1, {90: (176, 0.5, 0.25, 0.25, 6), 80: (106, 1, 4, 0, 0)}),
     # k and v stay, with the dK and dV accumulators; each step loads q and dO.
-    "dkdv": Footprint("BLOCK_N", 2, 2, {90: (152, 4, 6, 1), 80: (180, 10, 3, 0.5)}),
+    "dkdv": Footprint("BLOCK_N", 2, 2, {90: (152, 4, 6, 1, 0), 80: (180, 10, 3, 0.5, 0)}),
     # q and dO stay, with the dQ accumulator; each step loads k and v.
-    "dq": Footprint("BLOCK_M", 1, 2, {90: (115, 1, 2, 1), 80: (135, 8, 2, 0)}),
+    "dq": Footprint("BLOCK_M", 1, 2, {90: (115, 1, 2, 1, 0), 80: (135, 8, 2, 0, 0)}),
 }
 
 # (BLOCK_M values, BLOCK_N values, warps, pipeline stages) of each kernel's autotune space.
