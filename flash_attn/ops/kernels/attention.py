@@ -359,25 +359,24 @@ def _attn_fwd_inner(
     :func:`load_keys` takes them. Without MASKED every score of every block is visible.
 
     GUARD (pointer keys): 0 for the main path; 1 or 2 for the rarely run path (see
-    ``_attn_fwd_kernel``), 1 not pipelined (it then holds no shared memory of its own), 2
-    pipelined as the main loops (see ``RERUN``). With MASKED, NaN and inf in a key's v then
+    ``_attn_fwd_kernel``), 1 not pipelined (it then holds no shared memory of its own), 2 in two
+    stages (see ``RERUN``). With MASKED, NaN and inf in a key's v then
     reach only the rows that see it: otherwise p = 0 for the rows that may not see the key, but
-    0 * NaN is NaN. Such a key is read as zeros and its visible scores become NaN, so the rows
-    that see it come out NaN, as 0 * NaN makes them; every other row is bit for bit what it is
-    without."""
+    0 * NaN is NaN. Such a key's v is taken as zeros and its visible scores become NaN, so the
+    rows that see it come out NaN, as 0 * NaN makes them; every other row is bit for bit what
+    it is without."""
     k_src, v_src, in_dim, pages = keys
     seqlen_k = mods[1]
     qk_scale = mods[2] * LOG2E
-    STAGES: tl.constexpr = 1 if GUARD == 1 else None
+    STAGES: tl.constexpr = 1 if GUARD == 1 else (2 if GUARD == 2 else None)
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
         kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
-        if GUARD and MASKED:
-            v = load_keys(v_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, False)
-            bad = nonfinite_rows(v)
-            in_keys = in_keys & ~bad
         v = load_keys(v_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, False)
+        if GUARD and MASKED:
+            bad = nonfinite_rows(v)
+            v = tl.where(bad[:, None], 0.0, v).to(v.dtype)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         if MASKED or FEATURES.SOFTCAP or FEATURES.HAS_BIAS or FEATURES.HAS_ALIBI:
             s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, MASKED)

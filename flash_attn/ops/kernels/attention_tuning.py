@@ -80,13 +80,14 @@ class Footprint:
     """What a config of one kernel holds, fitted to the compiler's report at head dims 64 to 256.
 
     Registers per thread, (accumulators x owned x HEAD_DIM + (scores + masked) x BLOCK_M x
-    BLOCK_N + loaded x step x HEAD_DIM) / threads + rerun x HEAD_DIM / 16, with ``masked`` and
-    ``rerun`` counted where a window or causal mask is compiled in, must stay within a budget.
-    Its terms (fp32 accumulators, score tiles, the tiles a step loads, and what the guarded
-    rerun of a block that comes out non-finite holds per head-dim column) weigh differently on
-    sm_90, whose wgmma reads operands from shared memory, and on the other archs, whose mma.sync
-    reads them from registers: ``registers`` holds (budget, scores, masked, loaded, rerun) for
-    90 and for 80 (every other arch).
+    BLOCK_N + loaded x step x HEAD_DIM) / threads + guard x HEAD_DIM / 16, with ``masked`` and
+    ``guard`` counted where a window or causal mask is compiled in, must stay within a budget.
+    Its terms (fp32 accumulators, score tiles, the tiles a step loads, and what the NaN guard
+    for masked keys holds per 16 head-dim columns: the forward's rerun of a block that comes
+    out non-finite, dQ's zeroing of non-finite keys) weigh differently on sm_90, whose wgmma
+    reads operands from shared memory, and on the other archs, whose mma.sync reads them from
+    registers: ``registers`` holds (budget, scores, masked, loaded, guard) for 90 and for 80
+    (every other arch).
     Shared memory holds (kept x owned + stages x 2 x step) x HEAD_DIM elements: the tiles kept
     for the whole program, and one buffer per pipeline stage for each of the two tiles a step
     loads.
@@ -103,12 +104,12 @@ class Footprint:
 
     def registers_per_thread(self, config, head_dim: int, masked: bool, arch: int):
         """(estimated registers per thread, budget) of ``config`` on ``sm_<arch>``."""
-        budget, scores, mask, loaded, rerun = self.registers[90 if arch // 10 == 9 else 80]
+        budget, scores, mask, loaded, guard = self.registers[90 if arch // 10 == 9 else 80]
         tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
         accumulators = self.accumulators * config.kwargs[self.owned] * head_dim
         loads = loaded * self.step(config) * head_dim
         elements = accumulators + (scores + mask * masked) * tile + loads
-        return elements / (32 * config.num_warps) + rerun * masked * head_dim / 16, budget
+        return elements / (32 * config.num_warps) + guard * masked * head_dim / 16, budget
 
     def shared_bytes(self, config, head_dim: int, itemsize: int) -> int:
         """Shared memory of one block, bytes."""
@@ -123,16 +124,17 @@ class Footprint:
 
 
 # Refit when the kernels change: ``scripts/kernel_report.py --unpruned --arch <80|90>`` compiles
-# every config; per arch, pick terms under which the longest kept step of every owned block and
-# warps compiles without spilling at head dims 64, 128 and 256, causal or not, budgets in the
-# middle of the range that allows.
+# every config, and ``scripts/fit_footprints.py`` finds, per arch, terms under which no kept
+# config spills and the longest kept step of every owned block and warps is the longest that
+# compiles cleanly, at head dims 64, 128 and 256, causal or not (budgets inside the range that
+# allows; terms that score alike are equally good).
 FOOTPRINTS = {
     # q and the output accumulator stay; each step loads k and v.
     "fwd": Footprint("BLOCK_M", 1, 1, {90: (176, 0.5, 0.25, 0.25, 6), 80: (106, 1, 4, 0, 0)}),
     # k and v stay, with the dK and dV accumulators; each step loads q and dO.
-    "dkdv": Footprint("BLOCK_N", 2, 2, {90: (152, 4, 6, 1, 0), 80: (180, 10, 3, 0.5, 0)}),
+    "dkdv": Footprint("BLOCK_N", 2, 2, {90: (100, 0.5, 0, 1, 0), 80: (180, 10, 3, 0.5, 0)}),
     # q and dO stay, with the dQ accumulator; each step loads k and v.
-    "dq": Footprint("BLOCK_M", 1, 2, {90: (115, 1, 2, 1, 0), 80: (135, 8, 2, 0, 0)}),
+    "dq": Footprint("BLOCK_M", 1, 2, {90: (229, 0.5, 0, 2, 2), 80: (135, 8, 2, 0, 0)}),
 }
 
 # (BLOCK_M values, BLOCK_N values, warps, pipeline stages) of each kernel's autotune space.
