@@ -21,11 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton
 
-import triton  # noqa: E402
-
-from flash_attn.ops.kernels.attention_tuning import FOOTPRINTS  # noqa: E402
+from flash_attn.ops.kernels.attention_tuning import FOOTPRINTS
 
 KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
 GRID = dict(
@@ -104,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("kernel", choices=sorted(KERNELS))
     parser.add_argument("--arch", type=int, default=90, help="the report's arch: 90 or 80")
     args = parser.parse_args(argv)
+    if not args.report.is_file():
+        parser.error(f"report: {args.report} is not a file (make one with kernel_report.py)")
     rows = read_report(args.report, KERNELS[args.kernel])
     if not rows:
         parser.error(f"report: no rows of {KERNELS[args.kernel]} in {args.report}")

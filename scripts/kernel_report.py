@@ -134,17 +134,14 @@ def tasks(args) -> list[tuple[str, kr.Launch, object, bool]]:
     """(variants, launch, config, whether the pruning for sm_<arch> keeps it) to compile: the
     kept configs, or all with --unpruned, after the --kernel and --config filters. A launch
     that several variants make alike (the backward's delta kernel does not see causality) is
-    compiled once, labelled with all of them."""
+    compiled once, labelled with all of them. Call it under ``pruning_for(args.arch)``, so that
+    the launchers and the pruning see that arch."""
     seen = {}
     for label, launcher, values in workloads(args.dtype, args.head_dim):
-        # Launchers and pruning both see the target arch.
-        with attention_tuning.pruning_for(args.arch):
-            launches = kr.capture(launcher, lambda: call_by_name(launcher, values))  # noqa: B023
-        for launch in launches:
+        for launch in kr.capture(launcher, lambda: call_by_name(launcher, values)):  # noqa: B023
             if args.kernel and not any(k in launch.name for k in args.kernel):
                 continue
-            with attention_tuning.pruning_for(args.arch):
-                kept = kr.kept_configs(launch)
+            kept = kr.kept_configs(launch)
             for config in kr.all_configs(launch) if args.unpruned else kept:
                 name = kr.config_label(launch, config)
                 if config is not None and args.config and not any(c in name for c in args.config):
@@ -289,7 +286,8 @@ def main(argv=None) -> int:
                                                              for w in words)])  # fmt: skip
 
     start = time.perf_counter()
-    todo = tasks(args)
+    with attention_tuning.pruning_for(args.arch):  # what launchers and pruning see
+        todo = tasks(args)
     results = measure_all(todo, args.arch, args.jobs)
     minutes = (time.perf_counter() - start) / 60
     report = render(todo, results, args.arch, command, minutes, args.unpruned)

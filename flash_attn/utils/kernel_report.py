@@ -241,13 +241,13 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
     loops = []
     for lo, hi in innermost:
         body = [op.split(".")[0] for address, op, _ in instructions if lo <= address <= hi]
-        pipelined = any(op in ASYNC_COPY for op in body) and any(op in MMA for op in body)
         loop = Loop(
             instructions=len(body),
             mma=sum(op in MMA for op in body),
             integer=sum(op in INTEGER for op in body),
             spill=sum(op in SPILL for op in body),
         )
+        pipelined = loop.mma > 0 and any(op in ASYNC_COPY for op in body)
         loops.append((pipelined, loop))
     best = max(loops, key=lambda pair: (pair[0], pair[1].mma, pair[1].instructions), default=None)
     return best and best[1]

@@ -22,7 +22,8 @@ for on in (False, True):
                  MASK_WINDOW=on, MASK_LEFT=on, DROPOUT=on, EVEN_M=not on, EVEN_N=not on,
                  **blocks)
     build(fwd._attn_fwd_kernel, **dict(flags, HAS_SEQLENS_K=not on, HAS_KV_BATCH_IDX=not on,
-                                       PAGED=not on, STORE_PROBS=on, TMA=False, RERUN=1 + on))
+                                       PAGED=not on, STORE_PROBS=on, TMA=False,
+                                       RERUN_STAGES=1 + on))
     build(bwd._attn_bwd_dkdv_kernel, **flags)
     build(bwd._attn_bwd_dq_kernel, DBIAS=on, **flags)
 build(bwd._attn_bwd_delta_kernel, HEAD_DIM=128, VARLEN=True, BLOCK_M=64)

@@ -103,7 +103,7 @@ types = kernel_arg_types(fwd._attn_fwd_kernel)
 for on in (False, True):
     flags = dict(VARLEN=False, PAGED=False, HAS_SEQLENS_K=on, HAS_KV_BATCH_IDX=on, HAS_BIAS=on,
                  HAS_ALIBI=on, SOFTCAP=on, MASK_WINDOW=on, MASK_LEFT=on, DROPOUT=on,
-                 STORE_PROBS=on, EVEN_M=not on, EVEN_N=not on, TMA=True, RERUN=1,
+                 STORE_PROBS=on, EVEN_M=not on, EVEN_N=not on, TMA=True, RERUN_STAGES=1,
                  HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, DOT_PRECISION="tf32")
     ptx = compile_for_gpu(fwd._attn_fwd_kernel, types, flags).asm["ptx"]
     # q, k, v loaded and the output stored by the bulk tensor copy engine.

@@ -47,3 +47,17 @@ def test_fit_keeps_the_longest_clean_steps(tmp_path):
     # One register more than the range allows keeps a config that spills.
     wider = dataclasses.replace(base, registers={90: (high + 1, *terms)})
     assert ff.score(wider, rows, 90) is None
+
+
+def test_missing_or_empty_report_is_refused(tmp_path, capsys):
+    pytest.importorskip("triton")
+    import fit_footprints as ff
+
+    with pytest.raises(SystemExit) as missing:
+        ff.main([str(tmp_path / "absent.md"), "dq"])
+    assert missing.value.code == 2 and "report" in capsys.readouterr().err
+    empty = tmp_path / "empty.md"
+    empty.write_text("# nothing\n")
+    with pytest.raises(SystemExit) as no_rows:
+        ff.main([str(empty), "dq"])
+    assert no_rows.value.code == 2 and "_attn_bwd_dq_kernel" in capsys.readouterr().err

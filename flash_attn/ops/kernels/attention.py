@@ -358,17 +358,16 @@ def _attn_fwd_inner(
     updated, m_i in log2 units. keys: (k_src, v_src, in_dim, pages), k_src and v_src as
     :func:`load_keys` takes them. Without MASKED every score of every block is visible.
 
-    GUARD (pointer keys): 0 for the main path; 1 or 2 for the rarely run path (see
-    ``_attn_fwd_kernel``), 1 not pipelined (it then holds no shared memory of its own), 2 in two
-    stages (see ``RERUN``). With MASKED, NaN and inf in a key's v then
-    reach only the rows that see it: otherwise p = 0 for the rows that may not see the key, but
-    0 * NaN is NaN. Such a key's v is taken as zeros and its visible scores become NaN, so the
-    rows that see it come out NaN, as 0 * NaN makes them; every other row is bit for bit what
-    it is without."""
+    GUARD: 0 on the main path; on the rarely run guarded path (pointer keys, see
+    ``_attn_fwd_kernel``), the loop's pipeline stages (1: not pipelined, no shared memory of its
+    own). With MASKED, NaN and inf in a key's v then reach only the rows that see it: otherwise
+    p = 0 for the rows that may not see the key, but 0 * NaN is NaN. Such a key's v is taken as
+    zeros and its visible scores become NaN, so the rows that see it come out NaN, as 0 * NaN
+    makes them; every other row is bit for bit what it is without."""
     k_src, v_src, in_dim, pages = keys
     seqlen_k = mods[1]
     qk_scale = mods[2] * LOG2E
-    STAGES: tl.constexpr = 1 if GUARD == 1 else (2 if GUARD == 2 else None)
+    STAGES: tl.constexpr = GUARD if GUARD else None  # None: the config's num_stages
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
@@ -433,10 +432,11 @@ def _attn_fwd_rows(
     """Attend the query block (q, rows) to every key it sees and store its output, lse and,
     with STORE_PROBS, probabilities. Returns whether the block's unnormalised output holds NaN
     or inf (always False without a window mask). outputs: (Out, stride_o, stride_out_split,
-    Lse, stride_lse, stride_lse_split, P); place: (off_b, off_h, q_start, split, head_dim).
+    Lse, stride_lse, stride_lse_split, P); place: (off_b, off_h, q_start, start_m, split,
+    head_dim), start_m the block's first row.
     GUARD: see :func:`_attn_fwd_inner`. Other arguments: the forward kernel's."""
     Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P = outputs
-    off_b, off_h, q_start, split, head_dim = place
+    off_b, off_h, q_start, start_m, split, head_dim = place
     lo, lo_full, hi_full, hi = key_blocks
     seqlen_q, dropout_p = mods[0], dropout[4]
     BLOCK_M: tl.constexpr = rows.shape[0]
@@ -483,7 +483,7 @@ def _attn_fwd_rows(
     o_base = head_start(Out + split * stride_out_split, stride_o, off_b, off_h, q_start)
     if TMA:
         o_desc = rows_descriptor(o_base, seqlen_q, stride_o[1], head_dim, BLOCK_M, HEAD_DIM)
-        o_desc.store([rows.min(), 0], o)
+        o_desc.store([start_m, 0], o)
     else:
         offs_d = tl.arange(0, HEAD_DIM)
         o_ptrs = o_base + rows[:, None] * stride_o[1] + offs_d[None, :]
@@ -514,10 +514,10 @@ def _attn_fwd_kernel(
     DROPOUT: tl.constexpr, PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     TMA: tl.constexpr,  # q, k, v, Out through tensor descriptors (see tma_allowed)
-    # The guarded rerun's GUARD (see _attn_fwd_inner): 1 (not pipelined) on sm_90, whose wgmma
-    # reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop stages
-    # its tiles in registers (it spills at head dim 256).
-    RERUN: tl.constexpr,
+    # Pipeline stages of the guarded rerun (see _attn_fwd_inner): 1 (none) on sm_90, whose
+    # wgmma reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop
+    # stages its tiles in registers (it spills at head dim 256).
+    RERUN_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # q stays in SRAM for the whole loop over keys.
@@ -564,7 +564,7 @@ def _attn_fwd_kernel(
     )
     key_blocks = (lo, lo_full, hi_full, hi)
     outputs = (Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P)
-    place = (off_b, off_h, q_start, split, head_dim)
+    place = (off_b, off_h, q_start, start_m, split, head_dim)
     spoiled = _attn_fwd_rows(
         q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, 0, PAGED, TMA,
         STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
@@ -575,8 +575,8 @@ def _attn_fwd_kernel(
     # common case pays one sum, and the guard's work stays out of the main loops.
     if spoiled:  # a constant False without a window mask
         _attn_fwd_rows(
-            q, pointer_keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, RERUN,
-            PAGED, False, STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            q, pointer_keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES,
+            RERUN_STAGES, PAGED, False, STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
 
 
@@ -816,7 +816,7 @@ def attention_fwd(
             P=probs if probs is not None else out,
             STORE_PROBS=probs is not None,
             TMA=use_tma,
-            RERUN=1 if target_arch() >= 90 else 2,
+            RERUN_STAGES=1 if target_arch() >= 90 else 2,
             **args,
         )
     if num_splits == 1:
