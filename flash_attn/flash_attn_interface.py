@@ -1,7 +1,7 @@
 """The official flash-attn 2.x functional API: same names, argument order, defaults and shapes.
 
 ``flash_attn_with_kvcache`` is defined beside its implementation in
-``flash_attn.ops.attention_kvcache`` and re-exported here.
+``flash_attn.ops.attention.kvcache`` and re-exported here.
 
 Extensions are keyword-only and come last: ``attn_bias`` (an additive float bias or a boolean
 mask, broadcastable to (batch, nheads, seqlen_q, seqlen_k)) and ``backend`` ("auto", "triton" or
@@ -32,7 +32,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from flash_attn.ops.attention import attention
-from flash_attn.ops.attention_kvcache import flash_attn_with_kvcache  # noqa: F401 (public API)
+from flash_attn.ops.attention.kvcache import flash_attn_with_kvcache  # noqa: F401 (public API)
 
 # The options that every function below takes after its tensors, by their public names. The
 # signatures list them all (they are the official API); the bodies hand them on as locals(),

@@ -24,9 +24,9 @@ import sys
 
 import torch
 
+from flash_attn.ops.attention.reference import attention_ref
+from flash_attn.ops.attention.tiled import Tiling, attention_tiled, attention_tiled_fwd
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.reference.attention import attention_ref
-from flash_attn.ops.reference.attention_tiled import Tiling, attention_tiled, attention_tiled_fwd
 
 DTYPES = {
     "fp64": torch.float64,

@@ -1,12 +1,12 @@
 """Fit the register terms of an attention kernel's footprint to an unpruned kernel report.
 
 ``scripts/kernel_report.py --unpruned`` compiles every config of the autotune spaces and says
-which spill. This searches a grid of :class:`~flash_attn.ops.kernels.attention_tuning.Footprint`
+which spill. This searches a grid of :class:`~flash_attn.ops.attention.triton.tuning.Footprint`
 register terms (scores, masked, loaded, guard) and budgets for those under which no config that
 the footprint keeps spills, and the longest kept step of every owned block, warps, head dim and
 masking is as long as possible (summed as a fraction of the longest step that compiles without
 spilling). It prints the best terms and the range of budgets that reach their score; pick one
-in the middle of that range for ``FOOTPRINTS`` in ``attention_tuning.py``.
+in the middle of that range for ``FOOTPRINTS`` in ``flash_attn/ops/attention/triton/tuning.py``.
 
     python scripts/kernel_report.py --kernel attn_fwd --dtype bf16 --unpruned --output fwd.md
     python scripts/fit_footprints.py fwd.md fwd
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import triton
 
-from flash_attn.ops.kernels.attention_tuning import FOOTPRINTS
+from flash_attn.ops.attention.triton.tuning import FOOTPRINTS
 
 KERNELS = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
 GRID = dict(

@@ -7,7 +7,7 @@ it with Triton's bundled ptxas, and the cubin is measured: registers, spills, sh
 instructions, and the main loop's instructions in the SASS. A config fits when it does not
 spill and its shared memory fits in one block (227 KB on sm_90, 163 KB on sm_80). With
 ``--unpruned`` every config of the autotune spaces is compiled, kept or not: the evidence the
-footprints of ``flash_attn/ops/kernels/attention_tuning.py`` are fitted to.
+footprints of ``flash_attn/ops/attention/triton/tuning.py`` are fitted to.
 
     python scripts/kernel_report.py                    # everything, sm_90, bf16 and fp16
     python scripts/kernel_report.py --arch 80          # everything, sm_80 (A100)
@@ -42,15 +42,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from flash_attn.ops.kernels import (  # noqa: E402
-    attention,
-    attention_bwd,
-    attention_tuning,
-    cross_entropy,
-    layer_norm,
-    mlp,
-    rotary,
-)
+from flash_attn.ops.attention.triton import backward as attention_bwd  # noqa: E402
+from flash_attn.ops.attention.triton import forward as attention  # noqa: E402
+from flash_attn.ops.attention.triton import tuning as attention_tuning  # noqa: E402
+from flash_attn.ops.kernels import cross_entropy, layer_norm, mlp, rotary  # noqa: E402
 from flash_attn.utils import kernel_report as kr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ from flash_attn.flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from flash_attn.modules.rotary import RotaryEmbedding
-from flash_attn.ops.attention_checks import window_pair
+from flash_attn.ops.attention.checks import window_pair
 from flash_attn.ops.rotary import apply_rotary
 from flash_attn.utils.checks import check_backend, check_bool, check_float, check_int
 

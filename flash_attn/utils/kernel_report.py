@@ -28,7 +28,7 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
-from flash_attn.ops.kernels.attention_tuning import shared_memory_of
+from flash_attn.ops.attention.triton.tuning import shared_memory_of
 from flash_attn.utils.triton_compile import unwrap_jit
 
 MMA = {"HGMMA", "HMMA"}
@@ -138,7 +138,7 @@ def all_configs(launch: Launch) -> list:
 
 def kept_configs(launch: Launch) -> list:
     """The autotune configs that survive the kernel's own pruning for these arguments (for the
-    GPU here, or the arch that ``attention_tuning.pruning_for`` names), or ``[None]`` for a
+    GPU here, or the arch that ``tuning.pruning_for`` names), or ``[None]`` for a
     kernel launched with fixed meta-parameters."""
     tuner = launch.kernel
     if not isinstance(tuner, Autotuner):

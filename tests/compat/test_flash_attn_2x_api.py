@@ -15,7 +15,7 @@ import torch
 import flash_attn
 from flash_attn import bert_padding
 from flash_attn.layers import rotary as rotary_layers
-from flash_attn.ops.reference.attention import attention_ref
+from flash_attn.ops.attention.reference import attention_ref
 from tests.testing import kernel_device, official_signature_test
 
 OFFICIAL_SIGNATURES = [

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flash_attn import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
-from flash_attn.ops.reference.attention import attention_ref
+from flash_attn.ops.attention.reference import attention_ref
 from tests.ops.attention_testing import (
     BACKENDS,
     assert_within_criterion,

@@ -7,7 +7,7 @@ so every kernel is also compiled, with its features off and all on, by Triton's 
 from tests.testing import assert_compiles_for_gpu
 
 _COMPILE = """
-from flash_attn.ops.kernels import attention as fwd, attention_bwd as bwd
+from flash_attn.ops.attention.triton import backward as bwd, forward as fwd
 from flash_attn.utils.triton_compile import compile_for_gpu
 from tests.ops.attention_testing import kernel_arg_types
 

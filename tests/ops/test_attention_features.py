@@ -6,7 +6,7 @@ import torch
 
 from flash_attn import flash_attn_func, flash_attn_varlen_func
 from flash_attn.bert_padding import pad_input, unpad_input
-from flash_attn.ops.reference.attention import alibi_bias, attention_ref, window_allowed
+from flash_attn.ops.attention.reference import alibi_bias, attention_ref, window_allowed
 from tests.ops.attention_testing import (
     BACKENDS,
     compare,

@@ -9,7 +9,7 @@ import torch
 
 from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flash_attn.bert_padding import index_first_axis, unpad_input
-from flash_attn.ops.reference.attention import window_allowed
+from flash_attn.ops.attention.reference import window_allowed
 from tests.ops.attention_testing import BACKENDS, device_and_dtypes
 
 GARBAGE = [float("nan"), float("inf"), float("-inf")]

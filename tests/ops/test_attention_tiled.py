@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flash_attn.ops.reference.attention import attention_ref, causal_allowed
-from flash_attn.ops.reference.attention_tiled import (
+from flash_attn.ops.attention.reference import attention_ref, causal_allowed
+from flash_attn.ops.attention.tiled import (
     Tiling,
     attention_tiled,
     attention_tiled_bwd,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.kernels.attention import attention_fwd, tma_allowed
-from flash_attn.ops.reference.attention import attention_ref
+from flash_attn.ops.attention.options import AttentionOptions
+from flash_attn.ops.attention.reference import attention_ref
+from flash_attn.ops.attention.triton.forward import attention_fwd, tma_allowed
 from tests.ops.attention_testing import assert_within_criterion
 from tests.testing import INTERPRET, assert_compiles_for_gpu, kernel_device
 
@@ -95,7 +95,7 @@ def test_tma_forced_or_refused(hopper):
 # Compiled for sm_90
 
 _COMPILE = """
-from flash_attn.ops.kernels import attention as fwd
+from flash_attn.ops.attention.triton import forward as fwd
 from flash_attn.utils.triton_compile import compile_for_gpu
 from tests.ops.attention_testing import kernel_arg_types
 

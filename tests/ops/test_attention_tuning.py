@@ -1,12 +1,12 @@
-"""Autotune spaces and their pruning (attention_tuning.py, and the fused MLP's), for sm_80 and
-sm_90 without a GPU: the configs a compiled kernel would weigh, pruned on ``meta`` tensors."""
+"""Autotune spaces and their pruning (attention/triton/tuning.py, and the fused MLP's), for sm_80
+and sm_90 without a GPU: the configs a compiled kernel would weigh, pruned on ``meta`` tensors."""
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from flash_attn.ops.kernels import attention_tuning as at  # noqa: E402
+from flash_attn.ops.attention.triton import tuning as at  # noqa: E402
 from flash_attn.ops.kernels import mlp  # noqa: E402
 
 ATTENTION = ["fwd", "dkdv", "dq"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flash_attn.ops.attention.reference import attention_ref
+from flash_attn.ops.attention.tiled import attention_tiled
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.reference.attention import attention_ref
-from flash_attn.ops.reference.attention_tiled import attention_tiled
 from flash_attn.utils.attention_benchmark.case import (
     DTYPES,
     METHODS,

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flash_attn.ops.attention_checks import (
+from flash_attn.ops.attention.checks import (
     check_attention_inputs,
     check_block_table,
     check_flag,
     window_pair,
 )
-from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.attention_torch import attention_torch_dense
+from flash_attn.ops.attention.options import AttentionOptions
+from flash_attn.ops.attention.torch_backend import attention_torch_dense
 from flash_attn.ops.backend import resolve_backend
 
 
@@ -332,7 +332,7 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
     the Triton path always has it."""
     layout = keys.layout
     if resolve_backend(backend, q.device) == "triton":
-        from flash_attn.ops.kernels.attention import attention_fwd
+        from flash_attn.ops.attention.triton.forward import attention_fwd
 
         splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
         return attention_fwd(

@@ -13,14 +13,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from flash_attn.ops.attention_checks import (
+from flash_attn.ops.attention.checks import (
     check_attention_inputs,
     check_flag,
     check_varlen_inputs,
 )
-from flash_attn.ops.attention_kvcache import gather_pages
-from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.attention_torch import attention_torch
+from flash_attn.ops.attention.kvcache import gather_pages
+from flash_attn.ops.attention.options import AttentionOptions
+from flash_attn.ops.attention.torch_backend import attention_torch
 from flash_attn.ops.backend import resolve_backend
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _custom_op(name: str, tensors: str, returns: str):
             "(Tensor, Tensor, Tensor)")  # fmt: skip
 def _attention_fwd_op(q, k, v, return_probs, *shared):
     """(out, lse, probs); probs is empty unless return_probs (a custom op cannot return None)."""
-    from flash_attn.ops.kernels.attention import attention_fwd
+    from flash_attn.ops.attention.triton.forward import attention_fwd
 
     probs = q.new_zeros(_probs_shape(q, k, shared) if return_probs else 0)
     out, lse = _launch(attention_fwd, q, k, v, shared=shared,
@@ -106,7 +106,7 @@ def _(q, k, v, return_probs, *shared):
     "(Tensor, Tensor, Tensor, Tensor)",
 )
 def _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared):
-    from flash_attn.ops.kernels.attention_bwd import attention_bwd
+    from flash_attn.ops.attention.triton.backward import attention_bwd
 
     dq, dk, dv, dbias = _launch(attention_bwd, dout, q, k, v, out, lse, shared=shared,
                                 bias_requires_grad=bias_requires_grad)  # fmt: skip

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.kernels.attention import (
+from flash_attn.ops.attention.options import AttentionOptions
+from flash_attn.ops.attention.triton.forward import (
     LOG2E,
     Features,
     block_indices,
@@ -30,7 +30,7 @@ from flash_attn.ops.kernels.attention import (
     shared_kernel_args,
     token_strides,
 )
-from flash_attn.ops.kernels.attention_tuning import autotune
+from flash_attn.ops.attention.triton.tuning import autotune
 from flash_attn.ops.kernels.launch import device_guard
 
 

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.kernels.attention_tuning import MAX_BLOCK, autotune, target_arch
+from flash_attn.ops.attention.options import AttentionOptions
+from flash_attn.ops.attention.triton.tuning import MAX_BLOCK, autotune, target_arch
 from flash_attn.ops.kernels.launch import device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -11,7 +11,7 @@ holds more than one (block_m, block_n) tile of them:
   P, and use D_i = rowsum(dO_i * O_i) for the softmax gradient dS = P * (dP - D).
 
 This file is for reading and for checking: the loops run in Python, one tile at a time, each
-tile batched over (batch, heads). The kernels in ``flash_attn/ops/kernels/attention.py`` are
+tile batched over (batch, heads). The kernels in ``flash_attn/ops/attention/triton/forward.py`` are
 the same algorithm with one program per block.
 
 Layout: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim);
@@ -21,7 +21,7 @@ query head h reads key/value head h // (nheads // nheads_k). Internally heads ar
 
 Masking: ``mask`` is a boolean tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k),
 True where query i may attend key j; ``causal`` adds the bottom-right aligned causal mask of
-:func:`flash_attn.ops.reference.attention.causal_allowed`. A row that may attend to nothing
+:func:`flash_attn.ops.attention.reference.causal_allowed`. A row that may attend to nothing
 gets a zero output, L = +inf and zero (finite) gradients.
 
 Numerics: m, l, O and the gradient accumulators are kept in fp32 for fp16/bf16 inputs (as

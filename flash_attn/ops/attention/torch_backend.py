@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
-from flash_attn.ops.attention_options import AttentionOptions
-from flash_attn.ops.reference.attention import (
+from flash_attn.ops.attention.options import AttentionOptions
+from flash_attn.ops.attention.reference import (
     alibi_bias,
     attention_ref,
     nonfinite_to_zero,
