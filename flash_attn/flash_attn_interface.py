@@ -34,22 +34,12 @@ from torch import Tensor
 from flash_attn.ops.attention import attention
 from flash_attn.ops.attention.kvcache import flash_attn_with_kvcache  # noqa: F401 (public API)
 
-# The options that every function below takes after its tensors, by their public names. The
-# signatures list them all (they are the official API); the bodies hand them on as locals(),
-# so that this list is the one place that names them.
-_OPTIONS = ("dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes")
-_EXTENSIONS = ("attn_bias", "backend")
-_VARLEN = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "block_table")
 
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, scope: dict, **varlen):
-    """The implementation of all six functions: scope is the public function's locals() (its
-    options, and its varlen offsets unless given in varlen); deterministic needs nothing."""
-    varlen = {name: scope[name] for name in _VARLEN if name in scope} | varlen
-    options = {name: scope[name] for name in _OPTIONS + _EXTENSIONS}
-    return_probs = scope["return_attn_probs"]
-    out, lse, probs = attention(q, k, v, return_probs=return_probs, **options, **varlen)
-    return (out, lse, probs) if return_probs else out
+def _attend(q, k, v, return_attn_probs: bool, **options):
+    """out, or (out, softmax_lse, S_dmask) with return_attn_probs: the functions below, their
+    options named (see :func:`flash_attn.ops.attention.attention`)."""
+    out, lse, probs = attention(q, k, v, return_probs=return_attn_probs, **options)
+    return (out, lse, probs) if return_attn_probs else out
 
 
 def _unpack(packed: Tensor, name: str, count: int, layout: str) -> tuple[Tensor, ...]:
@@ -91,7 +81,20 @@ def flash_attn_func(
         for a row that sees no key), negated where dropout dropped the weight; the official
         package returns per-block unnormalised values there.
     """
-    return _attend(q, k, v, locals())
+    return _attend(
+        q,
+        k,
+        v,
+        return_attn_probs,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
 
 
 def flash_attn_qkvpacked_func(
@@ -113,7 +116,20 @@ def flash_attn_qkvpacked_func(
     The kernels read q, k and v in place through strides; the gradient comes back packed.
     """
     q, k, v = _unpack(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)")
-    return _attend(q, k, v, locals())
+    return _attend(
+        q,
+        k,
+        v,
+        return_attn_probs,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
 
 
 def flash_attn_kvpacked_func(
@@ -133,7 +149,20 @@ def flash_attn_kvpacked_func(
 ):
     """:func:`flash_attn_func` with packed kv (batch, seqlen_k, 2, nheads_k, headdim)."""
     k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
-    return _attend(q, k, v, locals())
+    return _attend(
+        q,
+        k,
+        v,
+        return_attn_probs,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
 
 
 def flash_attn_varlen_func(
@@ -178,7 +207,25 @@ def flash_attn_varlen_func(
         out (total_q, nheads, headdim); with return_attn_probs, (out, softmax_lse (nheads,
         total_q) fp32, S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k)).
     """
-    return _attend(q, k, v, locals())
+    return _attend(
+        q,
+        k,
+        v,
+        return_attn_probs,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        block_table=block_table,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -199,8 +246,24 @@ def flash_attn_varlen_qkvpacked_func(
 ):
     """:func:`flash_attn_varlen_func` on packed qkv (total, 3, nheads, headdim)."""
     q, k, v = _unpack(qkv, "qkv", 3, "(total, 3, nheads, headdim)")
-    return _attend(q, k, v, locals(), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                   max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)  # fmt: skip
+    return _attend(
+        q,
+        k,
+        v,
+        return_attn_probs,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias,
+        backend=backend,
+    )
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -224,4 +287,21 @@ def flash_attn_varlen_kvpacked_func(
 ):
     """:func:`flash_attn_varlen_func` with packed kv (total_k, 2, nheads_k, headdim)."""
     k, v = _unpack(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)")
-    return _attend(q, k, v, locals())
+    return _attend(
+        q,
+        k,
+        v,
+        return_attn_probs,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias,
+        backend=backend,
+    )

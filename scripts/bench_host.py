@@ -6,7 +6,8 @@ measured on any machine, GPU or not.
 
 Triton's driver is replaced by a stand-in (:class:`StandInDriver`) that compiles every kernel
 for sm_90 with the bundled ptxas and runs everything a real launch runs (argument binding,
-launch plans, the launcher's argument packing) except the driver call itself; the tensors live
+launch plans, Triton's launcher class) except the driver call itself and the C code that packs
+the arguments for it; the tensors live
 on the CPU and the kernels compute nothing. Shapes are tiny, so that what PyTorch computes on
 the CPU (a matmul of the fused MLP, the model's linear layers) costs little beside the host work;
 host work does not grow with them. Each row is the median CPU thread time of one call
@@ -24,7 +25,6 @@ import os
 import statistics
 import sys
 import time
-from typing import NamedTuple
 
 os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, read when they are defined
 os.environ["FLASH_ATTN_AUTOTUNE"] = "0"  # nothing to time on a stand-in
@@ -69,26 +69,9 @@ class _StandInUtils:
 
     def launch(self, *launch_args):
         LAUNCHES[0] += 1
-        annotations, kernel_args = launch_args[-3], launch_args[-1]
-        _read_arguments(annotations, kernel_args)
-
-
-class _KernelArg(NamedTuple):
-    """What the C launcher's ``PyKernelArg`` records of a parameter: a tuple's own parameters,
-    and whether it is a tuple, a kernel argument or a constexpr."""
-
-    nested_tuple: list | None
-    type: str
-
-
-def _read_arguments(annotations, args) -> None:
-    """Flatten the arguments as the C launcher does: skip constexprs, descend into tuples, read
-    each tensor's pointer and each scalar."""
-    for annotation, arg in zip(annotations, args):
-        if annotation.type == "tuple":
-            _read_arguments(annotation.nested_tuple, arg)
-        elif annotation.type == "kernel" and hasattr(arg, "data_ptr"):
-            arg.data_ptr()
+        for arg in launch_args[-1]:  # the kernel's arguments: read each tensor's pointer
+            if type(arg) is torch.Tensor:
+                arg.data_ptr()
 
 
 class StandInDriver(CudaDriver):
@@ -120,17 +103,14 @@ class StandInDriver(CudaDriver):
 
 def install_stand_in() -> None:
     """Make the stand-in Triton's active driver, and let the ``triton`` backend serve the CPU
-    tensors it launches on (``FLASH_ATTN_BACKEND=triton`` is set above)."""
+    tensors it launches on (``FLASH_ATTN_BACKEND=triton`` is set above) as it serves a GPU's."""
     import flash_attn.ops.backend as backend
 
-    nvidia_driver.PyKernelArg = _KernelArg
-    nvidia_driver.ARG_TUPLE, nvidia_driver.ARG_KERNEL, nvidia_driver.ARG_CONSTEXPR = (
-        "tuple",
-        "kernel",
-        "constexpr",
-    )
+    nvidia_driver.PyKernelArg = lambda nested_tuple, type: type
+    nvidia_driver.ARG_TUPLE, nvidia_driver.ARG_KERNEL, nvidia_driver.ARG_CONSTEXPR = range(3)
     triton.runtime.driver.set_active(StandInDriver())
     backend._triton_serves = lambda device: True
+    backend.READ_FREELY = set()  # the checks treat the CPU tensors as a GPU's
 
 
 class HostReads(torch.overrides.TorchFunctionMode):

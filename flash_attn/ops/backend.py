@@ -68,3 +68,15 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             )
         raise ValueError(f"backend='triton' cannot serve this input: {why}")
     return backend
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether checks may read the values of ``t``'s device tensors: always on the CPU; on a GPU,
+    where each read synchronises the host with the device (and a CUDA graph cannot be
+    captured), only with ``FLASH_ATTN_CHECK_VALUES=1``; never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type in READ_FREELY or os.environ.get("FLASH_ATTN_CHECK_VALUES", "0") == "1"
+
+
+READ_FREELY = {"cpu"}  # devices whose tensors the host reads without a synchronisation

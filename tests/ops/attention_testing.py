@@ -63,16 +63,15 @@ def compare(ours_fn, reference_at, tensors, dout, dtype, name):
 def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
     """Triton types of the runtime arguments of an attention kernel, for
     :func:`flash_attn.utils.triton_compile.compile_for_gpu`: q, k, v and the outputs in
-    ``dtype``, the rest as the launchers pass them (see ``shared_kernel_args``)."""
+    ``dtype``, the rest as the launchers pass them (see ``kernel_constants``)."""
     from flash_attn.utils.triton_compile import unwrap_jit
 
     strides = ("i32",) * 3
     special = {
         "Lse": "*fp32", "Delta": "*fp32", "DBias": "*fp32", "Seed": "*i64",
         "KBatchIdx": "*i32", "BlockTable": "*i32", "CuSeqlensQ": "*i32", "dropout_p": "fp32",
-        "stride_lse": ("i32",) * 2,
-        "lengths": ("*i32",) * 3,
-        "scoring": (f"*{dtype}", ("i32",) * 4, "*fp32", "i32", "fp32", "fp32", "i32", "i32"),
+        "stride_lse": ("i32",) * 2, "CuSeqlensK": "*i32", "SeqlensK": "*i32",
+        "stride_bias": ("i32",) * 4, "Slopes": "*fp32", "softmax_scale": "fp32", "softcap": "fp32",
     }  # fmt: skip
     types = {}
     for name in unwrap_jit(kernel).arg_names:

@@ -1,14 +1,19 @@
-"""Attention: input checks, backend dispatch, and the Triton kernels as torch custom ops.
+"""Attention's functional API: checks once per call signature, picks the backend, dispatches.
 
-The Triton path is registered with ``torch.library.custom_op`` (fake + autograd), so
-``torch.compile(fullgraph=True)`` traces a function that calls it without graph breaks. The
-torch path is plain differentiable PyTorch: ``F.scaled_dot_product_attention`` where it covers
-the case, the naive reference where it does not (softcap, returned probabilities).
+A call signature is what a call's checks and launches depend on: the shapes, strides, dtypes
+and devices of the tensors and the scalar options. The first call of a signature checks every
+argument and builds an :class:`AttentionPlan` (the backend, the options and, for Triton, the
+kernels' launch plans); later calls of the signature go straight to it. Checks that read tensor
+values (the varlen offsets, the page table) would synchronise with a GPU: they run on the first
+call of a signature, and on every call for CPU tensors, where they cost no synchronisation.
+
+Under ``torch.compile`` the Triton path goes through the ``torch.library`` ops of
+``function.py`` instead, which the compiler traces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
 
 import torch
 from torch import Tensor
@@ -18,156 +23,153 @@ from flash_attn.ops.attention.checks import (
     check_flag,
     check_varlen_inputs,
 )
+from flash_attn.ops.attention.function import (
+    AttentionFunction,
+    TritonLaunches,
+    attention_compiled,
+)
 from flash_attn.ops.attention.kvcache import gather_pages
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch
-from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.backend import reads_values, resolve_backend
 
-# ---------------------------------------------------------------------------------------------
-# Triton kernels as custom ops
-
-
-@dataclass(frozen=True)
-class KernelInputs:
-    """The tensors and sizes beside q, k, v that the Triton launchers take as keywords."""
-
-    bias: Tensor | None  # expanded to (batch, nheads, max_seqlen_q, max_seqlen_k)
-    alibi_slopes: Tensor | None
-    cu_seqlens_q: Tensor | None
-    cu_seqlens_k: Tensor | None
-    max_seqlen_q: int
-    max_seqlen_k: int
-    seed: Tensor | None  # (1,) int64 when dropout_p > 0
-    block_table: Tensor | None  # (batch, max_pages) int32: k and v are paged caches (varlen)
+MAX_PLANS = 1024  # call signatures kept; the oldest is dropped past this
 
 
-# Every custom op takes its own tensors, then these fields, flattened in this order: a custom
-# op's parameters must be typed scalars and tensors, so its schema is derived from the fields.
-_SHARED_FIELDS = fields(KernelInputs) + fields(AttentionOptions)
-_SCHEMA_TYPES = {"Tensor | None": "Tensor?", "int": "SymInt", "float": "float", "bool": "bool"}
-_SHARED_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in _SHARED_FIELDS)
+class AttentionPlan:
+    """What one call signature resolved to: the backend, the options, and the Triton launches
+    (built on the first Triton call). Calling it attends the tensors of a call."""
 
+    def __init__(self, backend: str, opts: AttentionOptions, varlen: tuple | None):
+        self.backend, self.opts, self.varlen = backend, opts, varlen
+        self.launches = None
 
-def _flatten(inputs: KernelInputs, opts: AttentionOptions) -> tuple:
-    return tuple(getattr(x, f.name) for x in (inputs, opts) for f in fields(x))
-
-
-def _unflatten(shared) -> tuple[KernelInputs, AttentionOptions]:
-    count = len(fields(KernelInputs))
-    return KernelInputs(*shared[:count]), AttentionOptions(*shared[count:])
-
-
-def _launch(launcher, *tensors, shared, **extra):
-    """Call a Triton launcher with the custom op's flattened shared parameters."""
-    inputs, opts = _unflatten(shared)
-    return launcher(*tensors, opts, **vars(inputs), **extra)
-
-
-def _custom_op(name: str, tensors: str, returns: str):
-    """torch.library.custom_op with the schema ``(tensors, shared fields) -> returns``."""
-    schema = f"({tensors}, {_SHARED_SCHEMA}) -> {returns}"
-    return torch.library.custom_op(f"flash_attn::{name}", mutates_args=(), schema=schema)
-
-
-@_custom_op("attention_fwd", "Tensor q, Tensor k, Tensor v, bool return_probs",
-            "(Tensor, Tensor, Tensor)")  # fmt: skip
-def _attention_fwd_op(q, k, v, return_probs, *shared):
-    """(out, lse, probs); probs is empty unless return_probs (a custom op cannot return None)."""
-    from flash_attn.ops.attention.triton.forward import attention_fwd
-
-    probs = q.new_zeros(_probs_shape(q, k, shared) if return_probs else 0)
-    out, lse = _launch(attention_fwd, q, k, v, shared=shared,
-                       probs=probs if return_probs else None)  # fmt: skip
-    return out, lse, probs
-
-
-def _probs_shape(q, k, shared):
-    """(batch, nheads, max_seqlen_q, max_seqlen_k) of the probabilities."""
-    inputs = _unflatten(shared)[0]
-    if inputs.cu_seqlens_q is not None:
-        batch = inputs.cu_seqlens_q.shape[0] - 1
-        return (batch, q.shape[1], inputs.max_seqlen_q, inputs.max_seqlen_k)
-    return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-
-
-@_attention_fwd_op.register_fake
-def _(q, k, v, return_probs, *shared):
-    if _unflatten(shared)[0].cu_seqlens_q is not None:
-        lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
-    else:
-        lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Sq)
-    probs = q.new_empty(_probs_shape(q, k, shared) if return_probs else 0)
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), probs
-
-
-@_custom_op(
-    "attention_bwd",
-    "Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool bias_requires_grad",
-    "(Tensor, Tensor, Tensor, Tensor)",
-)
-def _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared):
-    from flash_attn.ops.attention.triton.backward import attention_bwd
-
-    dq, dk, dv, dbias = _launch(attention_bwd, dout, q, k, v, out, lse, shared=shared,
-                                bias_requires_grad=bias_requires_grad)  # fmt: skip
-    # A custom op cannot return None: an empty tensor stands for "no bias gradient".
-    bias = _unflatten(shared)[0].bias
-    return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else q.new_empty(0))
-
-
-@_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, bias_requires_grad, *shared):
-    bias = _unflatten(shared)[0].bias
-    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
-
-
-def _setup_context(ctx, inputs, output):
-    # Tensors go through save_for_backward; scalars (and absent tensors) ride on ctx.
-    out, lse, probs = output
-    ctx.mark_non_differentiable(probs)
-    ctx.save_for_backward(out, lse, *(x if isinstance(x, Tensor) else None for x in inputs))
-    ctx.scalars = [None if isinstance(x, Tensor) else x for x in inputs]
-
-
-def _backward(ctx, dout, dlse, dprobs):
-    out, lse, *saved = ctx.saved_tensors
-    q, k, v, _, *shared = [x if x is not None else s for x, s in zip(saved, ctx.scalars)]
-    bias = _unflatten(shared)[0].bias
-    bias_requires_grad = bias is not None and ctx.needs_input_grad[4]  # bias: shared[0]
-    dq, dk, dv, dbias = _attention_bwd_op(dout, q, k, v, out, lse, bias_requires_grad, *shared)
-    dbias = dbias if bias_requires_grad else None
-    # One gradient per input: q, k, v, return_probs, bias, then None for the other shared fields.
-    return (dq, dk, dv, None, dbias) + (None,) * (len(_SHARED_FIELDS) - 1)
-
-
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _attention_triton(q, k, v, opts: AttentionOptions, bias, alibi_slopes, varlen, return_probs,
-                      block_table=None):  # fmt: skip
-    if (
-        block_table is not None
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in (q, k, v))
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        *,
+        attn_bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        block_table,
+        return_probs,
     ):
-        raise ValueError(
-            "block_table: the triton backend attends to a paged cache without gradients "
-            "(inference); run under torch.no_grad(), or pass backend='torch'"
+        varlen = self.varlen and (cu_seqlens_q, cu_seqlens_k, *self.varlen)
+        if self.backend == "torch":
+            if block_table is not None:
+                k, v = (gather_pages(t, block_table, cu_seqlens_k) for t in (k, v))
+            bias = _expand_bias(attn_bias, q, k, varlen)
+            return attention_torch(
+                q, k, v, self.opts, bias, alibi_slopes, varlen or None, return_probs
+            )
+        bias = _additive_bias(attn_bias, q)
+        bias = _expand_bias(bias, q, k, varlen)
+        seed = None
+        if self.opts.dropout_p > 0.0:
+            # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
+            seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
+        if torch.compiler.is_compiling() and block_table is None:
+            out, lse, probs = attention_compiled(
+                q,
+                k,
+                v,
+                self.opts,
+                bias=bias,
+                alibi_slopes=alibi_slopes,
+                cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=varlen and varlen[2],
+                max_seqlen_k=varlen and varlen[3],
+                seed=seed,
+                return_probs=return_probs,
+            )
+            return out, lse, probs if return_probs else None
+        if self.launches is None:
+            batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+            self.launches = TritonLaunches(
+                q,
+                k,
+                v,
+                self.opts,
+                bias=bias,
+                alibi_slopes=alibi_slopes,
+                varlen=self.varlen,
+                batch=batch,
+                block_table=block_table,
+                return_probs=return_probs,
+            )
+        key_ranges = None
+        if block_table is not None:
+            key_ranges = _paged_key_ranges(cu_seqlens_k)
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (bias is not None and bias.requires_grad)
+        )  # fmt: skip
+        if not needs_grad:  # no autograd node to build
+            return self.launches.attend(q, k, v, bias=bias, alibi_slopes=alibi_slopes,
+                                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                        key_ranges=key_ranges, block_table=block_table,
+                                        seed=seed, return_probs=return_probs)  # fmt: skip
+        out, lse, probs = AttentionFunction.apply(
+            q,
+            k,
+            v,
+            bias,
+            alibi_slopes,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            key_ranges,
+            block_table,
+            seed,
+            self.launches,
         )
-    seed = None
-    if opts.dropout_p > 0.0:
-        # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
-        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen or (None, None, 0, 0)
-    inputs = KernelInputs(bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, seed, block_table)  # fmt: skip
-    out, lse, probs = _attention_fwd_op(q, k, v, return_probs, *_flatten(inputs, opts))
-    return out, lse, probs if return_probs else None
+        return out, lse, probs if return_probs else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Functional API
+def _paged_key_ranges(cu_seqlens_k: Tensor) -> Tensor:
+    """(batch, 2) int32: the keys of each sequence of a paged varlen batch start at position 0
+    of its pages (see ``triton.forward.sequence``)."""
+    from flash_attn.ops.attention.triton.forward import key_ranges_of
+
+    return key_ranges_of(None, cu_seqlens_k=cu_seqlens_k)
+
+
+def _additive_bias(attn_bias: Tensor | None, q: Tensor) -> Tensor | None:
+    """The kernels add the bias: a bool mask becomes 0 where allowed and -inf where not."""
+    if attn_bias is None or attn_bias.dtype != torch.bool:
+        return attn_bias
+    return torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_bias, float("-inf"))
+
+
+def _metadata(t) -> tuple | None:
+    """What the checks and the launches read of a tensor argument (None stays None)."""
+    if t is None:
+        return None
+    if isinstance(t, Tensor):
+        # Triton specialises pointers on 16-byte alignment.
+        return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    return (type(t), id(t))  # not a tensor: the checks will say so
+
+
+_plans: dict = {}
+
+
+def _call_signature(
+    q, k, v, alibi_slopes, attn_bias, cu_seqlens_q, cu_seqlens_k, block_table, options, backend
+) -> tuple | None:
+    """The key of a call's :class:`AttentionPlan`, or None for a call that is not to be cached
+    (a window given as tensors: other options that are not plain scalars fail the checks)."""
+    window_size = options[3]
+    if type(window_size) is not tuple or not all(type(w) is int for w in window_size):
+        return None
+    return (
+        _metadata(q), _metadata(k), _metadata(v), _metadata(alibi_slopes), _metadata(attn_bias),
+        _metadata(cu_seqlens_q), _metadata(cu_seqlens_k), _metadata(block_table),
+        *options, backend, os.environ.get("FLASH_ATTN_BACKEND"),
+    )  # fmt: skip
 
 
 def attention(
@@ -212,27 +214,51 @@ def attention(
         torch backend computes it only with return_probs, else None); probs (batch, nheads,
         max_seqlen_q, max_seqlen_k) with dropped weights negated, or None.
     """
-    varlen = None
-    if cu_seqlens_q is not None or cu_seqlens_k is not None or block_table is not None:
-        varlen = check_varlen_inputs(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table
-        )
-    check_attention_inputs(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,
-                           attn_bias, varlen, paged=block_table is not None)  # fmt: skip
-    opts = AttentionOptions.create(
-        q.shape[-1], softmax_scale, check_flag("causal", causal), window_size, softcap, dropout_p
+    options = (dropout_p, softmax_scale, causal, window_size, softcap, max_seqlen_q, max_seqlen_k)
+    key = _call_signature(
+        q, k, v, alibi_slopes, attn_bias, cu_seqlens_q, cu_seqlens_k, block_table, options, backend
     )
-    bias = attn_bias
-    if resolve_backend(backend, q.device) == "torch":
-        if block_table is not None:
-            k, v = (gather_pages(t, block_table, cu_seqlens_k) for t in (k, v))
-        bias = _expand_bias(bias, q, k, varlen)
-        return attention_torch(q, k, v, opts, bias, alibi_slopes, varlen, return_probs)
-    if bias is not None and bias.dtype == torch.bool:
-        # The kernels add the bias; a mask becomes 0 where allowed and -inf where not.
-        bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
-    bias = _expand_bias(bias, q, k, varlen)
-    return _attention_triton(q, k, v, opts, bias, alibi_slopes, varlen, return_probs, block_table)
+    plan = _plans.get(key)
+    if plan is None or (plan.varlen and reads_values(q)):
+        varlen = None
+        if cu_seqlens_q is not None or cu_seqlens_k is not None or block_table is not None:
+            varlen = check_varlen_inputs(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table
+            )
+    if plan is None:
+        check_attention_inputs(
+            q,
+            k,
+            v,
+            dropout_p,
+            softmax_scale,
+            window_size,
+            softcap,
+            alibi_slopes,
+            attn_bias,
+            varlen,
+            paged=block_table is not None,
+        )
+        causal = check_flag("causal", causal)
+        opts = AttentionOptions.create(
+            q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p
+        )
+        plan = AttentionPlan(resolve_backend(backend, q.device), opts, varlen and varlen[2:])
+        if key is not None:
+            if len(_plans) >= MAX_PLANS:
+                del _plans[next(iter(_plans))]
+            _plans[key] = plan
+    return plan(
+        q,
+        k,
+        v,
+        attn_bias=attn_bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        block_table=block_table,
+        return_probs=return_probs,
+    )
 
 
 def _expand_bias(attn_bias, q, k, varlen):

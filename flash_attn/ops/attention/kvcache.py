@@ -25,7 +25,7 @@ from flash_attn.ops.attention.checks import (
 )
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch_dense
-from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.backend import reads_values, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout: 
     ):
         raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
     _check_leftpad(cache_leftpad, q, layout)
-    if not torch.compiler.is_compiling():  # data-dependent checks would break the graph
+    if reads_values(q):  # reading the values would synchronise with a GPU
         if (cache_seqlens < 0).any():
             raise ValueError("cache_seqlens must be >= 0")
         if (
@@ -332,22 +332,15 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
     the Triton path always has it."""
     layout = keys.layout
     if resolve_backend(backend, q.device) == "triton":
-        from flash_attn.ops.attention.triton.forward import attention_fwd
+        from flash_attn.ops.attention.triton.forward import key_ranges_of
 
-        splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
-        return attention_fwd(
-            q,
-            k_cache,
-            v_cache,
-            opts,
-            num_splits=splits,
-            alibi_slopes=alibi_slopes,
-            seqlens_k=keys.ends.to(torch.int32),
-            cache_leftpad=keys.leftpad,
-            k_batch_idx=cache_batch_idx,
-            block_table=layout.block_table,
-            max_seqlen_k=layout.capacity,
-        )
+        launch = _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout,
+                               num_splits)  # fmt: skip
+        return launch(
+            q, k_cache, v_cache, alibi_slopes=alibi_slopes,
+            key_ranges=key_ranges_of(keys.ends.to(torch.int32), keys.leftpad),
+            k_batch_idx=cache_batch_idx, block_table=layout.block_table,
+        )  # fmt: skip
     starts = keys.leftpad.tolist() if keys.leftpad is not None else [0] * q.shape[0]
     outs, lses = [], []
     for b, (start, end) in enumerate(zip(starts, keys.ends.tolist())):
@@ -368,3 +361,29 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses) if return_lse else None
+
+
+_launches: dict = {}  # call signature -> ForwardLaunch
+
+
+def _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout, num_splits):
+    """The forward launch of a decoding step, one per call signature (shapes, strides, dtypes,
+    options), so that the steps of a generation go straight to the compiled kernel."""
+    from flash_attn.ops.attention.triton.forward import ForwardLaunch
+
+    def metadata(t):
+        return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+    key = (metadata(q), metadata(k_cache), metadata(v_cache), metadata(alibi_slopes),
+           metadata(cache_batch_idx), metadata(layout.block_table), opts, num_splits)  # fmt: skip
+    launch = _launches.get(key)
+    if launch is None:
+        if len(_launches) >= 256:
+            del _launches[next(iter(_launches))]
+        launch = _launches[key] = ForwardLaunch(
+            q, k_cache, v_cache, opts, batch=q.shape[0], alibi_slopes=alibi_slopes,
+            max_seqlen_k=layout.capacity, key_ranges=True,
+            num_splits=num_splits or _auto_num_splits(q, layout.capacity, q.shape[2]),
+            kv_batch_idx=cache_batch_idx is not None, block_table=layout.block_table,
+        )  # fmt: skip
+    return launch

@@ -1,12 +1,81 @@
-"""What every launcher needs around a kernel launch."""
+"""What every launcher needs around a kernel launch: the device guard, and launch plans."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import triton
 
 
 def device_guard(t: torch.Tensor):
     """Make t's GPU the current one for the launch (no-op on CPU, e.g. under the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class LaunchPlan:
+    """One kernel launched again and again at one key (shapes, strides, dtypes, options): the
+    first call goes through Triton's usual path (autotuning where the kernel autotunes, the JIT's
+    binder, compilation) and records the compiled kernel, the grid and every argument in
+    parameter order; later calls go straight to the compiled kernel, replacing only the tensors.
+
+    Args:
+        kernel: a ``@triton.jit`` function, or one wrapped by ``triton.autotune``.
+        grid: a tuple, or a function of the bound arguments (the config's included).
+        constants: every argument that stays the same at this key (scalars, strides, constexprs,
+            placeholder tensors), and compile options (num_warps, ...) for a kernel that does not
+            autotune.
+    A call passes the tensors by name, the same names at every call; under the CPU interpreter
+    every call takes the usual path (there is nothing compiled to call).
+    """
+
+    def __init__(self, kernel, grid, **constants):
+        self.kernel = kernel
+        self.grid = grid
+        self.constants = constants
+        self.compiled = None
+
+    def __call__(self, **tensors) -> None:
+        if self.compiled is None:
+            self._first_call(tensors)
+            return
+        if tensors.keys() != self.slots.keys():
+            raise TypeError(
+                f"launch plan: expected tensors {sorted(self.slots)}, got {sorted(tensors)}"
+            )
+        args = self.args.copy()
+        for name, tensor in tensors.items():
+            args[self.slots[name]] = tensor
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(self.device)
+        enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+        metadata = self.compiled.launch_metadata(self.dims, stream, *args) if enter else None
+        self.run(
+            *self.dims, stream, self.function, self.packed_metadata, metadata, enter, leave, *args
+        )
+
+    def _first_call(self, tensors: dict) -> None:
+        from triton.compiler import CompiledKernel
+
+        from flash_attn.utils.triton_compile import unwrap_jit
+
+        compiled = self.kernel[self.grid](**self.constants, **tensors)
+        if not isinstance(compiled, CompiledKernel):  # the interpreter: no compiled kernel
+            return
+        fn = unwrap_jit(self.kernel)
+        config = getattr(self.kernel, "best_config", None)
+        chosen = config.kwargs if config is not None else {}
+        given = {**self.constants, **tensors, **chosen}
+        bound = fn.signature.bind(**{n: v for n, v in given.items() if n in fn.arg_names})
+        bound.apply_defaults()
+        arguments = bound.arguments
+        grid = self.grid(arguments) if callable(self.grid) else self.grid
+        self.dims = tuple(grid) + (1,) * (3 - len(grid))
+        names = list(arguments)
+        self.slots = {name: names.index(name) for name in tensors}
+        # The tensors of this call are replaced at every call: the plan does not keep them.
+        self.args = [None if name in tensors else value for name, value in arguments.items()]
+        self.device = triton.runtime.driver.active.get_current_device()
+        self.run, self.function = compiled.run, compiled.function
+        self.packed_metadata = compiled.packed_metadata
+        self.compiled = compiled

@@ -16,22 +16,28 @@ import triton.language as tl
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.triton.forward import (
     LOG2E,
+    Dropout,
     Features,
+    Scoring,
     block_indices,
+    contiguous_strides,
     dropout_keep,
     head_start,
+    kernel_constants,
+    kernel_tensors,
     key_range,
-    lse_strides,
+    lse_shape,
+    lse_strides_of,
     program_block,
     query_block,
     score_mods,
     scores,
     sequence,
-    shared_kernel_args,
     token_strides,
+    token_strides_of,
 )
 from flash_attn.ops.attention.triton.tuning import autotune
-from flash_attn.ops.kernels.launch import device_guard
+from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
 
 
 @triton.jit
@@ -76,7 +82,7 @@ def _tile_grads(
     p_dropped = p
     if FEATURES.DROPOUT:
         keep = dropout_keep(dropout, rows, start_n, BLOCK_N, TRANSPOSED)
-        scale = 1.0 / (1.0 - dropout[4])
+        scale = 1.0 / (1.0 - dropout.dropout_p)
         p_dropped = tl.where(keep, p * scale, 0.0)
         dp = tl.where(keep, dp * scale, 0.0)
     ds = p * (dp - delta)
@@ -100,7 +106,7 @@ def _attn_bwd_dkdv_inner(
     register operands of dV += p^T dO and dK += dS^T q, as the tensor cores want them.
     queries: where q, dO, lse and delta are. Without MASKED every score is visible."""
     q_base, do_base, Lse, Delta, lse_base, stride_qm, stride_om, in_dim = queries
-    seqlen_q = mods[0]
+    seqlen_q = mods.seqlen_q
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -131,7 +137,7 @@ def _attn_bwd_dq_inner(
     """dQ of one query block summed over key blocks [lo, hi); stores dBias tiles when DBIAS.
     keys: where k, v and dBias are. Without MASKED every score is visible."""
     k_base, v_base, stride_kn, stride_vn, in_dim, DBias, dbias_base, max_seqlen_k = keys
-    seqlen_q, seqlen_k = mods[0], mods[1]
+    seqlen_q, seqlen_k = mods.seqlen_q, mods.seqlen_k
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -160,7 +166,9 @@ def _attn_bwd_dq_inner(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
     stride_q, stride_k, stride_v, stride_o, stride_dk, stride_lse,  # as in the forward
-    lengths, scoring, Seed, dropout_p,
+    CuSeqlensQ, CuSeqlensK, SeqlensK,  # as in the forward
+    Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right,
+    Seed, dropout_p,
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
@@ -171,6 +179,9 @@ def _attn_bwd_dkdv_kernel(
 ):  # fmt: skip
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
     # its group, so dK and dV are written once, without atomics.
+    lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
+    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
+                      window_left, window_right)  # fmt: skip
     start_n, _, off_b, off_hk = program_block(BLOCK_N, nheads_k)
     group_size = nheads // nheads_k
     max_seqlen_q = seqlen_q
@@ -180,7 +191,6 @@ def _attn_bwd_dkdv_kernel(
     )
     if start_n >= seqlen_k:
         return
-    softmax_scale, window_left, window_right = scoring[4], scoring[6], scoring[7]
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
@@ -209,7 +219,7 @@ def _attn_bwd_dkdv_kernel(
                    Lse, Delta, off_b * stride_lse[0] + off_h * stride_lse[1] + q_start,
                    stride_q[1], stride_o[1], in_dim)  # fmt: skip
         mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
-        dropout = (seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
+        dropout = Dropout(seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, queries, cols, start_n, mods, dropout, lo_full, hi_full,
             FEATURES, False, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
@@ -240,7 +250,9 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous
     DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
     stride_q, stride_k, stride_v, stride_o, stride_lse,  # as in the forward
-    lengths, scoring, Seed, dropout_p,
+    CuSeqlensQ, CuSeqlensK, SeqlensK,  # as in the forward
+    Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right,
+    Seed, dropout_p,
     nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
@@ -250,6 +262,9 @@ def _attn_bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
+    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
+                      window_left, window_right)  # fmt: skip
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
@@ -259,7 +274,6 @@ def _attn_bwd_dq_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
         return
-    softmax_scale, window_left, window_right = scoring[4], scoring[6], scoring[7]
     off_hk = off_h // (nheads // nheads_k)
     offs_d = tl.arange(0, HEAD_DIM)
     in_dim = offs_d < head_dim
@@ -300,57 +314,90 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias_requires_grad=False,
-                  **inputs):  # fmt: skip
-    """Launch the backward kernels.
+class BackwardLaunch:
+    """The three backward kernels at one launch key: built like
+    :class:`~flash_attn.ops.attention.triton.forward.ForwardLaunch` from the inputs' metadata and
+    the options, called with the tensors.
 
     Args:
-        do, out: like q; lse: the forward's.
-        q, k, v, opts and inputs: exactly as given to ``attention_fwd`` (see
-            ``shared_kernel_args``).
+        q, k, v, opts, batch, bias, alibi_slopes, varlen, max_seqlen_q, max_seqlen_k,
+            key_ranges: as given to the forward's launch.
         bias_requires_grad: also return the gradient of the scores, summed like the bias.
-    Returns:
-        dq, dk, dv (contiguous, the inputs' shapes and dtypes) and dbias (fp32, shaped
-        (batch, nheads, max_seqlen_q, max_seqlen_k): the caller sums broadcast dims) or None.
     """
-    args, batch = shared_kernel_args(q, k, opts, **inputs)
-    varlen = args["VARLEN"]
-    nheads, nheads_k = args["nheads"], args["nheads_k"]
-    seqlen_q, seqlen_k = args["seqlen_q"], args["seqlen_k"]
-    do = do.contiguous()
-    out = out.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    delta = torch.empty_like(lse)
-    stride_lse = lse_strides(lse, varlen)
-    stride_o = token_strides(out, varlen)
-    common = dict(V=v, DO=do, Lse=lse, Delta=delta, stride_v=token_strides(v, varlen),
-                  stride_o=stride_o, stride_lse=stride_lse, **args)  # fmt: skip
-    dbias = None
-    if bias_requires_grad:
-        dbias = torch.zeros(
-            (batch, nheads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device
-        )
-    with device_guard(q):
-        _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, 64), batch * nheads)](
-            out,
-            do,
-            delta,
-            args["lengths"][0],
-            stride_o,
-            stride_lse,
-            nheads,
-            seqlen_q,
-            args["head_dim"],
-            HEAD_DIM=args["HEAD_DIM"],
-            VARLEN=varlen,
+
+    def __init__(self, q, k, v, opts: AttentionOptions, *, batch: int, bias=None,
+                 alibi_slopes=None, varlen=False, max_seqlen_q=None, max_seqlen_k=None,
+                 key_ranges=False, bias_requires_grad=False):  # fmt: skip
+        constants, _ = kernel_constants(
+            q, k, opts, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
+        )  # fmt: skip
+        nheads, nheads_k = constants["nheads"], constants["nheads_k"]
+        seqlen_q, seqlen_k = constants["seqlen_q"], constants["seqlen_k"]
+        self.device = q.device
+        self.lse_shape = lse_shape(q, varlen)
+        self.dbias_shape = (batch, nheads, seqlen_q, seqlen_k) if bias_requires_grad else None
+        self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
+        # dO and the output are made contiguous, like the gradients.
+        stride_o = token_strides_of(contiguous_strides(q.shape), varlen)
+        stride_lse = lse_strides_of(contiguous_strides(self.lse_shape), varlen)
+        self.delta = LaunchPlan(
+            _attn_bwd_delta_kernel, (triton.cdiv(seqlen_q, 64), batch * nheads),
+            stride_o=stride_o, stride_lse=stride_lse, nheads=nheads, seqlen_q=seqlen_q,
+            head_dim=constants["head_dim"], HEAD_DIM=constants["HEAD_DIM"], VARLEN=varlen,
             BLOCK_M=64,
+        )  # fmt: skip
+        common = dict(stride_v=token_strides(v, varlen), stride_o=stride_o,
+                      stride_lse=stride_lse, **constants)  # fmt: skip
+        self.dkdv = LaunchPlan(
+            _attn_bwd_dkdv_kernel,
+            lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k),
+            stride_dk=token_strides_of(contiguous_strides(k.shape), varlen),
+            **common,
         )
-        grid_kv = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k)  # noqa: E731
-        _attn_bwd_dkdv_kernel[grid_kv](DK=dk, DV=dv, stride_dk=token_strides(dk, varlen), **common)
-        grid_q = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
-        _attn_bwd_dq_kernel[grid_q](
-            DQ=dq, DBias=dbias if dbias is not None else delta, DBIAS=dbias is not None, **common
+        self.dq = LaunchPlan(
+            _attn_bwd_dq_kernel,
+            lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads),
+            DBIAS=bias_requires_grad,
+            **common,
         )
-    return dq, dk, dv, dbias
+
+    def __call__(self, do, q, k, v, out, lse, *, bias=None, alibi_slopes=None,
+                 cu_seqlens_q=None, cu_seqlens_k=None, key_ranges=None, seed=None):  # fmt: skip
+        """(dq, dk, dv, dbias): contiguous, the inputs' shapes and dtypes; dbias fp32 (batch,
+        nheads, max_seqlen_q, max_seqlen_k) (the caller sums broadcast dims) or None. do, out:
+        like q; lse: the forward's; the other tensors exactly as given to the forward."""
+        do = do.contiguous()
+        out = out.contiguous()
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        delta = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        dbias = None
+        if self.dbias_shape is not None:
+            dbias = torch.zeros(self.dbias_shape, dtype=torch.float32, device=q.device)
+        tensors = kernel_tensors(q, k, self.placeholder, bias=bias, alibi_slopes=alibi_slopes,
+                                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                 key_ranges=key_ranges, seed=seed)  # fmt: skip
+        common = dict(V=v, DO=do, Lse=lse, Delta=delta, **tensors)
+        with device_guard(q):
+            self.delta(Out=out, DO=do, Delta=delta, CuSeqlensQ=tensors["CuSeqlensQ"])
+            self.dkdv(DK=dk, DV=dv, **common)
+            self.dq(DQ=dq, DBias=dbias if dbias is not None else delta, **common)
+        return dq, dk, dv, dbias
+
+
+def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias=None,
+                  alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                  max_seqlen_k=None, seed=None, bias_requires_grad=False):  # fmt: skip
+    """Launch the backward kernels once (:class:`BackwardLaunch` built and called): (dq, dk,
+    dv, dbias). Arguments as given to ``attention_fwd``."""
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    launch = BackwardLaunch(
+        q, k, v, opts, batch=batch, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        bias_requires_grad=bias_requires_grad,
+    )  # fmt: skip
+    return launch(do, q, k, v, out, lse, bias=bias, alibi_slopes=alibi_slopes,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seed=seed)  # fmt: skip

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.triton.tuning import MAX_BLOCK, autotune, target_arch
-from flash_attn.ops.kernels.launch import device_guard
+from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -66,6 +66,44 @@ class Features(NamedTuple):
     DROPOUT: tl.constexpr
     EVEN_M: tl.constexpr  # seqlen_q is a multiple of every BLOCK_M: no bounds masks on rows
     EVEN_N: tl.constexpr  # seqlen_k is a multiple of every BLOCK_N: no bounds masks on keys
+
+
+class Scoring(NamedTuple):
+    """The kernels' score-modifier arguments, named once (see :func:`score_mods`)."""
+
+    Bias: tl.tensor  # broadcastable to (B, H, Sq, Sk), read when HAS_BIAS
+    stride_bias: tuple  # (b, h, m, n)
+    Slopes: tl.tensor  # (H,) or (B, H) fp32, read when HAS_ALIBI
+    stride_slope_b: tl.tensor
+    softmax_scale: tl.tensor
+    softcap: tl.tensor
+    window_left: tl.tensor  # keys visible before the diagonal (seqlen_q + seqlen_k: unlimited)
+    window_right: tl.tensor  # keys visible after it
+
+
+class ScoreMods(NamedTuple):
+    """What :func:`scores` needs for one head of one batch entry (built by :func:`score_mods`)."""
+
+    seqlen_q: tl.tensor
+    seqlen_k: tl.tensor
+    softmax_scale: tl.tensor
+    softcap: tl.tensor
+    bias_base: tl.tensor  # the head's bias, (Sq, Sk) with strides (stride_bias_m, _n)
+    stride_bias_m: tl.tensor
+    stride_bias_n: tl.tensor
+    slope: tl.tensor  # ALiBi slope of the head
+    window_left: tl.tensor
+    window_right: tl.tensor
+
+
+class Dropout(NamedTuple):
+    """What :func:`dropout_keep` needs for one head of one batch entry."""
+
+    seed: tl.tensor
+    bh: tl.tensor  # batch entry * nheads + head
+    max_seqlen_q: tl.tensor
+    max_seqlen_k: tl.tensor
+    dropout_p: tl.tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,19 +155,15 @@ def tanh(x):
 
 @triton.jit
 def score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI: tl.constexpr):
-    """What :func:`scores` needs for head off_h of batch entry off_b, as one tuple. scoring:
-    (Bias, its strides (b, h, m, n), Slopes, their batch stride, softmax_scale, softcap,
-    window_left, window_right), the kernels' argument of that name."""
-    Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right = (
-        scoring
-    )
-    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n = stride_bias
-    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    """The :class:`ScoreMods` of head off_h of batch entry off_b; scoring: a :class:`Scoring`."""
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n = scoring.stride_bias
+    bias_base = scoring.Bias + off_b * stride_bias_b + off_h * stride_bias_h
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Slopes + off_b * stride_slope_b + off_h)
-    return (seqlen_q, seqlen_k, softmax_scale, softcap, bias_base, stride_bias_m, stride_bias_n,
-            slope, window_left, window_right)  # fmt: skip
+        slope = tl.load(scoring.Slopes + off_b * scoring.stride_slope_b + off_h)
+    return ScoreMods(seqlen_q, seqlen_k, scoring.softmax_scale, scoring.softcap, bias_base,
+                     stride_bias_m, stride_bias_n, slope, scoring.window_left,
+                     scoring.window_right)  # fmt: skip
 
 
 @triton.jit
@@ -146,24 +180,24 @@ def scores(
     the tile's queries and keys, broadcast against each other: (M, 1) and (1, N) for a q k^T
     tile, (1, M) and (N, 1) for a k q^T tile. MASKED: -inf where not visible (outside the
     window or the sequences, bounds skipped along an EVEN dimension); without it every score
-    of the tile must be visible. mods: the tuple of :func:`score_mods`."""
-    (seqlen_q, seqlen_k, softmax_scale, softcap, bias_base, stride_bias_m, stride_bias_n, slope,
-     window_left, window_right) = mods  # fmt: skip
+    of the tile must be visible. mods: a :class:`ScoreMods`."""
+    seqlen_q, seqlen_k = mods.seqlen_q, mods.seqlen_k
+    window_left, window_right = mods.window_left, mods.window_right
     dsoftcap = 1.0
     if FEATURES.SOFTCAP:
-        t = tanh(qk * (softmax_scale / softcap))
-        s = t * (softcap * LOG2E)
+        t = tanh(qk * (mods.softmax_scale / mods.softcap))
+        s = t * (mods.softcap * LOG2E)
         dsoftcap = 1.0 - t * t
     else:
-        s = qk * (softmax_scale * LOG2E)
+        s = qk * (mods.softmax_scale * LOG2E)
     if FEATURES.HAS_BIAS:
         in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
-        bias = tl.load(bias_base + rows * stride_bias_m + cols * stride_bias_n, mask=in_bounds,
-                       other=0.0)  # fmt: skip
+        bias_ptrs = mods.bias_base + rows * mods.stride_bias_m + cols * mods.stride_bias_n
+        bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0)
         s += bias.to(tl.float32) * LOG2E
     diag = seqlen_k - seqlen_q
     if FEATURES.HAS_ALIBI:
-        s -= (slope * LOG2E) * tl.abs(cols - rows - diag).to(tl.float32)
+        s -= (mods.slope * LOG2E) * tl.abs(cols - rows - diag).to(tl.float32)
     if MASKED:
         # A query sees an interval of keys: each key is compared with its query's two ends,
         # computed once per query.
@@ -270,18 +304,18 @@ def nonfinite_rows(x):
 def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Bool tile, True where the weight of query rows[i] and key start_n + j is kept:
     (len(rows), BLOCK_N), or (BLOCK_N, len(rows)) when TRANSPOSED; rows broadcast as the tile's
-    query index ((M, 1), or (1, M) when TRANSPOSED). dropout: (seed, bh, max_seqlen_q,
-    max_seqlen_k, dropout_p), bh the program's batch * nheads + head.
+    query index ((M, 1), or (1, M) when TRANSPOSED). dropout: a :class:`Dropout`.
 
     One Philox call draws the four keys 4c..4c+3 of a query, so the mask of a weight depends
     on its position alone, never on the tile that computes it."""
     tl.static_assert(BLOCK_N % 4 == 0)
-    seed, bh, max_seqlen_q, max_seqlen_k, dropout_p = dropout
     groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    row_offsets = (bh.to(tl.int64) * max_seqlen_q + rows) * tl.cdiv(max_seqlen_k, 4)
+    row_offsets = (dropout.bh.to(tl.int64) * dropout.max_seqlen_q + rows) * tl.cdiv(
+        dropout.max_seqlen_k, 4
+    )
     offsets = groups[:, None] + row_offsets if TRANSPOSED else row_offsets + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
-    threshold = tl.cast(dropout_p * 4294967296.0, tl.uint32)
+    r0, r1, r2, r3 = tl.randint4x(dropout.seed, offsets)
+    threshold = tl.cast(dropout.dropout_p * 4294967296.0, tl.uint32)
     # join(join(a, c), join(b, d)) flattens its last two dims to a, b, c, d.
     keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold),
                    tl.join(r1 >= threshold, r3 >= threshold))  # fmt: skip
@@ -340,7 +374,7 @@ def query_block(
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    dropout = (seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
+    dropout = Dropout(seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
     return off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout
 
 
@@ -365,8 +399,8 @@ def _attn_fwd_inner(
     zeros and its visible scores become NaN, so the rows that see it come out NaN, as 0 * NaN
     makes them; every other row is bit for bit what it is without."""
     k_src, v_src, in_dim, pages = keys
-    seqlen_k = mods[1]
-    qk_scale = mods[2] * LOG2E
+    seqlen_k = mods.seqlen_k
+    qk_scale = mods.softmax_scale * LOG2E
     STAGES: tl.constexpr = GUARD if GUARD else None  # None: the config's num_stages
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -407,9 +441,9 @@ def _store_probs(
     """Store the block's probabilities exp2(s - lse2) (lse2: (BLOCK_M,) log-sum-exp in log2
     units) over every key of its sequence into P, (B, H, max_seqlen_q, max_seqlen_k), laid out
     as the dropout positions are; negated where dropout drops the weight."""
-    k_src, in_dim, pages = keys[0], keys[2], keys[3]
-    seqlen_q, seqlen_k = mods[0], mods[1]
-    bh, max_seqlen_q, max_seqlen_k = dropout[1], dropout[2], dropout[3]
+    k_src, _, in_dim, pages = keys
+    seqlen_q, seqlen_k = mods.seqlen_q, mods.seqlen_k
+    bh, max_seqlen_q, max_seqlen_k = dropout.bh, dropout.max_seqlen_q, dropout.max_seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, True, False)
         kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
@@ -438,7 +472,7 @@ def _attn_fwd_rows(
     Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P = outputs
     off_b, off_h, q_start, start_m, split, head_dim = place
     lo, lo_full, hi_full, hi = key_blocks
-    seqlen_q, dropout_p = mods[0], dropout[4]
+    seqlen_q, dropout_p = mods.seqlen_q, dropout.dropout_p
     BLOCK_M: tl.constexpr = rows.shape[0]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -499,8 +533,9 @@ def _attn_fwd_kernel(
     Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
     stride_q, stride_k, stride_v, stride_o,  # (batch, token, head) strides; varlen: batch 0
     stride_lse,  # (batch, head)
-    lengths,  # see sequence()
-    scoring,  # see score_mods(); Bias broadcastable to (B, H, Sq, Sk), Slopes (H,) or (B, H)
+    CuSeqlensQ, CuSeqlensK, SeqlensK,  # see sequence()
+    Bias, stride_bias, Slopes, stride_slope_b,  # see Scoring
+    softmax_scale, softcap, window_left, window_right,
     Seed, dropout_p,  # (1,) int64, read when DROPOUT
     KBatchIdx,  # (B,) int32 batch entry of k/v for each of q's (KV cache), when HAS_KV_BATCH_IDX
     P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
@@ -520,6 +555,9 @@ def _attn_fwd_kernel(
     RERUN_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
+    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
+                      window_left, window_right)  # fmt: skip
     # q stays in SRAM for the whole loop over keys.
     off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
         Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
@@ -539,7 +577,6 @@ def _attn_fwd_kernel(
     k_base = head_start(K, stride_k, off_bk, off_hk, k_start)
     v_base = head_start(V, stride_v, off_bk, off_hk, k_start)
 
-    window_left, window_right = mods[8], mods[9]
     lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                          BLOCK_M, BLOCK_N)  # fmt: skip
     # Split-KV: program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split),
@@ -590,43 +627,32 @@ def token_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, t.stride(0), t.stride(1)) if varlen else tuple(t.stride()[:3])
 
 
-def shared_kernel_args(
+def kernel_constants(
     q,
     k,
     opts: AttentionOptions,
     *,
     bias=None,
     alibi_slopes=None,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    seed=None,
-    seqlens_k=None,
-    cache_leftpad=None,
-    block_table=None,
+    varlen: bool = False,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    key_ranges: bool = False,
+    paged: bool = False,
 ) -> tuple[dict, int]:
-    """The keyword arguments that every attention kernel takes (all but V, the outputs and
-    what one kernel alone reads), and the batch size.
+    """The arguments that every attention kernel takes and that stay the same at one launch
+    key (sizes, strides, options, constexprs: all but the tensors), and the batch size.
 
     Inputs are assumed validated by ``flash_attn.ops.attention``. Shapes as in the module
-    docstring; ``bias`` already expanded (stride 0 on broadcast dims) to (B, H, Sq, Sk);
-    ``seed`` (1,) int64 when opts.dropout_p > 0. KV-cache decoding: ``seqlens_k`` (B,) int32,
-    where each batch entry's keys end in its cache row, ``cache_leftpad`` (B,) int32 or None,
-    where they start (0 by default). ``block_table`` (B, pages) int32 when k is a paged cache
-    (num_pages, page_size, nheads_k, headdim); with varlen offsets, cu_seqlens_k then counts
-    the keys of each sequence, which start at position 0 of its pages.
+    docstring; ``bias`` (only its strides are read) already expanded (stride 0 on broadcast
+    dims) to (B, H, Sq, Sk). varlen: q, k, v are packed (total_tokens, H, D) with max_seqlen_q,
+    max_seqlen_k. key_ranges: each batch entry's keys are a range of its cache row (see
+    :func:`sequence`); paged: k is a paged cache (num_pages, page_size, nheads_k, headdim), whose
+    capacity is max_seqlen_k.
     """
-    varlen = cu_seqlens_q is not None
-    if varlen and block_table is not None:
-        seqlens_k = cu_seqlens_k.diff()
-    key_ranges = None
-    if seqlens_k is not None:
-        first = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
-        key_ranges = torch.stack([first, seqlens_k], dim=1).to(torch.int32)  # see sequence()
     nheads, head_dim = q.shape[-2], q.shape[-1]
     if varlen:
-        batch = cu_seqlens_q.numel() - 1
+        batch = None  # the caller's: cu_seqlens_q.numel() - 1
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     else:
         batch, seqlen_q = q.shape[0], q.shape[1]
@@ -634,33 +660,18 @@ def shared_kernel_args(
     unlimited = seqlen_q + seqlen_k  # farther than any query-key distance
     left = unlimited if opts.window_left < 0 else opts.window_left
     right = 0 if opts.causal else (unlimited if opts.window_right < 0 else opts.window_right)
-    placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
     slope_stride = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         slope_stride = alibi_slopes.stride(0)
-    scoring = (  # see score_mods()
-        bias if bias is not None else placeholder,
-        tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
-        alibi_slopes if alibi_slopes is not None else placeholder,
-        slope_stride,
-        opts.softmax_scale,
-        opts.softcap,
-        left,
-        right,
-    )
-    lengths = (  # see sequence()
-        cu_seqlens_q if varlen else placeholder,
-        cu_seqlens_k if varlen else placeholder,
-        key_ranges if key_ranges is not None else placeholder,
-    )
     return dict(
-        Q=q,
-        K=k,
         stride_q=token_strides(q, varlen),
-        stride_k=token_strides(k, varlen and block_table is None),
-        lengths=lengths,
-        scoring=scoring,
-        Seed=seed if seed is not None else placeholder,
+        stride_k=token_strides(k, varlen and not paged),
+        stride_bias=tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
+        stride_slope_b=slope_stride,
+        softmax_scale=opts.softmax_scale,
+        softcap=opts.softcap,
+        window_left=left,
+        window_right=right,
         dropout_p=opts.dropout_p,
         nheads=nheads,
         nheads_k=k.shape[-2],
@@ -671,7 +682,7 @@ def shared_kernel_args(
         seqlen_k_bucket=triton.next_power_of_2(seqlen_k),
         HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
         VARLEN=varlen,
-        HAS_SEQLENS_K=key_ranges is not None,
+        HAS_SEQLENS_K=key_ranges,
         HAS_BIAS=bias is not None,
         HAS_ALIBI=alibi_slopes is not None,
         SOFTCAP=opts.softcap > 0.0,
@@ -682,21 +693,40 @@ def shared_kernel_args(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # Lengths that are multiples of every block size need no bounds masks.
         EVEN_M=not varlen and seqlen_q % MAX_BLOCK == 0,
-        EVEN_N=not varlen and key_ranges is None and seqlen_k % MAX_BLOCK == 0,
+        EVEN_N=not varlen and not key_ranges and seqlen_k % MAX_BLOCK == 0,
     ), batch
 
 
-def _lse_shape(q, args, batch):
+def kernel_tensors(q, k, placeholder, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
+                   cu_seqlens_k=None, key_ranges=None, seed=None) -> dict:  # fmt: skip
+    """The tensor arguments that every attention kernel takes, by name; ``placeholder`` (an
+    empty int32 tensor on q's device) stands for those a launch does not read."""
+
+    def given(t):
+        return t if t is not None else placeholder
+
+    return dict(Q=q, K=k, CuSeqlensQ=given(cu_seqlens_q), CuSeqlensK=given(cu_seqlens_k),
+                SeqlensK=given(key_ranges), Bias=given(bias), Slopes=given(alibi_slopes),
+                Seed=given(seed))  # fmt: skip
+
+
+def key_ranges_of(seqlens_k, cache_leftpad=None, cu_seqlens_k=None):
+    """(B, 2) int32 [first, end) keys of each batch entry's cache row (see :func:`sequence`):
+    from seqlens_k (B,) and cache_leftpad (B,) (a KV cache), or from cu_seqlens_k (B + 1,) (the
+    pages of a paged varlen batch, which start at position 0); None without either."""
+    if cu_seqlens_k is not None:
+        seqlens_k = cu_seqlens_k.diff()
+    if seqlens_k is None:
+        return None
+    first = cache_leftpad if cache_leftpad is not None else torch.zeros_like(seqlens_k)
+    return torch.stack([first, seqlens_k], dim=1).to(torch.int32)
+
+
+def lse_shape(q, varlen: bool) -> tuple[int, ...]:
     """Lse as the official API lays it out: (B, H, Sq), or (H, total_q) for varlen."""
-    if args["VARLEN"]:
-        return (args["nheads"], q.shape[0])
-    return (batch, args["nheads"], args["seqlen_q"])
-
-
-def lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
-    """(batch, head) strides of lse ((B, H, Sq), or varlen (H, total_q): batch 0), the kernels'
-    stride_lse."""
-    return (0 if varlen else lse.stride(-3), lse.stride(-2))
+    if varlen:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
 
 
 def tma_layout_ok(t: torch.Tensor) -> bool:
@@ -738,90 +768,148 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def attention_fwd(
-    q,
-    k,
-    v,
-    opts: AttentionOptions,
-    *,
-    num_splits: int = 1,
-    k_batch_idx: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    probs: torch.Tensor | None = None,
-    tma: bool | None = False,
-    **inputs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel.
+class ForwardLaunch:
+    """The forward kernel at one launch key: built from the inputs' shapes, strides and the
+    options, called with the tensors (see :class:`~flash_attn.ops.kernels.launch.LaunchPlan`).
 
     Args:
-        q, k, v, opts and inputs (bias, alibi_slopes, varlen offsets, seed, seqlens_k,
-            cache_leftpad): see :func:`shared_kernel_args`.
+        q, k, v, opts, bias, alibi_slopes, varlen, max_seqlen_q, max_seqlen_k: see
+            :func:`kernel_constants`; batch: the batch size (for varlen, len(cu_seqlens_q) - 1).
+        key_ranges: each batch entry's keys are a range of its cache row (KV cache, paged varlen).
         num_splits: split the keys across this many programs per query block (split-KV, for
             decoding with few queries and a long cache); partial results are combined here.
-        k_batch_idx: (batch,) int32, the cache row of each batch entry (KV cache).
-        block_table: (batch, max_pages) int32 for a paged cache: k and v are then
-            (num_pages, page_size, nheads_k, headdim) and key j of batch entry b lives at
-            [block_table[b, j // page_size], j % page_size]; seqlens_k (or, for varlen,
-            cu_seqlens_k) gives the lengths.
-        probs: None, or a zeroed (batch, nheads, max_seqlen_q, max_seqlen_k) tensor of q's
-            dtype (the official ``S_dmask``, for tests) that receives the probabilities before
-            dropout, negated where dropout drops the weight; one split only.
+        kv_batch_idx: the calls pass k_batch_idx, each batch entry's cache row (KV cache).
+        block_table: given for a paged cache (only its strides are read here; the calls pass
+            it): (batch, max_pages) int32, k and v are then (num_pages, page_size, nheads_k,
+            headdim) and key j of batch entry b lives at [block_table[b, j // page_size],
+            j % page_size].
+        store_probs: the calls pass probs, a zeroed (batch, nheads, max_seqlen_q, max_seqlen_k)
+            tensor of q's dtype (the official ``S_dmask``, for tests) that receives the
+            probabilities before dropout, negated where dropout drops the weight; one split only.
         tma: load and store through tensor descriptors: False (the default, see the module
             docstring), never; True, required; None, where :func:`tma_allowed` finds it
-            possible on a Hopper GPU.
-    Returns:
-        out: like q, contiguous; lse: (batch, nheads, seqlen_q), or (nheads, total_q) for
-        varlen, fp32, natural log, +inf for rows with no visible key.
+            possible on a Hopper GPU (decided for the tensors given here).
     """
-    args, batch = shared_kernel_args(q, k, opts, block_table=block_table, **inputs)
-    varlen = args["VARLEN"]
-    if probs is not None and num_splits > 1:
-        raise ValueError(f"probs: stored by one split only, got num_splits={num_splits}")
-    lse_shape = _lse_shape(q, args, batch)
-    if num_splits > 1:
-        # Partial results in fp32, one slice per split; keys per split a multiple of any BLOCK_N.
-        out = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
-        lse = torch.empty((num_splits, *lse_shape), dtype=torch.float32, device=q.device)
-        keys_per_split = triton.cdiv(triton.cdiv(args["seqlen_k"], num_splits), 128) * 128
-    else:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-        keys_per_split = triton.cdiv(args["seqlen_k"], 128) * 128
-    split_strides = (out.stride(0), lse.stride(0)) if num_splits > 1 else (0, 0)
-    dense = not varlen and block_table is None
-    use_tma = tma_allowed((q, k, v, out), dense=dense, tma=tma)
-    if use_tma and q.is_cuda:
-        _ensure_allocator()
 
-    def grid(meta):
-        return (triton.cdiv(args["seqlen_q"], meta["BLOCK_M"]), batch * args["nheads"], num_splits)
-
-    with device_guard(q):
-        _attn_fwd_kernel[grid](
-            V=v,
-            Out=out,
-            Lse=lse,
-            stride_v=token_strides(v, varlen and block_table is None),
-            stride_o=token_strides(out[0] if num_splits > 1 else out, varlen),
-            stride_lse=lse_strides(lse, varlen),
+    def __init__(self, q, k, v, opts: AttentionOptions, *, batch: int, bias=None,
+                 alibi_slopes=None, varlen=False, max_seqlen_q=None, max_seqlen_k=None,
+                 key_ranges=False, num_splits=1, kv_batch_idx=False, block_table=None,
+                 store_probs=False, tma=False):  # fmt: skip
+        paged = block_table is not None
+        if store_probs and num_splits > 1:
+            raise ValueError(f"probs: stored by one split only, got num_splits={num_splits}")
+        constants, _ = kernel_constants(
+            q, k, opts, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
+            paged=paged,
+        )  # fmt: skip
+        self.q_shape, self.dtype, self.device = q.shape, q.dtype, q.device
+        self.lse_shape = lse_shape(q, varlen)
+        self.num_splits, self.varlen = num_splits, varlen
+        # Keys per split: a multiple of any BLOCK_N.
+        keys_per_split = triton.cdiv(triton.cdiv(constants["seqlen_k"], num_splits), 128) * 128
+        # Partial results in fp32, one slice per split; split 0 is where one split writes.
+        out_shape = (num_splits, *q.shape) if num_splits > 1 else q.shape
+        out_dtype = torch.float32 if num_splits > 1 else q.dtype
+        self.out_shape, self.out_dtype = out_shape, out_dtype
+        out_strides = contiguous_strides(out_shape)
+        lse_shape_all = (num_splits, *self.lse_shape) if num_splits > 1 else self.lse_shape
+        self.lse_shape_all = lse_shape_all
+        lse_strides_all = contiguous_strides(lse_shape_all)
+        split = num_splits > 1
+        self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
+        self.use_tma = tma_allowed((q, k, v, q), dense=not varlen and not paged, tma=tma)
+        nheads = constants["nheads"]
+        self.launch = LaunchPlan(
+            _attn_fwd_kernel,
+            lambda meta: (triton.cdiv(constants["seqlen_q"], meta["BLOCK_M"]), batch * nheads,
+                          num_splits),  # fmt: skip
+            stride_v=token_strides(v, varlen and not paged),
+            stride_o=token_strides_of(out_strides[1:] if split else out_strides, varlen),
+            stride_lse=lse_strides_of(lse_strides_all[1:] if split else lse_strides_all, varlen),
             keys_per_split=keys_per_split,
-            stride_out_split=split_strides[0],
-            stride_lse_split=split_strides[1],
-            KBatchIdx=k_batch_idx if k_batch_idx is not None else args["lengths"][2],
-            HAS_KV_BATCH_IDX=k_batch_idx is not None,
-            BlockTable=block_table if block_table is not None else args["lengths"][2],
-            stride_table_b=block_table.stride(0) if block_table is not None else 0,
-            page_size=k.shape[1] if block_table is not None else 1,
-            PAGED=block_table is not None,
-            P=probs if probs is not None else out,
-            STORE_PROBS=probs is not None,
-            TMA=use_tma,
+            stride_out_split=out_strides[0] if split else 0,
+            stride_lse_split=lse_strides_all[0] if split else 0,
+            HAS_KV_BATCH_IDX=kv_batch_idx,
+            stride_table_b=block_table.stride(0) if paged else 0,
+            page_size=k.shape[1] if paged else 1,
+            PAGED=paged,
+            STORE_PROBS=store_probs,
+            TMA=self.use_tma,
             RERUN_STAGES=1 if target_arch() >= 90 else 2,
-            **args,
+            **constants,
         )
-    if num_splits == 1:
-        return out, lse
-    return _combine_splits(out, lse, q.dtype, varlen)
+
+    def __call__(self, q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
+                 cu_seqlens_k=None, key_ranges=None, seed=None, k_batch_idx=None,
+                 block_table=None, probs=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(out, lse): out like q, contiguous; lse (batch, nheads, seqlen_q), or (nheads,
+        total_q) for varlen, fp32, natural log, +inf for rows with no visible key. The tensors
+        as :class:`ForwardLaunch` was told (seed (1,) int64 when opts.dropout_p > 0)."""
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        lse = torch.empty(self.lse_shape_all, dtype=torch.float32, device=self.device)
+        placeholder = self.placeholder
+        tensors = kernel_tensors(q, k, placeholder, bias=bias, alibi_slopes=alibi_slopes,
+                                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                 key_ranges=key_ranges, seed=seed)  # fmt: skip
+        if self.use_tma and q.is_cuda:
+            _ensure_allocator()
+        table = block_table if block_table is not None else placeholder
+        with device_guard(q):
+            self.launch(
+                V=v, Out=out, Lse=lse, KBatchIdx=k_batch_idx if k_batch_idx is not None else
+                placeholder, BlockTable=table, P=probs if probs is not None else out, **tensors
+            )  # fmt: skip
+        if self.num_splits == 1:
+            return out, lse
+        return _combine_splits(out, lse, self.dtype, self.varlen)
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of this shape."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def token_strides_of(strides, varlen: bool) -> tuple[int, int, int]:
+    """:func:`token_strides` of a tensor with these strides."""
+    return (0, strides[0], strides[1]) if varlen else tuple(strides[:3])
+
+
+def lse_strides_of(strides, varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of an lse with these strides ((B, H, Sq), or varlen (H, total_q):
+    batch 0), the kernels' stride_lse."""
+    return (0 if varlen else strides[-3], strides[-2])
+
+
+def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=None,
+                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                  seed=None, seqlens_k=None, cache_leftpad=None, num_splits: int = 1,
+                  k_batch_idx=None, block_table=None, probs=None,
+                  tma: bool | None = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Launch the forward kernel once (:class:`ForwardLaunch` built and called): (out, lse).
+
+    KV-cache decoding: ``seqlens_k`` (B,) int32, where each batch entry's keys end in its cache
+    row, ``cache_leftpad`` (B,) int32 or None, where they start (0 by default). With varlen
+    offsets and ``block_table``, cu_seqlens_k counts the keys of each sequence, which start at
+    position 0 of its pages. Other arguments: see :class:`ForwardLaunch`.
+    """
+    varlen = cu_seqlens_q is not None
+    paged_varlen = varlen and block_table is not None
+    key_ranges = key_ranges_of(seqlens_k, cache_leftpad, cu_seqlens_k if paged_varlen else None)
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    launch = ForwardLaunch(
+        q, k, v, opts, batch=batch, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges is not None,
+        num_splits=num_splits, kv_batch_idx=k_batch_idx is not None,
+        block_table=block_table, store_probs=probs is not None, tma=tma,
+    )  # fmt: skip
+    return launch(q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                  cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, seed=seed,
+                  k_batch_idx=k_batch_idx, block_table=block_table, probs=probs)  # fmt: skip
 
 
 def _combine_splits(out, lse, dtype, varlen):

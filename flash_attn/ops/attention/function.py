@@ -1,0 +1,409 @@
+"""The Triton path of attention behind autograd, two ways over the same launches.
+
+- Eager: :class:`AttentionFunction`, one ``torch.autograd.Function`` whose forward and backward
+  call the launch plans of :class:`TritonLaunches` (cached per call signature by ``api.py``):
+  between the public call and the kernel there are a few lines of Python.
+- Under ``torch.compile``: the ``flash_attn::attention_forward`` / ``attention_backward``
+  ``torch.library`` ops, whose schemas are written out below and whose fake implementations
+  give the output shapes, so ``torch.compile(fullgraph=True)`` traces them without graph breaks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash_attn.ops.attention.options import AttentionOptions
+
+
+class TritonLaunches:
+    """The forward and backward launches of one call signature (shapes, strides, dtypes,
+    options). Built from the first call's tensors, which it reads only the metadata of.
+
+    Args:
+        q, k, v, bias (expanded), alibi_slopes: as the kernels take them; opts: the options.
+        varlen: (max_seqlen_q, max_seqlen_k) of packed sequences, or None; batch: batch size.
+        paged: k and v are paged caches read through a block_table (forward only).
+        return_probs: the forward also stores the probabilities.
+    """
+
+    def __init__(
+        self,
+        q,
+        k,
+        v,
+        opts: AttentionOptions,
+        *,
+        bias,
+        alibi_slopes,
+        varlen,
+        batch,
+        block_table,
+        return_probs,
+    ):
+        from flash_attn.ops.attention.triton.forward import ForwardLaunch
+
+        max_seqlen_q, max_seqlen_k = varlen or (None, None)
+        self.description = dict(
+            opts=opts,
+            batch=batch,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            varlen=varlen is not None,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+        )
+        self.forward = ForwardLaunch(
+            q,
+            k,
+            v,
+            key_ranges=block_table is not None,
+            block_table=block_table,
+            store_probs=return_probs,
+            **self.description,
+        )
+        self.probs_shape = None
+        if return_probs:
+            seqlen_q = max_seqlen_q if varlen else q.shape[1]
+            seqlen_k = max_seqlen_k if varlen else k.shape[1]
+            self.probs_shape = (batch, q.shape[-2], seqlen_q, seqlen_k)
+        self._backward = {}
+
+    def attend(self, q, k, v, *, return_probs, **tensors):
+        """(out, lse, probs or None) of the forward launch, outside autograd."""
+        probs = q.new_zeros(self.probs_shape) if self.probs_shape is not None else None
+        out, lse = self.forward(q, k, v, probs=probs, **tensors)
+        return out, lse, probs
+
+    def backward(self, q, k, v, bias_requires_grad: bool):
+        """The backward launch (built on first use, with or without the bias gradient)."""
+        launch = self._backward.get(bias_requires_grad)
+        if launch is None:
+            from flash_attn.ops.attention.triton.backward import BackwardLaunch
+
+            launch = BackwardLaunch(
+                q, k, v, bias_requires_grad=bias_requires_grad, **self.description
+            )
+            self._backward[bias_requires_grad] = launch
+        return launch
+
+
+class AttentionFunction(torch.autograd.Function):
+    """out, lse, probs = AttentionFunction.apply(q, k, v, bias, alibi_slopes, cu_seqlens_q,
+    cu_seqlens_k, key_ranges, block_table, seed, launches): attention through ``launches`` (a
+    :class:`TritonLaunches`). bias: expanded (batch, nheads, seqlen_q, seqlen_k) or None;
+    probs: empty unless the launches store them. Gradients flow to q, k, v and bias; a paged
+    cache (block_table) has none, and asking for them raises a ValueError naming it."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        key_ranges,
+        block_table,
+        seed,
+        launches: TritonLaunches,
+    ):
+        out, lse, probs = launches.attend(
+            q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, seed=seed,
+            block_table=block_table, return_probs=launches.probs_shape is not None,
+        )  # fmt: skip
+        probs = probs if probs is not None else q.new_empty(0)
+        ctx.mark_non_differentiable(lse, probs)
+        ctx.save_for_backward(
+            q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed
+        )
+        ctx.launches, ctx.paged = launches, block_table is not None
+        return out, lse, probs
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dprobs):
+        if ctx.paged:
+            raise ValueError(
+                "block_table: the triton backend attends to a paged cache without gradients "
+                "(inference); run the backward through backend='torch'"
+            )
+        q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+        bias_requires_grad = ctx.needs_input_grad[3]
+        launch = ctx.launches.backward(q, k, v, bias_requires_grad)
+        dq, dk, dv, dbias = launch(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seed=seed,
+        )
+        dbias = dbias.to(bias.dtype) if dbias is not None else None
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops, for torch.compile
+
+_OPTIONS_SCHEMA = (
+    "float softmax_scale, bool causal, SymInt window_left, SymInt window_right, float softcap, "
+    "float dropout_p"
+)
+_INPUTS_SCHEMA = (
+    "Tensor? bias, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? seed"
+)
+
+
+@torch.library.custom_op(
+    "flash_attn::attention_forward",
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, {_INPUTS_SCHEMA}, {_OPTIONS_SCHEMA}, "
+    "bool return_probs) -> (Tensor, Tensor, Tensor)",
+)
+def attention_forward_op(
+    q,
+    k,
+    v,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    return_probs,
+):
+    """(out, lse, probs); probs is empty unless return_probs (an op cannot return None)."""
+    from flash_attn.ops.attention.triton.forward import attention_fwd
+
+    opts = AttentionOptions(softmax_scale, causal, window_left, window_right, softcap, dropout_p)
+    probs = q.new_zeros(_probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs))
+    out, lse = attention_fwd(
+        q,
+        k,
+        v,
+        opts,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seed=seed,
+        probs=probs if return_probs else None,
+    )
+    return out, lse, probs
+
+
+def _probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs):
+    """(batch, nheads, max_seqlen_q, max_seqlen_k) of the probabilities, or (0,)."""
+    if not return_probs:
+        return (0,)
+    if cu_seqlens_q is not None:
+        return (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+    return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+
+
+@attention_forward_op.register_fake
+def _(
+    q,
+    k,
+    v,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    return_probs,
+):
+    if cu_seqlens_q is not None:
+        lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # (B, H, Sq)
+    probs = q.new_empty(_probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs))
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32), probs
+
+
+@torch.library.custom_op(
+    "flash_attn::attention_backward",
+    mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_INPUTS_SCHEMA}, "
+    f"{_OPTIONS_SCHEMA}, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def attention_backward_op(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    bias_requires_grad,
+):
+    """(dq, dk, dv, dbias); dbias is empty without bias_requires_grad."""
+    from flash_attn.ops.attention.triton.backward import attention_bwd
+
+    opts = AttentionOptions(softmax_scale, causal, window_left, window_right, softcap, dropout_p)
+    dq, dk, dv, dbias = attention_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        opts,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seed=seed,
+        bias_requires_grad=bias_requires_grad,
+    )
+    return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else q.new_empty(0))
+
+
+@attention_backward_op.register_fake
+def _(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    bias_requires_grad,
+):
+    dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+# The op's inputs after q, k, v, in schema order, and the options' names.
+_FORWARD_INPUTS = (
+    "bias",
+    "alibi_slopes",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "seed",
+)
+_OPTION_NAMES = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "dropout_p")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, *options = inputs
+    out, lse, probs = output
+    ctx.mark_non_differentiable(lse, probs)
+    ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.max_seqlens, ctx.options = (max_q, max_k), options[:-1]  # without return_probs
+
+
+def _backward(ctx, dout, _dlse, _dprobs):
+    q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = attention_backward_op(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *ctx.max_seqlens,
+        seed,
+        *ctx.options,
+        bias_requires_grad,
+    )
+    grads = (dq, dk, dv, dbias if bias_requires_grad else None)
+    return grads + (None,) * (len(_FORWARD_INPUTS) - 1 + len(_OPTION_NAMES) + 1)
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_compiled(
+    q,
+    k,
+    v,
+    opts: AttentionOptions,
+    *,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    return_probs,
+):
+    """(out, lse, probs) through the torch.library op (what torch.compile traces)."""
+    return attention_forward_op(
+        q,
+        k,
+        v,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q or 0,
+        max_seqlen_k or 0,
+        seed,
+        opts.softmax_scale,
+        opts.causal,
+        opts.window_left,
+        opts.window_right,
+        opts.softcap,
+        opts.dropout_p,
+        return_probs,
+    )
