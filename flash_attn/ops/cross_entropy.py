@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.backend import reads_values, resolve_backend
+from flash_attn.ops.custom_op import custom_op
 from flash_attn.ops.reference.cross_entropy import (
     REDUCTIONS,
     combined_lse,
@@ -41,7 +42,7 @@ def _loss_and_z_loss(label_terms, lse, labels, lse_square_scale, ignore_index):
 
 
 # The Triton module is imported inside each op so that ``import flash_attn`` works without Triton.
-@torch.library.custom_op("flash_attn::cross_entropy_fwd", mutates_args=())
+@custom_op("flash_attn::cross_entropy_fwd")
 def _cross_entropy_fwd_op(
     logits: torch.Tensor, labels: torch.Tensor, precomputed_lse: Optional[torch.Tensor],
     label_smoothing: float, logit_scale: float, lse_square_scale: float, ignore_index: int,
@@ -66,7 +67,7 @@ def _(logits, labels, precomputed_lse, label_smoothing, logit_scale, lse_square_
 
 # Both backward ops take: dloss, logits, lse, labels, label_smoothing, logit_scale,
 # lse_square_scale, ignore_index; the in-place one writes the gradient over the logits.
-@torch.library.custom_op("flash_attn::cross_entropy_bwd", mutates_args=())
+@custom_op("flash_attn::cross_entropy_bwd")
 def _cross_entropy_bwd_op(
     dloss: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
     label_smoothing: float, logit_scale: float, lse_square_scale: float, ignore_index: int,
@@ -198,10 +199,10 @@ def check_cross_entropy_inputs(
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """ValueError when a label is outside [0, vocab) and is not ignore_index.
 
-    This reads the labels on the host (one device sync); it is skipped while torch.compile
-    traces, where a data-dependent branch would break the graph.
+    This reads the labels on the host: only where that costs no device synchronisation (see
+    :func:`flash_attn.ops.backend.reads_values`), never while torch.compile traces.
     """
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    if labels.numel() == 0 or not reads_values(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.custom_op import custom_op
 from flash_attn.ops.reference.layer_norm import (
     draw_keep_masks,
     layer_norm_with,
@@ -36,7 +37,7 @@ def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> to
     return t if t is not None else like.new_empty(0, dtype=dtype or like.dtype)
 
 
-@torch.library.custom_op("flash_attn::layer_norm_fwd", mutates_args=())
+@custom_op("flash_attn::layer_norm_fwd")
 def _layer_norm_fwd_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     residual: Optional[torch.Tensor], x1: Optional[torch.Tensor],
@@ -78,7 +79,7 @@ def _(x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, eps, dropou
     )  # fmt: skip
 
 
-@torch.library.custom_op("flash_attn::layer_norm_bwd", mutates_args=())
+@custom_op("flash_attn::layer_norm_bwd")
 def _layer_norm_bwd_op(
     dy: torch.Tensor, dy1: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
     weight1: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,

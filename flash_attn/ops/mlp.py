@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.custom_op import custom_op
 from flash_attn.ops.reference.mlp import ACTIVATION_FNS, gated_linear_ref, linear_activation_ref
 
 ACTIVATIONS = tuple(ACTIVATION_FNS)
@@ -22,7 +23,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # The Triton module is imported inside each op so that ``import flash_attn`` works without Triton.
-@torch.library.custom_op("flash_attn::linear_act_fwd", mutates_args=())
+@custom_op("flash_attn::linear_act_fwd")
 def _linear_act_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -44,7 +45,7 @@ def _(x, weight, bias, activation, gated, store_pre):
     return out, pre
 
 
-@torch.library.custom_op("flash_attn::linear_act_bwd", mutates_args=())
+@custom_op("flash_attn::linear_act_bwd")
 def _linear_act_bwd_op(
     dout: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
 ) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.custom_op import custom_op
 from flash_attn.ops.reference.rotary import apply_rotary_ref
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,7 +27,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Both custom ops take: x, cos, sin, seqlen_offsets (a (batch,) tensor, or None for the int
 # seqlen_offset), seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate.
-@torch.library.custom_op("flash_attn::rotary", mutates_args=())
+@custom_op("flash_attn::rotary")
 def _rotary_op(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: Optional[torch.Tensor],
     seqlen_offset: int, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,

@@ -215,9 +215,12 @@ def attention(
         max_seqlen_q, max_seqlen_k) with dropped weights negated, or None.
     """
     options = (dropout_p, softmax_scale, causal, window_size, softcap, max_seqlen_q, max_seqlen_k)
-    key = _call_signature(
-        q, k, v, alibi_slopes, attn_bias, cu_seqlens_q, cu_seqlens_k, block_table, options, backend
-    )
+    key = None  # torch.compile traces the checks and the op instead
+    if not torch.compiler.is_compiling():
+        key = _call_signature(
+            q, k, v, alibi_slopes, attn_bias, cu_seqlens_q, cu_seqlens_k, block_table, options,
+            backend,
+        )  # fmt: skip
     plan = _plans.get(key)
     if plan is None or (plan.varlen and reads_values(q)):
         varlen = None

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.kernels.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard, launch
 
 
 @triton.jit
@@ -145,7 +145,8 @@ def cross_entropy_fwd(
     loss_partial = torch.empty_like(lse_partial)
     if n_rows > 0:
         with device_guard(logits):
-            _cross_entropy_fwd_kernel[(n_rows, n_blocks)](
+            launch(
+            _cross_entropy_fwd_kernel, (n_rows, n_blocks),
                 logits, labels, lse_partial, loss_partial,
                 logits.stride(0), n_cols, n_blocks,
                 float(label_smoothing), float(logit_scale), int(ignore_index), int(class_start),
@@ -180,7 +181,8 @@ def cross_entropy_bwd(
     block_n = _block_n(n_cols)
     if n_rows > 0:
         with device_guard(logits):
-            _cross_entropy_bwd_kernel[(n_rows, triton.cdiv(n_cols, block_n))](
+            launch(
+            _cross_entropy_bwd_kernel, (n_rows, triton.cdiv(n_cols, block_n)),
                 dlogits, logits, labels, lse, dloss,
                 dlogits.stride(0), logits.stride(0), dloss.stride(0),
                 n_cols, float(label_smoothing), float(logit_scale), float(lse_square_scale),

@@ -7,6 +7,8 @@ import contextlib
 import torch
 import triton
 
+from flash_attn.ops.backend import interpreter_enabled
+
 
 def device_guard(t: torch.Tensor):
     """Make t's GPU the current one for the launch (no-op on CPU, e.g. under the interpreter)."""
@@ -79,3 +81,48 @@ class LaunchPlan:
         self.run, self.function = compiled.run, compiled.function
         self.packed_metadata = compiled.packed_metadata
         self.compiled = compiled
+
+
+MAX_PLANS = 4096  # launch plans kept by :func:`launch`; the oldest is dropped past this
+_plans: dict = {}
+_arg_names: dict = {}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` through a :class:`LaunchPlan` kept per kernel, grid
+    and specialisation of the arguments: a tensor counts by its dtype, device and 16-byte
+    alignment (what Triton specialises on), anything else by its value. So every call after the
+    first of its kind goes straight to the compiled kernel; under the CPU interpreter it is the
+    usual launch."""
+    if interpreter_enabled():
+        kernel[grid](*args, **kwargs)
+        return
+    names = _arg_names.get(kernel)
+    if names is None:
+        from flash_attn.utils.triton_compile import unwrap_jit
+
+        names = _arg_names[kernel] = unwrap_jit(kernel).arg_names
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    key = [id(kernel), grid if type(grid) is tuple else _grid_key(grid)]
+    tensors = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value
+            key += (value.dtype, value.device, value.data_ptr() % 16 == 0)
+        else:
+            key.append(value)
+    key = tuple(key)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= MAX_PLANS:
+            del _plans[next(iter(_plans))]
+        constants = {name: value for name, value in values.items() if name not in tensors}
+        plan = _plans[key] = LaunchPlan(kernel, grid, **constants)
+    plan(**tensors)
+
+
+def _grid_key(grid) -> tuple:
+    """A grid function by its code and the values it closes over."""
+    cells = grid.__closure__ or ()
+    return (id(grid.__code__), *(cell.cell_contents for cell in cells))

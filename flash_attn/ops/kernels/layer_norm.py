@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.kernels.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard, launch
 
 # Rows longer than this are processed in chunks (64 KiB of fp64 would not fit; 8192 fp32 does).
 MAX_BLOCK = 8192
@@ -490,7 +490,8 @@ def layer_norm_fwd(
         return y, y1, residual_out, mean, rstd, keep, keep1
     block, single, num_warps = _block(N, max_block)
     with device_guard(x):
-        _layer_norm_fwd_kernel[(M,)](
+        launch(
+            _layer_norm_fwd_kernel, (M,),
             x, _or(x1, x), _or(residual, x), weight, _or(bias, weight),
             _or(weight1, weight), _or(bias1, weight), y, _or(y1, y), _or(residual_out, y),
             _or(keep, y), _or(keep1, y), _or(rowscale, mean), mean, rstd,
@@ -563,7 +564,8 @@ def layer_norm_bwd(
     if M > 0:
         block, single, num_warps = _block(N, max_block)
         with device_guard(x):
-            _layer_norm_bwd_kernel[(programs,)](
+            launch(
+            _layer_norm_bwd_kernel, (programs,),
                 x, weight, _or(weight1, weight), dy, _or(dy1, dy), _or(dresidual_out, dy),
                 dx, _or(dx1, dx), _or(dresidual, dx),
                 partials[0], partials[1], partials[-2], partials[-1],

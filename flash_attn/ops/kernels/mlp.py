@@ -23,7 +23,7 @@ import triton.language as tl
 
 from flash_attn.ops.attention.triton.tuning import largest
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.kernels.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard, launch
 
 
 @triton.jit
@@ -238,7 +238,8 @@ def linear_act_fwd(
         return out, pre
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with device_guard(x):
-        _linear_act_fwd_kernel[grid](
+        launch(
+            _linear_act_fwd_kernel, grid,
             x, weight, bias if bias is not None else x, out, pre,
             M, N, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -264,7 +265,8 @@ def linear_act_bwd(dout: torch.Tensor, pre: torch.Tensor, activation: str, gated
         return dpre
     block_m, block_n = 32, 128
     with device_guard(dout):
-        _act_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        launch(
+            _act_bwd_kernel, (triton.cdiv(M, block_m), triton.cdiv(N, block_n)),
             dout, pre, dpre, M, N,
             ACTIVATION=activation, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n,
         )  # fmt: skip

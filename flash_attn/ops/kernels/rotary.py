@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.kernels.launch import device_guard
+from flash_attn.ops.kernels.launch import device_guard, launch
 
 
 @triton.jit
@@ -142,7 +142,8 @@ def rotary_fwd(
     block_m = min(block_m, max(triton.next_power_of_2(seqlen), 1))
     grid = (triton.cdiv(seqlen, block_m), nheads, batch)
     with device_guard(x):
-        _rotary_kernel[grid](
+        launch(
+            _rotary_kernel, grid,
             x, out, cos, sin,
             seqlen_offsets if offsets_tensor else cos,  # unread placeholders when absent
             cu_seqlens if is_varlen else cos,

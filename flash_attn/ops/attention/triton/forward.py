@@ -819,11 +819,14 @@ class ForwardLaunch:
         split = num_splits > 1
         self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
         self.use_tma = tma_allowed((q, k, v, q), dense=not varlen and not paged, tma=tma)
-        nheads = constants["nheads"]
+        seqlen_q, programs = constants["seqlen_q"], batch * constants["nheads"]
+
+        def grid(meta):
+            return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), programs, num_splits)
+
         self.launch = LaunchPlan(
             _attn_fwd_kernel,
-            lambda meta: (triton.cdiv(constants["seqlen_q"], meta["BLOCK_M"]), batch * nheads,
-                          num_splits),  # fmt: skip
+            grid,
             stride_v=token_strides(v, varlen and not paged),
             stride_o=token_strides_of(out_strides[1:] if split else out_strides, varlen),
             stride_lse=lse_strides_of(lse_strides_all[1:] if split else lse_strides_all, varlen),
