@@ -68,23 +68,27 @@ class TrainingSpan(L.Callback):
     all devices) and seconds (validation included, set-up and data preparation not)."""
 
     def __init__(self):
-        self.first_step = self.last_step = self.tokens = 0
+        self.first_step: int | None = None
+        self.tokens = 0
         self.seconds = 0.0
         self._start: tuple[float, int] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.first_step = self.last_step = trainer.global_step
+        self.first_step = trainer.global_step
         self._start = (time.perf_counter(), pl_module.tokens_seen)
 
     def on_train_end(self, trainer, pl_module) -> None:
         start_time, start_tokens = self._start
         self.seconds = time.perf_counter() - start_time
         self.tokens = pl_module.tokens_seen - start_tokens
-        self.last_step = trainer.global_step
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.first_step is None:  # resumed at max_steps: Lightning trained nothing
+            self.first_step = trainer.global_step
 
     @property
     def tokens_per_s(self) -> float | None:
-        """tokens / seconds (None before any training)."""
+        """tokens / seconds (None when nothing was trained)."""
         return self.tokens / self.seconds if self.seconds > 0 else None
 
 
