@@ -132,8 +132,12 @@ def check_resume_folder_exists(ckpt_path, run_dir: Path) -> None:
     created = run_dir.resolve() in _CREATED_BY_HYDRA
     if run_dir.exists() and not created:
         return
-    if created and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(run_dir)
+    if (
+        created
+        and run_dir.is_dir()
+        and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}
+    ):
+        shutil.rmtree(run_dir)  # only what Hydra wrote for this run
     raise FileNotFoundError(
         f"ckpt_path=last: the run folder {run_dir} does not exist, so there is no run to "
         "resume; check hydra.run.dir, or leave out ckpt_path=last to start a new run (a job "
