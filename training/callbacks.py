@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -61,6 +62,36 @@ def throughput_monitor(window_size: int = 10) -> ThroughputMonitor:
     )
 
 
+class TrainingSpan(L.Callback):
+    """The part of the run that this process trained: from the step it started at (0, or the
+    resumed checkpoint's) to the end of training, its tokens (the module's ``tokens_seen``,
+    all devices) and seconds (validation included, set-up and data preparation not)."""
+
+    def __init__(self):
+        self.first_step: int | None = None
+        self.tokens = 0
+        self.seconds = 0.0
+        self._start: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_step = trainer.global_step
+        self._start = (time.perf_counter(), pl_module.tokens_seen)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        start_time, start_tokens = self._start
+        self.seconds = time.perf_counter() - start_time
+        self.tokens = pl_module.tokens_seen - start_tokens
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.first_step is None:  # resumed at max_steps: Lightning trained nothing
+            self.first_step = trainer.global_step
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """tokens / seconds (None when nothing was trained)."""
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
 class OptimizerStepCallback(L.Callback):
     """Calls :meth:`on_optimizer_step_end` after the micro-batch whose backward completed an
     optimizer step (the last one of each gradient-accumulation cycle): global_step counts
@@ -83,7 +114,9 @@ class OptimizerStepCallback(L.Callback):
 class LossCurve(OptimizerStepCallback):
     """Keeps (step, loss) of training (every log_every_n_steps) and validation, and writes
     ``losses.csv`` and ``loss_curve.png`` into the run folder when fitting ends (or fails).
-    The points are part of the checkpoint, so a resumed run's curve starts at step 0."""
+    The training loss is the module's logged ``train/loss``: the step's mean loss per token
+    over all its micro-batches. The points are part of the checkpoint, so a resumed run's
+    curve starts at step 0."""
 
     def __init__(self, output_dir: str, log_every_n_steps: int = 10, reference: dict | None = None):
         self.output_dir = Path(output_dir)
@@ -102,7 +135,8 @@ class LossCurve(OptimizerStepCallback):
     def on_optimizer_step_end(self, trainer, outputs) -> None:
         if trainer.global_step % self.every:
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # not outputs["loss"]: Lightning divides it by the accumulation count
+        loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.train.append((trainer.global_step, float(loss)))
 

@@ -11,9 +11,12 @@ would call anything else is refused.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
+import re
+import shutil
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored: damaged, unsafe, or none left to resume from."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint save ran out of disk space; the checkpoint it would replace is intact."""
 
 
 def is_local(path) -> bool:
@@ -70,7 +77,10 @@ def checkpoint_problem(path) -> str | None:
         with fs.open(fs_path, "rb") as f, zipfile.ZipFile(f) as archive:
             bad_record = archive.testzip()
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error) as err:
-        return f"not a complete checkpoint archive (truncated or overwritten): {err}"
+        return (
+            "not a complete checkpoint archive (truncated, overwritten, or another kind of "
+            f"file): {err}"
+        )
     if bad_record is not None:
         return f"record {bad_record!r} fails its CRC-32 check (bytes overwritten)"
     return None
@@ -84,6 +94,13 @@ def check_intact(path) -> None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
 
 
+def _refused_object(err: pickle.UnpicklingError) -> str:
+    """What weights_only unpickling refused, without torch's advice to load the file with
+    weights_only=False or to allow the global (either would run what the file asks for)."""
+    found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(err))
+    return found.group(0) if found else "an object outside torch's allow-list"
+
+
 def read_checkpoint(path, map_location=None, mmap: bool = False) -> dict:
     """torch.load of a checkpoint with weights_only=True; CheckpointError naming the file
     when it holds objects outside torch's allow-list (code would run on unpickling)."""
@@ -95,8 +112,15 @@ def read_checkpoint(path, map_location=None, mmap: bool = False) -> dict:
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {path} holds objects that weights_only loading refuses, so it is not "
-            f"restored: {str(err).splitlines()[0]}"
-        ) from err
+            f"restored: {_refused_object(err)}"
+        ) from None
+
+
+def load_verified(path, map_location=None) -> dict:
+    """The checkpoint at path after :func:`check_intact` (every record's CRC-32), loaded by
+    :func:`read_checkpoint`: the way every resume reads a checkpoint."""
+    check_intact(path)
+    return read_checkpoint(path, map_location=map_location)
 
 
 def verified_step(path) -> int:
@@ -171,6 +195,50 @@ def latest_checkpoint(folder: Path) -> Resume | None:
     return intact_checkpoint(candidates[0]) if candidates else None
 
 
+def _write_atomically(checkpoint: dict, path: Path) -> None:
+    """torch.save into a temporary file beside path, fsync, rename over path; the temporary
+    file is removed when anything fails, leaving path as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether err or an error it was raised from is "no space left" (or "quota exceeded"):
+    torch's zip writer reports a failed write as ``RuntimeError: ... unexpected pos``, the
+    file's own OSError comes with it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _disk_full_message(path: Path) -> str:
+    free = shutil.disk_usage(path.parent).free
+    kept = (
+        f"the previous checkpoint {path} is intact (a save writes a temporary file first, "
+        "now removed)"
+        if path.exists()
+        else f"no earlier {path.name} was there to replace"
+    )
+    return (
+        f"the disk is full: no space left to save checkpoint {path} ({free / 2**20:.0f} MiB "
+        f"free in {path.parent}); {kept}. Free some space there, then resume with "
+        "ckpt_path=last."
+    )
+
+
 def _KEEP_DEVICE(storage, location):  # noqa: N802 - Lightning's default map_location
     return storage
 
@@ -182,27 +250,24 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
     checkpoint path always holds a complete file, the old or the new one (Lightning's own
     save stages the bytes in the system temp folder and copies them across filesystems, so a
     kill mid-copy leaves a truncated file). Remote paths (s3://, gs://, memory:// ...) are
-    written by Lightning's fsspec writer. Loads check every zip record first.
+    written by Lightning's fsspec writer. A local save that runs out of disk space raises
+    DiskFullError naming the path (the file there is still the previous checkpoint). Loads
+    check every zip record first.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        """Write checkpoint to path; DiskFullError saying where when the disk is full."""
         if not is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(fsspec.core.url_to_fs(str(path))[1])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            _write_atomically(checkpoint, path)
+        except (OSError, RuntimeError) as err:
+            if not _is_disk_full(err):
+                raise
+            raise DiskFullError(_disk_full_message(path)) from err
 
     def load_checkpoint(self, path, map_location=_KEEP_DEVICE, weights_only=None) -> dict:
         """The checkpoint at path, always with weights_only=True (the argument is ignored)."""
-        check_intact(path)
-        return read_checkpoint(path, map_location=map_location)
+        return load_verified(path, map_location=map_location)

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 from flash_attn.models.hf_checkpoint import SpecialTokens, writable_family
+from training.checkpointing import load_verified
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,11 @@ def export_checkpoint(checkpoint_path, folder, tokenizer: str | None = None) -> 
     """Write the Hugging Face folder of a training checkpoint (.ckpt).
 
     tokenizer: a tokenizer folder, hub id or tokenizer.json replacing the checkpoint's (needed
-    for checkpoints that carry none). Raises ValueError naming what is missing.
+    for checkpoints that carry none). Raises ValueError naming what is missing, and
+    CheckpointError naming the file when it is damaged or not a checkpoint: it is verified as
+    a resume verifies it (every record's CRC-32, weights_only loading).
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_verified(checkpoint_path, map_location="cpu")
     metadata = checkpoint.get(CHECKPOINT_KEY)
     hf_tokenizer = None
     if tokenizer is not None:

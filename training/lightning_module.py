@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
@@ -9,10 +10,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_only
 
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 from training.data.packing import batch_tokens
-from training.optim import build_optimizer, build_scheduler
+from training.optim import build_optimizer, build_scheduler, warmup_problem
+
+log = logging.getLogger(__name__)
 
 
 def _numpy_state_to_plain(state: tuple) -> list:
@@ -96,6 +100,7 @@ class GPTLightningModule(L.LightningModule):
         self.flops_per_batch = None
         self.tokens_seen = 0
         self._val_sums = None
+        self._step_sums = None  # (nats, scored tokens) of the optimizer step's micro-batches
 
     # -- loss --------------------------------------------------------------------------------
     def loss(self, batch, reduction: str = "mean") -> torch.Tensor:
@@ -110,6 +115,15 @@ class GPTLightningModule(L.LightningModule):
         output = self.forward_model(inputs, labels=targets, shift_labels=False,
                                     reduction=reduction, document_starts=starts)  # fmt: skip
         return output.loss
+
+    @staticmethod
+    def scored_targets(batch) -> torch.Tensor:
+        """(B, T) bool: the targets of the (B, T + 1) windows that carry a loss (all of them, or
+        all but each document's first token under document masking)."""
+        if isinstance(batch, dict) and "document_starts" in batch:
+            return ~batch["document_starts"][:, 1:]
+        targets = batch_tokens(batch)[:, 1:]
+        return torch.ones_like(targets, dtype=torch.bool)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) int64 -> (B, T, vocab) logits."""
@@ -147,11 +161,33 @@ class GPTLightningModule(L.LightningModule):
         loss = self.loss(batch)
         if self.check_finite:
             self._raise_if_not_finite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        ppl = torch.exp(loss.detach().clamp(max=50.0))  # a tensor: read only when logged
-        self.log("train/ppl", ppl, on_step=True, on_epoch=False)
+        self._add_to_step_loss(loss, batch)
+        if self._ends_optimizer_step():
+            self._log_step_loss()
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
+
+    def _ends_optimizer_step(self) -> bool:
+        """Whether this micro-batch's backward completes an optimizer step (Lightning's own
+        test, which its loggers use too: the accumulation count is reached or the epoch ends)."""
+        return not self.trainer.fit_loop._should_accumulate()
+
+    def _add_to_step_loss(self, loss: torch.Tensor, batch) -> None:
+        """Add a micro-batch's mean loss, weighted by its scored targets, to the step's sums."""
+        scored = self.scored_targets(batch).sum().float()
+        sums = torch.stack([loss.detach().float() * scored, scored])
+        self._step_sums = sums if self._step_sums is None else self._step_sums + sums
+
+    def _log_step_loss(self) -> None:
+        """Log train/loss and train/ppl of the optimizer step: the mean loss per scored token
+        over all its micro-batches (Lightning's own step output is the last micro-batch's loss
+        divided by the accumulation count)."""
+        nats, tokens = self._step_sums
+        self._step_sums = None
+        loss = nats / tokens
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        ppl = torch.exp(loss.clamp(max=50.0))  # a tensor: read only when logged
+        self.log("train/ppl", ppl, on_step=True, on_epoch=False)
 
     def _raise_if_not_finite(self, loss: torch.Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
@@ -174,9 +210,7 @@ class GPTLightningModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         nats = self.loss(batch, reduction="sum")
         targets = batch_tokens(batch)[:, 1:]
-        scored = torch.ones_like(targets, dtype=torch.bool)
-        if isinstance(batch, dict) and "document_starts" in batch:
-            scored = ~batch["document_starts"][:, 1:]
+        scored = self.scored_targets(batch)
         num_bytes = self.token_bytes[targets][scored].sum()
         self._val_sums += torch.stack(
             [nats.double(), scored.sum().double(), num_bytes.double()]
@@ -223,10 +257,14 @@ class GPTLightningModule(L.LightningModule):
 
     def optimizer_and_scheduler(self, max_steps: int):
         """AdamW over the model and its per-step LambdaLR, which ends at scheduler.total_steps
-        (None: max_steps)."""
+        (None: max_steps); a warning when the warmup outlasts max_steps."""
         optimizer = build_optimizer(self.model, **self.optimizer_cfg)
         schedule = dict(self.scheduler_cfg)
         total = schedule.pop("total_steps") or max_steps
+        problem = warmup_problem(max_steps, total, schedule["warmup_steps"],
+                                 schedule["warmup_fraction"])  # fmt: skip
+        if problem and rank_zero_only.rank == 0:
+            log.warning("%s", problem)
         return optimizer, build_scheduler(optimizer, total, **schedule)
 
     # -- checkpoints ---------------------------------------------------------------------------

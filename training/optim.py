@@ -64,13 +64,42 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps
     )
 
 
+def _uses_fraction(warmup_fraction: float | None) -> bool:
+    return 0 < float(warmup_fraction or 0) < 1
+
+
+def warmup_length(total_steps: int, warmup_steps: int, warmup_fraction: float | None) -> int:
+    """Optimizer steps of the warmup: warmup_fraction of total_steps when it is in (0, 1),
+    else warmup_steps."""
+    if _uses_fraction(warmup_fraction):
+        return int(float(warmup_fraction) * total_steps)
+    return int(warmup_steps)
+
+
+def warmup_problem(max_steps: int, total_steps: int, warmup_steps: int,
+                   warmup_fraction: float | None) -> str | None:  # fmt: skip
+    """What is wrong when the warmup does not end before the run's last step (max_steps), so
+    the learning rate never reaches optimizer.lr; None when it does."""
+    warmup = warmup_length(total_steps, warmup_steps, warmup_fraction)
+    if warmup < max_steps:
+        return None
+    key, value = ("scheduler.warmup_steps", warmup_steps)
+    if _uses_fraction(warmup_fraction):
+        key, value = ("scheduler.warmup_fraction", warmup_fraction)
+    peak = max_steps / (warmup + 1)  # lr_lambda at the last step, max_steps - 1
+    return (
+        f"{key}={value} warms the learning rate up over {warmup} optimizer steps, but "
+        f"trainer.max_steps={max_steps} ends the run first: the learning rate peaks at "
+        f"{peak:.0%} of optimizer.lr. Lower {key} (or raise trainer.max_steps)."
+    )
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, decay: str,
                     warmup_steps: int, warmup_fraction: float | None,
                     min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
     """Per-step LambdaLR of :func:`lr_lambda`. The arguments after total_steps are the keys of
     ``configs/scheduler/*.yaml``; warmup_fraction in (0, 1) overrides warmup_steps."""
-    if 0 < float(warmup_fraction or 0) < 1:
-        warmup_steps = int(float(warmup_fraction) * total_steps)
+    warmup_steps = warmup_length(total_steps, warmup_steps, warmup_fraction)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_lambda(step, int(warmup_steps), total_steps, decay, float(min_lr_ratio)),

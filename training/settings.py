@@ -36,6 +36,7 @@ SETTINGS = {
     "cpu_threads": _cpu_threads,
     "matmul_precision": partial(check_choice, choices=(None, "highest", "high", "medium")),
     "save_final_checkpoint": check_bool,
+    "overwrite_run_folder": check_bool,
     "trainer.max_steps": _max_steps,
     "trainer.log_every_n_steps": partial(check_int, minimum=1),
     "data.batch_size": partial(check_int, minimum=1),

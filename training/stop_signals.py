@@ -37,14 +37,16 @@ class StopSignalCheckpoint(OptimizerStepCallback, Checkpoint):
     SIGTERM is seen through Lightning's handler (``trainer.received_sigterm``, which also
     forwards it to the processes Lightning launched); SIGINT through a handler installed for
     the fit. All ranks stop at the same step when any rank received a signal. A Checkpoint
-    subclass, so Lightning runs it after the other callbacks have recorded the step.
+    subclass, so Lightning runs it after the other callbacks have recorded the step. The stop
+    is raised at the next hook, after Lightning has logged the step's metrics (it logs them
+    after on_train_batch_end), so the step's row is in the logs the resumed run continues.
     """
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt"):
         self.path = f"{str(dirpath).rstrip('/')}/{filename}"
         self._sigint = False
         self._previous_handler = None
-        self.saved = False
+        self.saved_for = 0  # the signal the checkpoint was saved for (0: none yet)
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -55,6 +57,7 @@ class StopSignalCheckpoint(OptimizerStepCallback, Checkpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_sigint()
+        self._stop_if_saved()  # the signal came at the last step
 
     def _restore_sigint(self) -> None:
         if self._previous_handler is not None:
@@ -77,7 +80,7 @@ class StopSignalCheckpoint(OptimizerStepCallback, Checkpoint):
 
     def _save(self, trainer, signum: int) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # the full state
-        self.saved = True
+        self.saved_for = signum
         log.warning(
             "%s: saved %s at step %d, stopping",
             signal.Signals(signum).name, self.path, trainer.global_step,
@@ -85,13 +88,27 @@ class StopSignalCheckpoint(OptimizerStepCallback, Checkpoint):
 
     def on_optimizer_step_end(self, trainer, outputs) -> None:
         signum = self._received(trainer)
-        if signum and not self.saved:
+        if signum and not self.saved_for:
             self._save(trainer, signum)
-            raise StoppedBySignal(signum)
+
+    def _stop_if_saved(self) -> None:
+        if self.saved_for:
+            raise StoppedBySignal(self.saved_for)
+
+    # The first of these hooks after the step's metrics are logged stops the run: the next
+    # batch, a validation (not run: the checkpoint is saved), the end of the epoch or of training.
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop_if_saved()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_if_saved()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # Lightning stops a validation (and DDP ranks at a batch start) on SIGTERM itself.
-        if isinstance(exception, SIGTERMException) and not self.saved:
+        if isinstance(exception, SIGTERMException) and not self.saved_for:
             self._save(trainer, signal.SIGTERM)
         self._restore_sigint()
 

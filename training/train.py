@@ -14,12 +14,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from training.callbacks import LossCurve
+from training.callbacks import LossCurve, TrainingSpan
 from training.checkpointing import VerifiedCheckpointIO
 from training.hf_export import HuggingFaceFolder
 from training.lightning_module import GPTLightningModule
 from training.loggers import keep_history
-from training.run_folder import resolve_resume, run_dir_chosen, run_folder_lock
+from training.run_folder import (
+    check_fresh_start,
+    check_resume_folder_exists,
+    resolve_resume,
+    run_dir_chosen,
+    run_folder_lock,
+)
 from training.settings import check_settings
 from training.stop_signals import exit_status_on_stop_signal
 
@@ -91,6 +97,15 @@ def _accumulation(cfg: DictConfig) -> int:
             f"({cfg.data.batch_size}) x devices ({world})"
         )
     return global_batch // per_step
+
+
+def _val_check_batches(interval, accumulation: int):
+    """trainer.val_check_interval as Lightning counts it (micro-batches): the config counts
+    optimizer steps, as the progress bar does (an int), or gives a fraction of an epoch (a
+    float, passed on)."""
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        return interval * accumulation
+    return interval
 
 
 def cpu_threads(setting, accelerator: str, devices) -> int | None:
@@ -169,12 +184,18 @@ def train(cfg: DictConfig) -> dict:
     """Fit the model a composed config describes; returns a summary of the run.
 
     Returns a dict with the final train/val losses, val bits per byte, the corpus' unigram
-    entropy, tokens seen, tokens/s, wall time, the run folder, checkpoint paths and a sample.
+    entropy, tokens seen since step 0, this process's part of the run (first step, tokens,
+    training seconds and their tokens/s), wall time, the run folder, checkpoint paths and a
+    sample.
     The run folder is locked for the run (a second run there fails at once); a stop by
-    SIGTERM or SIGINT raises ``StoppedBySignal`` (exit status 143 or 130) after saving.
+    SIGTERM or SIGINT raises ``StoppedBySignal`` (exit status 143 or 130) after saving. A fresh
+    start in the folder of an earlier run that left checkpoints stops with the commands that
+    resume it or start elsewhere (unless overwrite_run_folder=true).
     """
     check_settings(cfg)
-    with run_folder_lock(Path(cfg.paths.output_dir)):
+    output_dir = Path(cfg.paths.output_dir)
+    check_resume_folder_exists(cfg.get("ckpt_path"), output_dir)  # before the lock creates it
+    with run_folder_lock(output_dir):
         return _train(cfg)
 
 
@@ -183,6 +204,8 @@ def _train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
     resume = resolve_resume(cfg.get("ckpt_path"), output_dir, run_dir_chosen())
+    if resume is None:
+        check_fresh_start(output_dir, overwrite=bool(cfg.get("overwrite_run_folder")))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -198,7 +221,8 @@ def _train(cfg: DictConfig) -> dict:
     entropy = datamodule.unigram_entropy()
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     hf_folder = output_dir / "hf"  # every run ends with a Hugging Face folder
-    callbacks.append(HuggingFaceFolder(hf_folder))
+    span = TrainingSpan()
+    callbacks += [HuggingFaceFolder(hf_folder), span]
     for cb in callbacks:
         if isinstance(cb, LossCurve):
             cb.reference.setdefault("unigram entropy", entropy["nats_per_token"])
@@ -206,9 +230,11 @@ def _train(cfg: DictConfig) -> dict:
     keep_history(loggers, resume.step if resume else 0)
     if not loggers:  # nothing to send learning rates to
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    accumulation = _accumulation(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False,
-        plugins=[VerifiedCheckpointIO()], accumulate_grad_batches=_accumulation(cfg),
+        plugins=[VerifiedCheckpointIO()], accumulate_grad_batches=accumulation,
+        val_check_interval=_val_check_batches(cfg.trainer.val_check_interval, accumulation),
     )  # fmt: skip
     if trainer.is_global_zero:
         log.info("run folder: %s", output_dir)
@@ -242,8 +268,13 @@ def _train(cfg: DictConfig) -> dict:
         "unigram_entropy_nats": entropy["nats_per_token"],
         "unigram_entropy_bpb": entropy["bits_per_byte"],
         "tokens_seen": module.tokens_seen,
-        **_throughput(trainer),
         "global_step": trainer.global_step,
+        # this process's part of the run (after a resume: from the resumed step on)
+        "first_step": span.first_step,
+        "tokens_trained": span.tokens,
+        "train_s": span.seconds,
+        "tokens_per_s": span.tokens_per_s,
+        "mfu": _mfu(trainer),
         "wall_s": time.perf_counter() - start,
         "output_dir": str(output_dir),
         "last_checkpoint": str(last) if last.is_file() else None,
@@ -262,16 +293,11 @@ def _train(cfg: DictConfig) -> dict:
     return summary
 
 
-def _throughput(trainer: L.Trainer) -> dict:
-    """tokens_per_s (all devices) and mfu as Lightning's ThroughputMonitor last logged them
-    (None when it did not: no loggers, fewer batches than its window, no known peak FLOP/s)."""
-    logged = trainer.logged_metrics
-    per_device = logged.get("train/device/items_per_sec")
-    mfu = logged.get("train/device/mfu")
-    return {
-        "tokens_per_s": None if per_device is None else float(per_device) * trainer.world_size,
-        "mfu": None if mfu is None else float(mfu),
-    }
+def _mfu(trainer: L.Trainer) -> float | None:
+    """MFU as Lightning's ThroughputMonitor last logged it (None when it did not: no loggers,
+    fewer batches than its window, no known peak FLOP/s)."""
+    mfu = trainer.logged_metrics.get("train/device/mfu")
+    return None if mfu is None else float(mfu)
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -282,9 +308,11 @@ def _print_summary(s: dict) -> None:
     lines = [
         "",
         f"run folder        {s['output_dir']}",
-        f"steps             {s['global_step']}  ({s['tokens_seen']:,} tokens in "
-        f"{s['wall_s']:.0f} s, {_fmt(s['tokens_per_s'], ',.0f')} tokens/s, "
-        f"MFU {_fmt(s['mfu'], '.1%')})",
+        f"steps             {s['global_step']}  ({s['tokens_seen']:,} tokens from step 0)",
+        f"this run          steps {s['first_step']} to {s['global_step']}: "
+        f"{s['tokens_trained']:,} tokens in {s['train_s']:.0f} s of training, "
+        f"{_fmt(s['tokens_per_s'], ',.0f')} tokens/s, MFU {_fmt(s['mfu'], '.1%')} "
+        f"({s['wall_s']:.0f} s with set-up)",
         f"train loss        {_fmt(s['train_loss'])} nats/token",
         f"val loss          {_fmt(s['val_loss'])} nats/token   "
         f"(unigram entropy {s['unigram_entropy_nats']:.3f})",

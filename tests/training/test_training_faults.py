@@ -3,13 +3,11 @@ signals, a second run in a used folder, moved run folders, remote checkpoint pat
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
 from pathlib import Path
 
-import hydra
 import lightning as L
 import pytest
 import torch
@@ -17,9 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from training_testing import (
     CONFIG_DIR,
+    add_callbacks,
     checkpoint_step,
     compose_config,
     losses_by_step,
+    metric_steps,
     run_train_py,
     slow_run_args,
     slow_run_overrides,
@@ -27,8 +27,15 @@ from training_testing import (
     wait_for,
 )
 
-from training.checkpointing import CheckpointError, VerifiedCheckpointIO, intact_checkpoint
+from training.checkpointing import (
+    CheckpointError,
+    DiskFullError,
+    VerifiedCheckpointIO,
+    intact_checkpoint,
+    verified_step,
+)
 from training.run_folder import (
+    RunFolderHasCheckpoints,
     RunFolderInUse,
     resolve_resume,
     resume_command,
@@ -37,12 +44,6 @@ from training.run_folder import (
 )
 from training.stop_signals import StoppedBySignal
 from training.train import train
-
-
-def _metric_steps(run_dir: Path, key: str) -> list[int]:
-    """The steps of metrics.csv's rows that hold key, in file order."""
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return [int(r["step"]) for r in csv.DictReader(f) if r.get(key)]
 
 
 def _kill_at_step(args, cache_dir, last: Path, step: int) -> int:
@@ -60,6 +61,7 @@ def test_kill_twice_then_resume_keeps_the_whole_history(tmp_path, cache_dir, cor
     steps = 16
     run_dir = tmp_path / "killed"
     args = [*slow_run_args(corpus, cache_dir, run_dir, steps), "ckpt_path=last"]
+    run_dir.mkdir()  # a job that resumes from its first start: its folder exists
     last = run_dir / "checkpoints" / "last.ckpt"
     first = _kill_at_step(args, cache_dir, last, 6)  # checkpoints every 4 steps
     second = _kill_at_step(args, cache_dir, last, 10)
@@ -73,7 +75,7 @@ def test_kill_twice_then_resume_keeps_the_whole_history(tmp_path, cache_dir, cor
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
     # Lightning logs step k's metrics at step k - 1: every step once, in order
-    assert _metric_steps(run_dir, "train/loss") == list(range(steps))
+    assert metric_steps(run_dir, "train/loss") == list(range(steps))
     assert (run_dir / "loss_curve.png").stat().st_size > 0
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
@@ -129,7 +131,7 @@ def test_resume_with_damaged_last_checkpoint_trains_from_the_intact_one(
     ]))  # fmt: skip
     assert summary["global_step"] == 5
     assert sorted(losses_by_step(run_dir)) == [1, 2, 3, 4, 5]  # 4 and 5 trained again
-    assert _metric_steps(run_dir, "train/loss") == [0, 1, 2, 3, 4]
+    assert metric_steps(run_dir, "train/loss") == [0, 1, 2, 3, 4]
 
 
 def test_last_means_the_highest_step_of_the_folder(tmp_path):
@@ -183,7 +185,7 @@ def test_second_run_in_a_locked_folder_exits_at_once(tmp_path, cache_dir, corpus
 
 def _training_started(run_dir: Path) -> bool:
     metrics = run_dir / "csv" / "metrics.csv"
-    return metrics.is_file() and bool(_metric_steps(run_dir, "train/loss"))
+    return metrics.is_file() and bool(metric_steps(run_dir, "train/loss"))
 
 
 def test_sigterm_saves_prints_the_resume_command_and_exits_143(tmp_path, cache_dir, corpus):
@@ -214,14 +216,7 @@ class _SignalAtStep(L.Callback):
 
 
 def test_sigint_saves_and_exits_130(tmp_path, cache_dir, corpus, monkeypatch, caplog):
-    real_instantiate = hydra.utils.instantiate
-
-    def with_sigint_at_step_2(config, *args, **kwargs):
-        if kwargs.get("callbacks"):
-            kwargs["callbacks"] = [*kwargs["callbacks"], _SignalAtStep(signal.SIGINT, 2)]
-        return real_instantiate(config, *args, **kwargs)
-
-    monkeypatch.setattr(hydra.utils, "instantiate", with_sigint_at_step_2)
+    add_callbacks(monkeypatch, _SignalAtStep(signal.SIGINT, 2))
     cfg = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path), "trainer.max_steps=5"])
     with pytest.raises(StoppedBySignal) as stop:
         train(cfg)
@@ -245,7 +240,7 @@ def test_moved_run_folder_resumes_and_overwrites_last_ckpt(finished_run, tmp_pat
     names = sorted(p.name for p in (moved / "checkpoints").iterdir())
     assert "last-v1.ckpt" not in names and checkpoint_step(moved / "checkpoints" / "last.ckpt") == 6
     assert sorted(losses_by_step(moved)) == list(range(1, 7))
-    assert _metric_steps(moved, "train/loss") == list(range(6))
+    assert metric_steps(moved, "train/loss") == list(range(6))
 
 
 def test_last_without_run_folder_names_the_command(finished_run, tmp_path):
@@ -272,3 +267,119 @@ def test_run_folder_counts_as_chosen_only_when_named(overrides, chosen):
     finally:
         HydraConfig.instance().cfg = None
     assert command == "python train.py trainer.max_steps=7 ckpt_path=last hydra.run.dir=/runs/b"
+
+
+def _finished_run_overrides(corpus, cache_dir, run_dir: Path, steps: int) -> list[str]:
+    """finished_run's settings in run_dir, for steps optimizer steps."""
+    return [*tiny_overrides(corpus, cache_dir, run_dir), f"trainer.max_steps={steps}",
+            "trainer.val_check_interval=3", "scheduler.total_steps=6",
+            "sample.max_new_tokens=0"]  # fmt: skip
+
+
+def test_fresh_run_in_a_finished_run_folder_is_refused(finished_run, tmp_path, cache_dir,
+                                                       corpus):  # fmt: skip
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    folder = run_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    fresh = _finished_run_overrides(corpus, cache_dir, run_dir, 2)
+    with pytest.raises(RunFolderHasCheckpoints) as refused:
+        train(compose_config(fresh))
+    message = str(refused.value)
+    assert f"ckpt_path=last hydra.run.dir={run_dir}" in message  # resume it
+    assert "hydra.run.dir=<another folder>" in message  # or start elsewhere
+    assert "overwrite_run_folder=true" in message
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    summary = train(compose_config([*fresh, "overwrite_run_folder=true"]))
+    assert summary["global_step"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # the earlier run's: gone
+    assert checkpoint_step(folder / "last.ckpt") == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_by_signal_then_resume_logs_every_step_once(signum, tmp_path, cache_dir, corpus,
+                                                         monkeypatch):  # fmt: skip
+    overrides = [*tiny_overrides(corpus, cache_dir, tmp_path), "trainer.max_steps=4",
+                 "trainer.val_check_interval=100", "sample.max_new_tokens=0"]  # fmt: skip
+    with monkeypatch.context() as patch:
+        add_callbacks(patch, _SignalAtStep(signum, 2))
+        with pytest.raises(StoppedBySignal):
+            train(compose_config(overrides))
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 2
+    assert train(compose_config([*overrides, "ckpt_path=last"]))["global_step"] == 4
+    # Lightning logs step k's metrics at step k - 1: the stop step's row is there, once
+    assert metric_steps(tmp_path, "train/loss") == [0, 1, 2, 3]
+
+
+def test_last_with_a_folder_that_never_existed_names_it(tmp_path, cache_dir, corpus):
+    typo = tmp_path / "runs" / "typo"
+    overrides = [*tiny_overrides(corpus, cache_dir, typo), "ckpt_path=last",
+                 "sample.max_new_tokens=0"]  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=f"run folder {typo} does not exist"):
+        train(compose_config(overrides))
+    assert not typo.exists()
+    typo.mkdir(parents=True)  # a requeued job's folder, before its first checkpoint
+    assert train(compose_config(overrides))["global_step"] == 2
+
+
+def test_last_with_a_new_hydra_run_dir_fails_before_creating_it(tmp_path, cache_dir, corpus):
+    typo = tmp_path / "typo"
+    args = [o for o in tiny_overrides(corpus, cache_dir, typo) if not o.startswith("paths.")]
+    proc = run_train_py([*args, f"hydra.run.dir={typo}", "ckpt_path=last"], cache_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert f"ckpt_path=last: the run folder {typo} does not exist" in out, out[-3000:]
+    assert not typo.exists()
+
+
+def _export(checkpoint: Path, out: Path) -> Path:
+    import export_hf  # scripts/ is on pytest's path
+
+    return Path(export_hf.main([str(checkpoint), str(out)]))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_export_verifies_the_checkpoint_as_resume_does(how, finished_run, tmp_path):
+    damaged = tmp_path / "last.ckpt"
+    shutil.copy(finished_run / "checkpoints" / "last.ckpt", damaged)
+    _damage(damaged, how)
+    problem = "CRC-32" if how == "overwritten" else "not a complete checkpoint archive"
+    with pytest.raises(CheckpointError, match=f"checkpoint {damaged} is damaged: .*{problem}"):
+        _export(damaged, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_export_of_a_file_that_is_not_a_checkpoint_never_suggests_unsafe_loading(tmp_path):
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": _WritesAFile(tmp_path / "code_ran.txt")}, crafted)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some text, not a checkpoint\n")
+    for path in (crafted, notes):
+        with pytest.raises(CheckpointError, match=str(path)) as refused:
+            _export(path, tmp_path / "out")
+        assert "weights_only=False" not in str(refused.value)
+        assert "weights_only` set to `False`" not in str(refused.value)
+        assert "safe_globals" not in str(refused.value)
+    assert not (tmp_path / "code_ran.txt").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_disk_full_save_says_so_and_keeps_the_previous_checkpoint(finished_run, tmp_path,
+                                                                  cache_dir, corpus):  # fmt: skip
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    # the next save of last.ckpt writes its temporary file into /dev/full: ENOSPC
+    (last.parent / f".last.ckpt.{os.getpid()}.tmp").symlink_to("/dev/full")
+    resume = [*_finished_run_overrides(corpus, cache_dir, run_dir, 5), "ckpt_path=last"]
+    with pytest.raises(DiskFullError) as full:
+        train(compose_config(resume))
+    message = str(full.value)
+    assert "the disk is full" in message and f"save checkpoint {last}" in message
+    assert f"free in {last.parent}" in message
+    assert f"the previous checkpoint {last} is intact" in message
+    assert last.read_bytes() == before
+    assert verified_step(last) == 4
+    assert not list(last.parent.glob(".*.tmp"))  # the temporary file (here a link) is gone

@@ -53,6 +53,29 @@ def test_schedule_warmup_then_decay():
         lr_lambda(0, 1, 2, "step", 0.1)
 
 
+@pytest.mark.parametrize(
+    "warmup, key", [(dict(warmup_steps=10), "scheduler.warmup_steps=10"),
+                    (dict(warmup_fraction=0.5), "scheduler.warmup_fraction=0.5")],
+)  # fmt: skip
+def test_warmup_longer_than_the_run_is_named(warmup, key, caplog):
+    scheduler = dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1,
+                     total_steps=20) | warmup  # fmt: skip
+    module = GPTLightningModule(
+        model={"config": dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=1, n_head=2)},
+        optimizer=dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None),
+        scheduler=scheduler,
+    )  # fmt: skip
+    module.optimizer_and_scheduler(max_steps=4)
+    peak = 4 / 11  # the lr at the last of 4 steps of a 10-step warmup
+    assert f"{key} warms the learning rate up over 10 optimizer steps" in caplog.text
+    assert f"trainer.max_steps=4 ends the run first: the learning rate peaks at {peak:.0%}" in (
+        caplog.text
+    )
+    caplog.clear()
+    module.optimizer_and_scheduler(max_steps=11)  # warmup ends within the run
+    assert "warms the learning rate up" not in caplog.text
+
+
 def test_flops_per_token_counts_matmuls():
     cfg = GPTConfig(vocab_size=1000, n_positions=64, n_embd=32, n_layer=3, n_head=4)
     model = GPTLMHeadModel(cfg)

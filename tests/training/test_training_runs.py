@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import defaultdict
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from training_testing import (
     EXPERIMENTS,
+    add_callbacks,
     checkpoint_step,
     compose_config,
     losses_by_step,
@@ -145,6 +148,12 @@ def test_resume_continues_with_the_samelosses_by_step(tmp_path, cache_dir, corpu
                               f"ckpt_path={ckpt}"])  # fmt: skip
     out = train(resumed)
     assert out["global_step"] == 8 and out["tokens_seen"] == full["tokens_seen"]
+    # the throughput line: this process's steps, tokens and time, one span
+    tokens = 3 * 2 * 32  # steps 5 to 8, 2 x 32 tokens each
+    assert (out["first_step"], out["tokens_trained"]) == (5, tokens)
+    assert out["tokens_per_s"] == pytest.approx(tokens / out["train_s"])
+    summary_text = (tmp_path / "resumed" / "summary.txt").read_text()
+    assert f"steps 5 to 8: {tokens} tokens in {out['train_s']:.0f} s of training" in summary_text
     want, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "resumed")
     assert sorted(got) == list(range(1, 9))  # the curve's points up to step 5 come along
     for step in got:
@@ -215,3 +224,53 @@ def test_ddp_two_cpu_processes(tmp_path, cache_dir, corpus):
     sampler = state["GPTDataModule"]["train_sampler"]
     assert sampler["world_size"] == 2 and sampler["consumed"] == 3 * 2 * 2
     assert "val bits/byte" in out
+
+
+class MicroBatchLosses(L.Callback):
+    """The loss of every micro-batch, by the optimizer step it belongs to."""
+
+    def __init__(self):
+        self.by_step: dict[int, list[float]] = defaultdict(list)
+        self._step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step + 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning's output is the micro-batch's mean loss divided by the accumulation count
+        self.by_step[self._step].append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+
+@pytest.fixture(scope="module")
+def accumulated_run(tmp_path_factory, cache_dir, corpus):
+    """4 optimizer steps of 2 micro-batches (global_batch_size 4 of 2 x 32 tokens), validation
+    every 2 steps: the run's summary, folder and micro-batch losses."""
+    run_dir = tmp_path_factory.mktemp("accumulated")
+    losses = MicroBatchLosses()
+    cfg = compose_config([*tiny_overrides(corpus, cache_dir, run_dir), "global_batch_size=4",
+                          "trainer.max_steps=4", "trainer.val_check_interval=2",
+                          "sample.max_new_tokens=0"])  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        add_callbacks(patch, losses)
+        summary = train(cfg)
+    return summary, run_dir, losses.by_step
+
+
+def test_every_loss_shown_under_accumulation_is_the_steps_mean_per_token(accumulated_run):
+    summary, run_dir, micro = accumulated_run
+    assert {step: len(values) for step, values in micro.items()} == {1: 2, 2: 2, 3: 2, 4: 2}
+    want = {step: sum(values) / len(values) for step, values in micro.items()}  # equal tokens
+    curve = losses_by_step(run_dir)
+    assert curve == pytest.approx(want, rel=1e-6)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        logged = {int(r["step"]) + 1: float(r["train/loss"]) for r in csv.DictReader(f)
+                  if r["train/loss"]}  # fmt: skip
+    assert logged == pytest.approx(want, rel=1e-6)  # Lightning logs step k at k - 1
+    assert summary["train_loss"] == pytest.approx(want[4], rel=1e-6)
+
+
+def test_validation_interval_counts_optimizer_steps(accumulated_run):
+    _, run_dir, _ = accumulated_run
+    with open(run_dir / "losses.csv") as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "val"]
+    assert val_steps == [2, 4]  # trainer.val_check_interval=2 steps of 2 micro-batches

@@ -211,6 +211,26 @@ def step_checkpoint_overrides(step: int) -> list[str]:
     ]  # fmt: skip
 
 
+def add_callbacks(monkeypatch, *callbacks) -> None:
+    """Make train() hand the Trainer these callback instances besides the config's."""
+    import hydra
+
+    real_instantiate = hydra.utils.instantiate
+
+    def instantiate(config, *args, **kwargs):
+        if kwargs.get("callbacks"):
+            kwargs["callbacks"] = [*kwargs["callbacks"], *callbacks]
+        return real_instantiate(config, *args, **kwargs)
+
+    monkeypatch.setattr(hydra.utils, "instantiate", instantiate)
+
+
+def metric_steps(run_dir: Path, key: str) -> list[int]:
+    """The steps of the run's csv/metrics.csv rows that hold key, in file order."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get(key)]
+
+
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a checkpoint file records."""
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
