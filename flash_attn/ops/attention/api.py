@@ -71,21 +71,16 @@ class AttentionPlan:
         if self.opts.dropout_p > 0.0:
             # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
-        if torch.compiler.is_compiling() and block_table is None:
+        key_ranges = None
+        if block_table is not None:
+            key_ranges = _paged_key_ranges(cu_seqlens_k)
+        if torch.compiler.is_compiling():
             out, lse, probs = attention_compiled(
-                q,
-                k,
-                v,
-                self.opts,
-                bias=bias,
-                alibi_slopes=alibi_slopes,
-                cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_k=cu_seqlens_k,
-                max_seqlen_q=varlen and varlen[2],
-                max_seqlen_k=varlen and varlen[3],
-                seed=seed,
-                return_probs=return_probs,
-            )
+                q, k, v, self.opts, bias=bias, alibi_slopes=alibi_slopes,
+                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=varlen and varlen[2], max_seqlen_k=varlen and varlen[3], seed=seed,
+                key_ranges=key_ranges, block_table=block_table, return_probs=return_probs,
+            )  # fmt: skip
             return out, lse, probs if return_probs else None
         if self.launches is None:
             batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
@@ -101,9 +96,6 @@ class AttentionPlan:
                 block_table=block_table,
                 return_probs=return_probs,
             )
-        key_ranges = None
-        if block_table is not None:
-            key_ranges = _paged_key_ranges(cu_seqlens_k)
         needs_grad = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
             or (bias is not None and bias.requires_grad)

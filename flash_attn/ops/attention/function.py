@@ -14,6 +14,11 @@ import torch
 
 from flash_attn.ops.attention.options import AttentionOptions
 
+_PAGED_BACKWARD = (
+    "block_table: the triton backend attends to a paged cache without gradients (inference); "
+    "run the backward through backend='torch'"
+)
+
 
 class TritonLaunches:
     """The forward and backward launches of one call signature (shapes, strides, dtypes,
@@ -125,10 +130,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse, _dprobs):
         if ctx.paged:
-            raise ValueError(
-                "block_table: the triton backend attends to a paged cache without gradients "
-                "(inference); run the backward through backend='torch'"
-            )
+            raise ValueError(_PAGED_BACKWARD)
         q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
         bias_requires_grad = ctx.needs_input_grad[3]
         launch = ctx.launches.backward(q, k, v, bias_requires_grad)
@@ -160,52 +162,32 @@ _INPUTS_SCHEMA = (
     "Tensor? bias, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? seed"
 )
+# The forward's reads of a KV cache or paged keys (see ForwardLaunch), without gradients.
+_CACHE_SCHEMA = "Tensor? key_ranges, Tensor? k_batch_idx, Tensor? block_table, int num_splits"
 
 
 @torch.library.custom_op(
     "flash_attn::attention_forward",
     mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, {_INPUTS_SCHEMA}, {_OPTIONS_SCHEMA}, "
-    "bool return_probs) -> (Tensor, Tensor, Tensor)",
+    schema=f"(Tensor q, Tensor k, Tensor v, {_INPUTS_SCHEMA}, {_CACHE_SCHEMA}, "
+    f"{_OPTIONS_SCHEMA}, bool return_probs) -> (Tensor, Tensor, Tensor)",
 )
 def attention_forward_op(
-    q,
-    k,
-    v,
-    bias,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seed,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    return_probs,
-):
+    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+    key_ranges, k_batch_idx, block_table, num_splits, softmax_scale, causal, window_left,
+    window_right, softcap, dropout_p, return_probs,
+):  # fmt: skip
     """(out, lse, probs); probs is empty unless return_probs (an op cannot return None)."""
     from flash_attn.ops.attention.triton.forward import attention_fwd
 
     opts = AttentionOptions(softmax_scale, causal, window_left, window_right, softcap, dropout_p)
     probs = q.new_zeros(_probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs))
     out, lse = attention_fwd(
-        q,
-        k,
-        v,
-        opts,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        seed=seed,
-        probs=probs if return_probs else None,
-    )
+        q, k, v, opts, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k or None,
+        seed=seed, key_ranges=key_ranges, k_batch_idx=k_batch_idx, block_table=block_table,
+        num_splits=num_splits, probs=probs if return_probs else None,
+    )  # fmt: skip
     return out, lse, probs
 
 
@@ -220,24 +202,10 @@ def _probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs):
 
 @attention_forward_op.register_fake
 def _(
-    q,
-    k,
-    v,
-    bias,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seed,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    return_probs,
-):
+    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+    key_ranges, k_batch_idx, block_table, num_splits, softmax_scale, causal, window_left,
+    window_right, softcap, dropout_p, return_probs,
+):  # fmt: skip
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
     else:
@@ -253,157 +221,68 @@ def _(
     f"{_OPTIONS_SCHEMA}, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def attention_backward_op(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    bias,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seed,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
+    dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, seed, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
     bias_requires_grad,
-):
+):  # fmt: skip
     """(dq, dk, dv, dbias); dbias is empty without bias_requires_grad."""
     from flash_attn.ops.attention.triton.backward import attention_bwd
 
     opts = AttentionOptions(softmax_scale, causal, window_left, window_right, softcap, dropout_p)
     dq, dk, dv, dbias = attention_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        opts,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        seed=seed,
-        bias_requires_grad=bias_requires_grad,
-    )
+        dout, q, k, v, out, lse, opts, bias=bias, alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, seed=seed, bias_requires_grad=bias_requires_grad,
+    )  # fmt: skip
     return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else q.new_empty(0))
 
 
 @attention_backward_op.register_fake
 def _(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    bias,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seed,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
+    dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, seed, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
     bias_requires_grad,
-):
+):  # fmt: skip
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-# The op's inputs after q, k, v, in schema order, and the options' names.
-_FORWARD_INPUTS = (
-    "bias",
-    "alibi_slopes",
-    "cu_seqlens_q",
-    "cu_seqlens_k",
-    "max_seqlen_q",
-    "max_seqlen_k",
-    "seed",
-)
-_OPTION_NAMES = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "dropout_p")
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, *options = inputs
+    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, *rest = inputs
+    key_ranges, k_batch_idx, block_table, num_splits, *options, return_probs = rest
     out, lse, probs = output
     ctx.mark_non_differentiable(lse, probs)
     ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
-    ctx.max_seqlens, ctx.options = (max_q, max_k), options[:-1]  # without return_probs
+    ctx.max_seqlens, ctx.options, ctx.inputs = (max_q, max_k), options, len(inputs)
+    ctx.paged = block_table is not None
 
 
 def _backward(ctx, dout, _dlse, _dprobs):
+    if ctx.paged:
+        raise ValueError(_PAGED_BACKWARD)
     q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = attention_backward_op(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        bias,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        *ctx.max_seqlens,
-        seed,
-        *ctx.options,
-        bias_requires_grad,
-    )
+        dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+        *ctx.max_seqlens, seed, *ctx.options, bias_requires_grad,
+    )  # fmt: skip
     grads = (dq, dk, dv, dbias if bias_requires_grad else None)
-    return grads + (None,) * (len(_FORWARD_INPUTS) - 1 + len(_OPTION_NAMES) + 1)
+    return grads + (None,) * (ctx.inputs - len(grads))
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_compiled(
-    q,
-    k,
-    v,
-    opts: AttentionOptions,
-    *,
-    bias,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    seed,
-    return_probs,
-):
-    """(out, lse, probs) through the torch.library op (what torch.compile traces)."""
+    q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seed=None, key_ranges=None,
+    k_batch_idx=None, block_table=None, num_splits=1, return_probs=False,
+):  # fmt: skip
+    """(out, lse, probs) through the torch.library op (what torch.compile traces); arguments as
+    :class:`~flash_attn.ops.attention.triton.forward.ForwardLaunch` and its call take them."""
     return attention_forward_op(
-        q,
-        k,
-        v,
-        bias,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q or 0,
-        max_seqlen_k or 0,
-        seed,
-        opts.softmax_scale,
-        opts.causal,
-        opts.window_left,
-        opts.window_right,
-        opts.softcap,
-        opts.dropout_p,
-        return_probs,
-    )
+        q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q or 0,
+        max_seqlen_k or 0, seed, key_ranges, k_batch_idx, block_table, num_splits,
+        opts.softmax_scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
+        opts.dropout_p, return_probs,
+    )  # fmt: skip

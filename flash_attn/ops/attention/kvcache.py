@@ -23,6 +23,7 @@ from flash_attn.ops.attention.checks import (
     check_flag,
     window_pair,
 )
+from flash_attn.ops.attention.function import attention_compiled
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch_dense
 from flash_attn.ops.backend import reads_values, resolve_backend
@@ -334,13 +335,19 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
     if resolve_backend(backend, q.device) == "triton":
         from flash_attn.ops.attention.triton.forward import key_ranges_of
 
+        key_ranges = key_ranges_of(keys.ends.to(torch.int32), keys.leftpad)
+        if torch.compiler.is_compiling():  # the op that torch.compile traces
+            splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
+            out, lse, _ = attention_compiled(
+                q, k_cache, v_cache, opts, alibi_slopes=alibi_slopes,
+                max_seqlen_k=layout.capacity, key_ranges=key_ranges,
+                k_batch_idx=cache_batch_idx, block_table=layout.block_table, num_splits=splits,
+            )  # fmt: skip
+            return out, lse
         launch = _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout,
                                num_splits)  # fmt: skip
-        return launch(
-            q, k_cache, v_cache, alibi_slopes=alibi_slopes,
-            key_ranges=key_ranges_of(keys.ends.to(torch.int32), keys.leftpad),
-            k_batch_idx=cache_batch_idx, block_table=layout.block_table,
-        )  # fmt: skip
+        return launch(q, k_cache, v_cache, alibi_slopes=alibi_slopes, key_ranges=key_ranges,
+                      k_batch_idx=cache_batch_idx, block_table=layout.block_table)  # fmt: skip
     starts = keys.leftpad.tolist() if keys.leftpad is not None else [0] * q.shape[0]
     outs, lses = [], []
     for b, (start, end) in enumerate(zip(starts, keys.ends.tolist())):

@@ -890,7 +890,8 @@ def lse_strides_of(strides, varlen: bool) -> tuple[int, int]:
 
 def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=None,
                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                  seed=None, seqlens_k=None, cache_leftpad=None, num_splits: int = 1,
+                  seed=None, seqlens_k=None, cache_leftpad=None, key_ranges=None,
+                  num_splits: int = 1,
                   k_batch_idx=None, block_table=None, probs=None,
                   tma: bool | None = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward kernel once (:class:`ForwardLaunch` built and called): (out, lse).
@@ -898,11 +899,14 @@ def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=No
     KV-cache decoding: ``seqlens_k`` (B,) int32, where each batch entry's keys end in its cache
     row, ``cache_leftpad`` (B,) int32 or None, where they start (0 by default). With varlen
     offsets and ``block_table``, cu_seqlens_k counts the keys of each sequence, which start at
-    position 0 of its pages. Other arguments: see :class:`ForwardLaunch`.
+    position 0 of its pages. Or ``key_ranges`` made by :func:`key_ranges_of` from those. Other
+    arguments: see :class:`ForwardLaunch`.
     """
     varlen = cu_seqlens_q is not None
-    paged_varlen = varlen and block_table is not None
-    key_ranges = key_ranges_of(seqlens_k, cache_leftpad, cu_seqlens_k if paged_varlen else None)
+    if key_ranges is None:
+        paged_varlen = varlen and block_table is not None
+        cu_seqlens_k_paged = cu_seqlens_k if paged_varlen else None
+        key_ranges = key_ranges_of(seqlens_k, cache_leftpad, cu_seqlens_k_paged)
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     launch = ForwardLaunch(
         q, k, v, opts, batch=batch, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
