@@ -229,7 +229,8 @@ class GPTDataModule(L.LightningDataModule):
         self.tokenizer = self._build_tokenizer(fingerprint, lambda: dataset["train"][text_field])
         key_text = json.dumps([CACHE_FORMAT, fingerprint, self.tokenizer.fingerprint])
         key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-        label = str(self.source.get("name") or self.source.get("kind")).replace("/", "_")
+        kind = self.source.get("kind")
+        label = str(self.source.get("name") if kind == "hub" else kind).replace("/", "_")
         folder = Path(self.cache_dir) / "tokens" / f"{label}-{self.tokenizer.name}-{key}"
         for split in ("train", "validation"):
             path = folder / f"{split}.bin"
