@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 
+import hydra
 import numpy as np
 import pytest
 import torch
-from training_testing import make_documents, write_corpus
+from training_testing import compose_config, make_documents, write_corpus
 
 from training.data.datamodule import GPTDataModule, ResumableWindowSampler
 from training.data.sources import quickstart_files
@@ -173,17 +176,25 @@ def test_quickstart_corpus_is_deterministic_and_capped():
 
 
 def test_missing_dataset_offline_says_what_to_do(tmp_path, monkeypatch):
+    """The message's overrides compose on the experiment's config, and it names the hub
+    tokenizer that would fail next."""
     import datasets
+    import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    source = {"kind": "hub", "name": "no-such-org/no-such-dataset"}
-    dm = GPTDataModule(source, {"kind": "bytes"}, cache_dir=str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    experiment = ["experiment=gpt2", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"]
+    cfg = compose_config([*experiment, "data.source.name=no-such-org/no-such-dataset"])
     with pytest.raises(RuntimeError) as info:
-        dm.build()
+        hydra.utils.instantiate(cfg.data).build()
     message = str(info.value)
-    assert "no-such-org/no-such-dataset" in message
-    assert "data.source.data_files" in message and "HF_DATASETS_CACHE" in message
+    assert "no-such-org/no-such-dataset" in message and "HF_DATASETS_CACHE" in message
+    assert "data.tokenizer.name=gpt2" in message and "data.tokenizer.name=/path/to" in message
+    suggested = re.search(r"data\.source\.kind=files data\.source\.data_files=\S+", message)
+    cfg = compose_config([*experiment, *shlex.split(suggested[0])])
+    assert cfg.data.source.kind == "files" and cfg.data.tokenizer.name == "gpt2"
 
 
 def test_missing_tokenizer_offline_says_what_to_do(tmp_path, monkeypatch):

@@ -99,16 +99,22 @@ def files_builder_args(source) -> tuple[str, dict[str, list[str]], dict]:
     return builder, resolved, kwargs
 
 
+class HubUnreachable(RuntimeError):
+    """A hub dataset could not be loaded (no network, or no such dataset); the message says
+    how to train without the hub."""
+
+
 def _offline_hint(name: str) -> str:
     cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
     )
     return (
-        f"Could not load the dataset {name!r} from the Hugging Face hub (no network, or the "
-        "name is wrong). Either\n"
-        "  - point at local files: data.source.kind=files "
-        "data.source.data_files='/data/owt/*.jsonl.zst' (text, jsonl, jsonl.zst, parquet; "
-        "data.source.text_field=<column>), or\n"
+        f"Could not load the dataset {name!r} from the Hugging Face hub (no network, or no "
+        "such dataset). Either\n"
+        "  - train on a local copy, keeping this data config's tokenizer and settings:\n"
+        "      data.source.kind=files data.source.data_files='/data/corpus/*.jsonl.zst'\n"
+        "    (.txt, .jsonl, .jsonl.zst, .parquet; data.source.text_field=<column> names the "
+        "text), or\n"
         f'  - download it once on a machine with network (python -c "import datasets; '
         f"datasets.load_dataset('{name}')\"), copy the Hugging Face datasets cache folder "
         f"(HF_DATASETS_CACHE, here {cache}) to this machine and run with HF_DATASETS_OFFLINE=1."
@@ -130,14 +136,14 @@ def _load_hub_once(path: str, **kwargs):
     try:
         return datasets.load_dataset(path, **kwargs)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
-        raise RuntimeError(_offline_hint(path) + f"\n(original error: {exc})") from exc
+        raise HubUnreachable(_offline_hint(path) + f"\n(original error: {exc})") from exc
     except Exception as exc:  # datasets' own "not found" errors have no common base
         if type(exc).__name__ in (
             "DatasetNotFoundError",
             "HfHubHTTPError",
             "LocalEntryNotFoundError",
         ):
-            raise RuntimeError(_offline_hint(path) + f"\n(original error: {exc})") from exc
+            raise HubUnreachable(_offline_hint(path) + f"\n(original error: {exc})") from exc
         raise
 
 
@@ -161,7 +167,7 @@ def load_hub_dataset(source, **kwargs):
     try:
         return _load_hub_once(name, data_dir=config, revision=PARQUET_EXPORT, **kwargs)
     except Exception as exc:
-        raise RuntimeError(
+        raise HubUnreachable(
             f"Could not load the dataset {name!r}: (1) load_dataset refused its loading script "
             f"({script_error}); (2) its parquet export (revision={PARQUET_EXPORT!r}) failed too "
             f"({exc}). Use local files instead: data.source.kind=files "
