@@ -207,6 +207,21 @@ def test_missing_tokenizer_offline_says_what_to_do(tmp_path, monkeypatch):
     assert "data.tokenizer.name" in str(info.value)
 
 
+def test_mistyped_tokenizer_path_is_named(tmp_path, monkeypatch):
+    """A name that can only be a path, or a hub-shaped one the offline hub lacks: the error
+    says that no such folder or file is here (not "Repo id must be in the form ...")."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("./no_such_tokenizer", "runs/../no_such/tokenizer.json"):
+        with pytest.raises(FileNotFoundError, match="data.tokenizer.name=.*no tokenizer folder"):
+            build_tokenizer("pretrained", name, cache_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=f"nothing at {tmp_path / 'no_such_dir' / 'tok'}"):
+        build_tokenizer("pretrained", "no_such_dir/tok", cache_dir=tmp_path)
+
+
 def test_bad_inputs_name_the_setting(tmp_path):
     paths = write_corpus(tmp_path / "data", make_documents(8), "jsonl")
     small_val = _datamodule(str(paths[0]), tmp_path / "cache")
