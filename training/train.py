@@ -19,6 +19,7 @@ from training.checkpointing import VerifiedCheckpointIO
 from training.hf_export import HuggingFaceFolder
 from training.lightning_module import GPTLightningModule
 from training.loggers import keep_history
+from training.preflight import check_before_data
 from training.run_folder import resolve_resume, run_dir_chosen, run_folder_lock
 from training.settings import check_settings
 from training.stop_signals import exit_status_on_stop_signal
@@ -174,6 +175,7 @@ def train(cfg: DictConfig) -> dict:
     SIGTERM or SIGINT raises ``StoppedBySignal`` (exit status 143 or 130) after saving.
     """
     check_settings(cfg)
+    check_before_data(cfg)  # accelerator, model family and sizes: before any data work
     with run_folder_lock(Path(cfg.paths.output_dir)):
         return _train(cfg)
 
