@@ -341,7 +341,8 @@ def save_hf_checkpoint(
     # Every id is written, None included: a missing one would take the family's default
     # (50256 for GPT-2, 2 for Llama), which names a token of another vocabulary.
     hf_config.update(tokens.ids)
-    hf_config["torch_dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
+    # the key transformers 5 writes and reads ("torch_dtype" before)
+    hf_config["dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     # Plain JSON rather than transformers' GenerationConfig: the library does not need
     # transformers to save.
