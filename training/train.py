@@ -94,13 +94,21 @@ def _accumulation(cfg: DictConfig) -> int:
     return global_batch // per_step
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, cgroup cpusets, SLURM
+    allocations), or os.cpu_count() where the OS has no sched_getaffinity."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_threads(setting, accelerator: str, devices) -> int | None:
     """Intra-op threads for training on the CPU (None: leave PyTorch's default).
 
-    "auto": the cores that are not busy (cores minus the 1-minute load average, at least one),
-    shared among the processes of a CPU DDP run. On a shared machine, a thread per core
-    stalls every parallel op until the busy core's other job yields (10x to 100x slower
-    steps were measured on a 2-core machine with one core taken), so fewer threads win.
+    "auto": the cores this process may run on (:func:`available_cores`), shared among the
+    processes of a CPU DDP run. Other jobs on the machine are not subtracted (a load average
+    lags by a minute, and a run started beside any job would train on one thread); with
+    cores shared on purpose, give the number (cpu_threads=N).
     """
     if setting in (None, "none") or accelerator not in ("cpu", "auto"):
         return None
@@ -108,13 +116,8 @@ def cpu_threads(setting, accelerator: str, devices) -> int | None:
         return None
     if setting != "auto":
         return max(1, int(setting))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        idle = cores - round(os.getloadavg()[0])
-    except OSError:
-        idle = cores
     procs = devices if isinstance(devices, int) and devices > 0 else 1
-    return max(1, min(cores, idle) // procs)
+    return max(1, available_cores() // procs)
 
 
 def _instantiate_dict(node) -> list:
@@ -173,6 +176,7 @@ def train(cfg: DictConfig) -> dict:
     entropy, tokens seen, tokens/s, wall time, the run folder, checkpoint paths and a sample.
     The run folder is locked for the run (a second run there fails at once); a stop by
     SIGTERM or SIGINT raises ``StoppedBySignal`` (exit status 143 or 130) after saving.
+    ``cpu_threads`` in the summary is the intra-op thread count of CPU training (else None).
     """
     check_settings(cfg)
     check_before_data(cfg)  # accelerator, model family and sizes: before any data work
@@ -251,6 +255,7 @@ def _train(cfg: DictConfig) -> dict:
         "last_checkpoint": str(last) if last.is_file() else None,
         "best_checkpoint": best[0] if best else None,
         "hf_folder": str(hf_folder) if (hf_folder / "config.json").is_file() else None,
+        "cpu_threads": threads,
         "sample": None,
     }
     sample = cfg.sample
@@ -296,6 +301,8 @@ def _print_summary(s: dict) -> None:
         f"                  best {s['best_checkpoint']}",
         f"hugging face      {s['hf_folder']}",
     ]
+    if s.get("cpu_threads") is not None:
+        lines.append(f"cpu threads       {s['cpu_threads']}")
     if s["sample"] is not None:
         lines += ["", "--- sample " + "-" * 60, s["sample"], "-" * 71]
     text = "\n".join(lines)
