@@ -222,6 +222,43 @@ def test_mistyped_tokenizer_path_is_named(tmp_path, monkeypatch):
         build_tokenizer("pretrained", "no_such_dir/tok", cache_dir=tmp_path)
 
 
+def _zst(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+UNREADABLE_FILES = [  # (file name, content, what the error says is wrong)
+    ("empty.txt", b"", "is empty"),
+    ("blank.txt", b"  \n\n", "holds only whitespace"),
+    ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not UTF-8 text"),
+    ("empty.jsonl", b"", "is empty"),
+    ("malformed.jsonl", b'{"text": "a"}\n{"text": "b"\n', "line 2 is not JSON"),
+    ("lists.jsonl", b"[1, 2]\n[3]\n", "line 1 holds a JSON list, not an object"),
+    ("binary.jsonl", b"\xff\xfe\x00\x01" * 100, "is not UTF-8 text"),
+    ("malformed.jsonl.zst", _zst(b'{"text": "a"}\nnot json\n'), "line 2 is not JSON"),
+    ("fake.parquet", b"not a parquet file", "is not a parquet file"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, content, problem", UNREADABLE_FILES, ids=[c[0] for c in UNREADABLE_FILES]
+)
+def test_unreadable_file_is_named_with_what_was_expected(name, content, problem, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        _datamodule(str(path), tmp_path / "cache").build()
+    message = str(info.value)
+    assert message.startswith(f"data.source.data_files: {path} {problem}")
+    expected = {
+        ".txt": "; expected UTF-8 text",
+        ".jsonl": "; expected JSON lines: one JSON object per line, with a string field 'text'",
+        ".parquet": "; expected a parquet file with a string column 'text'",
+    }
+    assert expected[path.suffixes[0]] in message
+
+
 def test_bad_inputs_name_the_setting(tmp_path):
     paths = write_corpus(tmp_path / "data", make_documents(8), "jsonl")
     small_val = _datamodule(str(paths[0]), tmp_path / "cache")

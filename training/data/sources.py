@@ -14,6 +14,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from training.data.file_checks import find_unreadable_file
+
 _SUFFIX_TO_BUILDER = {
     ".txt": "text", ".text": "text", ".md": "text", ".py": "text",
     ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -175,6 +177,35 @@ def load_hub_dataset(source, **kwargs):
         ) from exc
 
 
+def _load_files(builder: str, resolved: dict, kwargs: dict, text_field: str, cache_dir: str):
+    """datasets.load_dataset of local files; a file it cannot read, or training text that is
+    empty, is a ValueError naming the file, what is wrong with it and what was expected."""
+    import datasets
+
+    files = [f for fs in resolved.values() for f in fs]
+    try:
+        loaded = datasets.load_dataset(builder, data_files=resolved, cache_dir=cache_dir, **kwargs)
+    except Exception as exc:  # DatasetGenerationError, StopIteration ... name no file
+        _raise_if_unreadable(files, builder, text_field, exc)
+        raise
+    if _holds_no_text(loaded.get("train"), text_field):
+        _raise_if_unreadable(files, builder, text_field)
+    return loaded
+
+
+def _holds_no_text(train, text_field: str) -> bool:
+    """Whether a train split of at most one document has no text (a blank file)."""
+    if train is None or len(train) > 1 or text_field not in train.column_names:
+        return False
+    return not any(str(text).strip() for text in train[text_field])
+
+
+def _raise_if_unreadable(files: list[str], builder: str, text_field: str, cause=None) -> None:
+    problem = find_unreadable_file(files, builder, text_field)
+    if problem is not None:
+        raise ValueError(f"data.source.data_files: {problem}") from cause
+
+
 def _split_single_document(dataset, text_field: str, val_fraction: float):
     """(train, validation) datasets of one document each: its last val_fraction of characters,
     cut at a line start where there is one, is held out."""
@@ -226,11 +257,8 @@ def load_text_dataset(source, cache_dir: str | os.PathLike, seed: int = 0):
         text_field = "text"
     elif kind == "files":
         builder, resolved, kwargs = files_builder_args(source)
-        loaded = datasets.load_dataset(
-            builder, data_files=resolved, cache_dir=hf_cache or os.path.join(cache_dir, "hf"),
-            **kwargs,
-        )  # fmt: skip
-        splits = dict(loaded)
+        hf_cache = hf_cache or os.path.join(cache_dir, "hf")
+        splits = dict(_load_files(builder, resolved, kwargs, text_field, hf_cache))
         stats = "|".join(
             f"{s}:{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}"
             for s, fs in sorted(resolved.items())
