@@ -145,28 +145,25 @@ def _instantiate_loggers(node) -> list:
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
                 top_k: int = 40, seed: int = 0) -> str:  # fmt: skip
-    """Decode max_new_tokens after prompt: the model's KV-cache ``generate`` when everything
-    fits in its positions, else a loop that feeds the last n_positions tokens each step."""
+    """The prompt and up to max_new_tokens after it, decoded with the model's KV-cache
+    ``generate``, within the model's positions: what transformers' ``generate`` can also do
+    with the exported folder, whose max_position_embeddings are the same positions. A prompt
+    that fills them keeps its last tokens."""
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    torch.manual_seed(seed)
     max_len = model.config.max_seqlen
-    if max_len is None or input_ids.shape[1] + max_new_tokens <= max_len:
-        out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k)
-        return tokenizer.decode(out[0].tolist())
-    from flash_attn.utils.generation import sample
-
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        out = input_ids[:, -max_len:]
-        for _ in range(max_new_tokens):
-            logits = model(out[:, -max_len:], num_last_tokens=1).logits  # (1, 1, V)
-            next_token = sample(logits[:, -1], temperature, top_k)  # (1,)
-            out = torch.cat([out, next_token[:, None]], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(input_ids[0].tolist() + out[0, input_ids.shape[1] :].tolist())
+    if max_len is not None:
+        ids = ids[-max(1, max_len - 1) :]
+        fits = max(0, max_len - len(ids))
+        if fits < max_new_tokens:
+            log.info("sample: %d new tokens, as the prompt and the model's %d positions allow "
+                     "(sample.max_new_tokens=%d)", fits, max_len, max_new_tokens)  # fmt: skip
+        max_new_tokens = min(max_new_tokens, fits)
+    if max_new_tokens == 0:
+        return tokenizer.decode(ids)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k)
+    return tokenizer.decode(out[0].tolist())
 
 
 def train(cfg: DictConfig) -> dict:
