@@ -19,6 +19,7 @@ from training.checkpointing import VerifiedCheckpointIO
 from training.hf_export import HuggingFaceFolder
 from training.lightning_module import GPTLightningModule
 from training.loggers import keep_history
+from training.preflight import check_before_data
 from training.run_folder import (
     check_fresh_start,
     check_resume_folder_exists,
@@ -108,13 +109,21 @@ def _val_check_batches(interval, accumulation: int):
     return interval
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, cgroup cpusets, SLURM
+    allocations), or os.cpu_count() where the OS has no sched_getaffinity."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_threads(setting, accelerator: str, devices) -> int | None:
     """Intra-op threads for training on the CPU (None: leave PyTorch's default).
 
-    "auto": the cores that are not busy (cores minus the 1-minute load average, at least one),
-    shared among the processes of a CPU DDP run. On a shared machine, a thread per core
-    stalls every parallel op until the busy core's other job yields (10x to 100x slower
-    steps were measured on a 2-core machine with one core taken), so fewer threads win.
+    "auto": the cores this process may run on (:func:`available_cores`), shared among the
+    processes of a CPU DDP run. Other jobs on the machine are not subtracted (a load average
+    lags by a minute, and a run started beside any job would train on one thread); with
+    cores shared on purpose, give the number (cpu_threads=N).
     """
     if setting in (None, "none") or accelerator not in ("cpu", "auto"):
         return None
@@ -122,13 +131,8 @@ def cpu_threads(setting, accelerator: str, devices) -> int | None:
         return None
     if setting != "auto":
         return max(1, int(setting))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        idle = cores - round(os.getloadavg()[0])
-    except OSError:
-        idle = cores
     procs = devices if isinstance(devices, int) and devices > 0 else 1
-    return max(1, min(cores, idle) // procs)
+    return max(1, available_cores() // procs)
 
 
 def _instantiate_dict(node) -> list:
@@ -156,28 +160,25 @@ def _instantiate_loggers(node) -> list:
 
 def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
                 top_k: int = 40, seed: int = 0) -> str:  # fmt: skip
-    """Decode max_new_tokens after prompt: the model's KV-cache ``generate`` when everything
-    fits in its positions, else a loop that feeds the last n_positions tokens each step."""
+    """The prompt and up to max_new_tokens after it, decoded with the model's KV-cache
+    ``generate``, within the model's positions: what transformers' ``generate`` can also do
+    with the exported folder, whose max_position_embeddings are the same positions. A prompt
+    that fills them keeps its last tokens."""
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    torch.manual_seed(seed)
     max_len = model.config.max_seqlen
-    if max_len is None or input_ids.shape[1] + max_new_tokens <= max_len:
-        out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k)
-        return tokenizer.decode(out[0].tolist())
-    from flash_attn.utils.generation import sample
-
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        out = input_ids[:, -max_len:]
-        for _ in range(max_new_tokens):
-            logits = model(out[:, -max_len:], num_last_tokens=1).logits  # (1, 1, V)
-            next_token = sample(logits[:, -1], temperature, top_k)  # (1,)
-            out = torch.cat([out, next_token[:, None]], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(input_ids[0].tolist() + out[0, input_ids.shape[1] :].tolist())
+    if max_len is not None:
+        ids = ids[-max(1, max_len - 1) :]
+        fits = max(0, max_len - len(ids))
+        if fits < max_new_tokens:
+            log.info("sample: %d new tokens, as the prompt and the model's %d positions allow "
+                     "(sample.max_new_tokens=%d)", fits, max_len, max_new_tokens)  # fmt: skip
+        max_new_tokens = min(max_new_tokens, fits)
+    if max_new_tokens == 0:
+        return tokenizer.decode(ids)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k)
+    return tokenizer.decode(out[0].tolist())
 
 
 def train(cfg: DictConfig) -> dict:
@@ -190,9 +191,11 @@ def train(cfg: DictConfig) -> dict:
     The run folder is locked for the run (a second run there fails at once); a stop by
     SIGTERM or SIGINT raises ``StoppedBySignal`` (exit status 143 or 130) after saving. A fresh
     start in the folder of an earlier run that left checkpoints stops with the commands that
-    resume it or start elsewhere (unless overwrite_run_folder=true).
+    resume it or start elsewhere (unless overwrite_run_folder=true). ``cpu_threads`` in the
+    summary is the intra-op thread count of CPU training (else None).
     """
     check_settings(cfg)
+    check_before_data(cfg)  # accelerator, model family and sizes: before any data work
     output_dir = Path(cfg.paths.output_dir)
     check_resume_folder_exists(cfg.get("ckpt_path"), output_dir)  # before the lock creates it
     with run_folder_lock(output_dir):
@@ -280,6 +283,7 @@ def _train(cfg: DictConfig) -> dict:
         "last_checkpoint": str(last) if last.is_file() else None,
         "best_checkpoint": best[0] if best else None,
         "hf_folder": str(hf_folder) if (hf_folder / "config.json").is_file() else None,
+        "cpu_threads": threads,
         "sample": None,
     }
     sample = cfg.sample
@@ -322,6 +326,8 @@ def _print_summary(s: dict) -> None:
         f"                  best {s['best_checkpoint']}",
         f"hugging face      {s['hf_folder']}",
     ]
+    if s.get("cpu_threads") is not None:
+        lines.append(f"cpu threads       {s['cpu_threads']}")
     if s["sample"] is not None:
         lines += ["", "--- sample " + "-" * 60, s["sample"], "-" * 71]
     text = "\n".join(lines)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -84,44 +85,116 @@ class SpecialTokens:
 
 
 def family_of(hf_config: dict) -> str:
-    """Family name for a config.json dict; ValueError listing the supported architectures."""
+    """Family name for a config.json dict; ValueError listing the supported architectures and
+    pointing other families to the transformers integration."""
     for arch in hf_config.get("architectures") or []:
         if arch in _FAMILY_OF_ARCHITECTURE:
             return _FAMILY_OF_ARCHITECTURE[arch]
     got = hf_config.get("architectures") or hf_config.get("model_type")
     raise ValueError(
-        f"unsupported architecture {got!r}; supported: {sorted(_FAMILY_OF_ARCHITECTURE)}"
+        f"unsupported architecture {got!r}; supported: {sorted(_FAMILY_OF_ARCHITECTURE)}. "
+        "Any other family trains in transformers with this package's attention and fused ops: "
+        "import flash_attn.integrations.transformers, then "
+        'AutoModelForCausalLM.from_pretrained(..., attn_implementation="flash_attn_triton") '
+        "and flash_attn.integrations.transformers.apply_fused_ops(model)"
     )
 
 
-def resolve_folder(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; else a hub id downloaded with huggingface_hub (needs a network).
+# A Hugging Face hub id: "name" or "owner/name", of letters, digits, "-", "_" and ".".
+_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
 
-    A name that can only be a path (absolute, starting with "." or "~", or with more than one
-    "/"; a hub id is "name" or "owner/name") and is not a folder is a FileNotFoundError.
+
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """Whether name can only be a local path, never a Hugging Face hub id.
+
+    A hub id is "name" or "owner/name" of letters, digits, "-", "_" and "." (not starting
+    with "."). Anything else is a path: absolute, starting with "." or "~", with a backslash,
+    more than one "/" or other characters; and so is "dir/name" when "dir" is a folder here
+    (a local folder, not a hub owner).
     """
+    text = os.fspath(name)
+    if not _HUB_ID.fullmatch(text):
+        return True
+    first, slash, _ = text.partition("/")
+    return bool(slash) and Path(first).is_dir()
+
+
+def _local_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The folder name_or_path names here; None when it is a hub id (see looks_like_path).
+    A file, or a path with no folder there, is an error naming it."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a folder path or hub id (str), got {name_or_path!r}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{name_or_path!r} is a file; pass the checkpoint folder")
-    text = os.fspath(name_or_path)
-    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text:
-        raise FileNotFoundError(f"no checkpoint folder at {text}")
+        raise ValueError(f"{os.fspath(name_or_path)!r} is a file; pass the checkpoint folder")
+    if looks_like_path(name_or_path):
+        raise FileNotFoundError(
+            f"no checkpoint folder at {path.absolute()} (from {os.fspath(name_or_path)!r})"
+        )
+    return None
+
+
+def _hub_download(repo_id: str, patterns: list[str]) -> Path:
+    """The files of a hub repository that match patterns (cached); FileNotFoundError saying
+    that repo_id is neither a local folder nor on the hub when the download fails."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
         raise ValueError(
-            f"{name_or_path!r} is not a local folder and huggingface_hub is not installed"
+            f"{repo_id!r} is not a local folder and huggingface_hub is not installed"
         ) from err
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (OSError, ValueError) as err:  # offline, no such repository, no access
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local folder (nothing at {Path(repo_id).absolute()}) nor "
+            f"a repository the Hugging Face hub gives (no network, no such repository or no "
+            f"access: {type(err).__name__}: {reason})"
+        ) from err
+
+
+def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; else a hub id downloaded with huggingface_hub (needs a network).
+
+    A name that can only be a path (see :func:`looks_like_path`) and is not a folder is a
+    FileNotFoundError naming the folder; so is a hub id the hub does not give.
+    """
+    folder = _local_folder(name_or_path)
+    if folder is not None:
+        return folder
     # safetensors when the repository has them, else the PyTorch .bin files (both cached, so
     # a downloaded checkpoint also loads offline with HF_HUB_OFFLINE=1).
-    folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+    repo_id = os.fspath(name_or_path)
+    folder = _hub_download(repo_id, ["*.json", "*.safetensors"])
     if not any(folder.glob("*.safetensors")):
-        folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.bin"]))
+        folder = _hub_download(repo_id, ["*.json", "*.bin"])
     return folder
+
+
+def _fields_of_config(folder: Path) -> tuple[dict, dict]:
+    """(config.json, GPTConfig fields with hf_family) of a checkpoint folder."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    hf_config = read_json(config_file)
+    family = family_of(hf_config)
+    try:
+        fields = FAMILIES[family].config_from_hf(hf_config)
+    except KeyError as err:
+        raise ValueError(f"{config_file} lacks the field {err.args[0]!r} for {family}") from err
+    fields["hf_family"] = family
+    return hf_config, fields
+
+
+def checkpoint_fields(name_or_path: str | os.PathLike) -> dict:
+    """GPTConfig fields (with ``hf_family``) of a Hugging Face checkpoint, from its config.json
+    alone (a hub id downloads that file only): its architecture and sizes are checked before
+    any weight is read. Raises as :func:`load_hf_checkpoint` does."""
+    folder = _local_folder(name_or_path) or _hub_download(os.fspath(name_or_path), ["config.json"])
+    return _fields_of_config(folder)[1]
 
 
 def load_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -199,17 +272,8 @@ def load_hf_checkpoint(
         unexpected.
     """
     folder = resolve_folder(name_or_path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    hf_config = read_json(config_file)
-    family = family_of(hf_config)
-    module = FAMILIES[family]
-    try:
-        fields = module.config_from_hf(hf_config)
-    except KeyError as err:
-        raise ValueError(f"{config_file} lacks the field {err.args[0]!r} for {family}") from err
-    fields["hf_family"] = family
+    hf_config, fields = _fields_of_config(folder)
+    module = FAMILIES[fields["hf_family"]]
     hf_state_dict = load_hf_state_dict(folder)
     if hasattr(module, "from_hf_layout"):
         hf_state_dict = module.from_hf_layout(hf_state_dict, fields)
@@ -277,7 +341,8 @@ def save_hf_checkpoint(
     # Every id is written, None included: a missing one would take the family's default
     # (50256 for GPT-2, 2 for Llama), which names a token of another vocabulary.
     hf_config.update(tokens.ids)
-    hf_config["torch_dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
+    # the key transformers 5 writes and reads ("torch_dtype" before)
+    hf_config["dtype"] = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     # Plain JSON rather than transformers' GenerationConfig: the library does not need
     # transformers to save.

@@ -125,3 +125,36 @@ def test_from_pretrained_rejects_missing_folders(name_or_path, error, name):
 
 def test_from_pretrained_rejects_a_size_override(saved):
     assert_rejected(lambda: GPTLMHeadModel.from_pretrained(saved, n_layer=3), ValueError, "n_layer")
+
+
+def _offline(monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_a_missing_folder_shaped_like_a_hub_id_is_named(tmp_path, monkeypatch):
+    """'no_such_dir/model' may be a hub id: when the hub does not give it, the error says that
+    no folder is there either; 'runs/typo' whose 'runs' is a folder here is a path."""
+    _offline(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        GPTLMHeadModel.from_pretrained("no_such_dir/model")
+    assert "neither a local folder" in str(info.value)
+    assert f"nothing at {tmp_path / 'no_such_dir' / 'model'}" in str(info.value)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder at .*runs/typo"):
+        GPTLMHeadModel.from_pretrained("runs/typo")
+
+
+@pytest.mark.parametrize(
+    "name, path",
+    [("gpt2", False), ("EleutherAI/pythia-70m", False), ("Qwen/Qwen2.5-0.5B", False),
+     ("/abs/folder", True), ("./folder", True), ("../folder", True), ("~/models/x", True),
+     ("a/b/c", True), ("C:\\models\\x", True), ("my model", True), (".hidden", True)],
+)  # fmt: skip
+def test_looks_like_path(name, path):
+    from flash_attn.models.hf_checkpoint import looks_like_path
+
+    assert looks_like_path(name) is path

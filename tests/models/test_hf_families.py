@@ -280,3 +280,19 @@ def test_from_pretrained_dtype(checkpoints):
     assert logits.dtype == torch.bfloat16
     # bf16 weights and activations: a loose bound, still far below the logits' spread.
     assert (logits.float() - expected).abs().max() < 0.1 * expected.std()
+
+
+def test_config_json_names_the_dtype_as_transformers_does(tmp_path):
+    """config.json holds the weights' dtype under the key transformers itself writes."""
+    from flash_attn.models.gpt import GPTConfig
+
+    config = GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16)
+    GPTLMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype="auto")
+    assert hf.dtype == torch.bfloat16
+    hf.save_pretrained(tmp_path / "theirs")
+    ours, theirs = (
+        json.loads((tmp_path / f / "config.json").read_text()) for f in ("ours", "theirs")
+    )
+    assert {k for k in ours if "dtype" in k} == {k for k in theirs if "dtype" in k} == {"dtype"}
+    assert ours["dtype"] == theirs["dtype"] == "bfloat16"

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 
+import hydra
 import numpy as np
 import pytest
 import torch
-from training_testing import make_documents, write_corpus
+from training_testing import compose_config, make_documents, write_corpus
 
 from training.data.datamodule import GPTDataModule, ResumableWindowSampler
 from training.data.sources import quickstart_files
@@ -173,17 +176,25 @@ def test_quickstart_corpus_is_deterministic_and_capped():
 
 
 def test_missing_dataset_offline_says_what_to_do(tmp_path, monkeypatch):
+    """The message's overrides compose on the experiment's config, and it names the hub
+    tokenizer that would fail next."""
     import datasets
+    import huggingface_hub.constants
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    source = {"kind": "hub", "name": "no-such-org/no-such-dataset"}
-    dm = GPTDataModule(source, {"kind": "bytes"}, cache_dir=str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    experiment = ["experiment=gpt2", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}"]
+    cfg = compose_config([*experiment, "data.source.name=no-such-org/no-such-dataset"])
     with pytest.raises(RuntimeError) as info:
-        dm.build()
+        hydra.utils.instantiate(cfg.data).build()
     message = str(info.value)
-    assert "no-such-org/no-such-dataset" in message
-    assert "data.source.data_files" in message and "HF_DATASETS_CACHE" in message
+    assert "no-such-org/no-such-dataset" in message and "HF_DATASETS_CACHE" in message
+    assert "data.tokenizer.name=gpt2" in message and "data.tokenizer.name=/path/to" in message
+    suggested = re.search(r"data\.source\.kind=files data\.source\.data_files=\S+", message)
+    cfg = compose_config([*experiment, *shlex.split(suggested[0])])
+    assert cfg.data.source.kind == "files" and cfg.data.tokenizer.name == "gpt2"
 
 
 def test_missing_tokenizer_offline_says_what_to_do(tmp_path, monkeypatch):
@@ -194,6 +205,58 @@ def test_missing_tokenizer_offline_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="tokenizer.json") as info:
         build_tokenizer("pretrained", "no-such-org/no-such-tokenizer", cache_dir=tmp_path)
     assert "data.tokenizer.name" in str(info.value)
+
+
+def test_mistyped_tokenizer_path_is_named(tmp_path, monkeypatch):
+    """A name that can only be a path, or a hub-shaped one the offline hub lacks: the error
+    says that no such folder or file is here (not "Repo id must be in the form ...")."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("./no_such_tokenizer", "runs/../no_such/tokenizer.json"):
+        with pytest.raises(FileNotFoundError, match="data.tokenizer.name=.*no tokenizer folder"):
+            build_tokenizer("pretrained", name, cache_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=f"nothing at {tmp_path / 'no_such_dir' / 'tok'}"):
+        build_tokenizer("pretrained", "no_such_dir/tok", cache_dir=tmp_path)
+
+
+def _zst(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+UNREADABLE_FILES = [  # (file name, content, what the error says is wrong)
+    ("empty.txt", b"", "is empty"),
+    ("blank.txt", b"  \n\n", "holds only whitespace"),
+    ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not UTF-8 text"),
+    ("empty.jsonl", b"", "is empty"),
+    ("malformed.jsonl", b'{"text": "a"}\n{"text": "b"\n', "line 2 is not JSON"),
+    ("lists.jsonl", b"[1, 2]\n[3]\n", "line 1 holds a JSON list, not an object"),
+    ("binary.jsonl", b"\xff\xfe\x00\x01" * 100, "is not UTF-8 text"),
+    ("malformed.jsonl.zst", _zst(b'{"text": "a"}\nnot json\n'), "line 2 is not JSON"),
+    ("fake.parquet", b"not a parquet file", "is not a parquet file"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, content, problem", UNREADABLE_FILES, ids=[c[0] for c in UNREADABLE_FILES]
+)
+def test_unreadable_file_is_named_with_what_was_expected(name, content, problem, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        _datamodule(str(path), tmp_path / "cache").build()
+    message = str(info.value)
+    assert message.startswith(f"data.source.data_files: {path} {problem}")
+    expected = {
+        ".txt": "; expected UTF-8 text",
+        ".jsonl": "; expected JSON lines: one JSON object per line, with a string field 'text'",
+        ".parquet": "; expected a parquet file with a string column 'text'",
+    }
+    assert expected[path.suffixes[0]] in message
 
 
 def test_bad_inputs_name_the_setting(tmp_path):

@@ -18,7 +18,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training.data.packing import window_batch
-from training.data.sources import load_text_dataset
+from training.data.sources import HubUnreachable, load_text_dataset
 from training.data.streaming import (
     StreamingWindows,
     StreamPositions,
@@ -201,7 +201,24 @@ class GPTDataModule(L.LightningDataModule):
         Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
         # Processes of one node (DDP ranks, concurrent runs) build a cache entry once.
         with FileLock(Path(self.cache_dir) / ".build.lock"):
-            return self._build_locked()
+            try:
+                return self._build_locked()
+            except HubUnreachable as exc:
+                raise HubUnreachable(f"{exc}{self._hub_tokenizer_note()}") from exc
+
+    def _hub_tokenizer_note(self) -> str:
+        """What to do about the tokenizer too when it also comes from the hub ("" if not)."""
+        name = self.tokenizer_cfg.get("name")
+        if self.tokenizer_cfg.get("kind") != "pretrained" or not name:
+            return ""
+        if Path(name).expanduser().exists():
+            return ""
+        return (
+            f"\nThe tokenizer comes from the hub too (data.tokenizer.name={name}): save it on a "
+            f'machine with network (python -c "from transformers import AutoTokenizer; '
+            f"AutoTokenizer.from_pretrained('{name}').save_pretrained('tokenizer')\"), copy the "
+            "folder to this machine and add data.tokenizer.name=/path/to/tokenizer."
+        )
 
     def _build_tokenizer(self, fingerprint: str, texts) -> TextTokenizer:
         """The configured tokenizer; a BPE is trained on the first train_bytes of texts."""
@@ -229,7 +246,8 @@ class GPTDataModule(L.LightningDataModule):
         self.tokenizer = self._build_tokenizer(fingerprint, lambda: dataset["train"][text_field])
         key_text = json.dumps([CACHE_FORMAT, fingerprint, self.tokenizer.fingerprint])
         key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-        label = str(self.source.get("name") or self.source.get("kind")).replace("/", "_")
+        kind = self.source.get("kind")
+        label = str(self.source.get("name") if kind == "hub" else kind).replace("/", "_")
         folder = Path(self.cache_dir) / "tokens" / f"{label}-{self.tokenizer.name}-{key}"
         for split in ("train", "validation"):
             path = folder / f"{split}.bin"

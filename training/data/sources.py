@@ -14,6 +14,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from training.data.file_checks import find_unreadable_file
+
 _SUFFIX_TO_BUILDER = {
     ".txt": "text", ".text": "text", ".md": "text", ".py": "text",
     ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -99,16 +101,22 @@ def files_builder_args(source) -> tuple[str, dict[str, list[str]], dict]:
     return builder, resolved, kwargs
 
 
+class HubUnreachable(RuntimeError):
+    """A hub dataset could not be loaded (no network, or no such dataset); the message says
+    how to train without the hub."""
+
+
 def _offline_hint(name: str) -> str:
     cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
     )
     return (
-        f"Could not load the dataset {name!r} from the Hugging Face hub (no network, or the "
-        "name is wrong). Either\n"
-        "  - point at local files: data.source.kind=files "
-        "data.source.data_files='/data/owt/*.jsonl.zst' (text, jsonl, jsonl.zst, parquet; "
-        "data.source.text_field=<column>), or\n"
+        f"Could not load the dataset {name!r} from the Hugging Face hub (no network, or no "
+        "such dataset). Either\n"
+        "  - train on a local copy, keeping this data config's tokenizer and settings:\n"
+        "      data.source.kind=files data.source.data_files='/data/corpus/*.jsonl.zst'\n"
+        "    (.txt, .jsonl, .jsonl.zst, .parquet; data.source.text_field=<column> names the "
+        "text), or\n"
         f'  - download it once on a machine with network (python -c "import datasets; '
         f"datasets.load_dataset('{name}')\"), copy the Hugging Face datasets cache folder "
         f"(HF_DATASETS_CACHE, here {cache}) to this machine and run with HF_DATASETS_OFFLINE=1."
@@ -130,14 +138,14 @@ def _load_hub_once(path: str, **kwargs):
     try:
         return datasets.load_dataset(path, **kwargs)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as exc:
-        raise RuntimeError(_offline_hint(path) + f"\n(original error: {exc})") from exc
+        raise HubUnreachable(_offline_hint(path) + f"\n(original error: {exc})") from exc
     except Exception as exc:  # datasets' own "not found" errors have no common base
         if type(exc).__name__ in (
             "DatasetNotFoundError",
             "HfHubHTTPError",
             "LocalEntryNotFoundError",
         ):
-            raise RuntimeError(_offline_hint(path) + f"\n(original error: {exc})") from exc
+            raise HubUnreachable(_offline_hint(path) + f"\n(original error: {exc})") from exc
         raise
 
 
@@ -161,12 +169,41 @@ def load_hub_dataset(source, **kwargs):
     try:
         return _load_hub_once(name, data_dir=config, revision=PARQUET_EXPORT, **kwargs)
     except Exception as exc:
-        raise RuntimeError(
+        raise HubUnreachable(
             f"Could not load the dataset {name!r}: (1) load_dataset refused its loading script "
             f"({script_error}); (2) its parquet export (revision={PARQUET_EXPORT!r}) failed too "
             f"({exc}). Use local files instead: data.source.kind=files "
             "data.source.data_files='/data/corpus/*.parquet' (or .jsonl, .jsonl.zst, .txt)."
         ) from exc
+
+
+def _load_files(builder: str, resolved: dict, kwargs: dict, text_field: str, cache_dir: str):
+    """datasets.load_dataset of local files; a file it cannot read, or training text that is
+    empty, is a ValueError naming the file, what is wrong with it and what was expected."""
+    import datasets
+
+    files = [f for fs in resolved.values() for f in fs]
+    try:
+        loaded = datasets.load_dataset(builder, data_files=resolved, cache_dir=cache_dir, **kwargs)
+    except Exception as exc:  # DatasetGenerationError, StopIteration ... name no file
+        _raise_if_unreadable(files, builder, text_field, exc)
+        raise
+    if _holds_no_text(loaded.get("train"), text_field):
+        _raise_if_unreadable(files, builder, text_field)
+    return loaded
+
+
+def _holds_no_text(train, text_field: str) -> bool:
+    """Whether a train split of at most one document has no text (a blank file)."""
+    if train is None or len(train) > 1 or text_field not in train.column_names:
+        return False
+    return not any(str(text).strip() for text in train[text_field])
+
+
+def _raise_if_unreadable(files: list[str], builder: str, text_field: str, cause=None) -> None:
+    problem = find_unreadable_file(files, builder, text_field)
+    if problem is not None:
+        raise ValueError(f"data.source.data_files: {problem}") from cause
 
 
 def _split_single_document(dataset, text_field: str, val_fraction: float):
@@ -220,11 +257,8 @@ def load_text_dataset(source, cache_dir: str | os.PathLike, seed: int = 0):
         text_field = "text"
     elif kind == "files":
         builder, resolved, kwargs = files_builder_args(source)
-        loaded = datasets.load_dataset(
-            builder, data_files=resolved, cache_dir=hf_cache or os.path.join(cache_dir, "hf"),
-            **kwargs,
-        )  # fmt: skip
-        splits = dict(loaded)
+        hf_cache = hf_cache or os.path.join(cache_dir, "hf")
+        splits = dict(_load_files(builder, resolved, kwargs, text_field, hf_cache))
         stats = "|".join(
             f"{s}:{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}"
             for s, fs in sorted(resolved.items())

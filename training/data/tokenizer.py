@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flash_attn.models.hf_checkpoint import looks_like_path
+
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -186,21 +188,26 @@ def _load_pretrained(name: str):
     """(tokenizers.Tokenizer, transformers tokenizer or None) of a folder, hub id or file."""
     from tokenizers import Tokenizer
 
+    path = Path(name).expanduser()
+    if not path.exists() and looks_like_path(name):
+        raise FileNotFoundError(
+            f"data.tokenizer.name={name}: no tokenizer folder or tokenizer.json at "
+            f"{path.absolute()}"
+        )
     hf_tokenizer = _load_transformers_tokenizer(name)
     if hf_tokenizer is not None:
         return hf_tokenizer.backend_tokenizer, hf_tokenizer
-    path = Path(name).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if path.is_file():
-        return Tokenizer.from_file(str(path)), None
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if file.is_file():
+        return Tokenizer.from_file(str(file)), None
     try:
         return Tokenizer.from_pretrained(name), None
     except Exception as exc:
         raise RuntimeError(
             f"Could not load the tokenizer {name!r}: {exc}\n"
-            "It is neither a local tokenizer.json / folder nor reachable on the Hugging Face hub "
-            "(this machine may be offline). Provide it locally: copy tokenizer.json from a machine "
+            f"It is neither a local tokenizer.json / folder (nothing at {path.absolute()}) nor "
+            "reachable on the Hugging Face hub (this machine may be offline, or the name is "
+            "wrong). Provide it locally: copy tokenizer.json from a machine "
             f'with network (e.g. python -c "from tokenizers import Tokenizer; '
             f"Tokenizer.from_pretrained('{name}').save('tokenizer.json')\") and pass "
             "data.tokenizer.name=/path/to/tokenizer.json, or fill the Hugging Face hub cache "
