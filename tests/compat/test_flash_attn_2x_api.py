@@ -261,6 +261,38 @@ def test_rotary_layers(device):
     _close(kv[:, :, 0], rotary_layers.apply_rotary_emb_torch(k, cos[:7], sin[:7]))
 
 
+@pytest.mark.parametrize("layout", ["qkv", "qkv_num_heads_q", "kv"])
+def test_inplace_rotary_on_a_leaf_that_requires_grad(device, layout):
+    """As the official autograd functions: the leaf is overwritten, its gradient is that of the
+    out-of-place rotation."""
+    cos, sin, cos_k, sin_k = (torch.randn(9, 8, device=device) for _ in range(4))
+    rotate = rotary_layers.apply_rotary_emb  # out of place
+    shapes = {
+        "qkv": (2, 7, 3, 4, 16),
+        "qkv_num_heads_q": (2, 7, 4 + 2 * 2, 16),
+        "kv": (2, 7, 2, 4, 16),
+    }
+    packed = torch.randn(shapes[layout], device=device)
+    leaf, x = packed.clone().requires_grad_(), packed.clone().requires_grad_()
+    if layout == "qkv":
+        out = rotary_layers.apply_rotary_emb_qkv_(leaf, cos, sin, cos_k, sin_k, False, 0)
+        parts = [rotate(x[:, :, 0], cos, sin), rotate(x[:, :, 1], cos_k, sin_k), x[:, :, 2]]
+        expected = torch.stack(parts, dim=2)
+    elif layout == "qkv_num_heads_q":
+        out = rotary_layers.apply_rotary_emb_qkv_(leaf, cos, sin, cos_k, sin_k, False, 0, 4)
+        parts = [rotate(x[:, :, :4], cos, sin), rotate(x[:, :, 4:6], cos_k, sin_k), x[:, :, 6:]]
+        expected = torch.cat(parts, dim=2)
+    else:
+        out = rotary_layers.apply_rotary_emb_kv_(leaf, cos, sin, False, 0)
+        expected = torch.stack([rotate(x[:, :, 0], cos, sin), x[:, :, 1]], dim=2)
+    _close(leaf.detach(), expected.detach())
+    _close(out.detach(), expected.detach())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    _close(leaf.grad, x.grad)
+
+
 def test_xpos_scales_q_and_k_inversely():
     """XPos changes q and k but not their dot product at equal positions' distance 0."""
     rotary = rotary_layers.RotaryEmbedding(16, scale_base=512)
