@@ -261,6 +261,23 @@ def test_rotary_layers(device):
     _close(kv[:, :, 0], rotary_layers.apply_rotary_emb_torch(k, cos[:7], sin[:7]))
 
 
+def test_kvcache_rotary_positions_with_cache_leftpad(device):
+    """As the official kernel and docstring: the new keys are rotated at cache_seqlens,
+    cache_seqlens + 1, ..., also when cache_leftpad is given (q too, when causal)."""
+    q, k, v = _qkv(device, seqlen=2)
+    k_cache, v_cache = (torch.zeros(2, 16, 2, 16, device=device) for _ in "kv")
+    cos, sin = (torch.randn(16, 8, device=device) for _ in range(2))
+    cache_leftpad = torch.tensor([2, 5], dtype=torch.int32, device=device)
+    cache_seqlens = torch.tensor([6, 9], dtype=torch.int32, device=device)
+    # q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+    # cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved
+    flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, None,
+                                       cache_leftpad, None, None, True, (-1, -1), 0.0, False)  # fmt: skip
+    expected = rotary_layers.apply_rotary_emb(k, cos, sin, seqlen_offsets=cache_seqlens)
+    for b, start in enumerate(cache_seqlens.tolist()):
+        _close(k_cache[b, start : start + 2], expected[b])
+
+
 @pytest.mark.parametrize("layout", ["qkv", "qkv_num_heads_q", "kv"])
 def test_inplace_rotary_on_a_leaf_that_requires_grad(device, layout):
     """As the official autograd functions: the leaf is overwritten, its gradient is that of the
