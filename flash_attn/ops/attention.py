@@ -223,7 +223,7 @@ def attention(
         q.shape[-1], softmax_scale, check_flag("causal", causal), window_size, softcap, dropout_p
     )
     bias = attn_bias
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q.device, q.dtype) == "torch":
         if block_table is not None:
             k, v = (gather_pages(t, block_table, cu_seqlens_k) for t in (k, v))
         bias = _expand_bias(bias, q, k, varlen)

@@ -335,7 +335,7 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
     computes lse only when return_lse (it then materialises the scores of each batch entry);
     the Triton path always has it."""
     layout = keys.layout
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
         from flash_attn.ops.kernels.attention import attention_fwd
 
         splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])

@@ -300,7 +300,7 @@ def cross_entropy_loss(
     check_labels_in_range(labels, shard_of(logits, process_group)[1], ignore_index)
     labels = labels.long()
     options = (label_smoothing, lse_square_scale, ignore_index)
-    if resolve_backend(backend, logits.device) == "torch":
+    if resolve_backend(backend, logits.device, logits.dtype) == "torch":
         no_extension = logit_scale == 1.0 and precomputed_lse is None and process_group is None
         plain = no_extension and not return_z_loss and lse_square_scale == 0.0
         if plain and logits.dtype in (torch.float32, torch.float64):

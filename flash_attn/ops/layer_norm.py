@@ -306,7 +306,7 @@ def layer_norm_fn(
         x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
         residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
     )  # fmt: skip
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         result = _layer_norm_triton(*args)
     else:
         result = _layer_norm_torch(*args)

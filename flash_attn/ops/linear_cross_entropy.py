@@ -262,7 +262,7 @@ def linear_cross_entropy(
     )
     vocab = weight.shape[0]
     check_labels_in_range(labels, vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, hidden.dtype)
     if backend == "triton" and hidden.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"hidden must be one of {KERNEL_DTYPES} for backend='triton', got {hidden.dtype}"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flash_attn import flash_attn_func, flash_attn_with_kvcache
+from flash_attn.ops.backend import interpreter_enabled
 from flash_attn.ops.cross_entropy import cross_entropy_loss
 from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
@@ -86,3 +88,30 @@ MLP_CASES = [
 )
 def test_fused_op_rejects(call, error, name):
     assert_rejected(call, error, name)
+
+
+def _bf16(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(torch.bfloat16) for t in tensors]
+
+
+BF16_ON_THE_INTERPRETER = {
+    "attention": lambda: flash_attn_func(*_bf16(q, q, q), backend="triton"),
+    "kvcache": lambda: flash_attn_with_kvcache(*_bf16(q, q, q), backend="triton"),
+    "layer_norm": lambda: layer_norm_fn(*_bf16(x, w), None, backend="triton"),
+    "rotary": lambda: apply_rotary(*_bf16(q, cos, sin), backend="triton"),
+    "cross_entropy": lambda: cross_entropy_loss(*_bf16(logits), labels, backend="triton"),
+    "linear_cross_entropy": lambda: linear_cross_entropy(
+        *_bf16(x, torch.randn(10, 8)), labels, backend="triton"
+    ),
+    "mlp": lambda: fused_mlp(
+        *_bf16(x, torch.randn(16, 8)), None, *_bf16(torch.randn(8, 16)), None, backend="triton"
+    ),
+}
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="the Triton interpreter is off")
+@pytest.mark.parametrize("op", BF16_ON_THE_INTERPRETER)
+def test_bf16_is_refused_on_the_interpreter(op):
+    """The interpreter computes bf16 products wrongly: every op says so instead of answering."""
+    with pytest.raises(ValueError, match="bfloat16.*interpreter.*float16 or float32.*'torch'"):
+        BF16_ON_THE_INTERPRETER[op]()
