@@ -195,6 +195,14 @@ def _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p,
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _check_preallocated(out, residual_out, x) -> None:
+    """out= and residual_out= must be float tensors of x's shape on x's device."""
+    for name, t in (("out", out), ("residual_out", residual_out)):
+        _check_like(name, t, tuple(x.shape))
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def _native_xhat(h: torch.Tensor, eps: float, is_rms_norm: bool) -> torch.Tensor:
     hidden = (h.shape[-1],)
     return F.rms_norm(h, hidden, eps=eps) if is_rms_norm else F.layer_norm(h, hidden, eps=eps)
@@ -297,11 +305,12 @@ def layer_norm_fn(
         out; then out1 when weight1 is given, residual_out when prenorm, and (dropout_mask,
         dropout_mask1) when return_dropout_mask, in that order, as one tuple.
     Raises:
-        ValueError: shape or device mismatch, eps <= 0, dropout_p outside [0, 1), rowscale with
-            x1, bias1 without weight1.
-        TypeError: non-float inputs, or fp64 on the Triton backend.
+        ValueError: shape or device mismatch (out and residual_out included), eps <= 0,
+            dropout_p outside [0, 1), rowscale with x1, bias1 without weight1.
+        TypeError: non-float inputs or out / residual_out, or fp64 on the Triton backend.
     """
     _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale)
+    _check_preallocated(out, residual_out, x)
     args = (
         x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
         residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,

@@ -13,6 +13,7 @@ from flash_attn.ops.cross_entropy import cross_entropy_loss
 from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
 from flash_attn.ops.mlp import fused_mlp
+from flash_attn.ops.reference.layer_norm import layer_norm_ref
 from flash_attn.ops.rotary import apply_rotary
 from tests.bad_inputs.bad_inputs_testing import assert_rejected
 
@@ -31,6 +32,32 @@ LAYER_NORM_CASES = [
     (lambda: layer_norm_fn(x.long(), w, None), TypeError, "x"),
     (lambda: rms_norm_fn(x, w, None, backend="gpu"), ValueError, "backend"),
     (lambda: rms_norm_fn(x, w, None, rowscale=torch.ones(3)), ValueError, "rowscale"),
+    (lambda: layer_norm_fn(x, w, None, out=torch.empty(4, 8, dtype=torch.int64)), TypeError, "out"),
+    (lambda: layer_norm_fn(x, w, None, out=torch.empty(4, 7)), ValueError, "out"),
+    (
+        lambda: layer_norm_fn(x, w, None, residual=x, prenorm=True, residual_out=torch.empty(2, 8)),
+        ValueError,
+        "residual_out",
+    ),
+    (
+        lambda: layer_norm_ref(
+            x, w, None, dropout_p=0.5, dropout_mask=torch.ones(4, 7, dtype=torch.bool)
+        ),
+        ValueError,
+        "dropout_mask",
+    ),
+    (
+        lambda: layer_norm_ref(
+            x, w, None, x1=x, dropout_p=0.5, dropout_mask1=torch.ones(8, dtype=torch.bool)
+        ),
+        ValueError,
+        "dropout_mask1",
+    ),
+    (
+        lambda: layer_norm_ref(x, w, None, dropout_p=0.5, dropout_mask=torch.ones(4, 8)),
+        TypeError,
+        "dropout_mask",
+    ),
 ]
 ROTARY_CASES = [
     (lambda: apply_rotary(q, cos[:, :3], sin), ValueError, "sin"),
@@ -53,6 +80,20 @@ CROSS_ENTROPY_CASES = [
         "lse_square_scale",
     ),
     (lambda: cross_entropy_loss(logits, labels, reduction="avg"), ValueError, "reduction"),
+    (lambda: cross_entropy_loss(logits, labels, logit_scale="2"), TypeError, "logit_scale"),
+    (
+        lambda: cross_entropy_loss(logits, labels, label_smoothing="0.1"),
+        TypeError,
+        "label_smoothing",
+    ),
+    (lambda: cross_entropy_loss(logits, labels, process_group="x"), TypeError, "process_group"),
+    (
+        lambda: cross_entropy_loss(
+            logits, labels, precomputed_lse=torch.ones(4, dtype=torch.int64)
+        ),
+        TypeError,
+        "precomputed_lse",
+    ),
     (lambda: cross_entropy_loss(logits, torch.tensor([1, 2, 3, 99])), ValueError, "label"),
     (lambda: cross_entropy_loss(logits[0], labels[:1]), ValueError, "logits"),
     (lambda: linear_cross_entropy(x, torch.randn(10, 7), labels), ValueError, "weight"),

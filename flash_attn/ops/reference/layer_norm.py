@@ -127,6 +127,8 @@ def layer_norm_ref(
     Returns:
         As ``layer_norm_fn``: out (out_dtype or x's), [out1], [residual_out], [masks].
     """
+    _check_keep_mask("dropout_mask", dropout_mask, "x", x)
+    _check_keep_mask("dropout_mask1", dropout_mask1, "x1", x1 if x1 is not None else x)
     drawn, drawn1 = draw_keep_masks(x, x1, dropout_p)
     keep = dropout_mask if dropout_mask is not None else drawn
     keep1 = dropout_mask1 if dropout_mask1 is not None else drawn1
@@ -135,6 +137,19 @@ def layer_norm_ref(
         dropout_p, rowscale, prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm,
         return_dropout_mask, out_dtype,
     )  # fmt: skip
+
+
+def _check_keep_mask(name: str, mask, like_name: str, like: torch.Tensor) -> None:
+    """A given keep mask must be a bool tensor of its input's shape."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be None or a bool tensor of {like_name}'s shape, got {got}")
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(mask.shape)}"
+        )
 
 
 def rms_norm_ref(
