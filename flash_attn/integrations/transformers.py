@@ -216,11 +216,6 @@ def _plan(model: nn.Module, family: Family, config, attention, norm, rotary, mlp
                 f"loss=True needs the causal-LM model ({type(model).__name__} has no "
                 f"{family.backbone!r} and nn.Linear {family.lm_head!r}); pass loss=False"
             )
-        if getattr(config, "final_logit_softcapping", None) is not None:
-            raise ValueError(
-                "loss=True cannot fuse the loss of a model with final_logit_softcapping "
-                f"({config.final_logit_softcapping}); pass loss=False"
-            )
         names = dict(backbone=family.backbone, lm_head=family.lm_head)
         binds.append((model, partial(hf_forwards.causal_lm_forward, **names)))
     if mlp:

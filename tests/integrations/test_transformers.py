@@ -27,7 +27,7 @@ CONFIGS = {  # family -> (config class, arguments): sliding windows and softcaps
                                 max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(GQA, head_dim=16)),
     "gemma2": ("Gemma2Config", dict(GQA, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
-                                  attn_logit_softcapping=5.0, final_logit_softcapping=None)),
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=2.0)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                 eos_token_id=0)),
@@ -209,14 +209,14 @@ def test_unsupported_family_lists_the_supported_ones():
 
 def test_unpatchable_part_changes_nothing(saved):
     model = load(saved["gemma2"])
-    model.config.final_logit_softcapping = 30.0  # no fused loss computes a softcapped logit
+    model.config.hidden_activation = "gelu_fast"  # no fused MLP kernel computes it
     before = {name: type(m) for name, m in model.named_modules()}
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    with pytest.raises(ValueError, match="gelu_fast"):
         fa.apply_fused_ops(model)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert model.config._attn_implementation == "eager"
-    fa.apply_fused_ops(model, loss=False)  # everything else can be patched
+    fa.apply_fused_ops(model, mlp=False)  # everything else can be patched
 
 
 def test_importing_flash_attn_does_not_import_transformers():
