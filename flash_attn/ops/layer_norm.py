@@ -203,16 +203,20 @@ def _check_preallocated(out, residual_out, x) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _native_xhat(h: torch.Tensor, eps: float, is_rms_norm: bool) -> torch.Tensor:
+def _native_norm(h: torch.Tensor, eps: float, is_rms_norm: bool, weight=None, bias=None):
+    """xhat * weight + bias by one native call (RMSNorm: the bias added after it)."""
     hidden = (h.shape[-1],)
-    return F.rms_norm(h, hidden, eps=eps) if is_rms_norm else F.layer_norm(h, hidden, eps=eps)
+    if not is_rms_norm:
+        return F.layer_norm(h, hidden, weight, bias, eps=eps)
+    y = F.rms_norm(h, hidden, weight, eps=eps)
+    return y + bias if bias is not None else y
 
 
 def _layer_norm_torch(*args):
     """Native PyTorch normalisation; the masks come from torch's generator."""
     x, x1, dropout_p = args[0], args[4], args[8]
     keep, keep1 = draw_keep_masks(x, x1, dropout_p)
-    return layer_norm_with(_native_xhat, keep, keep1, *args)
+    return layer_norm_with(_native_norm, keep, keep1, *args)
 
 
 def _flat(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
