@@ -131,6 +131,43 @@ def test_packed_batch_equals_each_sequence_alone(saved, family, monkeypatch):
     assert len(varlen_calls) == 2 * 2  # two layers, two modes: the varlen kernel ran
 
 
+@pytest.mark.parametrize("mode", ["attention", "fused"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_custom_4d_mask_as_eager(saved, family, mode):
+    """A custom 4-D mask (here two documents in each row, one row also hiding a key) goes
+    through our masked path: float (added to the scores, as eager adds it) or bool (True where
+    attention is allowed) give eager's logits with the float mask."""
+    ids = torch.randint(0, VOCAB, (2, 9))
+    same_document = (torch.arange(9) < 4)[:, None] == (torch.arange(9) < 4)[None, :]
+    allowed = torch.tril(torch.ones(9, 9, dtype=torch.bool)) & same_document
+    allowed = allowed[None, None].repeat(2, 1, 1, 1)  # (B, 1, T, T)
+    allowed[1, :, 6:, 5] = False
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    eager, ours = load(saved[family]), load_ours(saved[family], mode)
+    with torch.no_grad():
+        expected = eager(ids, attention_mask=additive).logits
+        for mask in (additive, allowed):
+            got = ours(ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+BAD_MASKS_AND_POSITIONS = [
+    (dict(attention_mask=torch.ones(1, 6, 6)), r"attention_mask must be a \(batch, seqlen\)"),
+    (dict(attention_mask=torch.ones(1, 1, 5, 6, dtype=torch.bool)), "4-D attention_mask"),
+    (dict(attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.long)), "4-D attention_mask"),
+    (dict(position_ids=torch.tensor([[3, 4, 5, 0, 1, 2]])), "position_ids of a packed batch"),
+]
+
+
+@pytest.mark.parametrize("inputs, message", BAD_MASKS_AND_POSITIONS)
+def test_bad_attention_mask_or_position_ids_is_named(saved, inputs, message):
+    """eager refuses a 3-D mask too; a packed batch's sequences start where position_ids is 0,
+    so positions that start elsewhere name position_ids instead of a cu_seqlens error."""
+    ours = load_ours(saved["llama"], "attention")
+    with pytest.raises((ValueError, TypeError), match=message):
+        ours(torch.randint(0, VOCAB, (1, 6)), **inputs)
+
+
 @pytest.mark.parametrize("family", ["gpt_neox"])
 def test_greedy_generate_matches_eager(saved, family):
     ids = torch.randint(1, VOCAB, (2, 6))
