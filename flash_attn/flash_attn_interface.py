@@ -14,7 +14,7 @@ Common arguments:
     causal: bool (or the int 0 or 1); causal mask aligned to the bottom-right corner of the
         score matrix; rows that see no key (seqlen_q > seqlen_k) give zeros.
     window_size: (left, right) sliding window around that diagonal, -1 for unlimited; ints or
-        0-d integer tensors.
+        0-d integer tensors, or a 1-D integer tensor of two.
     softcap: scores become softcap * tanh(scores / softcap) when > 0.
     alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j|.
     deterministic: accepted for compatibility; the backward is always bit-reproducible.

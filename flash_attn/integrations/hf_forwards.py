@@ -148,6 +148,7 @@ def causal_lm_forward(
 
     labels (B, T) int64 with -100 for ignored tokens, shifted here as transformers does (or
     shift_labels (B, T) already shifted); num_items_in_batch: the loss is sum / it when given.
+    A final_logit_softcapping in the config (Gemma 2) is applied inside the fused loss.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -168,6 +169,7 @@ def causal_lm_forward(
         head.bias,
         ignore_index=IGNORE_INDEX,
         reduction="mean" if num_items_in_batch is None else "sum",
+        softcap=getattr(self.config, "final_logit_softcapping", None) or 0.0,
     )
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch

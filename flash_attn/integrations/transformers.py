@@ -81,7 +81,8 @@ def flash_attn_triton_forward(module, query, key, value, attention_mask, **kwarg
     Args:
         module: the calling attention module (its config, is_causal, layer_idx).
         query: (B, H, T_q, D); key, value: (B, H_kv, T_k, D).
-        attention_mask: (B, T_k) bool padding mask, or None (no padding).
+        attention_mask: (B, T_k) bool padding mask, None (no padding), or a custom 4-D mask
+            as eager takes it (see :func:`_attend_with_4d_mask`).
         kwargs: dropout, scaling, sliding_window, softcap, position_ids, cu_seq_lens_q/k, ...
     Returns:
         ((B, T_q, H, D) attention output, None).
@@ -91,6 +92,11 @@ def flash_attn_triton_forward(module, query, key, value, attention_mask, **kwarg
     # precision, which flash-attn needs and ours does not.
     # (B, H, T, D) -> (B, T, H, D)
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+    dropout, scaling = kwargs.pop("dropout", 0.0), kwargs.pop("scaling", None)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        out = _attend_with_4d_mask(query, key, value, attention_mask, dropout, scaling, kwargs)
+        return out, None
+    _check_packed_position_ids(kwargs.get("position_ids"), query, attention_mask)
     is_causal = kwargs.pop("is_causal", None)
     out = hf_flash._flash_attention_forward(
         query,
@@ -99,21 +105,82 @@ def flash_attn_triton_forward(module, query, key, value, attention_mask, **kwarg
         attention_mask,
         query_length=query.shape[1],
         is_causal=module.is_causal if is_causal is None else is_causal,
-        dropout=kwargs.pop("dropout", 0.0),
-        softmax_scale=kwargs.pop("scaling", None),
+        dropout=dropout,
+        softmax_scale=scaling,
         attn_implementation=ATTENTION_NAME,
         **kwargs,
     )
     return out, None
 
 
+def _attend_with_4d_mask(query, key, value, attention_mask, dropout, scaling, kwargs):
+    """Attention under a custom 4-D mask, as eager: the mask replaces the causal and sliding
+    masks; bool (True: attend) or additive float, (B or 1, H or 1, T_q, >= T_k) (eager reads
+    its first T_k columns). query (B, T_q, H, D); returns (B, T_q, H, D)."""
+    batch, q_len, heads = query.shape[:3]
+    kv_len = key.shape[1]
+    if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+        raise TypeError(
+            "a 4-D attention_mask must be bool (True where attention is allowed) or float "
+            f"(added to the scores), got {attention_mask.dtype}"
+        )
+    b, h, rows, cols = attention_mask.shape
+    if b not in (1, batch) or h not in (1, heads) or rows != q_len or cols < kv_len:
+        raise ValueError(
+            f"a 4-D attention_mask must have shape ({batch} or 1, {heads} or 1, {q_len}, "
+            f">= {kv_len}) = (batch, heads, query length, key length), got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    bias = attention_mask[..., :kv_len]
+    if bias.is_floating_point():
+        bias = bias.to(query.dtype)
+    softcap = kwargs.get("softcap") or 0.0
+    return flash_attn_func(query, key, value, dropout, scaling, False, softcap=softcap,
+                           attn_bias=bias)  # fmt: skip
+
+
+def _check_packed_position_ids(position_ids, query, attention_mask) -> None:
+    """position_ids (B, T_q), and, where transformers reads them as packed sequences (batch 1,
+    no attention_mask, positions that fall back), starting at 0: a sequence starts at every 0."""
+    if position_ids is None:
+        return
+    expected = (query.shape[0], query.shape[1])
+    if position_ids.dim() != 2 or position_ids.shape[-1] != expected[1]:
+        raise ValueError(
+            f"position_ids must have shape (batch, query length) = {expected}, got "
+            f"{tuple(position_ids.shape)}"
+        )
+    if attention_mask is None and hf_flash._is_packed_sequence(position_ids, query.shape[0]):
+        first = int(position_ids[0, 0])
+        if first != 0 or bool((position_ids < 0).any()):
+            raise ValueError(
+                "position_ids of a packed batch (batch 1, no attention_mask) must restart at 0 "
+                f"at the start of each sequence, the first included; got {first} first "
+                f"({position_ids[0, :8].tolist()}...). Pass positions from 0, or an "
+                "attention_mask"
+            )
+
+
+def _padding_mask(*args, attention_mask=None, **kwargs):
+    """transformers' flash-attention mask function, for the masks it can take: a 2-D
+    (batch, seqlen) padding mask, or None (4-D masks reach the attention as they are)."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "attention_mask must be a (batch, seqlen) padding mask (1 for tokens, 0 for "
+            "padding) or a 4-D (batch, heads, query length, key length) mask, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    return flash_attention_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 def register() -> None:
     """Register "flash_attn_triton" with transformers' attention and mask interfaces.
 
-    The mask function is transformers' flash-attention one: a 2D padding mask, or None.
+    The mask function is transformers' flash-attention one: a 2D padding mask, or None; other
+    masks than 2-D and 4-D are refused by name.
     """
     AttentionInterface.register(ATTENTION_NAME, flash_attn_triton_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
     _install_flash_functions()
 
 
@@ -215,11 +282,6 @@ def _plan(model: nn.Module, family: Family, config, attention, norm, rotary, mlp
             raise ValueError(
                 f"loss=True needs the causal-LM model ({type(model).__name__} has no "
                 f"{family.backbone!r} and nn.Linear {family.lm_head!r}); pass loss=False"
-            )
-        if getattr(config, "final_logit_softcapping", None) is not None:
-            raise ValueError(
-                "loss=True cannot fuse the loss of a model with final_logit_softcapping "
-                f"({config.final_logit_softcapping}); pass loss=False"
             )
         names = dict(backbone=family.backbone, lm_head=family.lm_head)
         binds.append((model, partial(hf_forwards.causal_lm_forward, **names)))

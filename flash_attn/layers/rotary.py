@@ -7,6 +7,8 @@ headdim) with ``num_heads_q``; ``kv`` (batch, seqlen, 2, nheads_k, headdim).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from flash_attn.modules.rotary import RotaryEmbedding as _RotaryTables
@@ -62,24 +64,61 @@ def _split_qk(qkv: torch.Tensor, num_heads_q: int | None):
     return qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q : num_heads_q + num_heads_k]
 
 
+class _RotateViewsInplace(torch.autograd.Function):
+    """Rotate views of a packed tensor in place (q and k of qkv, k of kv) as one autograd node,
+    as flash-attn 2.x does: a leaf that requires grad is overwritten too, and its gradient is
+    the upstream gradient with the same views rotated back.
+
+    Takes packed, then views (packed -> the views to rotate), tables (one (cos, sin) per
+    view), interleaved and seqlen_offsets; returns packed."""
+
+    @staticmethod
+    def forward(ctx, packed, views, tables, interleaved, seqlen_offsets):
+        _rotate_views(packed, views, tables, interleaved, seqlen_offsets, conjugate=False)
+        # A leaf that requires grad cannot be marked dirty; the returned alias then carries
+        # this function's gradient back to it.
+        if not (packed.is_leaf and packed.requires_grad):
+            ctx.mark_dirty(packed)
+        ctx.views, ctx.tables = views, tables
+        ctx.interleaved, ctx.seqlen_offsets = interleaved, seqlen_offsets
+        return packed
+
+    @staticmethod
+    def backward(ctx, dout):
+        dpacked = dout.clone()
+        _rotate_views(
+            dpacked, ctx.views, ctx.tables, ctx.interleaved, ctx.seqlen_offsets, conjugate=True
+        )
+        return dpacked, None, None, None, None
+
+
+def _rotate_views(packed, views, tables, interleaved, seqlen_offsets, conjugate):
+    for x, (cos, sin) in zip(views(packed), tables):
+        # Out of place, then copied: the views are strided inside packed.
+        x.copy_(apply_rotary(x, cos, sin, seqlen_offsets, interleaved=interleaved,
+                             conjugate=conjugate))  # fmt: skip
+
+
 def apply_rotary_emb_qkv_(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False,
                           seqlen_offsets=0, num_heads_q=None):  # fmt: skip
-    """Rotate q and k inside qkv in place (k by cos_k/sin_k when given); returns qkv."""
-    q, k = _split_qk(qkv, num_heads_q)
-    # The q and k views are written through, so the result lives in qkv.
-    q.copy_(apply_rotary(q, cos, sin, seqlen_offsets, interleaved=interleaved))
-    cos_k, sin_k = (cos, sin) if cos_k is None else (cos_k, sin_k)
-    k.copy_(apply_rotary(k, cos_k, sin_k, seqlen_offsets, interleaved=interleaved))
-    return qkv
+    """Rotate q and k inside qkv in place (k by cos_k/sin_k when given); returns qkv.
+    Differentiable, also for a leaf that requires grad (see the module docstring for layouts)."""
+    _split_qk(qkv, num_heads_q)  # checks the layout before anything is written
+    tables = ((cos, sin), (cos, sin) if cos_k is None else (cos_k, sin_k))
+    views = functools.partial(_split_qk, num_heads_q=num_heads_q)
+    return _RotateViewsInplace.apply(qkv, views, tables, interleaved, seqlen_offsets)
 
 
 def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
-    """Rotate k = kv[:, :, 0] in place; returns kv (batch, seqlen, 2, nheads_k, headdim)."""
+    """Rotate k = kv[:, :, 0] in place; returns kv (batch, seqlen, 2, nheads_k, headdim).
+    Differentiable, also for a leaf that requires grad."""
     if kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must be (batch, seqlen, 2, nheads_k, headdim), got {tuple(kv.shape)}")
-    k = kv[:, :, 0]
-    k.copy_(apply_rotary(k, cos, sin, seqlen_offsets, interleaved=interleaved))
-    return kv
+    return _RotateViewsInplace.apply(kv, _k_of_kv, ((cos, sin),), interleaved, seqlen_offsets)
+
+
+def _k_of_kv(kv: torch.Tensor) -> tuple[torch.Tensor]:
+    return (kv[:, :, 0],)
 
 
 apply_rotary_emb_func = apply_rotary_emb

@@ -493,6 +493,11 @@ class GPTLMHeadModel(nn.Module):
                 + (str(tuple(input_ids.shape)) if isinstance(input_ids, torch.Tensor) else
                    type(input_ids).__name__)
             )  # fmt: skip
+        if min(input_ids.shape) == 0:
+            raise ValueError(
+                f"input_ids must hold at least one token per row (batch >= 1, seqlen >= 1), "
+                f"got shape {tuple(input_ids.shape)}"
+            )
         vocab = self.config.vocab_size
         if input_ids.device.type == "cpu" and input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())

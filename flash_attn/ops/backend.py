@@ -42,15 +42,20 @@ def _triton_serves(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(
+    backend: str | None, device: torch.device, dtype: torch.dtype | None = None
+) -> str:
     """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
 
     Args:
         backend: ``None``/``"auto"``, ``"triton"`` or ``"torch"``. ``None`` reads
             ``FLASH_ATTN_BACKEND`` (default ``"auto"``).
         device: the device of the op's inputs.
+        dtype: the dtype of the op's main input; every op passes it, so that the Triton
+            interpreter is never given bfloat16 (see :func:`_check_interpreter_dtype`).
     Raises:
-        ValueError: unknown backend name, or ``"triton"`` for a device it cannot serve.
+        ValueError: unknown backend name, ``"triton"`` for a device it cannot serve, or for
+            bfloat16 CPU tensors.
     """
     if backend is None:
         backend = os.environ.get("FLASH_ATTN_BACKEND", "auto") or "auto"
@@ -67,7 +72,20 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "TRITON_INTERPRET=1 is set before flash_attn is imported"
             )
         raise ValueError(f"backend='triton' cannot serve this input: {why}")
+    if backend == "triton" and device.type == "cpu":
+        _check_interpreter_dtype(dtype)
     return backend
+
+
+def _check_interpreter_dtype(dtype: torch.dtype | None) -> None:
+    # The interpreter computes tl.dot on bf16 wrongly (a fused MLP gave 3e21 for 0.46 with
+    # triton 3.x); one rule for every op keeps interpreter results trustworthy.
+    if dtype == torch.bfloat16:
+        raise ValueError(
+            "backend='triton' cannot run bfloat16 CPU tensors: the Triton interpreter "
+            "(TRITON_INTERPRET=1) computes bfloat16 products wrongly; use float16 or float32 "
+            "tensors, or backend='torch'"
+        )
 
 
 def reads_values(t: torch.Tensor) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +26,7 @@ from flash_attn.ops.reference.cross_entropy import (
     shard_of,
     summed,
 )
+from flash_attn.utils.checks import check_float
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -190,10 +192,8 @@ def check_cross_entropy_inputs(
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but {logits_name} is on {logits.device}")
     check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not lse_square_scale >= 0.0:  # also rejects NaN
-        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
+    check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    check_float("lse_square_scale", lse_square_scale, low=0.0)
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -213,14 +213,28 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -
         )
 
 
-def _check_loss_options(logits, logit_scale, precomputed_lse) -> None:
-    if not logit_scale > 0.0:
-        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+def _check_loss_options(logits, logit_scale, precomputed_lse, process_group) -> None:
+    check_float("logit_scale", logit_scale, low=0.0, low_open=True)
     if precomputed_lse is not None and (
         not isinstance(precomputed_lse, torch.Tensor) or precomputed_lse.shape != logits.shape[:1]
     ):
         got = getattr(precomputed_lse, "shape", type(precomputed_lse).__name__)
         raise ValueError(f"precomputed_lse must be None or ({logits.shape[0]},), got {got}")
+    if precomputed_lse is not None and not precomputed_lse.is_floating_point():
+        raise TypeError(
+            f"precomputed_lse must be a floating-point (fp32) tensor, got {precomputed_lse.dtype}"
+        )
+    if precomputed_lse is not None and precomputed_lse.device != logits.device:
+        raise ValueError(
+            f"precomputed_lse is on {precomputed_lse.device} but logits is on {logits.device}"
+        )
+    if process_group is not None and not (
+        dist.is_available() and isinstance(process_group, dist.ProcessGroup)
+    ):
+        raise TypeError(
+            "process_group must be None or a torch.distributed ProcessGroup, got "
+            f"{process_group!r} ({type(process_group).__name__})"
+        )
 
 
 def _per_row_triton(logits, labels, precomputed_lse, label_smoothing, logit_scale,
@@ -285,7 +299,8 @@ def cross_entropy_loss(
         reduction="none"; (loss, z_loss) when return_z_loss.
     Raises:
         TypeError, ValueError: see :func:`check_cross_entropy_inputs`; labels out of range;
-            logit_scale <= 0; precomputed_lse of the wrong shape.
+            logit_scale not a number > 0; precomputed_lse not a float (n_rows,) tensor;
+            process_group not a ProcessGroup.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -297,11 +312,11 @@ def cross_entropy_loss(
     check_cross_entropy_inputs(
         logits, labels, label_smoothing, ignore_index, reduction, lse_square_scale
     )
-    _check_loss_options(logits, logit_scale, precomputed_lse)
+    _check_loss_options(logits, logit_scale, precomputed_lse, process_group)
     check_labels_in_range(labels, shard_of(logits, process_group)[1], ignore_index)
     labels = labels.long()
     options = (label_smoothing, lse_square_scale, ignore_index)
-    if resolve_backend(backend, logits.device) == "torch":
+    if resolve_backend(backend, logits.device, logits.dtype) == "torch":
         no_extension = logit_scale == 1.0 and precomputed_lse is None and process_group is None
         plain = no_extension and not return_z_loss and lse_square_scale == 0.0
         if plain and logits.dtype in (torch.float32, torch.float64):

@@ -196,16 +196,28 @@ def _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p,
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _native_xhat(h: torch.Tensor, eps: float, is_rms_norm: bool) -> torch.Tensor:
+def _check_preallocated(out, residual_out, x) -> None:
+    """out= and residual_out= must be float tensors of x's shape on x's device."""
+    for name, t in (("out", out), ("residual_out", residual_out)):
+        _check_like(name, t, tuple(x.shape))
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _native_norm(h: torch.Tensor, eps: float, is_rms_norm: bool, weight=None, bias=None):
+    """xhat * weight + bias by one native call (RMSNorm: the bias added after it)."""
     hidden = (h.shape[-1],)
-    return F.rms_norm(h, hidden, eps=eps) if is_rms_norm else F.layer_norm(h, hidden, eps=eps)
+    if not is_rms_norm:
+        return F.layer_norm(h, hidden, weight, bias, eps=eps)
+    y = F.rms_norm(h, hidden, weight, eps=eps)
+    return y + bias if bias is not None else y
 
 
 def _layer_norm_torch(*args):
     """Native PyTorch normalisation; the masks come from torch's generator."""
     x, x1, dropout_p = args[0], args[4], args[8]
     keep, keep1 = draw_keep_masks(x, x1, dropout_p)
-    return layer_norm_with(_native_xhat, keep, keep1, *args)
+    return layer_norm_with(_native_norm, keep, keep1, *args)
 
 
 def _flat(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
@@ -298,16 +310,17 @@ def layer_norm_fn(
         out; then out1 when weight1 is given, residual_out when prenorm, and (dropout_mask,
         dropout_mask1) when return_dropout_mask, in that order, as one tuple.
     Raises:
-        ValueError: shape or device mismatch, eps <= 0, dropout_p outside [0, 1), rowscale with
-            x1, bias1 without weight1.
-        TypeError: non-float inputs, or fp64 on the Triton backend.
+        ValueError: shape or device mismatch (out and residual_out included), eps <= 0,
+            dropout_p outside [0, 1), rowscale with x1, bias1 without weight1.
+        TypeError: non-float inputs or out / residual_out, or fp64 on the Triton backend.
     """
     _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale)
+    _check_preallocated(out, residual_out, x)
     args = (
         x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
         residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
     )  # fmt: skip
-    if resolve_backend(backend, x.device) == "triton":
+    if resolve_backend(backend, x.device, x.dtype) == "triton":
         result = _layer_norm_triton(*args)
     else:
         result = _layer_norm_torch(*args)

@@ -25,6 +25,7 @@ from flash_attn.ops.cross_entropy import (
     check_cross_entropy_inputs,
     check_labels_in_range,
 )
+from flash_attn.utils.checks import check_float
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden_dim: int) -> int:
@@ -85,7 +86,20 @@ def _loss_and_dlogits_(logits, labels, dloss, options, backend):
     return loss
 
 
-def _chunked_pass(hidden, weight, bias, labels, dloss, scale, options, chunk_size, backend, needs):
+def _softcap_(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """logits (chunk, vocab) -> softcap * tanh(logits / softcap), in place; returns the slope
+    1 - tanh(logits / softcap)**2 (fp32), the derivative of the capped logits.
+
+    tanh is taken in fp32 and rounded once into the logits' dtype; the slope costs one more
+    chunk-sized buffer, freed with the chunk.
+    """
+    tanh = torch.tanh(logits.float() / softcap)
+    torch.mul(tanh, softcap, out=logits)
+    return tanh.square_().neg_().add_(1.0)
+
+
+def _chunked_pass(hidden, weight, bias, labels, dloss, scale, options, softcap, chunk_size,
+                  backend, needs):  # fmt: skip
     """One pass over the token chunks: per-token loss and the gradients flagged in ``needs``.
 
     Args:
@@ -95,6 +109,7 @@ def _chunked_pass(hidden, weight, bias, labels, dloss, scale, options, chunk_siz
         scale: fp32 scalar tensor multiplying every gradient. The mean's 1/tokens is applied
             here, after the matmuls, rather than to dlogits: in fp16, softmax / 8192 would
             underflow to zero.
+        softcap: > 0: the logits become softcap * tanh(logits / softcap) first; 0: unchanged.
         needs: (hidden, weight, bias) booleans.
     Returns:
         loss (tokens,) fp32, and dhidden, dweight, dbias in their inputs' dtypes, or None where
@@ -114,11 +129,12 @@ def _chunked_pass(hidden, weight, bias, labels, dloss, scale, options, chunk_siz
         end = min(start + chunk_size, n_tokens)
         h = hidden[start:end]
         logits = F.linear(h, weight, bias)  # (chunk, vocab): the only logits alive
+        slope = _softcap_(logits, softcap) if softcap > 0.0 else None
         chunk_dloss = None if dloss is None else dloss[start:end]
         loss[start:end] = _loss_and_dlogits_(
             logits, labels[start:end], chunk_dloss, options, backend
         )
-        dlogits = logits
+        dlogits = logits if slope is None or not any(needs) else logits.mul_(slope)
         if dhidden is not None:
             dhidden[start:end] = (dlogits @ weight).float().mul_(scale)
         if dweight is not None:
@@ -130,7 +146,7 @@ def _chunked_pass(hidden, weight, bias, labels, dloss, scale, options, chunk_siz
                 dweight += dlogits.t() @ h
         if dbias is not None:
             dbias += dlogits.sum(0, dtype=torch.float32)
-        del logits, dlogits
+        del logits, dlogits, slope
     dweight = None if dweight is None else dweight.mul_(scale).to(weight.dtype)
     dbias = None if dbias is None else dbias.mul_(scale).to(weight.dtype)
     return loss, dhidden, dweight, dbias
@@ -141,8 +157,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, options, reduction, chunk_size, backend, grad_enabled
-    ):
+        ctx, hidden, weight, bias, labels, options, softcap, reduction, chunk_size, backend,
+        grad_enabled,
+    ):  # fmt: skip
         # grad_enabled: grad mode outside this call (inside forward it is always off); without
         # it, inference skips every gradient computation.
         needs = (
@@ -155,17 +172,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             # Gradients need the per-token upstream gradient: recomputed in the backward.
             ctx.save_for_backward(hidden, weight, bias, labels)
-            ctx.setup = (options, chunk_size, backend, needs)
+            ctx.setup = (options, softcap, chunk_size, backend, needs)
             loss, *_ = _chunked_pass(
-                hidden, weight, bias, labels, None, one, options, chunk_size, backend, needs
-            )
+                hidden, weight, bias, labels, None, one, options, softcap, chunk_size, backend,
+                needs,
+            )  # fmt: skip
             return loss
         valid = labels != options[2]
         # All rows ignored: the mean is 0 / 0 = nan like F.cross_entropy; gradients stay 0.
         scale = 1.0 / valid.sum().to(torch.float32) if reduction == "mean" else one
         loss, dhidden, dweight, dbias = _chunked_pass(
             hidden, weight, bias, labels, valid.float() if any(needs) else None,
-            torch.nan_to_num(scale, posinf=0.0), options, chunk_size, backend, needs,
+            torch.nan_to_num(scale, posinf=0.0), options, softcap, chunk_size, backend, needs,
         )  # fmt: skip
         ctx.save_for_backward(dhidden, dweight, dbias)
         return loss.sum() * scale
@@ -174,14 +192,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
-            options, chunk_size, backend, needs = ctx.setup
+            options, softcap, chunk_size, backend, needs = ctx.setup
             needs = tuple(n and g for n, g in zip(needs, ctx.needs_input_grad[:3]))
             one = torch.ones((), dtype=torch.float32, device=hidden.device)
             _, dhidden, dweight, dbias = _chunked_pass(
                 hidden, weight, bias, labels, grad_loss.float().contiguous(), one, options,
-                chunk_size, backend, needs,
+                softcap, chunk_size, backend, needs,
             )  # fmt: skip
-            return dhidden, dweight, dbias, None, None, None, None, None, None
+            return dhidden, dweight, dbias, None, None, None, None, None, None, None
         dhidden, dweight, dbias = ctx.saved_tensors
         # The upstream gradient of a training loss is exactly 1: skip weight-sized multiplies
         # (and their allocations). Under torch.compile the check would break the graph.
@@ -189,7 +207,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dhidden, dweight, dbias = (
                 None if g is None else g * grad_loss.to(g.dtype) for g in (dhidden, dweight, dbias)
             )
-        return dhidden, dweight, dbias, None, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -202,6 +220,7 @@ def linear_cross_entropy(
     lse_square_scale: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    softcap: float = 0.0,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -217,13 +236,15 @@ def linear_cross_entropy(
             ``lse_square_scale * lse**2`` per token).
         chunk_size: tokens per chunk; None picks :func:`default_chunk_size`. Peak memory is
             about one (chunk_size, vocab) buffer on top of the inputs and their gradients.
+        softcap: when > 0, the logits become softcap * tanh(logits / softcap) before the loss
+            (Gemma 2's final_logit_softcapping); 0 leaves them as they are.
         backend: None/"auto", "triton" (fused cross-entropy kernel per chunk) or "torch".
     Returns:
         fp32 scalar, or (...) fp32 per-token losses for reduction="none".
     Raises:
         TypeError: non-float hidden/weight, mismatched dtypes, non-integer labels.
         ValueError: mismatched shapes or devices, unknown reduction, labels out of range,
-            chunk_size < 1.
+            chunk_size < 1, softcap < 0.
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -254,6 +275,7 @@ def linear_cross_entropy(
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    softcap = check_float("softcap", softcap, low=0.0)
     out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (..., hidden_dim) -> (tokens, hidden_dim)
     labels = labels.reshape(-1) if isinstance(labels, torch.Tensor) else labels
@@ -262,7 +284,7 @@ def linear_cross_entropy(
     )
     vocab = weight.shape[0]
     check_labels_in_range(labels, vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, hidden.dtype)
     if backend == "triton" and hidden.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"hidden must be one of {KERNEL_DTYPES} for backend='triton', got {hidden.dtype}"
@@ -272,7 +294,7 @@ def linear_cross_entropy(
     options = (float(label_smoothing), float(lse_square_scale), int(ignore_index))
     labels = labels.long().contiguous()
     loss = LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, options, reduction, chunk_size, backend,
+        hidden, weight, bias, labels, options, softcap, reduction, chunk_size, backend,
         torch.is_grad_enabled(),
     )  # fmt: skip
     return loss.reshape(out_shape) if reduction == "none" else loss
@@ -288,15 +310,17 @@ class LinearCrossEntropyLoss(CrossEntropyOptions):
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0,
                  lse_square_scale: float = 0.0, reduction: str = "mean",
-                 chunk_size: int | None = None, backend: str | None = None):  # fmt: skip
+                 chunk_size: int | None = None, backend: str | None = None,
+                 softcap: float = 0.0):  # fmt: skip
         super().__init__(ignore_index, label_smoothing, lse_square_scale, reduction, backend)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.softcap = chunk_size, softcap
 
     def forward(self, hidden, weight, labels, bias=None):
         return linear_cross_entropy(
             hidden, weight, labels, bias, self.ignore_index, self.label_smoothing,
-            self.lse_square_scale, self.reduction, self.chunk_size, backend=self.backend,
+            self.lse_square_scale, self.reduction, self.chunk_size, self.softcap,
+            backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}, softcap={self.softcap}"

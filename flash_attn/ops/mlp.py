@@ -129,7 +129,7 @@ def _autocast(x, weight, bias):
 def _linear_act(x, weight, bias, activation, gated, backend):
     x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, activation, gated)
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, x.dtype)
     if backend == "torch":
         ref = gated_linear_ref if gated else linear_activation_ref
         return ref(x, weight, bias, activation)

@@ -269,7 +269,7 @@ def apply_rotary(
             bad cu_seqlens / max_seqlen / seqlen_offsets. TypeError: dtypes.
     """
     _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen)
-    use_triton = resolve_backend(backend, x.device) == "triton"
+    use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     if use_triton and x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 x, got {x.dtype}")
     offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None

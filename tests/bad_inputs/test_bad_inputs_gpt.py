@@ -58,6 +58,8 @@ FORWARD_CASES = [
     (dict(input_ids=_IDS.float()), TypeError, "input_ids"),
     (dict(input_ids=torch.zeros(4, dtype=torch.long)), ValueError, "input_ids"),
     (dict(input_ids=_IDS + 61), ValueError, "input_ids"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "input_ids must hold"),
+    (dict(input_ids=torch.zeros(0, 4, dtype=torch.long)), ValueError, "input_ids must hold"),
     (dict(position_ids=torch.tensor([0, 1, 2, 16])), ValueError, "position_ids"),
     (dict(position_ids=torch.tensor([-1, 0, 1, 2])), ValueError, "position_ids"),
     (dict(position_ids=torch.arange(5)), ValueError, "position_ids"),

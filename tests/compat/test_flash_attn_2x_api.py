@@ -261,6 +261,55 @@ def test_rotary_layers(device):
     _close(kv[:, :, 0], rotary_layers.apply_rotary_emb_torch(k, cos[:7], sin[:7]))
 
 
+def test_kvcache_rotary_positions_with_cache_leftpad(device):
+    """As the official kernel and docstring: the new keys are rotated at cache_seqlens,
+    cache_seqlens + 1, ..., also when cache_leftpad is given (q too, when causal)."""
+    q, k, v = _qkv(device, seqlen=2)
+    k_cache, v_cache = (torch.zeros(2, 16, 2, 16, device=device) for _ in "kv")
+    cos, sin = (torch.randn(16, 8, device=device) for _ in range(2))
+    cache_leftpad = torch.tensor([2, 5], dtype=torch.int32, device=device)
+    cache_seqlens = torch.tensor([6, 9], dtype=torch.int32, device=device)
+    # q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+    # cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved
+    flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, None,
+                                       cache_leftpad, None, None, True, (-1, -1), 0.0, False)  # fmt: skip
+    expected = rotary_layers.apply_rotary_emb(k, cos, sin, seqlen_offsets=cache_seqlens)
+    for b, start in enumerate(cache_seqlens.tolist()):
+        _close(k_cache[b, start : start + 2], expected[b])
+
+
+@pytest.mark.parametrize("layout", ["qkv", "qkv_num_heads_q", "kv"])
+def test_inplace_rotary_on_a_leaf_that_requires_grad(device, layout):
+    """As the official autograd functions: the leaf is overwritten, its gradient is that of the
+    out-of-place rotation."""
+    cos, sin, cos_k, sin_k = (torch.randn(9, 8, device=device) for _ in range(4))
+    rotate = rotary_layers.apply_rotary_emb  # out of place
+    shapes = {
+        "qkv": (2, 7, 3, 4, 16),
+        "qkv_num_heads_q": (2, 7, 4 + 2 * 2, 16),
+        "kv": (2, 7, 2, 4, 16),
+    }
+    packed = torch.randn(shapes[layout], device=device)
+    leaf, x = packed.clone().requires_grad_(), packed.clone().requires_grad_()
+    if layout == "qkv":
+        out = rotary_layers.apply_rotary_emb_qkv_(leaf, cos, sin, cos_k, sin_k, False, 0)
+        parts = [rotate(x[:, :, 0], cos, sin), rotate(x[:, :, 1], cos_k, sin_k), x[:, :, 2]]
+        expected = torch.stack(parts, dim=2)
+    elif layout == "qkv_num_heads_q":
+        out = rotary_layers.apply_rotary_emb_qkv_(leaf, cos, sin, cos_k, sin_k, False, 0, 4)
+        parts = [rotate(x[:, :, :4], cos, sin), rotate(x[:, :, 4:6], cos_k, sin_k), x[:, :, 6:]]
+        expected = torch.cat(parts, dim=2)
+    else:
+        out = rotary_layers.apply_rotary_emb_kv_(leaf, cos, sin, False, 0)
+        expected = torch.stack([rotate(x[:, :, 0], cos, sin), x[:, :, 1]], dim=2)
+    _close(leaf.detach(), expected.detach())
+    _close(out.detach(), expected.detach())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    _close(leaf.grad, x.grad)
+
+
 def test_xpos_scales_q_and_k_inversely():
     """XPos changes q and k but not their dot product at equal positions' distance 0."""
     rotary = rotary_layers.RotaryEmbedding(16, scale_base=512)

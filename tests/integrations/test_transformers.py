@@ -27,7 +27,7 @@ CONFIGS = {  # family -> (config class, arguments): sliding windows and softcaps
                                 max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(GQA, head_dim=16)),
     "gemma2": ("Gemma2Config", dict(GQA, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
-                                  attn_logit_softcapping=5.0, final_logit_softcapping=None)),
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=2.0)),
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                                 eos_token_id=0)),
@@ -131,6 +131,43 @@ def test_packed_batch_equals_each_sequence_alone(saved, family, monkeypatch):
     assert len(varlen_calls) == 2 * 2  # two layers, two modes: the varlen kernel ran
 
 
+@pytest.mark.parametrize("mode", ["attention", "fused"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_custom_4d_mask_as_eager(saved, family, mode):
+    """A custom 4-D mask (here two documents in each row, one row also hiding a key) goes
+    through our masked path: float (added to the scores, as eager adds it) or bool (True where
+    attention is allowed) give eager's logits with the float mask."""
+    ids = torch.randint(0, VOCAB, (2, 9))
+    same_document = (torch.arange(9) < 4)[:, None] == (torch.arange(9) < 4)[None, :]
+    allowed = torch.tril(torch.ones(9, 9, dtype=torch.bool)) & same_document
+    allowed = allowed[None, None].repeat(2, 1, 1, 1)  # (B, 1, T, T)
+    allowed[1, :, 6:, 5] = False
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    eager, ours = load(saved[family]), load_ours(saved[family], mode)
+    with torch.no_grad():
+        expected = eager(ids, attention_mask=additive).logits
+        for mask in (additive, allowed):
+            got = ours(ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+BAD_MASKS_AND_POSITIONS = [
+    (dict(attention_mask=torch.ones(1, 6, 6)), r"attention_mask must be a \(batch, seqlen\)"),
+    (dict(attention_mask=torch.ones(1, 1, 5, 6, dtype=torch.bool)), "4-D attention_mask"),
+    (dict(attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.long)), "4-D attention_mask"),
+    (dict(position_ids=torch.tensor([[3, 4, 5, 0, 1, 2]])), "position_ids of a packed batch"),
+]
+
+
+@pytest.mark.parametrize("inputs, message", BAD_MASKS_AND_POSITIONS)
+def test_bad_attention_mask_or_position_ids_is_named(saved, inputs, message):
+    """eager refuses a 3-D mask too; a packed batch's sequences start where position_ids is 0,
+    so positions that start elsewhere name position_ids instead of a cu_seqlens error."""
+    ours = load_ours(saved["llama"], "attention")
+    with pytest.raises((ValueError, TypeError), match=message):
+        ours(torch.randint(0, VOCAB, (1, 6)), **inputs)
+
+
 @pytest.mark.parametrize("family", ["gpt_neox"])
 def test_greedy_generate_matches_eager(saved, family):
     ids = torch.randint(1, VOCAB, (2, 6))
@@ -209,14 +246,14 @@ def test_unsupported_family_lists_the_supported_ones():
 
 def test_unpatchable_part_changes_nothing(saved):
     model = load(saved["gemma2"])
-    model.config.final_logit_softcapping = 30.0  # no fused loss computes a softcapped logit
+    model.config.hidden_activation = "gelu_fast"  # no fused MLP kernel computes it
     before = {name: type(m) for name, m in model.named_modules()}
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    with pytest.raises(ValueError, match="gelu_fast"):
         fa.apply_fused_ops(model)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert model.config._attn_implementation == "eager"
-    fa.apply_fused_ops(model, loss=False)  # everything else can be patched
+    fa.apply_fused_ops(model, mlp=False)  # everything else can be patched
 
 
 def test_importing_flash_attn_does_not_import_transformers():

@@ -89,6 +89,8 @@ BAD_OPTIONS = [
     (dict(window_size=(1,)), ValueError, "window_size"),
     (dict(window_size=None), TypeError, "window_size must be a pair"),
     (dict(window_size=(2.5, 0)), TypeError, "window_size must be two integers"),
+    (dict(window_size=torch.tensor([2.5, 0])), TypeError, "window_size must be two integers"),
+    (dict(window_size=torch.tensor([1, 2, 3])), ValueError, "window_size must be two integers"),
     (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
     (dict(causal="no"), TypeError, "causal must be a bool"),
     (dict(causal=2), TypeError, "causal must be a bool"),
@@ -111,13 +113,21 @@ def test_bad_options_are_rejected(kwargs, error, message):
         flash_attn_func(*qkv(), **kwargs)
 
 
+WINDOW_FORMS = {
+    "0d_tensors": lambda: (torch.tensor(3), torch.tensor(0)),  # as a config may hold it
+    "1d_tensor": lambda: torch.tensor([3, 0]),  # as the official tests pass it
+    "list": lambda: [3, 0],
+}
+
+
+@pytest.mark.parametrize("form", WINDOW_FORMS)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_window_of_0d_tensors_and_integer_flags_are_accepted(backend):
-    """window_size as a pair of 0-d tensors (as a config may hold it), causal as 0 or 1."""
+def test_window_forms_and_integer_flags_are_accepted(backend, form):
+    """window_size as any pair the official functions accept, causal as 0 or 1."""
     from flash_attn import flash_attn_with_kvcache
 
     q, k, v = qkv(dtype=torch.float32)
-    window = (torch.tensor(3), torch.tensor(0))
+    window = WINDOW_FORMS[form]()
     expected = flash_attn_func(q, k, v, causal=True, window_size=(3, 0), backend=backend)
     out = flash_attn_func(q, k, v, causal=1, window_size=window, backend=backend)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

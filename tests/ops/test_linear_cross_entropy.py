@@ -70,6 +70,30 @@ def test_within_twice_plain_pytorch_error(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_within_twice_plain_pytorch_error(backend, dtype, reduction):
+    """softcap * tanh(logits / softcap) before the loss (Gemma 2), forward and backward; the
+    logits here reach about 4 standard deviations of 2, so a cap of 1.5 bends most of them."""
+    device = _device(backend)
+    n_tokens, vocab = 11, 257
+    tensors, labels = _inputs(n_tokens, 16, vocab, dtype, device, n_ignored=2)
+    opts = dict(reduction=reduction, softcap=1.5, label_smoothing=0.1)
+    got = _run(linear_cross_entropy, tensors, labels, chunk_size=4, backend=backend, **opts)
+    oracle = _run(linear_cross_entropy_ref, [t.double() for t in tensors], labels, **opts)
+    plain = _run(linear_cross_entropy_ref, tensors, labels, **opts)
+    uncapped = _run(linear_cross_entropy_ref, [t.double() for t in tensors], labels,
+                    reduction=reduction, label_smoothing=0.1)  # fmt: skip
+    assert (uncapped[0] - oracle[0]).abs().max() > 0.1  # the cap changes the loss
+    # As in test_within_twice_plain_pytorch_error: sums of n fp32 terms in another order.
+    lengths = dict(loss=vocab, hidden=vocab, weight=n_tokens, bias=n_tokens)
+    base_atol = 1e-6 if dtype == torch.float32 else 2e-3
+    for name, err, budget in zip(lengths, _errs(got, oracle), _errs(plain, oracle)):
+        atol = base_atol + torch.finfo(torch.float32).eps * lengths[name] ** 0.5
+        assert err <= 2 * budget + atol, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps", [0.0, 0.25])
 def test_matches_lm_head_plus_f_cross_entropy(backend, reduction, eps):

@@ -238,7 +238,9 @@ def attention(
         opts = AttentionOptions.create(
             q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p
         )
-        plan = AttentionPlan(resolve_backend(backend, q.device), opts, varlen and varlen[2:])
+        plan = AttentionPlan(
+            resolve_backend(backend, q.device, q.dtype), opts, varlen and varlen[2:]
+        )
         if key is not None:
             if len(_plans) >= MAX_PLANS:
                 del _plans[next(iter(_plans))]

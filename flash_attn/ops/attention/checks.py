@@ -46,8 +46,11 @@ def check_flag(name: str, value) -> bool:
 
 
 def window_pair(window_size) -> tuple[int, int]:
-    """window_size as two Python ints (each may be any integer, a 0-d integer tensor included);
-    TypeError or ValueError naming window_size unless it is a pair of integers >= -1."""
+    """window_size as two Python ints; TypeError or ValueError naming window_size unless it is a
+    pair of integers >= -1: a tuple or list of two ints or 0-d integer tensors, or a 1-D integer
+    tensor of two (as the official functions accept, since they index it)."""
+    if isinstance(window_size, Tensor) and window_size.dim() == 1:
+        window_size = window_size.tolist()  # floats or bools are refused below
     if not isinstance(window_size, (tuple, list)):
         raise TypeError(
             f"window_size must be a pair (left, right) of integers >= -1, got {window_size!r}"

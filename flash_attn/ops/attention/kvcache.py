@@ -267,14 +267,15 @@ def flash_attn_with_kvcache(
         k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
             cache_seqlens[b], cache_seqlens[b] + 1, ... of cache row cache_batch_idx[b] (or b).
         rotary_cos, rotary_sin: (seqlen_rotary, rotary_dim / 2) or None: k is rotated at its
-            positions in the sequence (counted from cache_leftpad); q too when causal or local,
-            else all of q at the position of the first new token.
+            cache positions cache_seqlens[b], cache_seqlens[b] + 1, ... (also with
+            cache_leftpad, as the official kernel); q too when causal or local, else all of q
+            at the position of the first new token.
         cache_seqlens: int or (batch,) int32, where each cache row's tokens end (the new ones
             are written from there). None means the whole cache (only without k and v).
         cache_batch_idx: (batch,) int32, which cache row each batch entry uses; no row twice
             when k and v are appended.
         cache_leftpad: (batch,) int32 or None, where each cache row's tokens start: the slots
-            before it are padding, never attended, and rotary positions count from it.
+            before it are padding, never attended.
             Excludes block_table (as in the official package).
         block_table: (batch, max_pages) int32: page p of batch entry b's sequence is
             k_cache[block_table[b, p]] (a paged cache, as in vLLM); excludes cache_batch_idx.
@@ -308,8 +309,11 @@ def flash_attn_with_kvcache(
     cache_seqlens = _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout)
     if rotary_cos is not None:
         local = causal or window_size != (-1, -1)
-        positions = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad
-        q, k = _rotate(q, k, rotary_cos, rotary_sin, positions, local, rotary_interleaved, backend)
+        # At the cache slots, also after a cache_leftpad, as the official kernel: scores depend
+        # on distances only, so the padding changes nothing but the angles stored in the cache.
+        q, k = _rotate(
+            q, k, rotary_cos, rotary_sin, cache_seqlens, local, rotary_interleaved, backend
+        )
     if k is not None:
         # Append in place: entry b's new tokens go to positions cache_seqlens[b] + 0, 1, ...
         positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
@@ -332,7 +336,7 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
     computes lse only when return_lse (it then materialises the scores of each batch entry);
     the Triton path always has it."""
     layout = keys.layout
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q.dtype) == "triton":
         from flash_attn.ops.attention.triton.forward import key_ranges_of
 
         key_ranges = key_ranges_of(keys.ends.to(torch.int32), keys.leftpad)

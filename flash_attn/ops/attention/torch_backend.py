@@ -61,7 +61,7 @@ def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, r
     seqlen_q, nheads, seqlen_k, nheads_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     mask = _sdpa_mask(q, seqlen_q, seqlen_k, opts, bias, alibi_slopes)
     poisoned = None
-    if mask is not None or opts.causal:
+    if (mask is not None or opts.causal) and _may_hold_nonfinite(k, v):
         # A masked key must contribute nothing even if it holds NaN or inf (garbage in a cache
         # slot): SDPA would add -inf to a NaN score and multiply a NaN value by 0.
         k, bad_keys = nonfinite_to_zero(k)
@@ -92,6 +92,19 @@ def attention_torch_dense(q, k, v, opts: AttentionOptions, bias, alibi_slopes, r
     if poisoned is not None:
         out = out.masked_fill(poisoned, float("nan"))
     return out.transpose(1, 2).contiguous(), None, None  # (B, H, Sq, D) -> (B, Sq, H, D)
+
+
+def _may_hold_nonfinite(k, v) -> bool:
+    """False when k and v are surely finite, so the exact NaN guard can be skipped.
+
+    On CPU one sum of each decides (a NaN or inf makes it non-finite; an overflow of finite
+    values only costs the guard). Elsewhere, and while torch.compile traces, True: reading the
+    answer would synchronise the device or branch on data inside the graph.
+    """
+    if k.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    total = k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)
+    return not bool(torch.isfinite(total))
 
 
 def _allowed(mask):

@@ -81,32 +81,45 @@ def pack_outputs(out, out1, residual_out, keep, keep1, prenorm, return_dropout_m
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def explicit_xhat(h: torch.Tensor, eps: float, is_rms_norm: bool) -> torch.Tensor:
-    """The normalised h, written out: (h - mean) / sqrt(var + eps), or h / sqrt(mean(h^2) + eps)."""
+def explicit_norm(h: torch.Tensor, eps: float, is_rms_norm: bool, weight=None, bias=None):
+    """The normalised h, written out: xhat = (h - mean) / sqrt(var + eps), or
+    h / sqrt(mean(h^2) + eps); then xhat * weight + bias where they are given."""
     if is_rms_norm:
-        return h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
-    centred = h - h.mean(dim=-1, keepdim=True)
-    return centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+        xhat = h * torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
+    else:
+        centred = h - h.mean(dim=-1, keepdim=True)
+        xhat = centred * torch.rsqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    return affine(xhat, weight, bias)
+
+
+def affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    """xhat * weight + bias, each optional."""
+    y = xhat * weight if weight is not None else xhat
+    return y + bias if bias is not None else y
 
 
 def layer_norm_with(
-    xhat_fn, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
+    norm_fn, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
     prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
 ):  # fmt: skip
-    """layer_norm_fn's math with xhat = xhat_fn(h, eps, is_rms_norm) and the given keep masks:
-    the one body of the reference and of the torch backend (which normalises natively)."""
+    """layer_norm_fn's math with the given keep masks and norm_fn(h, eps, is_rms_norm, weight,
+    bias) -> xhat * weight + bias (xhat without them): the one body of the reference and of the
+    torch backend (which normalises natively, weight and bias in the same call)."""
     h = norm_input(x, x1, residual, rowscale, dropout_p, keep, keep1)
-    xhat = xhat_fn(h, eps, is_rms_norm)
+    out_dtype = out_dtype or x.dtype
 
-    def affine(w, b):
-        y = xhat * affine_weight(w, zero_centered_weight, h.dtype)
-        return (y + b.to(h.dtype) if b is not None else y).to(out_dtype or x.dtype)
+    def params(w, b):
+        """(weight, bias) as the norm multiplies and adds them, in h's dtype."""
+        return affine_weight(w, zero_centered_weight, h.dtype), None if b is None else b.to(h.dtype)
 
-    out1 = affine(weight1, bias1) if weight1 is not None else None
+    if weight1 is None:
+        out, out1 = norm_fn(h, eps, is_rms_norm, *params(weight, bias)).to(out_dtype), None
+    else:  # two outputs of one xhat
+        xhat = norm_fn(h, eps, is_rms_norm)
+        out = affine(xhat, *params(weight, bias)).to(out_dtype)
+        out1 = affine(xhat, *params(weight1, bias1)).to(out_dtype)
     residual_out = h.to(residual_dtype_for(x, residual, residual_in_fp32))
-    return pack_outputs(
-        affine(weight, bias), out1, residual_out, keep, keep1, prenorm, return_dropout_mask
-    )
+    return pack_outputs(out, out1, residual_out, keep, keep1, prenorm, return_dropout_mask)
 
 
 def layer_norm_ref(
@@ -127,14 +140,29 @@ def layer_norm_ref(
     Returns:
         As ``layer_norm_fn``: out (out_dtype or x's), [out1], [residual_out], [masks].
     """
+    _check_keep_mask("dropout_mask", dropout_mask, "x", x)
+    _check_keep_mask("dropout_mask1", dropout_mask1, "x1", x1 if x1 is not None else x)
     drawn, drawn1 = draw_keep_masks(x, x1, dropout_p)
     keep = dropout_mask if dropout_mask is not None else drawn
     keep1 = dropout_mask1 if dropout_mask1 is not None else drawn1
     return layer_norm_with(
-        explicit_xhat, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps,
+        explicit_norm, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps,
         dropout_p, rowscale, prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm,
         return_dropout_mask, out_dtype,
     )  # fmt: skip
+
+
+def _check_keep_mask(name: str, mask, like_name: str, like: torch.Tensor) -> None:
+    """A given keep mask must be a bool tensor of its input's shape."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be None or a bool tensor of {like_name}'s shape, got {got}")
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(mask.shape)}"
+        )
 
 
 def rms_norm_ref(
