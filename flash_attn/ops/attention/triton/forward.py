@@ -441,7 +441,7 @@ def _store_probs(
     """Store the block's probabilities exp2(s - lse2) (lse2: (BLOCK_M,) log-sum-exp in log2
     units) over every key of its sequence into P, (B, H, max_seqlen_q, max_seqlen_k), laid out
     as the dropout positions are; negated where dropout drops the weight."""
-    k_src, _, in_dim, pages = keys
+    k_src, _v_src, in_dim, pages = keys
     seqlen_q, seqlen_k = mods.seqlen_q, mods.seqlen_k
     bh, max_seqlen_q, max_seqlen_k = dropout.bh, dropout.max_seqlen_q, dropout.max_seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
