@@ -26,6 +26,7 @@ from flash_attn.modules.embedding import GPT2Embeddings
 from flash_attn.modules.mha import MHA
 from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp
 from flash_attn.modules.norm import LayerNorm, RMSNorm
+from flash_attn.ops.backend import reads_values
 from flash_attn.ops.cross_entropy import cross_entropy_loss
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
 from flash_attn.ops.mlp import ACTIVATIONS
@@ -499,7 +500,7 @@ class GPTLMHeadModel(nn.Module):
                 f"got shape {tuple(input_ids.shape)}"
             )
         vocab = self.config.vocab_size
-        if input_ids.device.type == "cpu" and input_ids.numel():
+        if input_ids.numel() and reads_values(input_ids):  # a GPU would synchronise
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= vocab:
                 raise ValueError(f"input_ids must lie in [0, {vocab}), got [{low}, {high}]")

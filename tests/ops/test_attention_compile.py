@@ -21,9 +21,10 @@ for on in (False, True):
     flags = dict(VARLEN=on, HAS_SEQLENS_K=False, HAS_BIAS=on, HAS_ALIBI=on, SOFTCAP=on,
                  MASK_WINDOW=on, MASK_LEFT=on, DROPOUT=on, EVEN_M=not on, EVEN_N=not on,
                  **blocks)
-    build(fwd._attn_fwd_kernel, **dict(flags, HAS_SEQLENS_K=not on, HAS_KV_BATCH_IDX=not on,
-                                       PAGED=not on, STORE_PROBS=on, TMA=False,
-                                       RERUN_STAGES=1 + on))
+    forward = {k: v for k, v in flags.items() if k != "HAS_SEQLENS_K"}
+    build(fwd._attn_fwd_kernel, **forward, STORE_PROBS=on, RERUN_STAGES=1 + on)
+    build(fwd._attn_decode_kernel, **forward, HAS_KV_BATCH_IDX=not on, PAGED=on, SPLIT_KV=not on,
+          STORE_PROBS=not on, RERUN_STAGES=2 - on)
     build(bwd._attn_bwd_dkdv_kernel, **flags)
     build(bwd._attn_bwd_dq_kernel, DBIAS=on, **flags)
 build(bwd._attn_bwd_delta_kernel, HEAD_DIM=128, VARLEN=True, BLOCK_M=64)

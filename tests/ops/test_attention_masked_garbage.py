@@ -59,7 +59,7 @@ def test_bad_key_reaches_only_the_rows_that_see_it(backend, options, seqlen_q, s
 def test_torch_path_guards_only_when_a_key_may_be_bad(monkeypatch):
     """The exact guard (copies of k and v without their NaN/inf, the rows that see one) costs
     about a tenth of a CPU training step: it runs only when a sum of k and v is not finite."""
-    from flash_attn.ops import attention_torch
+    from flash_attn.ops.attention import torch_backend as attention_torch
 
     guarded = []
     exact_guard = attention_torch.nonfinite_to_zero

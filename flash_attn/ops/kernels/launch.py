@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 import triton
+from triton.runtime.jit import KernelInterface
 
 from flash_attn.ops.backend import interpreter_enabled
 
@@ -48,6 +49,17 @@ class LaunchPlan:
         args = self.args.copy()
         for name, tensor in tensors.items():
             args[self.slots[name]] = tensor
+        self._launch(args)
+
+    def replay(self, values: tuple, positions: tuple) -> None:
+        """Launch with the tensors ``values[i]`` for i in ``positions``, in the order the first
+        call named them (a launch plan of :func:`launch` after its first call)."""
+        args = self.args.copy()
+        for slot, position in zip(self.slot_list, positions):
+            args[slot] = values[position]
+        self._launch(args)
+
+    def _launch(self, args: list) -> None:
         driver = triton.runtime.driver.active
         stream = driver.get_current_stream(self.device)
         enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
@@ -75,6 +87,7 @@ class LaunchPlan:
         self.dims = tuple(grid) + (1,) * (3 - len(grid))
         names = list(arguments)
         self.slots = {name: names.index(name) for name in tensors}
+        self.slot_list = tuple(self.slots.values())
         # The tensors of this call are replaced at every call: the plan does not keep them.
         self.args = [None if name in tensors else value for name, value in arguments.items()]
         self.device = triton.runtime.driver.active.get_current_device()
@@ -83,6 +96,7 @@ class LaunchPlan:
         self.compiled = compiled
 
 
+_INTERPRETER = interpreter_enabled()  # read once, as Triton reads it when kernels are defined
 MAX_PLANS = 4096  # launch plans kept by :func:`launch`; the oldest is dropped past this
 _plans: dict = {}
 _arg_names: dict = {}
@@ -94,32 +108,36 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     alignment (what Triton specialises on), anything else by its value. So every call after the
     first of its kind goes straight to the compiled kernel; under the CPU interpreter it is the
     usual launch."""
-    if interpreter_enabled():
+    if _INTERPRETER or not isinstance(kernel, KernelInterface):  # or a stand-in kernel
         kernel[grid](*args, **kwargs)
         return
-    names = _arg_names.get(kernel)
-    if names is None:
-        from flash_attn.utils.triton_compile import unwrap_jit
-
-        names = _arg_names[kernel] = unwrap_jit(kernel).arg_names
-    values = dict(zip(names, args))
-    values.update(kwargs)
-    key = [id(kernel), grid if type(grid) is tuple else _grid_key(grid)]
-    tensors = {}
-    for name, value in values.items():
+    values = args + tuple(kwargs.values()) if kwargs else args
+    key = [id(kernel), grid if type(grid) is tuple else _grid_key(grid), *kwargs]
+    for value in values:
         if isinstance(value, torch.Tensor):
-            tensors[name] = value
             key += (value.dtype, value.device, value.data_ptr() % 16 == 0)
         else:
             key.append(value)
     key = tuple(key)
-    plan = _plans.get(key)
-    if plan is None:
+    entry = _plans.get(key)
+    if entry is not None and entry[0].compiled is not None:
+        entry[0].replay(values, entry[1])
+        return
+    if entry is None:
         if len(_plans) >= MAX_PLANS:
             del _plans[next(iter(_plans))]
-        constants = {name: value for name, value in values.items() if name not in tensors}
-        plan = _plans[key] = LaunchPlan(kernel, grid, **constants)
-    plan(**tensors)
+        names = _arg_names.get(kernel)
+        if names is None:
+            from flash_attn.utils.triton_compile import unwrap_jit
+
+            names = _arg_names[kernel] = unwrap_jit(kernel).arg_names
+        named = dict(zip(names, args)) | kwargs
+        positions = tuple(i for i, v in enumerate(values) if isinstance(v, torch.Tensor))
+        constants = {n: v for n, v in named.items() if not isinstance(v, torch.Tensor)}
+        entry = _plans[key] = (LaunchPlan(kernel, grid, **constants), positions)
+    plan, positions = entry
+    names = [*_arg_names[kernel][: len(args)], *kwargs]
+    plan(**{names[i]: values[i] for i in positions})
 
 
 def _grid_key(grid) -> tuple:

@@ -29,14 +29,10 @@ of one head need travels as one tuple (``mods``, see :func:`score_mods`), and so
 the dropout mask needs (``dropout``, see :func:`dropout_keep`). The compile-time features of a
 launch travel as one constexpr, ``FEATURES`` (see :class:`Features`).
 
-On Hopper (compute capability >= 9) the forward can load q, k, v and store its output through
-tensor descriptors (TMA, ``attention_fwd(..., tma=True)``, or ``None`` for wherever
-:func:`tma_allowed` finds it possible: a dense batch, no varlen offsets, no paged cache, aligned
-layouts): each program makes one 2-D descriptor per tensor over the rows of its batch entry and
-head (:func:`rows_descriptor`), which zero-fills rows past the sequence and columns past the
-head dim as the pointer path's masks do, so both paths compute the same thing. The pointer path
-is the default: on an H200 the descriptors each program builds cost more than TMA saves below
-about 8k keys (benchmarks/results/NVIDIA-H200/tma_vs_pointers.md).
+Two forward kernels share every piece above: ``_attn_fwd_kernel`` for training (dense and
+varlen batches), and ``_attn_decode_kernel`` for reading a KV cache or paged keys (each batch
+entry's key range, its cache row, its page table, split-KV), so that the training kernel
+carries only the compile-time features training needs.
 """
 
 from __future__ import annotations
@@ -261,36 +257,19 @@ def key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED: tl.constexpr):
 
 
 @triton.jit
-def rows_descriptor(base, nrows, stride_row, head_dim, BLOCK: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Tensor descriptor (TMA) over the (nrows, head_dim) matrix at base (row stride stride_row,
-    unit column stride), in (BLOCK, HEAD_DIM) tiles: loads give 0 past row nrows and column
-    head_dim, stores skip them. base and stride_row must be 16-byte aligned."""
-    return tl.make_tensor_descriptor(base, shape=[nrows, head_dim], strides=[stride_row, 1],
-                                     block_shape=[BLOCK, HEAD_DIM])  # fmt: skip
-
-
-@triton.jit
-def load_keys(src, start_n, cols, in_keys, in_dim, pages, PAGED: tl.constexpr, TMA: tl.constexpr,
-              TRANSPOSED: tl.constexpr):  # fmt: skip
-    """The tile of K or V holding keys cols = start_n + arange(BLOCK_N), (BLOCK_N, HEAD_DIM),
-    or (HEAD_DIM, BLOCK_N) when TRANSPOSED; 0 outside the keys (not in_keys) and past the head
-    dim (not in_dim). src: the keys' :func:`rows_descriptor` when TMA, else (base, stride_b,
-    stride_n) located through :func:`key_offsets` (with pages)."""
-    if TMA:
-        tile = src.load([start_n, 0])
-        if TRANSPOSED:
-            tile = tl.trans(tile)
+def load_keys(src, cols, in_keys, in_dim, pages, PAGED: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The tile of K or V holding keys cols, (BLOCK_N, HEAD_DIM), or (HEAD_DIM, BLOCK_N) when
+    TRANSPOSED; 0 outside the keys (not in_keys) and past the head dim (not in_dim). src:
+    (base, stride_b, stride_n), located through :func:`key_offsets` (with pages)."""
+    base, stride_b, stride_n = src
+    offsets = key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED)
+    offs_d = tl.arange(0, in_dim.shape[0])
+    if TRANSPOSED:
+        tile = tl.load(base + offsets[None, :] + offs_d[:, None],
+                       mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
     else:
-        base, stride_b, stride_n = src
-        offsets = key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED)
-        offs_d = tl.arange(0, in_dim.shape[0])
-        if TRANSPOSED:
-            tile = tl.load(base + offsets[None, :] + offs_d[:, None],
-                           mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
-        else:
-            tile = tl.load(base + offsets[:, None] + offs_d[None, :],
-                           mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+        tile = tl.load(base + offsets[:, None] + offs_d[None, :],
+                       mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
     return tile
 
 
@@ -347,11 +326,10 @@ def query_block(
     Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-    TMA: tl.constexpr = False,
 ):  # fmt: skip
     """What a program that owns the query block (program_id(0), head program_id(1)) starts
     from: (off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
-    the block's q (BLOCK_M, HEAD_DIM) loaded (through a :func:`rows_descriptor` when TMA), mods
+    the block's q (BLOCK_M, HEAD_DIM) loaded, mods
     for :func:`scores` and dropout for :func:`dropout_keep`. The arguments are the kernels'
     of these names (stride_q: (batch, token, head) strides)."""
     start_m, bh, off_b, off_h = program_block(BLOCK_M, nheads)
@@ -362,14 +340,10 @@ def query_block(
     )
     rows = start_m + tl.arange(0, BLOCK_M)
     q_base = head_start(Q, stride_q, off_b, off_h, q_start)
-    if TMA:
-        q_desc = rows_descriptor(q_base, seqlen_q, stride_q[1], head_dim, BLOCK_M, HEAD_DIM)
-        q = q_desc.load([start_m, 0])
-    else:
-        offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = q_base + rows[:, None] * stride_q[1] + offs_d[None, :]
-        q_mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_base + rows[:, None] * stride_q[1] + offs_d[None, :]
+    q_mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
     seed = 0
     if DROPOUT:
@@ -386,14 +360,14 @@ def query_block(
 def _attn_fwd_inner(
     acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi,
     FEATURES: tl.constexpr, MASKED: tl.constexpr, GUARD: tl.constexpr, PAGED: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
     updated, m_i in log2 units. keys: (k_src, v_src, in_dim, pages), k_src and v_src as
     :func:`load_keys` takes them. Without MASKED every score of every block is visible.
 
-    GUARD: 0 on the main path; on the rarely run guarded path (pointer keys, see
-    ``_attn_fwd_kernel``), the loop's pipeline stages (1: not pipelined, no shared memory of its
+    GUARD: 0 on the main path; on the rarely run guarded path (see ``_forward_program``), the
+    loop's pipeline stages (1: not pipelined, no shared memory of its
     own). With MASKED, NaN and inf in a key's v then reach only the rows that see it: otherwise
     p = 0 for the rows that may not see the key, but 0 * NaN is NaN. Such a key's v is taken as
     zeros and its visible scores become NaN, so the rows that see it come out NaN, as 0 * NaN
@@ -405,8 +379,8 @@ def _attn_fwd_inner(
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, MASKED, FEATURES.EVEN_N)
-        kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
-        v = load_keys(v_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, False)
+        kT = load_keys(k_src, cols, in_keys, in_dim, pages, PAGED, True)
+        v = load_keys(v_src, cols, in_keys, in_dim, pages, PAGED, False)
         if GUARD and MASKED:
             bad = nonfinite_rows(v)
             v = tl.where(bad[:, None], 0.0, v).to(v.dtype)
@@ -436,7 +410,7 @@ def _attn_fwd_inner(
 @triton.jit
 def _store_probs(
     P, q, keys, rows, mods, dropout, lse2, FEATURES: tl.constexpr, PAGED: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Store the block's probabilities exp2(s - lse2) (lse2: (BLOCK_M,) log-sum-exp in log2
     units) over every key of its sequence into P, (B, H, max_seqlen_q, max_seqlen_k), laid out
@@ -446,7 +420,7 @@ def _store_probs(
     bh, max_seqlen_q, max_seqlen_k = dropout.bh, dropout.max_seqlen_q, dropout.max_seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols, in_keys = block_indices(start_n, seqlen_k, BLOCK_N, True, False)
-        kT = load_keys(k_src, start_n, cols, in_keys, in_dim, pages, PAGED, TMA, True)
+        kT = load_keys(k_src, cols, in_keys, in_dim, pages, PAGED, True)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, True)
         p = tl.math.exp2(s - lse2[:, None])
@@ -460,7 +434,7 @@ def _store_probs(
 @triton.jit
 def _attn_fwd_rows(
     q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES: tl.constexpr,
-    GUARD: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr, STORE_PROBS: tl.constexpr,
+    GUARD: tl.constexpr, PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Attend the query block (q, rows) to every key it sees and store its output, lse and,
@@ -483,17 +457,17 @@ def _attn_fwd_rows(
     # are loaded as 0).
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
-        FEATURES, False, GUARD, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+        FEATURES, False, GUARD, PAGED, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     if FEATURES.MASK_WINDOW or not FEATURES.EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
-            FEATURES, True, GUARD, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+            FEATURES, True, GUARD, PAGED, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     if FEATURES.MASK_LEFT:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
-            FEATURES, True, GUARD, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+            FEATURES, True, GUARD, PAGED, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     spoiled = False
     if FEATURES.MASK_WINDOW:
@@ -508,60 +482,36 @@ def _attn_fwd_rows(
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     if STORE_PROBS:
         _store_probs(
-            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, TMA, DOT_PRECISION, BLOCK_N,
+            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     lse = lse2 / LOG2E
     lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse[0] + off_h * stride_lse[1]
     tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
     o = acc.to(Out.dtype.element_ty)
     o_base = head_start(Out + split * stride_out_split, stride_o, off_b, off_h, q_start)
-    if TMA:
-        o_desc = rows_descriptor(o_base, seqlen_q, stride_o[1], head_dim, BLOCK_M, HEAD_DIM)
-        o_desc.store([start_m, 0], o)
-    else:
-        offs_d = tl.arange(0, HEAD_DIM)
-        o_ptrs = o_base + rows[:, None] * stride_o[1] + offs_d[None, :]
-        tl.store(o_ptrs, o, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = o_base + rows[:, None] * stride_o[1] + offs_d[None, :]
+    tl.store(o_ptrs, o, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
     return spoiled
 
 
-@autotune("fwd", extra_key=("TMA",))
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B
-    Out,  # like Q, contiguous
-    Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
-    stride_q, stride_k, stride_v, stride_o,  # (batch, token, head) strides; varlen: batch 0
-    stride_lse,  # (batch, head)
-    CuSeqlensQ, CuSeqlensK, SeqlensK,  # see sequence()
-    Bias, stride_bias, Slopes, stride_slope_b,  # see Scoring
-    softmax_scale, softcap, window_left, window_right,
-    Seed, dropout_p,  # (1,) int64, read when DROPOUT
-    KBatchIdx,  # (B,) int32 batch entry of k/v for each of q's (KV cache), when HAS_KV_BATCH_IDX
-    P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
-    keys_per_split, stride_out_split, stride_lse_split,  # split-KV: one slice of keys each
-    BlockTable, stride_table_b, page_size,  # paged cache: (B, pages) int32, read when PAGED
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_KV_BATCH_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr, PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    TMA: tl.constexpr,  # q, k, v, Out through tensor descriptors (see tma_allowed)
-    # Pipeline stages of the guarded rerun (see _attn_fwd_inner): 1 (none) on sm_90, whose
-    # wgmma reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop
-    # stages its tiles in registers (it spills at head dim 256).
-    RERUN_STAGES: tl.constexpr,
+def _forward_program(
+    Q, K, V, Out, Lse, stride_q, stride_k, stride_v, stride_o, stride_lse, lengths, scoring,
+    Seed, dropout_p, KBatchIdx, P, keys_per_split, stride_out_split, stride_lse_split,
+    BlockTable, stride_table_b, page_size, nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    FEATURES: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_SEQLENS_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
+    SPLIT_KV: tl.constexpr, STORE_PROBS: tl.constexpr, RERUN_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
-    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
-                      window_left, window_right)  # fmt: skip
+    """The forward of the query block this program owns: the body of both forward kernels,
+    whose arguments of these names it takes (lengths: see :func:`sequence`; scoring: a
+    :class:`Scoring`)."""
     # q stays in SRAM for the whole loop over keys.
     off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
         Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
-        HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M, TMA,
+        HEAD_DIM, VARLEN, HAS_SEQLENS_K, FEATURES.HAS_ALIBI, FEATURES.DROPOUT, BLOCK_M,
     )  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
@@ -577,33 +527,26 @@ def _attn_fwd_kernel(
     k_base = head_start(K, stride_k, off_bk, off_hk, k_start)
     v_base = head_start(V, stride_v, off_bk, off_hk, k_start)
 
-    lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                         BLOCK_M, BLOCK_N)  # fmt: skip
-    # Split-KV: program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split),
-    # a multiple of BLOCK_N, and writes a partial result that the launcher combines.
-    split = tl.program_id(2)
-    lo = tl.maximum(lo, split * keys_per_split)
-    hi = tl.minimum(hi, (split + 1) * keys_per_split)
-    lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
-    hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
+    lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, scoring.window_left,
+                                         scoring.window_right, BLOCK_M, BLOCK_N)  # fmt: skip
+    split = 0
+    if SPLIT_KV:
+        # program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split), a
+        # multiple of BLOCK_N, and writes a partial result that the launcher combines.
+        split = tl.program_id(2)
+        lo = tl.maximum(lo, split * keys_per_split)
+        hi = tl.minimum(hi, (split + 1) * keys_per_split)
+        lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
+        hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     pages = (BlockTable, off_b, stride_table_b, page_size)
     # A paged cache steps over pages with the batch stride.
-    pointer_keys = ((k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1]),
-                    in_dim, pages)  # fmt: skip
-    if TMA:
-        keys = (rows_descriptor(k_base, seqlen_k, stride_k[1], head_dim, BLOCK_N, HEAD_DIM),
-                rows_descriptor(v_base, seqlen_k, stride_v[1], head_dim, BLOCK_N, HEAD_DIM),
-                in_dim, pages)  # fmt: skip
-    else:
-        keys = pointer_keys
-    FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
-    )
+    keys = ((k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1]), in_dim,
+            pages)  # fmt: skip
     key_blocks = (lo, lo_full, hi_full, hi)
     outputs = (Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P)
     place = (off_b, off_h, q_start, start_m, split, head_dim)
     spoiled = _attn_fwd_rows(
-        q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, 0, PAGED, TMA,
+        q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, 0, PAGED,
         STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
     )  # fmt: skip
     # A masked key holding NaN or inf in v spoils the rows that may not see it (0 * NaN), and
@@ -612,9 +555,88 @@ def _attn_fwd_kernel(
     # common case pays one sum, and the guard's work stays out of the main loops.
     if spoiled:  # a constant False without a window mask
         _attn_fwd_rows(
-            q, pointer_keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES,
-            RERUN_STAGES, PAGED, False, STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
+            q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, RERUN_STAGES,
+            PAGED, STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
+
+
+@autotune("fwd")
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B
+    Out,  # like Q, contiguous
+    Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
+    stride_q, stride_k, stride_v, stride_o,  # (batch, token, head) strides; varlen: batch 0
+    stride_lse,  # (batch, head)
+    CuSeqlensQ, CuSeqlensK,  # see sequence()
+    Bias, stride_bias, Slopes, stride_slope_b,  # see Scoring
+    softmax_scale, softcap, window_left, window_right,
+    Seed, dropout_p,  # (1,) int64, read when DROPOUT
+    P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
+    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr,
+    MASK_LEFT: tl.constexpr, DROPOUT: tl.constexpr, STORE_PROBS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    # Pipeline stages of the guarded rerun (see _attn_fwd_inner): 1 (none) on sm_90, whose
+    # wgmma reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop
+    # stages its tiles in registers (it spills at head dim 256).
+    RERUN_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The training forward: dense or varlen batches."""
+    FEATURES: tl.constexpr = Features(
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
+    )
+    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
+                      window_left, window_right)  # fmt: skip
+    _forward_program(
+        Q, K, V, Out, Lse, stride_q, stride_k, stride_v, stride_o, stride_lse,
+        (CuSeqlensQ, CuSeqlensK, CuSeqlensK), scoring, Seed, dropout_p, Seed, P, 0, 0, 0,
+        Seed, 0, 1, nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+        FEATURES, HEAD_DIM, VARLEN, False, False, False, False, STORE_PROBS, RERUN_STAGES,
+        DOT_PRECISION, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+
+@autotune("fwd")
+@triton.jit
+def _attn_decode_kernel(
+    Q, K, V, Out, Lse,  # as in _attn_fwd_kernel; k and v: caches (B_cache, S_cache, Hk, D)
+    stride_q, stride_k, stride_v, stride_o, stride_lse,
+    CuSeqlensQ, CuSeqlensK, SeqlensK,  # see sequence()
+    Bias, stride_bias, Slopes, stride_slope_b,  # see Scoring
+    softmax_scale, softcap, window_left, window_right,
+    Seed, dropout_p,
+    KBatchIdx,  # (B,) int32 cache row of each batch entry, read when HAS_KV_BATCH_IDX
+    P,
+    keys_per_split, stride_out_split, stride_lse_split,  # split-KV: one slice of keys each
+    BlockTable, stride_table_b, page_size,  # paged cache: (B, pages) int32, read when PAGED
+    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr, DROPOUT: tl.constexpr,
+    PAGED: tl.constexpr, SPLIT_KV: tl.constexpr, STORE_PROBS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, RERUN_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The forward over a KV cache or paged keys: each batch entry sees the keys
+    [SeqlensK[b, 0], SeqlensK[b, 1]) of its cache row (KBatchIdx[b]) or of its pages."""
+    FEATURES: tl.constexpr = Features(
+        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
+    )
+    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
+                      window_left, window_right)  # fmt: skip
+    _forward_program(
+        Q, K, V, Out, Lse, stride_q, stride_k, stride_v, stride_o, stride_lse,
+        (CuSeqlensQ, CuSeqlensK, SeqlensK), scoring, Seed, dropout_p, KBatchIdx, P,
+        keys_per_split, stride_out_split, stride_lse_split, BlockTable, stride_table_b,
+        page_size, nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
+        FEATURES, HEAD_DIM, VARLEN, True, HAS_KV_BATCH_IDX, PAGED, SPLIT_KV, STORE_PROBS,
+        RERUN_STAGES, DOT_PRECISION, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,48 +751,11 @@ def lse_shape(q, varlen: bool) -> tuple[int, ...]:
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
-def tma_layout_ok(t: torch.Tensor) -> bool:
-    """Whether TMA can read or write t through descriptors over its (rows, head_dim) slices:
-    unit last stride, and a 16-byte aligned base and other strides."""
-    size = t.element_size()
-    aligned = all(stride * size % 16 == 0 for stride in t.stride()[:-1])
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and aligned
-
-
-def tma_allowed(tensors, *, dense: bool, tma: bool | None = None) -> bool:
-    """Whether the forward goes through tensor descriptors (TMA) for ``tensors`` (q, k, v and
-    the output). It may when the launch is dense (no varlen offsets, no paged cache: each
-    program reads and writes strided rows of one batch entry and head) and every tensor passes
-    :func:`tma_layout_ok`. tma: None, it then does on a CUDA device of compute capability >= 9;
-    False, never; True, always (the CPU interpreter, or a compile for sm_90 from meta tensors),
-    a ValueError where it may not."""
-    if tma is False:  # the default: nothing to check on every launch
-        return False
-    allowed = dense and all(tma_layout_ok(t) for t in tensors)
-    if tma is None:
-        q = tensors[0]
-        return allowed and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-    if tma and not allowed:
-        raise ValueError("tma=True: needs a dense batch and 16-byte aligned unit-stride rows")
-    return tma
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory that Triton asks for at launch (the in-kernel tensor descriptors)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """Install :func:`_scratch` as Triton's allocator unless one is set (it is per thread)."""
-    from triton.runtime import _allocation  # Triton >= 3.3; only the TMA path needs it
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-
-
 class ForwardLaunch:
-    """The forward kernel at one launch key: built from the inputs' shapes, strides and the
+    """A forward kernel at one launch key: built from the inputs' shapes, strides and the
     options, called with the tensors (see :class:`~flash_attn.ops.kernels.launch.LaunchPlan`).
+    ``_attn_decode_kernel`` where keys come from a KV cache or pages (key_ranges, kv_batch_idx,
+    block_table, num_splits > 1), else ``_attn_fwd_kernel``.
 
     Args:
         q, k, v, opts, bias, alibi_slopes, varlen, max_seqlen_q, max_seqlen_k: see
@@ -786,15 +771,12 @@ class ForwardLaunch:
         store_probs: the calls pass probs, a zeroed (batch, nheads, max_seqlen_q, max_seqlen_k)
             tensor of q's dtype (the official ``S_dmask``, for tests) that receives the
             probabilities before dropout, negated where dropout drops the weight; one split only.
-        tma: load and store through tensor descriptors: False (the default, see the module
-            docstring), never; True, required; None, where :func:`tma_allowed` finds it
-            possible on a Hopper GPU (decided for the tensors given here).
     """
 
     def __init__(self, q, k, v, opts: AttentionOptions, *, batch: int, bias=None,
                  alibi_slopes=None, varlen=False, max_seqlen_q=None, max_seqlen_k=None,
                  key_ranges=False, num_splits=1, kv_batch_idx=False, block_table=None,
-                 store_probs=False, tma=False):  # fmt: skip
+                 store_probs=False):  # fmt: skip
         paged = block_table is not None
         if store_probs and num_splits > 1:
             raise ValueError(f"probs: stored by one split only, got num_splits={num_splits}")
@@ -818,30 +800,33 @@ class ForwardLaunch:
         lse_strides_all = contiguous_strides(lse_shape_all)
         split = num_splits > 1
         self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
-        self.use_tma = tma_allowed((q, k, v, q), dense=not varlen and not paged, tma=tma)
         seqlen_q, programs = constants["seqlen_q"], batch * constants["nheads"]
 
         def grid(meta):
             return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), programs, num_splits)
 
-        self.launch = LaunchPlan(
-            _attn_fwd_kernel,
-            grid,
+        constants.update(
             stride_v=token_strides(v, varlen and not paged),
             stride_o=token_strides_of(out_strides[1:] if split else out_strides, varlen),
             stride_lse=lse_strides_of(lse_strides_all[1:] if split else lse_strides_all, varlen),
-            keys_per_split=keys_per_split,
-            stride_out_split=out_strides[0] if split else 0,
-            stride_lse_split=lse_strides_all[0] if split else 0,
-            HAS_KV_BATCH_IDX=kv_batch_idx,
-            stride_table_b=block_table.stride(0) if paged else 0,
-            page_size=k.shape[1] if paged else 1,
-            PAGED=paged,
             STORE_PROBS=store_probs,
-            TMA=self.use_tma,
             RERUN_STAGES=1 if target_arch() >= 90 else 2,
-            **constants,
         )
+        del constants["HAS_SEQLENS_K"]  # the decoding kernel always reads key ranges
+        self.decode = key_ranges or kv_batch_idx or paged or split
+        if self.decode:
+            constants.update(
+                keys_per_split=keys_per_split,
+                stride_out_split=out_strides[0] if split else 0,
+                stride_lse_split=lse_strides_all[0] if split else 0,
+                HAS_KV_BATCH_IDX=kv_batch_idx,
+                stride_table_b=block_table.stride(0) if paged else 0,
+                page_size=k.shape[1] if paged else 1,
+                PAGED=paged,
+                SPLIT_KV=split,
+            )
+        kernel = _attn_decode_kernel if self.decode else _attn_fwd_kernel
+        self.launch = LaunchPlan(kernel, grid, **constants)
 
     def __call__(self, q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
                  cu_seqlens_k=None, key_ranges=None, seed=None, k_batch_idx=None,
@@ -855,14 +840,13 @@ class ForwardLaunch:
         tensors = kernel_tensors(q, k, placeholder, bias=bias, alibi_slopes=alibi_slopes,
                                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                  key_ranges=key_ranges, seed=seed)  # fmt: skip
-        if self.use_tma and q.is_cuda:
-            _ensure_allocator()
-        table = block_table if block_table is not None else placeholder
+        if self.decode:
+            tensors["KBatchIdx"] = k_batch_idx if k_batch_idx is not None else placeholder
+            tensors["BlockTable"] = block_table if block_table is not None else placeholder
+        else:
+            del tensors["SeqlensK"]
         with device_guard(q):
-            self.launch(
-                V=v, Out=out, Lse=lse, KBatchIdx=k_batch_idx if k_batch_idx is not None else
-                placeholder, BlockTable=table, P=probs if probs is not None else out, **tensors
-            )  # fmt: skip
+            self.launch(V=v, Out=out, Lse=lse, P=probs if probs is not None else out, **tensors)
         if self.num_splits == 1:
             return out, lse
         return _combine_splits(out, lse, self.dtype, self.varlen)
@@ -892,8 +876,8 @@ def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=No
                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                   seed=None, seqlens_k=None, cache_leftpad=None, key_ranges=None,
                   num_splits: int = 1,
-                  k_batch_idx=None, block_table=None, probs=None,
-                  tma: bool | None = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                  k_batch_idx=None, block_table=None,
+                  probs=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward kernel once (:class:`ForwardLaunch` built and called): (out, lse).
 
     KV-cache decoding: ``seqlens_k`` (B,) int32, where each batch entry's keys end in its cache
@@ -912,7 +896,7 @@ def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=No
         q, k, v, opts, batch=batch, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges is not None,
         num_splits=num_splits, kv_batch_idx=k_batch_idx is not None,
-        block_table=block_table, store_probs=probs is not None, tma=tma,
+        block_table=block_table, store_probs=probs is not None,
     )  # fmt: skip
     return launch(q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
                   cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, seed=seed,

@@ -188,8 +188,8 @@ def prune_by(kernel: str) -> dict:
 TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "seqlen_q_bucket", "seqlen_k_bucket"]
 
 
-def autotune(kernel: str, extra_key: tuple[str, ...] = ()):
+def autotune(kernel: str):
     """The ``triton.autotune`` decorator of ``kernel`` ("fwd", "dkdv" or "dq"): its space, its
-    pruning, and :data:`TUNE_KEY` plus the kernel's own ``extra_key`` parameters."""
-    return triton.autotune(configs=autotune_configs(kernel), key=[*TUNE_KEY, *extra_key],
+    pruning, and :data:`TUNE_KEY`."""
+    return triton.autotune(configs=autotune_configs(kernel), key=TUNE_KEY,
                            prune_configs_by=prune_by(kernel))  # fmt: skip
