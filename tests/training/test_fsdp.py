@@ -15,7 +15,7 @@ from training_testing import (
 
 SHARDED = "{_target_:training.train.fsdp_strategy,state_dict_type:sharded}"
 # streamed documents with document masking: each rank's stream position is in the checkpoint
-STREAMING = ["+data.streaming=true", "+data.val_documents=10", "+data.document_mask=true"]
+STREAMING = ["data.streaming=true", "data.val_documents=10", "data.document_mask=true"]
 
 
 def _finish(proc) -> str:
