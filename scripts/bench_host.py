@@ -289,32 +289,46 @@ ROWS = {
 }
 
 
-def measure(call, calls: int, warmup: int = 3) -> tuple[float, int, int]:
-    """(median µs of CPU thread time per call, launches per call, host reads per call)."""
+def measure(call, calls: int, warmup: int = 3, batches: int = 5) -> tuple[float, int, int]:
+    """(µs of CPU thread time per call, launches per call, host reads per call). The calls run
+    in ``batches``; the time is the fastest batch's median (a shared machine has slow spells
+    that make a whole batch up to 2x slower, never faster)."""
     for _ in range(warmup):  # the first call compiles and builds the launch plans
         call()
     LAUNCHES[0] = 0
     with HostReads() as reads:
         call()
     launches, host_reads = LAUNCHES[0], reads.count
-    times = []
-    for _ in range(calls):
-        start = time.thread_time_ns()
-        call()
-        times.append((time.thread_time_ns() - start) / 1000)
-    return statistics.median(times), launches, host_reads
+    medians = []
+    for _ in range(batches):
+        times = []
+        for _ in range(max(1, calls // batches)):
+            start = time.thread_time_ns()
+            call()
+            times.append((time.thread_time_ns() - start) / 1000)
+        medians.append(statistics.median(times))
+    return min(medians), launches, host_reads
 
 
 def run(rows: list[str], calls: int) -> list[dict]:
-    """Measure ``rows`` (names of :data:`ROWS`); the trivial launch is always measured first."""
+    """Measure ``rows`` (names of :data:`ROWS`). The unit, a trivial launch, is measured before
+    every row and after the last; the fastest of those medians divides every row (on a shared
+    machine one of them can come out 2x slower, never faster)."""
     install_stand_in()
     torch.manual_seed(0)
-    unit = measure(_trivial(), calls)[0]
-    results = []
+    trivial = _trivial()
+    units, measured = [], []
     for name in rows:
+        units.append(measure(trivial, calls)[0])
         label, build = ROWS[name]
-        repeats = max(3, calls // 10) if name == "gpt2_step" else calls
-        us, launches, reads = measure(build(), repeats)
+        repeats = max(5, calls // 10) if name == "gpt2_step" else calls
+        measured.append((name, label, *measure(build(), repeats)))
+    units.append(measure(trivial, calls)[0])
+    unit = min(units)
+    print(f"unit: {unit:.1f} µs (the fastest of {len(units)}, up to {max(units):.1f})",
+          file=sys.stderr)  # fmt: skip
+    results = []
+    for name, label, us, launches, reads in measured:
         results.append(
             dict(row=name, label=label, us=us, units=us / unit, launches=launches, host_reads=reads)
         )
@@ -323,16 +337,17 @@ def run(rows: list[str], calls: int) -> list[dict]:
             f"{reads:3d} host reads",
             file=sys.stderr,
         )
-    return results
+    return results, unit
 
 
-def markdown(results: list[dict], machine: str) -> str:
+def markdown(results: list[dict], unit: float, machine: str) -> str:
     lines = [
         f"# Host time per call ({machine}, torch {torch.__version__}, Triton {triton.__version__})",
         "",
         "`python scripts/bench_host.py`: CPU thread time of one call with Triton's driver",
         "replaced by a stand-in (every kernel compiled for sm_90, no driver call); units of a",
-        "trivial launch measured in the same run.",
+        f"trivial launch measured in the same run ({unit:.1f} µs: the fastest of its medians,",
+        "measured before each row). Each row is the fastest of five batches' medians.",
         "",
         "| path | µs per call | units of a trivial launch | launches | host reads (syncs) |",
         "|---|---|---|---|---|",
@@ -360,8 +375,8 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
     torch.set_num_threads(1)
-    results = run(rows, args.calls)
-    text = markdown(results, machine_name())
+    results, unit = run(rows, args.calls)
+    text = markdown(results, unit, machine_name())
     if args.out == "-":
         print(text)
         return

@@ -118,7 +118,7 @@ def _backward(ctx, dloss, _dz_loss, _dlse):
         torch.ops.flash_attn.cross_entropy_bwd_inplace(dloss, logits, lse, labels, *ctx.options)
         dlogits = logits
     else:
-        dlogits = torch.ops.flash_attn.cross_entropy_bwd(dloss, logits, lse, labels, *ctx.options)
+        dlogits = _cross_entropy_bwd_op(dloss, logits, lse, labels, *ctx.options)
     return dlogits, None, None, None, None, None, None, None
 
 
@@ -252,7 +252,7 @@ def _per_row_triton(logits, labels, precomputed_lse, label_smoothing, logit_scal
     )  # fmt: skip
     if process_group is not None:
         return _VocabParallelCrossEntropy.apply(*args, process_group)
-    loss, z_loss, _ = torch.ops.flash_attn.cross_entropy_fwd(*args)
+    loss, z_loss, _ = _cross_entropy_fwd_op(*args)
     return loss, z_loss
 
 

@@ -75,7 +75,7 @@ def _backward(ctx, dout, _dpre):
             "or grad mode was off), so it cannot be differentiated"
         )
     x, weight, pre = ctx.saved_tensors
-    dpre = torch.ops.flash_attn.linear_act_bwd(dout, pre, ctx.activation, ctx.gated)
+    dpre = _linear_act_bwd_op(dout, pre, ctx.activation, ctx.gated)
     dx = dpre @ weight if ctx.needs_input_grad[0] else None
     dweight = dpre.t() @ x if ctx.needs_input_grad[1] else None
     dbias = dpre.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -138,7 +138,7 @@ def _linear_act(x, weight, bias, activation, gated, backend):
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
-    out, _ = torch.ops.flash_attn.linear_act_fwd(
+    out, _ = _linear_act_fwd_op(
         x.reshape(-1, x.shape[-1]), weight, bias, activation, gated, needs_grad
     )
     return out.reshape(*x.shape[:-1], out.shape[-1])  # (tokens, out) -> (..., out)
