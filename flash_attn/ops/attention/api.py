@@ -100,24 +100,12 @@ class AttentionPlan:
             q.requires_grad or k.requires_grad or v.requires_grad
             or (bias is not None and bias.requires_grad)
         )  # fmt: skip
-        if not needs_grad:  # no autograd node to build
-            return self.launches.attend(q, k, v, bias=bias, alibi_slopes=alibi_slopes,
-                                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                        key_ranges=key_ranges, block_table=block_table,
-                                        seed=seed, return_probs=return_probs)  # fmt: skip
-        out, lse, probs = AttentionFunction.apply(
-            q,
-            k,
-            v,
-            bias,
-            alibi_slopes,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            key_ranges,
-            block_table,
-            seed,
-            self.launches,
-        )
+        tensors = (q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
+                   block_table, seed)  # fmt: skip
+        if needs_grad:
+            out, lse, probs = AttentionFunction.apply(*tensors, self.launches)
+        else:  # no autograd node to build
+            out, lse, probs = self.launches.attend(*tensors)
         return out, lse, probs if return_probs else None
 
 

@@ -73,10 +73,16 @@ class TritonLaunches:
             self.probs_shape = (batch, q.shape[-2], seqlen_q, seqlen_k)
         self._backward = {}
 
-    def attend(self, q, k, v, *, return_probs, **tensors):
-        """(out, lse, probs or None) of the forward launch, outside autograd."""
+    def attend(self, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
+               block_table, seed):  # fmt: skip
+        """(out, lse, probs or None) of the forward launch, outside autograd: the arguments of
+        :class:`AttentionFunction` but the launches."""
         probs = q.new_zeros(self.probs_shape) if self.probs_shape is not None else None
-        out, lse = self.forward(q, k, v, probs=probs, **tensors)
+        out, lse = self.forward(
+            q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, block_table=block_table,
+            seed=seed, probs=probs,
+        )  # fmt: skip
         return out, lse, probs
 
     def backward(self, q, k, v, bias_requires_grad: bool):
@@ -100,25 +106,10 @@ class AttentionFunction(torch.autograd.Function):
     cache (block_table) has none, and asking for them raises a ValueError naming it."""
 
     @staticmethod
-    def forward(
-        ctx,
-        q,
-        k,
-        v,
-        bias,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        key_ranges,
-        block_table,
-        seed,
-        launches: TritonLaunches,
-    ):
-        out, lse, probs = launches.attend(
-            q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, seed=seed,
-            block_table=block_table, return_probs=launches.probs_shape is not None,
-        )  # fmt: skip
+    def forward(ctx, *tensors_and_launches):
+        *tensors, launches = tensors_and_launches
+        q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, _, block_table, seed = tensors
+        out, lse, probs = launches.attend(*tensors)
         probs = probs if probs is not None else q.new_empty(0)
         ctx.mark_non_differentiable(lse, probs)
         ctx.save_for_backward(
