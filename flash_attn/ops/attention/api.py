@@ -37,76 +37,62 @@ MAX_PLANS = 1024  # call signatures kept; the oldest is dropped past this
 
 
 class AttentionPlan:
-    """What one call signature resolved to: the backend, the options, and the Triton launches
-    (built on the first Triton call). Calling it attends the tensors of a call."""
+    """What one call signature resolved to: the backend, the options, the varlen maxima
+    ((max_seqlen_q, max_seqlen_k) or None) and, for Triton, the launches (built on the first
+    call). Calling it attends the tensors of a call, as :func:`attention` returns them."""
 
     def __init__(self, backend: str, opts: AttentionOptions, varlen: tuple | None):
         self.backend, self.opts, self.varlen = backend, opts, varlen
         self.launches = None
 
-    def __call__(
-        self,
-        q,
-        k,
-        v,
-        *,
-        attn_bias,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        block_table,
-        return_probs,
-    ):
+    def __call__(self, q, k, v, attn_bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, block_table,
+                 return_probs):  # fmt: skip
         varlen = self.varlen and (cu_seqlens_q, cu_seqlens_k, *self.varlen)
         if self.backend == "torch":
             if block_table is not None:
                 k, v = (gather_pages(t, block_table, cu_seqlens_k) for t in (k, v))
             bias = _expand_bias(attn_bias, q, k, varlen)
-            return attention_torch(
-                q, k, v, self.opts, bias, alibi_slopes, varlen or None, return_probs
-            )
-        bias = _additive_bias(attn_bias, q)
-        bias = _expand_bias(bias, q, k, varlen)
+            return attention_torch(q, k, v, self.opts, bias, alibi_slopes, varlen or None,
+                                   return_probs)  # fmt: skip
+        bias = _expand_bias(_additive_bias(attn_bias, q), q, k, varlen)
         seed = None
         if self.opts.dropout_p > 0.0:
             # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
-        key_ranges = None
-        if block_table is not None:
-            key_ranges = _paged_key_ranges(cu_seqlens_k)
-        if torch.compiler.is_compiling():
-            out, lse, probs = attention_compiled(
-                q, k, v, self.opts, bias=bias, alibi_slopes=alibi_slopes,
-                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                max_seqlen_q=varlen and varlen[2], max_seqlen_k=varlen and varlen[3], seed=seed,
-                key_ranges=key_ranges, block_table=block_table, return_probs=return_probs,
-            )  # fmt: skip
-            return out, lse, probs if return_probs else None
-        if self.launches is None:
-            batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-            self.launches = TritonLaunches(
-                q,
-                k,
-                v,
-                self.opts,
-                bias=bias,
-                alibi_slopes=alibi_slopes,
-                varlen=self.varlen,
-                batch=batch,
-                block_table=block_table,
-                return_probs=return_probs,
-            )
-        needs_grad = torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad
-            or (bias is not None and bias.requires_grad)
-        )  # fmt: skip
+        key_ranges = _paged_key_ranges(cu_seqlens_k) if block_table is not None else None
         tensors = (q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
                    block_table, seed)  # fmt: skip
-        if needs_grad:
-            out, lse, probs = AttentionFunction.apply(*tensors, self.launches)
-        else:  # no autograd node to build
-            out, lse, probs = self.launches.attend(*tensors)
+        if torch.compiler.is_compiling():
+            out, lse, probs = self._compiled(*tensors, return_probs)
+        else:
+            launches = self._launches(tensors, return_probs)
+            differentiable = (q, k, v, bias)
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in differentiable):  # fmt: skip
+                out, lse, probs = AttentionFunction.apply(*tensors, launches)
+            else:  # no autograd node to build
+                out, lse, probs = launches.attend(*tensors)
         return out, lse, probs if return_probs else None
+
+    def _launches(self, tensors: tuple, return_probs: bool) -> TritonLaunches:
+        """The Triton launches, built from the first call's tensors (their metadata only)."""
+        if self.launches is None:
+            q, k, v, bias, alibi_slopes, cu_seqlens_q, _, _, block_table, _ = tensors
+            batch = cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]
+            self.launches = TritonLaunches(
+                q, k, v, self.opts, bias=bias, alibi_slopes=alibi_slopes, varlen=self.varlen,
+                batch=batch, block_table=block_table, return_probs=return_probs,
+            )  # fmt: skip
+        return self.launches
+
+    def _compiled(self, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
+                  block_table, seed, return_probs):  # fmt: skip
+        max_seqlen_q, max_seqlen_k = self.varlen or (None, None)
+        return attention_compiled(
+            q, k, v, self.opts, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            seed=seed, key_ranges=key_ranges, block_table=block_table, return_probs=return_probs,
+        )  # fmt: skip
 
 
 def _paged_key_ranges(cu_seqlens_k: Tensor) -> Tensor:
@@ -137,19 +123,13 @@ def _metadata(t) -> tuple | None:
 _plans: dict = {}
 
 
-def _call_signature(
-    q, k, v, alibi_slopes, attn_bias, cu_seqlens_q, cu_seqlens_k, block_table, options, backend
-) -> tuple | None:
-    """The key of a call's :class:`AttentionPlan`, or None for a call that is not to be cached
-    (a window given as tensors: other options that are not plain scalars fail the checks)."""
-    window_size = options[3]
+def _call_signature(tensors: tuple, window_size, options: tuple) -> tuple | None:
+    """The key of a call's :class:`AttentionPlan`: the metadata of its tensors, its window and
+    its other options; None for a call that is not to be cached (a window given as tensors;
+    other options that are not plain scalars fail the checks)."""
     if type(window_size) is not tuple or not all(type(w) is int for w in window_size):
         return None
-    return (
-        _metadata(q), _metadata(k), _metadata(v), _metadata(alibi_slopes), _metadata(attn_bias),
-        _metadata(cu_seqlens_q), _metadata(cu_seqlens_k), _metadata(block_table),
-        *options, backend, os.environ.get("FLASH_ATTN_BACKEND"),
-    )  # fmt: skip
+    return (*map(_metadata, tensors), window_size, *options, os.environ.get("FLASH_ATTN_BACKEND"))
 
 
 def attention(
@@ -194,56 +174,34 @@ def attention(
         torch backend computes it only with return_probs, else None); probs (batch, nheads,
         max_seqlen_q, max_seqlen_k) with dropped weights negated, or None.
     """
-    options = (dropout_p, softmax_scale, causal, window_size, softcap, max_seqlen_q, max_seqlen_k)
+    tensors = (q, k, v, attn_bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, block_table)
     key = None  # torch.compile traces the checks and the op instead
     if not torch.compiler.is_compiling():
-        key = _call_signature(
-            q, k, v, alibi_slopes, attn_bias, cu_seqlens_q, cu_seqlens_k, block_table, options,
-            backend,
-        )  # fmt: skip
+        options = (dropout_p, softmax_scale, causal, softcap, max_seqlen_q, max_seqlen_k,
+                   return_probs, backend)  # fmt: skip
+        key = _call_signature(tensors, window_size, options)
     plan = _plans.get(key)
+    paged = block_table is not None
     if plan is None or (plan.varlen and reads_values(q)):
         varlen = None
-        if cu_seqlens_q is not None or cu_seqlens_k is not None or block_table is not None:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None or paged:
             varlen = check_varlen_inputs(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table
             )
     if plan is None:
-        check_attention_inputs(
-            q,
-            k,
-            v,
-            dropout_p,
-            softmax_scale,
-            window_size,
-            softcap,
-            alibi_slopes,
-            attn_bias,
-            varlen,
-            paged=block_table is not None,
-        )
+        check_attention_inputs(q, k, v, dropout_p, softmax_scale, window_size, softcap,
+                               alibi_slopes, attn_bias, varlen, paged=paged)  # fmt: skip
         causal = check_flag("causal", causal)
         opts = AttentionOptions.create(
             q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p
         )
-        plan = AttentionPlan(
-            resolve_backend(backend, q.device, q.dtype), opts, varlen and varlen[2:]
-        )
+        backend = resolve_backend(backend, q.device, q.dtype)
+        plan = AttentionPlan(backend, opts, varlen and varlen[2:])
         if key is not None:
             if len(_plans) >= MAX_PLANS:
                 del _plans[next(iter(_plans))]
             _plans[key] = plan
-    return plan(
-        q,
-        k,
-        v,
-        attn_bias=attn_bias,
-        alibi_slopes=alibi_slopes,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        block_table=block_table,
-        return_probs=return_probs,
-    )
+    return plan(*tensors, return_probs)
 
 
 def _expand_bias(attn_bias, q, k, varlen):
