@@ -334,7 +334,6 @@ class BackwardLaunch:
         )  # fmt: skip
         nheads, nheads_k = constants["nheads"], constants["nheads_k"]
         seqlen_q, seqlen_k = constants["seqlen_q"], constants["seqlen_k"]
-        self.device = q.device
         self.lse_shape = lse_shape(q, varlen)
         self.dbias_shape = (batch, nheads, seqlen_q, seqlen_k) if bias_requires_grad else None
         self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)

@@ -785,7 +785,7 @@ class ForwardLaunch:
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
             paged=paged,
         )  # fmt: skip
-        self.q_shape, self.dtype, self.device = q.shape, q.dtype, q.device
+        self.dtype, self.device = q.dtype, q.device
         self.lse_shape = lse_shape(q, varlen)
         self.num_splits, self.varlen = num_splits, varlen
         # Keys per split: a multiple of any BLOCK_N.
