@@ -16,11 +16,11 @@ import torch
 
 
 class EagerCustomOp:
-    """A registered custom op (``.op``) and its eager fast path (calling the instance)."""
+    """A registered custom op (``.op``), its Python implementation (``.impl``), and the eager
+    fast path (calling the instance)."""
 
-    def __init__(self, op):
-        self.op = op
-        self.impl = op._init_fn
+    def __init__(self, name: str, op, impl):
+        self.name, self.op, self.impl = name, op, impl
         self.function = None
 
     def register_fake(self, fn):
@@ -37,9 +37,8 @@ class EagerCustomOp:
             setup_context(ctx, inputs, output)
             return output
 
-        name = self.op._name.split("::")[-1]
         self.function = type(
-            name,
+            self.name.split("::")[-1],
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward)},
         )
@@ -59,6 +58,7 @@ def custom_op(name: str, *, schema: str | None = None):
     function, wrapped in an :class:`EagerCustomOp`."""
 
     def wrap(fn) -> EagerCustomOp:
-        return EagerCustomOp(torch.library.custom_op(name, mutates_args=(), schema=schema)(fn))
+        op = torch.library.custom_op(name, mutates_args=(), schema=schema)(fn)
+        return EagerCustomOp(name, op, fn)
 
     return wrap

@@ -88,3 +88,23 @@ def test_the_plan_cache_is_bounded(monkeypatch):
         q = torch.randn(1, seqlen, 1, 8)
         flash_attn_func(q, q, q, backend="torch")
     assert len(api._plans) == 3
+
+
+def test_a_plan_keeps_no_tensor_of_its_calls():
+    """The launches keep what they read of the first call's tensors (shapes, strides), not the
+    tensors: a bias or slopes freed by the caller is freed, gradients included."""
+    import gc
+    import weakref
+
+    device, _ = device_and_dtypes("triton")
+    q, k, v = (t.requires_grad_() for t in _qkv(device))
+    bias = torch.randn(1, 2, 19, 19, device=device, requires_grad=True)
+    slopes = torch.rand(2, device=device)
+    api._plans.clear()
+    out = flash_attn_func(q, k, v, attn_bias=bias, alibi_slopes=slopes, backend="triton")
+    out.sum().backward()
+    refs = [weakref.ref(t) for t in (bias, slopes, out)]
+    del bias, slopes, out
+    gc.collect()
+    assert len(api._plans) == 1
+    assert all(ref() is None for ref in refs)

@@ -27,6 +27,7 @@ from flash_attn.ops.attention.function import (
     AttentionFunction,
     TritonLaunches,
     attention_compiled,
+    launch_key,
 )
 from flash_attn.ops.attention.kvcache import gather_pages
 from flash_attn.ops.attention.options import AttentionOptions
@@ -110,16 +111,6 @@ def _additive_bias(attn_bias: Tensor | None, q: Tensor) -> Tensor | None:
     return torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_bias, float("-inf"))
 
 
-def _metadata(t) -> tuple | None:
-    """What the checks and the launches read of a tensor argument (None stays None)."""
-    if t is None:
-        return None
-    if isinstance(t, Tensor):
-        # Triton specialises pointers on 16-byte alignment.
-        return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
-    return (type(t), id(t))  # not a tensor: the checks will say so
-
-
 _plans: dict = {}
 
 
@@ -129,7 +120,7 @@ def _call_signature(tensors: tuple, window_size, options: tuple) -> tuple | None
     other options that are not plain scalars fail the checks)."""
     if type(window_size) is not tuple or not all(type(w) is int for w in window_size):
         return None
-    return (*map(_metadata, tensors), window_size, *options, os.environ.get("FLASH_ATTN_BACKEND"))
+    return (*map(launch_key, tensors), window_size, *options, os.environ.get("FLASH_ATTN_BACKEND"))
 
 
 def attention(

@@ -48,11 +48,12 @@ class TritonLaunches:
         from flash_attn.ops.attention.triton.forward import ForwardLaunch
 
         max_seqlen_q, max_seqlen_k = varlen or (None, None)
+        # The backward is built later from this: metadata stand-ins, not the call's tensors.
         self.description = dict(
             opts=opts,
             batch=batch,
-            bias=bias,
-            alibi_slopes=alibi_slopes,
+            bias=_layout_of(bias),
+            alibi_slopes=_layout_of(alibi_slopes),
             varlen=varlen is not None,
             max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k,
@@ -96,6 +97,25 @@ class TritonLaunches:
             )
             self._backward[bias_requires_grad] = launch
         return launch
+
+
+def launch_key(t) -> tuple | None:
+    """What a check or a launch reads of an argument that may be a tensor: its shape, strides,
+    dtype, device and 16-byte alignment (Triton specialises pointers on it); None stays None,
+    and anything else counts by its identity (the checks then name it)."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    return (type(t), id(t))
+
+
+def _layout_of(t):
+    """A meta tensor with t's shape, strides and dtype (None stays None): what the launches
+    read of an optional input, without keeping its memory alive."""
+    if t is None:
+        return None
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 class AttentionFunction(torch.autograd.Function):

@@ -23,7 +23,7 @@ from flash_attn.ops.attention.checks import (
     check_flag,
     window_pair,
 )
-from flash_attn.ops.attention.function import attention_compiled
+from flash_attn.ops.attention.function import attention_compiled, launch_key
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch_dense
 from flash_attn.ops.backend import reads_values, resolve_backend
@@ -382,11 +382,8 @@ def _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layo
     options), so that the steps of a generation go straight to the compiled kernel."""
     from flash_attn.ops.attention.triton.forward import ForwardLaunch
 
-    def metadata(t):
-        return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
-
-    key = (metadata(q), metadata(k_cache), metadata(v_cache), metadata(alibi_slopes),
-           metadata(cache_batch_idx), metadata(layout.block_table), opts, num_splits)  # fmt: skip
+    tensors = (q, k_cache, v_cache, alibi_slopes, cache_batch_idx, layout.block_table)
+    key = (*map(launch_key, tensors), opts, num_splits)
     launch = _launches.get(key)
     if launch is None:
         if len(_launches) >= 256:

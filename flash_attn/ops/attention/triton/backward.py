@@ -328,7 +328,7 @@ class BackwardLaunch:
     def __init__(self, q, k, v, opts: AttentionOptions, *, batch: int, bias=None,
                  alibi_slopes=None, varlen=False, max_seqlen_q=None, max_seqlen_k=None,
                  key_ranges=False, bias_requires_grad=False):  # fmt: skip
-        constants, _ = kernel_constants(
+        constants = kernel_constants(
             q, k, opts, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
         )  # fmt: skip

@@ -661,9 +661,9 @@ def kernel_constants(
     max_seqlen_k: int | None = None,
     key_ranges: bool = False,
     paged: bool = False,
-) -> tuple[dict, int]:
+) -> dict:
     """The arguments that every attention kernel takes and that stay the same at one launch
-    key (sizes, strides, options, constexprs: all but the tensors), and the batch size.
+    key (sizes, strides, options, constexprs: all but the tensors).
 
     Inputs are assumed validated by ``flash_attn.ops.attention``. Shapes as in the module
     docstring; ``bias`` (only its strides are read) already expanded (stride 0 on broadcast
@@ -674,10 +674,9 @@ def kernel_constants(
     """
     nheads, head_dim = q.shape[-2], q.shape[-1]
     if varlen:
-        batch = None  # the caller's: cu_seqlens_q.numel() - 1
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
     else:
-        batch, seqlen_q = q.shape[0], q.shape[1]
+        seqlen_q = q.shape[1]
         seqlen_k = max_seqlen_k or k.shape[1]  # a paged cache passes its capacity
     unlimited = seqlen_q + seqlen_k  # farther than any query-key distance
     left = unlimited if opts.window_left < 0 else opts.window_left
@@ -716,7 +715,7 @@ def kernel_constants(
         # Lengths that are multiples of every block size need no bounds masks.
         EVEN_M=not varlen and seqlen_q % MAX_BLOCK == 0,
         EVEN_N=not varlen and not key_ranges and seqlen_k % MAX_BLOCK == 0,
-    ), batch
+    )
 
 
 def kernel_tensors(q, k, placeholder, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
@@ -780,14 +779,14 @@ class ForwardLaunch:
         paged = block_table is not None
         if store_probs and num_splits > 1:
             raise ValueError(f"probs: stored by one split only, got num_splits={num_splits}")
-        constants, _ = kernel_constants(
+        constants = kernel_constants(
             q, k, opts, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
             paged=paged,
         )  # fmt: skip
         self.dtype, self.device = q.dtype, q.device
-        self.lse_shape = lse_shape(q, varlen)
         self.num_splits, self.varlen = num_splits, varlen
+        split = num_splits > 1
         # Keys per split: a multiple of any BLOCK_N.
         keys_per_split = triton.cdiv(triton.cdiv(constants["seqlen_k"], num_splits), 128) * 128
         # Partial results in fp32, one slice per split; split 0 is where one split writes.
@@ -795,10 +794,9 @@ class ForwardLaunch:
         out_dtype = torch.float32 if num_splits > 1 else q.dtype
         self.out_shape, self.out_dtype = out_shape, out_dtype
         out_strides = contiguous_strides(out_shape)
-        lse_shape_all = (num_splits, *self.lse_shape) if num_splits > 1 else self.lse_shape
+        lse_shape_all = (num_splits, *lse_shape(q, varlen)) if split else lse_shape(q, varlen)
         self.lse_shape_all = lse_shape_all
         lse_strides_all = contiguous_strides(lse_shape_all)
-        split = num_splits > 1
         self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
         seqlen_q, programs = constants["seqlen_q"], batch * constants["nheads"]
 
