@@ -17,7 +17,9 @@ Common arguments:
         0-d integer tensors, or a 1-D integer tensor of two.
     softcap: scores become softcap * tanh(scores / softcap) when > 0.
     alibi_slopes: (nheads,) or (batch, nheads) fp32; adds -slope * |i + seqlen_k - seqlen_q - j|.
-    deterministic: accepted for compatibility; the backward is always bit-reproducible.
+    deterministic: False (the default, as in the official package): the backward sums dq with
+        atomic adds, in five matrix products per tile; True: it recomputes the scores to sum dq
+        in a second pass, bit-reproducible from run to run (the torch backend always is).
     return_attn_probs: also return softmax_lse and S_dmask (for tests): the exact, normalised
         probabilities (the official kernels return per-block unnormalised ones), with dropped
         entries negated.
@@ -93,6 +95,7 @@ def flash_attn_func(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         attn_bias=attn_bias,
+        deterministic=deterministic,
         backend=backend,
     )
 
@@ -128,6 +131,7 @@ def flash_attn_qkvpacked_func(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         attn_bias=attn_bias,
+        deterministic=deterministic,
         backend=backend,
     )
 
@@ -161,6 +165,7 @@ def flash_attn_kvpacked_func(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         attn_bias=attn_bias,
+        deterministic=deterministic,
         backend=backend,
     )
 
@@ -224,6 +229,7 @@ def flash_attn_varlen_func(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         attn_bias=attn_bias,
+        deterministic=deterministic,
         backend=backend,
     )
 
@@ -262,6 +268,7 @@ def flash_attn_varlen_qkvpacked_func(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         attn_bias=attn_bias,
+        deterministic=deterministic,
         backend=backend,
     )
 
@@ -303,5 +310,6 @@ def flash_attn_varlen_kvpacked_func(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         attn_bias=attn_bias,
+        deterministic=deterministic,
         backend=backend,
     )

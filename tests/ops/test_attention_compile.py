@@ -25,9 +25,12 @@ for on in (False, True):
     build(fwd._attn_fwd_kernel, **forward, STORE_PROBS=on, RERUN_STAGES=1 + on)
     build(fwd._attn_decode_kernel, **forward, HAS_KV_BATCH_IDX=not on, PAGED=on, SPLIT_KV=not on,
           STORE_PROBS=not on, RERUN_STAGES=2 - on)
-    build(bwd._attn_bwd_dkdv_kernel, **flags)
+    build(bwd._attn_bwd_dkdv_kernel, ATOMIC_DQ=on, DBIAS=on, **flags)
+    build(bwd._attn_bwd_dkdv_kernel, ATOMIC_DQ=not on, DBIAS=not on, **flags)
     build(bwd._attn_bwd_dq_kernel, DBIAS=on, **flags)
-build(bwd._attn_bwd_delta_kernel, HEAD_DIM=128, VARLEN=True, BLOCK_M=64)
+rows = dict(HEAD_DIM=128, VARLEN=True, BLOCK_M=64)
+build(bwd._attn_bwd_preprocess_kernel, ZERO_DQ=True, **rows)
+build(bwd._attn_bwd_dq_finish_kernel, **rows)
 print("compiled")
 """
 

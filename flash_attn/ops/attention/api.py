@@ -141,6 +141,7 @@ def attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     block_table: Tensor | None = None,
+    deterministic: bool = False,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Scaled dot-product attention, on the backend picked by :func:`resolve_backend`.
@@ -160,6 +161,7 @@ def attention(
             (num_pages, page_size, nheads_k, headdim), key j of sequence b lives at
             [block_table[b, j // page_size], j % page_size], and cu_seqlens_k counts the keys
             of each sequence. Without gradients on the triton backend.
+        deterministic: a bit-reproducible backward (see ``flash_attn.flash_attn_interface``).
     Returns:
         out like q; lse (batch, nheads, seqlen_q), or (nheads, total_q) for varlen, fp32 (the
         torch backend computes it only with return_probs, else None); probs (batch, nheads,
@@ -169,7 +171,7 @@ def attention(
     key = None  # torch.compile traces the checks and the op instead
     if not torch.compiler.is_compiling():
         options = (dropout_p, softmax_scale, causal, softcap, max_seqlen_q, max_seqlen_k,
-                   return_probs, backend)  # fmt: skip
+                   return_probs, deterministic, backend)  # fmt: skip
         key = _call_signature(tensors, window_size, options)
     plan = _plans.get(key)
     paged = block_table is not None
@@ -183,8 +185,9 @@ def attention(
         check_attention_inputs(q, k, v, dropout_p, softmax_scale, window_size, softcap,
                                alibi_slopes, attn_bias, varlen, paged=paged)  # fmt: skip
         causal = check_flag("causal", causal)
+        deterministic = check_flag("deterministic", deterministic)
         opts = AttentionOptions.create(
-            q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p
+            q.shape[-1], softmax_scale, causal, window_size, softcap, dropout_p, deterministic
         )
         backend = resolve_backend(backend, q.device, q.dtype)
         plan = AttentionPlan(backend, opts, varlen and varlen[2:])

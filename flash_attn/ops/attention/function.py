@@ -167,7 +167,7 @@ class AttentionFunction(torch.autograd.Function):
 
 _OPTIONS_SCHEMA = (
     "float softmax_scale, bool causal, SymInt window_left, SymInt window_right, float softcap, "
-    "float dropout_p"
+    "float dropout_p, bool deterministic"
 )
 _INPUTS_SCHEMA = (
     "Tensor? bias, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -186,12 +186,14 @@ _CACHE_SCHEMA = "Tensor? key_ranges, Tensor? k_batch_idx, Tensor? block_table, i
 def attention_forward_op(
     q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
     key_ranges, k_batch_idx, block_table, num_splits, softmax_scale, causal, window_left,
-    window_right, softcap, dropout_p, return_probs,
+    window_right, softcap, dropout_p, deterministic, return_probs,
 ):  # fmt: skip
     """(out, lse, probs); probs is empty unless return_probs (an op cannot return None)."""
     from flash_attn.ops.attention.triton.forward import attention_fwd
 
-    opts = AttentionOptions(softmax_scale, causal, window_left, window_right, softcap, dropout_p)
+    opts = AttentionOptions(
+        softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic
+    )
     probs = q.new_zeros(_probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs))
     out, lse = attention_fwd(
         q, k, v, opts, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
@@ -215,7 +217,7 @@ def _probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs):
 def _(
     q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
     key_ranges, k_batch_idx, block_table, num_splits, softmax_scale, causal, window_left,
-    window_right, softcap, dropout_p, return_probs,
+    window_right, softcap, dropout_p, deterministic, return_probs,
 ):  # fmt: skip
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
@@ -234,12 +236,14 @@ def _(
 def attention_backward_op(
     dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k, seed, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-    bias_requires_grad,
+    deterministic, bias_requires_grad,
 ):  # fmt: skip
     """(dq, dk, dv, dbias); dbias is empty without bias_requires_grad."""
     from flash_attn.ops.attention.triton.backward import attention_bwd
 
-    opts = AttentionOptions(softmax_scale, causal, window_left, window_right, softcap, dropout_p)
+    opts = AttentionOptions(
+        softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic
+    )
     dq, dk, dv, dbias = attention_bwd(
         dout, q, k, v, out, lse, opts, bias=bias, alibi_slopes=alibi_slopes,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -252,7 +256,7 @@ def attention_backward_op(
 def _(
     dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     max_seqlen_k, seed, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-    bias_requires_grad,
+    deterministic, bias_requires_grad,
 ):  # fmt: skip
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
@@ -295,5 +299,5 @@ def attention_compiled(
         q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q or 0,
         max_seqlen_k or 0, seed, key_ranges, k_batch_idx, block_table, num_splits,
         opts.softmax_scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
-        opts.dropout_p, return_probs,
+        opts.dropout_p, opts.deterministic, return_probs,
     )  # fmt: skip

@@ -22,6 +22,8 @@ class AttentionOptions:
     window_right: int = -1  # keys visible after it, -1 for unlimited (0 with causal)
     softcap: float = 0.0
     dropout_p: float = 0.0
+    # The backward's schedule: bit-reproducible, or faster with atomic adds (see triton/backward.py)
+    deterministic: bool = False
 
     @classmethod
     def create(
@@ -32,6 +34,7 @@ class AttentionOptions:
         window_size: tuple[int, int] = (-1, -1),
         softcap: float = 0.0,
         dropout_p: float = 0.0,
+        deterministic: bool = False,
     ) -> AttentionOptions:
         """The options of the public API's arguments (checked already); the scale defaults to
         1 / sqrt(headdim)."""
@@ -45,6 +48,7 @@ class AttentionOptions:
             int(right),
             float(softcap),
             float(dropout_p),
+            bool(deterministic),
         )
 
     @property

@@ -1,13 +1,27 @@
 """FlashAttention-2 backward in Triton and its launcher.
 
-Three kernels: delta = rowsum(dO * O) (the paper's D_i), then dK/dV per key block, then dQ (and
-dBias) per query block. Each program owns the rows it writes (the dK/dV program sums over every
-query head of its key/value head's group), so there are no atomics and the backward is
-bit-reproducible. Probabilities are recomputed from the saved log-sum-exp, the dropout mask from
-its seed. Shapes, score modifiers and masking: see ``attention.py`` beside this file.
+First the paper's D_i = rowsum(dO * O) (``_attn_bwd_preprocess_kernel``), then one of two
+schedules, as the official ``deterministic`` flag picks:
+
+- ``deterministic=False`` (the official default): one program per key block of a key/value
+  head computes, for each tile of queries, S = q k^T and dP = dO v^T, then dV += P^T dO,
+  dK += dS^T q and dQ += dS k: five matrix products per tile pair. dQ is summed over the key
+  blocks in an fp32 buffer by atomic adds (the preprocessing kernel zeroes it), then scaled and
+  cast once (``_attn_bwd_dq_finish_kernel``). The adds land in an order that varies from run to
+  run, so dQ may differ in its last bits between runs.
+- ``deterministic=True``: the same dK/dV pass without dQ, then one program per query block
+  recomputes S and dP to sum its dQ in registers (seven products per tile pair). Every program
+  owns what it writes, so the backward is bit-reproducible.
+
+In both, a dK/dV program sums over every query head of its key/value head's group, so dK and
+dV are written once, without atomics. Probabilities are recomputed from the saved log-sum-exp,
+the dropout mask from its seed. Shapes, score modifiers and masking: see ``forward.py`` beside
+this file.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,6 +37,7 @@ from flash_attn.ops.attention.triton.forward import (
     contiguous_strides,
     dropout_keep,
     head_start,
+    heavy_last,
     kernel_constants,
     kernel_tensors,
     key_range,
@@ -40,42 +55,135 @@ from flash_attn.ops.attention.triton.tuning import autotune
 from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
 
 
+class Queries(NamedTuple):
+    """Where the dK/dV loop reads the rows of one query head (see ``_attn_bwd_dkdv_inner``)."""
+
+    q_base: tl.tensor
+    do_base: tl.tensor
+    dq_base: tl.tensor  # the head's rows of DQAccum, laid out like dO; read when ATOMIC_DQ
+    Lse: tl.tensor
+    Delta: tl.tensor
+    lse_base: tl.tensor  # the head's first entry in Lse and Delta
+    stride_qm: tl.tensor
+    stride_om: tl.tensor  # dO's token stride, and DQAccum's
+    in_dim: tl.tensor  # (HEAD_DIM,) bool: the columns inside the head dim
+
+
+class ScoreGrads(NamedTuple):
+    """Where a program stores the gradient of the scores (dBias) of one head."""
+
+    DBias: tl.tensor  # (B, H, max_Sq, max_Sk) fp32
+    base: tl.tensor  # the head's first element
+    max_seqlen_k: tl.tensor
+
+
 @triton.jit
-def _attn_bwd_delta_kernel(
-    Out, DO,  # like Q, contiguous
-    Delta,  # like Lse
+def _store_dbias(dbias, ds, rows, cols, seqlen_q, seqlen_k):
+    """Store the tile ds of score gradients into dbias (a :class:`ScoreGrads`); rows and cols
+    broadcast along the tile as in :func:`scores`."""
+    offsets = rows.to(tl.int64) * dbias.max_seqlen_k + cols
+    tl.store(dbias.DBias + dbias.base + offsets, ds, mask=(rows < seqlen_q) & (cols < seqlen_k))
+
+
+@triton.jit
+def _row_tile(
+    stride_o,
+    stride_lse,
     CuSeqlensQ,
-    stride_o, stride_lse,  # (batch, token, head) and (batch, head) strides
-    nheads, seqlen_q, head_dim,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    start_m, _, off_b, off_h = program_block(BLOCK_M, nheads)
-    q_start, seqlen_q, _, _ = sequence(
-        (CuSeqlensQ, CuSeqlensQ, CuSeqlensQ), off_b, seqlen_q, 0, VARLEN, False
-    )
+    nheads,
+    seqlen_q,
+    head_dim,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """(offsets, mask, lse_offsets, in_rows): the BLOCK_M rows this program owns (see
+    :func:`program_block`) in a tensor laid out like the contiguous output (token strides
+    ``stride_o``), and their entries in one laid out like Lse (strides ``stride_lse``)."""
+    start_m, _, off_b, off_h = program_block(BLOCK_M, nheads, False)
+    lengths = (CuSeqlensQ, CuSeqlensQ, CuSeqlensQ)
+    q_start, seqlen_q, _, _ = sequence(lengths, off_b, seqlen_q, 0, VARLEN, False)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
-    offs = head_start(0, stride_o, off_b, off_h, q_start) + rows[:, None] * stride_o[1]
-    o = tl.load(Out + offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(
-        Delta + off_b * stride_lse[0] + off_h * stride_lse[1] + q_start + rows,
-        tl.sum(o * do, 1),
-        mask=rows < seqlen_q,
+    in_rows = rows < seqlen_q
+    mask = in_rows[:, None] & (offs_d[None, :] < head_dim)
+    offsets = head_start(0, stride_o, off_b, off_h, q_start) + rows[:, None] * stride_o[1]
+    lse_offsets = off_b * stride_lse[0] + off_h * stride_lse[1] + q_start + rows
+    return offsets + offs_d[None, :], mask, lse_offsets, in_rows
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out,  # like Q, contiguous
+    DO,  # like Out
+    Delta,  # like Lse
+    DQAccum,  # like Out, fp32: zeroed when ZERO_DQ
+    CuSeqlensQ,
+    stride_o,  # (batch, token, head)
+    stride_lse,  # (batch, head)
+    nheads,
+    seqlen_q,
+    head_dim,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O), and, with ZERO_DQ, zeros where the dK/dV kernel adds dQ."""
+    offsets, mask, lse_offsets, in_rows = _row_tile(
+        stride_o, stride_lse, CuSeqlensQ, nheads, seqlen_q, head_dim, HEAD_DIM, VARLEN, BLOCK_M
     )
+    o = tl.load(Out + offsets, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + lse_offsets, tl.sum(o * do, 1), mask=in_rows)
+    if ZERO_DQ:
+        tl.store(DQAccum + offsets, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def _attn_bwd_dq_finish_kernel(
+    DQAccum,  # like Out, fp32
+    DQ,  # like Out
+    CuSeqlensQ,
+    stride_o,
+    stride_lse,
+    softmax_scale,
+    nheads,
+    seqlen_q,
+    head_dim,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """dQ = DQAccum * softmax_scale in dQ's dtype."""
+    offsets, mask, _, _ = _row_tile(
+        stride_o, stride_lse, CuSeqlensQ, nheads, seqlen_q, head_dim, HEAD_DIM, VARLEN, BLOCK_M
+    )
+    dq = tl.load(DQAccum + offsets, mask=mask, other=0.0)
+    tl.store(DQ + offsets, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _tile_grads(
-    qk, dp, lse, delta, rows, cols, start_n, mods, dropout,
-    FEATURES: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    qk,
+    dp,
+    lse,
+    delta,
+    rows,
+    cols,
+    start_n,
+    mods,
+    dropout,
+    FEATURES: tl.constexpr,
+    MASKED: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """From a tile's q k^T and dO v^T (or, TRANSPOSED, their transposes k q^T and v dO^T): the
     weights that multiplied V (p after dropout), dS (the gradient of the scores, = dBias) and dS
     scaled back through the softcap (for dQ and dK). lse (log2 units), delta, rows and cols
     broadcast along the tile as in :func:`scores`; mods and dropout: the tuples of
-    ``score_mods`` and ``query_block``; FEATURES: see ``attention.py``."""
+    ``score_mods`` and ``query_block``; FEATURES: see ``forward.py``."""
     s, dsoftcap = scores(qk, rows, cols, mods, FEATURES, MASKED)
     # Padding rows read lse = +inf, so their probabilities are exactly 0.
     p = tl.math.exp2(s - lse)
@@ -97,46 +205,93 @@ def _tile_grads(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v, queries, cols, start_n, mods, dropout, lo, hi,
-    FEATURES: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    dk,
+    dv,
+    k,
+    k_dq,
+    v,
+    queries,
+    cols,
+    start_n,
+    mods,
+    dropout,
+    dbias,
+    lo,
+    hi,
+    FEATURES: tl.constexpr,
+    MASKED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DBIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dK and dV of one key block summed over query blocks [lo, hi) of one head, on transposed
     tiles (keys x queries): k q^T and v dO^T put the keys first, so p^T and dS^T are the
-    register operands of dV += p^T dO and dK += dS^T q, as the tensor cores want them.
-    queries: where q, dO, lse and delta are. Without MASKED every score is visible."""
-    q_base, do_base, Lse, Delta, lse_base, stride_qm, stride_om, in_dim = queries
+    register operands of dV += p^T dO and dK += dS^T q, as the tensor cores want them. With
+    ATOMIC_DQ each tile also adds its dS k (k_dq: k with non-finite keys zeroed where a mask may
+    hide them) to the query rows' dQ, and with DBIAS stores its dS into dbias (a
+    :class:`ScoreGrads`). queries: a :class:`Queries`. Without MASKED every score is visible."""
     seqlen_q = mods.seqlen_q
     offs_d = tl.arange(0, HEAD_DIM)
+    in_dim = queries.in_dim
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows, in_rows = block_indices(start_m, seqlen_q, BLOCK_M, MASKED, FEATURES.EVEN_M)
-        qT = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None],
-                     mask=in_rows[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
-        do = tl.load(do_base + rows[:, None] * stride_om + offs_d[None, :],
-                     mask=in_rows[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
-        lse = tl.load(Lse + lse_base + rows, mask=in_rows, other=float("inf")) * LOG2E
-        delta = tl.load(Delta + lse_base + rows, mask=in_rows, other=0.0)
+        row_mask = in_rows[:, None] & in_dim[None, :]
+        qT = tl.load(
+            queries.q_base + rows[None, :] * queries.stride_qm + offs_d[:, None],
+            mask=in_rows[None, :] & in_dim[:, None],
+            other=0.0,
+        )
+        row_offsets = rows[:, None] * queries.stride_om + offs_d[None, :]
+        do = tl.load(queries.do_base + row_offsets, mask=row_mask, other=0.0)
+        lse_ptrs = queries.Lse + queries.lse_base + rows
+        lse = tl.load(lse_ptrs, mask=in_rows, other=float("inf")) * LOG2E
+        delta = tl.load(queries.Delta + queries.lse_base + rows, mask=in_rows, other=0.0)
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        pT, _, dsT = _tile_grads(
+        pT, ds_scores, dsT = _tile_grads(
             qkT, dpT, lse[None, :], delta[None, :], rows[None, :], cols[:, None], start_n, mods,
             dropout, FEATURES, MASKED, True, BLOCK_N,
         )  # fmt: skip
+        dsT = dsT.to(qT.dtype)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k_dq, input_precision=DOT_PRECISION)
+            tl.atomic_add(queries.dq_base + row_offsets, dq, mask=row_mask, sem="relaxed")
+        if DBIAS:
+            _store_dbias(dbias, ds_scores, rows[None, :], cols[:, None], seqlen_q, mods.seqlen_k)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse, delta, rows, keys, mods, dropout, lo, hi,
-    FEATURES: tl.constexpr, MASKED: tl.constexpr, DBIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """dQ of one query block summed over key blocks [lo, hi); stores dBias tiles when DBIAS.
-    keys: where k, v and dBias are. Without MASKED every score is visible."""
-    k_base, v_base, stride_kn, stride_vn, in_dim, DBias, dbias_base, max_seqlen_k = keys
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    rows,
+    keys,
+    mods,
+    dropout,
+    dbias,
+    lo,
+    hi,
+    FEATURES: tl.constexpr,
+    MASKED: tl.constexpr,
+    DBIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block summed over key blocks [lo, hi); stores dBias tiles into dbias (a
+    :class:`ScoreGrads`) when DBIAS. keys: (k_base, v_base, stride_kn, stride_vn, in_dim).
+    Without MASKED every score is visible."""
+    k_base, v_base, stride_kn, stride_vn, in_dim = keys
     seqlen_q, seqlen_k = mods.seqlen_q, mods.seqlen_k
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -155,9 +310,7 @@ def _attn_bwd_dq_inner(
             kT = tl.where((kT - kT) == 0, kT, 0.0)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
         if DBIAS:
-            dbias_offs = rows[:, None].to(tl.int64) * max_seqlen_k + cols[None, :]
-            tl.store(DBias + dbias_base + dbias_offs, ds_scores,
-                     mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))  # fmt: skip
+            _store_dbias(dbias, ds_scores, rows[:, None], cols[None, :], seqlen_q, seqlen_k)
     return dq
 
 
@@ -165,6 +318,8 @@ def _attn_bwd_dq_inner(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
+    DQAccum,  # like Out, fp32, zeroed: dQ / softmax_scale is added here when ATOMIC_DQ
+    DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
     stride_q, stride_k, stride_v, stride_o, stride_dk, stride_lse,  # as in the forward
     CuSeqlensQ, CuSeqlensK, SeqlensK,  # as in the forward
     Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right,
@@ -174,15 +329,20 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
     # its group, so dK and dV are written once, without atomics.
     lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
-    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
-                      window_left, window_right)  # fmt: skip
-    start_n, _, off_b, off_hk = program_block(BLOCK_N, nheads_k)
+    scoring = Scoring(
+        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left,
+        window_right,
+    )  # fmt: skip
+    # With the roles swapped, the window's parts trade places.
+    order = heavy_last(window_right, window_left)
+    start_n, _, off_b, off_hk = program_block(BLOCK_N, nheads_k, order)
     group_size = nheads // nheads_k
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
@@ -199,6 +359,10 @@ def _attn_bwd_dkdv_kernel(
     v_ptrs = head_start(V, stride_v, off_b, off_hk, k_start) + cols[:, None] * stride_v[1]
     k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_dq = k
+    if ATOMIC_DQ and MASK_WINDOW:
+        # A masked key's dS is 0, and 0 * (NaN or inf in its k) must not reach dQ.
+        k_dq = tl.where((k - k) == 0, k, 0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -210,31 +374,37 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Query blocks that see none of these keys (causal, window) are skipped, and those that see
     # all of them skip the masks: the key range of this key block with the roles swapped.
-    lo, lo_full, hi_full, hi = key_range(start_n, seqlen_k, seqlen_q, window_right, window_left,
-                                         BLOCK_N, BLOCK_M)  # fmt: skip
+    lo, lo_full, hi_full, hi = key_range(
+        start_n, seqlen_k, seqlen_q, window_right, window_left, BLOCK_N, BLOCK_M
+    )
     for g in range(0, group_size):
         off_h = off_hk * group_size + g
-        queries = (head_start(Q, stride_q, off_b, off_h, q_start),
-                   head_start(DO, stride_o, off_b, off_h, q_start),
-                   Lse, Delta, off_b * stride_lse[0] + off_h * stride_lse[1] + q_start,
-                   stride_q[1], stride_o[1], in_dim)  # fmt: skip
+        queries = Queries(
+            head_start(Q, stride_q, off_b, off_h, q_start),
+            head_start(DO, stride_o, off_b, off_h, q_start),
+            head_start(DQAccum, stride_o, off_b, off_h, q_start),
+            Lse, Delta, off_b * stride_lse[0] + off_h * stride_lse[1] + q_start,
+            stride_q[1], stride_o[1], in_dim,
+        )  # fmt: skip
+        bh = off_b * nheads + off_h
+        dbias = ScoreGrads(DBias, bh.to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)
         mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
-        dropout = Dropout(seed, off_b * nheads + off_h, max_seqlen_q, max_seqlen_k, dropout_p)
+        dropout = Dropout(seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, queries, cols, start_n, mods, dropout, lo_full, hi_full,
-            FEATURES, False, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+            dk, dv, k, k_dq, v, queries, cols, start_n, mods, dropout, dbias, lo_full, hi_full,
+            FEATURES, False, ATOMIC_DQ, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
         )  # fmt: skip
         # With the roles swapped, the window's left edge (or the last queries) masks the last
         # query blocks, its right edge (causal: the diagonal) the first ones.
         if MASK_LEFT or not EVEN_M:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, queries, cols, start_n, mods, dropout, hi_full, hi,
-                FEATURES, True, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+                dk, dv, k, k_dq, v, queries, cols, start_n, mods, dropout, dbias, hi_full, hi,
+                FEATURES, True, ATOMIC_DQ, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
             )  # fmt: skip
         if MASK_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, queries, cols, start_n, mods, dropout, lo, lo_full,
-                FEATURES, True, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
+                dk, dv, k, k_dq, v, queries, cols, start_n, mods, dropout, dbias, lo, lo_full,
+                FEATURES, True, ATOMIC_DQ, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
             )  # fmt: skip
 
     dk = dk * softmax_scale
@@ -262,16 +432,21 @@ def _attn_bwd_dq_kernel(
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # The deterministic schedule's second pass: one program owns a query block and sums its dQ
+    # over the key blocks in registers, recomputing the scores and dP.
     lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
-    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
-                      window_left, window_right)  # fmt: skip
+    scoring = Scoring(
+        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left,
+        window_right,
+    )  # fmt: skip
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
-    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
-        Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
-        HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+    start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = (
+        query_block(
+            Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k,
+            head_dim, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+        )
     )  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
         return
     off_hk = off_h // (nheads // nheads_k)
@@ -284,29 +459,32 @@ def _attn_bwd_dq_kernel(
     lse_offs = off_b * stride_lse[0] + off_h * stride_lse[1] + q_start + rows
     lse = tl.load(Lse + lse_offs, mask=rows < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + lse_offs, mask=rows < seqlen_q, other=0.0)
-    keys = (head_start(K, stride_k, off_b, off_hk, k_start),
-            head_start(V, stride_v, off_b, off_hk, k_start),
-            stride_k[1], stride_v[1], in_dim, DBias,
-            tl.program_id(1).to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)  # fmt: skip
+    keys = (
+        head_start(K, stride_k, off_b, off_hk, k_start),
+        head_start(V, stride_v, off_b, off_hk, k_start),
+        stride_k[1], stride_v[1], in_dim,
+    )  # fmt: skip
+    dbias = ScoreGrads(DBias, dropout.bh.to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)
 
     FEATURES: tl.constexpr = Features(
         SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
     )
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                         BLOCK_M, BLOCK_N)  # fmt: skip
+    lo, lo_full, hi_full, hi = key_range(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N
+    )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, rows, keys, mods, dropout, lo_full, hi_full,
+        dq, q, do, lse, delta, rows, keys, mods, dropout, dbias, lo_full, hi_full,
         FEATURES, False, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
     )  # fmt: skip
     if MASK_WINDOW or not EVEN_N:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, rows, keys, mods, dropout, hi_full, hi,
+            dq, q, do, lse, delta, rows, keys, mods, dropout, dbias, hi_full, hi,
             FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
     if MASK_LEFT:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, rows, keys, mods, dropout, lo, lo_full,
+            dq, q, do, lse, delta, rows, keys, mods, dropout, dbias, lo, lo_full,
             FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
         )  # fmt: skip
 
@@ -315,9 +493,10 @@ def _attn_bwd_dq_kernel(
 
 
 class BackwardLaunch:
-    """The three backward kernels at one launch key: built like
+    """The backward kernels at one launch key: built like
     :class:`~flash_attn.ops.attention.triton.forward.ForwardLaunch` from the inputs' metadata and
-    the options, called with the tensors.
+    the options (``opts.deterministic`` picks the schedule, see the module docstring), called
+    with the tensors.
 
     Args:
         q, k, v, opts, batch, bias, alibi_slopes, varlen, max_seqlen_q, max_seqlen_k,
@@ -325,44 +504,98 @@ class BackwardLaunch:
         bias_requires_grad: also return the gradient of the scores, summed like the bias.
     """
 
-    def __init__(self, q, k, v, opts: AttentionOptions, *, batch: int, bias=None,
-                 alibi_slopes=None, varlen=False, max_seqlen_q=None, max_seqlen_k=None,
-                 key_ranges=False, bias_requires_grad=False):  # fmt: skip
+    def __init__(
+        self,
+        q,
+        k,
+        v,
+        opts: AttentionOptions,
+        *,
+        batch: int,
+        bias=None,
+        alibi_slopes=None,
+        varlen=False,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        key_ranges=False,
+        bias_requires_grad=False,
+    ):
         constants = kernel_constants(
-            q, k, opts, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
-        )  # fmt: skip
+            q,
+            k,
+            opts,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            varlen=varlen,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            key_ranges=key_ranges,
+        )
         nheads, nheads_k = constants["nheads"], constants["nheads_k"]
         seqlen_q, seqlen_k = constants["seqlen_q"], constants["seqlen_k"]
+        self.atomic_dq = not opts.deterministic
         self.lse_shape = lse_shape(q, varlen)
         self.dbias_shape = (batch, nheads, seqlen_q, seqlen_k) if bias_requires_grad else None
         self.placeholder = torch.empty(0, dtype=torch.int32, device=q.device)
-        # dO and the output are made contiguous, like the gradients.
+        # dO, the output and dQ are contiguous, like q's shape; so is dQ's fp32 accumulator.
         stride_o = token_strides_of(contiguous_strides(q.shape), varlen)
         stride_lse = lse_strides_of(contiguous_strides(self.lse_shape), varlen)
-        self.delta = LaunchPlan(
-            _attn_bwd_delta_kernel, (triton.cdiv(seqlen_q, 64), batch * nheads),
-            stride_o=stride_o, stride_lse=stride_lse, nheads=nheads, seqlen_q=seqlen_q,
-            head_dim=constants["head_dim"], HEAD_DIM=constants["HEAD_DIM"], VARLEN=varlen,
+        rows = dict(
+            stride_o=stride_o,
+            stride_lse=stride_lse,
+            nheads=nheads,
+            seqlen_q=seqlen_q,
+            head_dim=constants["head_dim"],
+            HEAD_DIM=constants["HEAD_DIM"],
+            VARLEN=varlen,
             BLOCK_M=64,
-        )  # fmt: skip
-        common = dict(stride_v=token_strides(v, varlen), stride_o=stride_o,
-                      stride_lse=stride_lse, **constants)  # fmt: skip
+        )
+        row_grid = (batch * nheads, triton.cdiv(seqlen_q, 64))
+        self.preprocess = LaunchPlan(
+            _attn_bwd_preprocess_kernel, row_grid, ZERO_DQ=self.atomic_dq, **rows
+        )
+        common = dict(
+            stride_v=token_strides(v, varlen), stride_o=stride_o, stride_lse=stride_lse, **constants
+        )
         self.dkdv = LaunchPlan(
             _attn_bwd_dkdv_kernel,
-            lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * nheads_k),
+            lambda meta: (batch * nheads_k, triton.cdiv(seqlen_k, meta["BLOCK_N"])),
             stride_dk=token_strides_of(contiguous_strides(k.shape), varlen),
+            ATOMIC_DQ=self.atomic_dq,
+            DBIAS=bias_requires_grad and self.atomic_dq,
             **common,
         )
-        self.dq = LaunchPlan(
-            _attn_bwd_dq_kernel,
-            lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads),
-            DBIAS=bias_requires_grad,
-            **common,
-        )
+        if self.atomic_dq:
+            self.dq = LaunchPlan(
+                _attn_bwd_dq_finish_kernel,
+                row_grid,
+                softmax_scale=opts.softmax_scale,
+                **rows,
+            )
+        else:
+            self.dq = LaunchPlan(
+                _attn_bwd_dq_kernel,
+                lambda meta: (batch * nheads, triton.cdiv(seqlen_q, meta["BLOCK_M"])),
+                DBIAS=bias_requires_grad,
+                **common,
+            )
 
-    def __call__(self, do, q, k, v, out, lse, *, bias=None, alibi_slopes=None,
-                 cu_seqlens_q=None, cu_seqlens_k=None, key_ranges=None, seed=None):  # fmt: skip
+    def __call__(
+        self,
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *,
+        bias=None,
+        alibi_slopes=None,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        key_ranges=None,
+        seed=None,
+    ):
         """(dq, dk, dv, dbias): contiguous, the inputs' shapes and dtypes; dbias fp32 (batch,
         nheads, max_seqlen_q, max_seqlen_k) (the caller sums broadcast dims) or None. do, out:
         like q; lse: the forward's; the other tensors exactly as given to the forward."""
@@ -372,31 +605,83 @@ class BackwardLaunch:
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         delta = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        dq_accum = delta  # a placeholder where dQ is summed in registers
+        if self.atomic_dq:
+            dq_accum = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dbias = None
         if self.dbias_shape is not None:
             dbias = torch.zeros(self.dbias_shape, dtype=torch.float32, device=q.device)
-        tensors = kernel_tensors(q, k, self.placeholder, bias=bias, alibi_slopes=alibi_slopes,
-                                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                 key_ranges=key_ranges, seed=seed)  # fmt: skip
+        tensors = kernel_tensors(
+            q,
+            k,
+            self.placeholder,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            key_ranges=key_ranges,
+            seed=seed,
+        )
         common = dict(V=v, DO=do, Lse=lse, Delta=delta, **tensors)
+        dbias_out = dbias if dbias is not None else delta
+        cu_seqlens_q = tensors["CuSeqlensQ"]
         with device_guard(q):
-            self.delta(Out=out, DO=do, Delta=delta, CuSeqlensQ=tensors["CuSeqlensQ"])
-            self.dkdv(DK=dk, DV=dv, **common)
-            self.dq(DQ=dq, DBias=dbias if dbias is not None else delta, **common)
+            self.preprocess(
+                Out=out, DO=do, Delta=delta, DQAccum=dq_accum, CuSeqlensQ=cu_seqlens_q
+            )
+            self.dkdv(DK=dk, DV=dv, DQAccum=dq_accum, DBias=dbias_out, **common)
+            if self.atomic_dq:
+                self.dq(DQAccum=dq_accum, DQ=dq, CuSeqlensQ=cu_seqlens_q)
+            else:
+                self.dq(DQ=dq, DBias=dbias_out, **common)
         return dq, dk, dv, dbias
 
 
-def attention_bwd(do, q, k, v, out, lse, opts: AttentionOptions, *, bias=None,
-                  alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                  max_seqlen_k=None, seed=None, bias_requires_grad=False):  # fmt: skip
+def attention_bwd(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    opts: AttentionOptions,
+    *,
+    bias=None,
+    alibi_slopes=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seed=None,
+    bias_requires_grad=False,
+):
     """Launch the backward kernels once (:class:`BackwardLaunch` built and called): (dq, dk,
     dv, dbias). Arguments as given to ``attention_fwd``."""
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     launch = BackwardLaunch(
-        q, k, v, opts, batch=batch, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        q,
+        k,
+        v,
+        opts,
+        batch=batch,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        varlen=varlen,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
         bias_requires_grad=bias_requires_grad,
-    )  # fmt: skip
-    return launch(do, q, k, v, out, lse, bias=bias, alibi_slopes=alibi_slopes,
-                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seed=seed)  # fmt: skip
+    )
+    return launch(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        seed=seed,
+    )

@@ -306,12 +306,26 @@ def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.c
 
 
 @triton.jit
-def program_block(BLOCK: tl.constexpr, nheads):
-    """(start, bh, off_b, off_h) of the block this program owns in a grid of (blocks along the
-    sequence, batch * nheads): its first row, bh = off_b * nheads + off_h, the batch entry and
-    the head."""
-    bh = tl.program_id(1)
-    return tl.program_id(0) * BLOCK, bh, bh // nheads, bh % nheads
+def program_block(BLOCK: tl.constexpr, nheads, heavy_last):
+    """(start, bh, off_b, off_h) of the block this program owns in a grid of (batch * nheads,
+    blocks along the sequence): its first row, bh = off_b * nheads + off_h, the batch entry and
+    the head. The GPU starts programs in grid order, every head's first block before any second
+    one; heavy_last (a mask that gives the last blocks the most work, e.g. causal queries)
+    reverses the blocks, so that the heaviest start first and the light ones fill the tail."""
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    if heavy_last:
+        block = tl.num_programs(1) - 1 - block
+    return block * BLOCK, bh, bh // nheads, bh % nheads
+
+
+@triton.jit
+def heavy_last(window_before, window_after):
+    """Whether the last blocks of rows do the most work (see :func:`program_block`): each row
+    sees window_before + 1 + window_after other rows, fewer where the window is cut off by the
+    start (its before-part) or the end (its after-part) of the sequence, so the larger part
+    decides which end is light. Causal queries: before unlimited, after 0."""
+    return window_before > window_after
 
 
 @triton.jit
@@ -327,12 +341,13 @@ def query_block(
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """What a program that owns the query block (program_id(0), head program_id(1)) starts
-    from: (off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
-    the block's q (BLOCK_M, HEAD_DIM) loaded, mods
-    for :func:`scores` and dropout for :func:`dropout_keep`. The arguments are the kernels'
-    of these names (stride_q: (batch, token, head) strides)."""
-    start_m, bh, off_b, off_h = program_block(BLOCK_M, nheads)
+    """What a program that owns a query block (see :func:`program_block`) starts from:
+    (start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
+    the block's q (BLOCK_M, HEAD_DIM) loaded, mods for :func:`scores` and dropout for
+    :func:`dropout_keep`. The arguments are the kernels' of these names (stride_q: (batch,
+    token, head) strides)."""
+    order = heavy_last(scoring.window_left, scoring.window_right)
+    start_m, bh, off_b, off_h = program_block(BLOCK_M, nheads, order)
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     q_start, seqlen_q, k_start, seqlen_k = sequence(
@@ -349,7 +364,7 @@ def query_block(
     if DROPOUT:
         seed = tl.load(Seed)
     dropout = Dropout(seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
-    return off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout
+    return start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,11 +524,13 @@ def _forward_program(
     whose arguments of these names it takes (lengths: see :func:`sequence`; scoring: a
     :class:`Scoring`)."""
     # q stays in SRAM for the whole loop over keys.
-    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = query_block(
-        Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
-        HEAD_DIM, VARLEN, HAS_SEQLENS_K, FEATURES.HAS_ALIBI, FEATURES.DROPOUT, BLOCK_M,
+    start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = (
+        query_block(
+            Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k,
+            head_dim, HEAD_DIM, VARLEN, HAS_SEQLENS_K, FEATURES.HAS_ALIBI, FEATURES.DROPOUT,
+            BLOCK_M,
+        )
     )  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= seqlen_q:
         return
     off_hk = off_h // (nheads // nheads_k)
@@ -801,7 +818,7 @@ class ForwardLaunch:
         seqlen_q, programs = constants["seqlen_q"], batch * constants["nheads"]
 
         def grid(meta):
-            return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), programs, num_splits)
+            return (programs, triton.cdiv(seqlen_q, meta["BLOCK_M"]), num_splits)
 
         constants.update(
             stride_v=token_strides(v, varlen and not paged),
