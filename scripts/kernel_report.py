@@ -97,7 +97,10 @@ def workloads(dtypes: list[str], head_dims: list[int]):
                 args = dict(q=q, k=q, v=q, out=q, do=q, lse=lse, softmax_scale=d**-0.5)
                 args.update(causal=causal)
                 yield label, attention.attention_fwd, args
-                yield label, attention_bwd.attention_bwd, args
+                for deterministic in (False, True):
+                    schedule = " deterministic" if deterministic else ""
+                    bwd_args = dict(args, deterministic=deterministic)
+                    yield label + schedule, attention_bwd.attention_bwd, bwd_args
         x, w = _t(TOKENS, HIDDEN, dtype=dt), _t(HIDDEN, dtype=dt)
         stats = _t(TOKENS, dtype=torch.float32)
         for norm, rms in (("layernorm", False), ("rmsnorm", True)):

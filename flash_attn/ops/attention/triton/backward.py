@@ -51,7 +51,7 @@ from flash_attn.ops.attention.triton.forward import (
     token_strides,
     token_strides_of,
 )
-from flash_attn.ops.attention.triton.tuning import autotune
+from flash_attn.ops.attention.triton.tuning import kernel_config
 from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
 
 
@@ -314,7 +314,6 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@autotune("dkdv")
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
@@ -414,7 +413,6 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@autotune("dq")
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous
@@ -557,13 +555,18 @@ class BackwardLaunch:
         common = dict(
             stride_v=token_strides(v, varlen), stride_o=stride_o, stride_lse=stride_lse, **constants
         )
-        self.dkdv = LaunchPlan(
-            _attn_bwd_dkdv_kernel,
-            lambda meta: (batch * nheads_k, triton.cdiv(seqlen_k, meta["BLOCK_N"])),
+        dkdv = dict(
             stride_dk=token_strides_of(contiguous_strides(k.shape), varlen),
             ATOMIC_DQ=self.atomic_dq,
             DBIAS=bias_requires_grad and self.atomic_dq,
             **common,
+        )
+        kernel, config = kernel_config("dkdv", _attn_bwd_dkdv_kernel, dkdv, q.dtype)
+        self.dkdv = LaunchPlan(
+            kernel,
+            lambda meta: (batch * nheads_k, triton.cdiv(seqlen_k, meta["BLOCK_N"])),
+            **dkdv,
+            **config,
         )
         if self.atomic_dq:
             self.dq = LaunchPlan(
@@ -573,11 +576,13 @@ class BackwardLaunch:
                 **rows,
             )
         else:
+            dq = dict(DBIAS=bias_requires_grad, **common)
+            kernel, config = kernel_config("dq", _attn_bwd_dq_kernel, dq, q.dtype)
             self.dq = LaunchPlan(
-                _attn_bwd_dq_kernel,
+                kernel,
                 lambda meta: (batch * nheads, triton.cdiv(seqlen_q, meta["BLOCK_M"])),
-                DBIAS=bias_requires_grad,
-                **common,
+                **dq,
+                **config,
             )
 
     def __call__(
@@ -605,7 +610,7 @@ class BackwardLaunch:
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         delta = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
-        dq_accum = delta  # a placeholder where dQ is summed in registers
+        dq_accum = self.placeholder  # dQ is summed in registers
         if self.atomic_dq:
             dq_accum = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dbias = None

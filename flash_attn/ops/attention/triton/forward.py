@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.attention.options import AttentionOptions
-from flash_attn.ops.attention.triton.tuning import MAX_BLOCK, autotune, target_arch
+from flash_attn.ops.attention.triton.tuning import MAX_BLOCK, kernel_config, target_arch
 from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -577,7 +577,6 @@ def _forward_program(
         )  # fmt: skip
 
 
-@autotune("fwd")
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B
@@ -617,7 +616,6 @@ def _attn_fwd_kernel(
     )  # fmt: skip
 
 
-@autotune("fwd")
 @triton.jit
 def _attn_decode_kernel(
     Q, K, V, Out, Lse,  # as in _attn_fwd_kernel; k and v: caches (B_cache, S_cache, Hk, D)
@@ -841,7 +839,8 @@ class ForwardLaunch:
                 SPLIT_KV=split,
             )
         kernel = _attn_decode_kernel if self.decode else _attn_fwd_kernel
-        self.launch = LaunchPlan(kernel, grid, **constants)
+        kernel, config = kernel_config("fwd", kernel, constants, q.dtype)
+        self.launch = LaunchPlan(kernel, grid, **constants, **config)
 
     def __call__(self, q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
                  cu_seqlens_k=None, key_ranges=None, seed=None, k_batch_idx=None,

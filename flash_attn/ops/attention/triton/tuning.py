@@ -1,6 +1,9 @@
-"""The autotune spaces of the attention kernels and their pruning, fitted to what the compiler
-emits (``scripts/kernel_report.py``) for the GPU the kernels run on, or for the one the report
-compiles for (:func:`target_arch`).
+"""How the attention kernels get their configs (tile sizes, warps, pipeline stages): from a
+committed table per GPU arch (``tables/sm<arch>.json``, see :func:`load_table`), one compile
+per kernel and launch key; or, with ``FLASH_ATTN_AUTOTUNE=1``, by timing the configs of an
+autotune space that a pruning keeps, fitted to what the compiler emits
+(``scripts/kernel_report.py``) for the GPU the kernels run on, or for the one the report
+compiles for (:func:`target_arch`). :func:`write_table` keeps what the autotuner chose.
 
 A program owns a block of rows (the forward and dQ: BLOCK_M queries; dK/dV: BLOCK_N keys) and
 loops over the other side in steps of the other block. A config is kept when its
@@ -13,8 +16,11 @@ autotuner only weighs owned blocks, warps and pipeline stages, at most six confi
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -151,8 +157,7 @@ def autotune_configs(kernel: str) -> list:
     """The autotune candidates of ``kernel`` (:data:`SPACES`, with at least 16 rows of the
     owned block per warp), or a single config under the CPU interpreter."""
     if interpreter_enabled():
-        # The interpreter runs programs one by one in NumPy: few, large blocks are fastest.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+        return [parse_config(INTERPRETER_CONFIG)]
     block_ms, block_ns, warps, stages = SPACES[kernel]
     blocks = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm in block_ms for bn in block_ns]
     owned = FOOTPRINTS[kernel].owned
@@ -161,9 +166,9 @@ def autotune_configs(kernel: str) -> list:
 
 
 def autotuning() -> bool:
-    """False when ``FLASH_ATTN_AUTOTUNE=0``: each kernel then compiles and runs the first kept
-    config of each tune key, without timing the others (tests, quick runs)."""
-    return os.environ.get("FLASH_ATTN_AUTOTUNE", "1") != "0"
+    """Whether ``FLASH_ATTN_AUTOTUNE=1``: each kernel then times the configs its pruning keeps
+    for every new tune key (:data:`TUNE_KEY`), instead of taking the committed table's."""
+    return os.environ.get("FLASH_ATTN_AUTOTUNE", "0") == "1"
 
 
 def prune_by(kernel: str) -> dict:
@@ -178,18 +183,138 @@ def prune_by(kernel: str) -> dict:
         where = (target_arch(), shared_memory_limit())
         kept = [c for c in configs if footprint.fits(c, *shape, *where)]
         group = lambda c: (c.kwargs[footprint.owned], c.num_warps)  # noqa: E731
-        kept = largest(kept, group, footprint.step) or configs[:1]
-        return kept if autotuning() else kept[:1]
+        return largest(kept, group, footprint.step) or configs[:1]
 
     return {"early_config_prune": prune}
 
 
-# Retune when head dim, masking or the order of magnitude of the lengths change.
-TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "seqlen_q_bucket", "seqlen_k_bucket"]
+# Retune when the head dim, a feature that changes what a tile holds, the schedule of the
+# backward or the order of magnitude of the lengths change (the names a kernel has).
+TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "SOFTCAP", "ATOMIC_DQ",
+            "seqlen_q_bucket", "seqlen_k_bucket"]  # fmt: skip
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_autotuners: dict = {}  # kernel name -> the autotuned kernel, made on first use
 
 
-def autotune(kernel: str):
-    """The ``triton.autotune`` decorator of ``kernel`` ("fwd", "dkdv" or "dq"): its space, its
-    pruning, and :data:`TUNE_KEY`."""
-    return triton.autotune(configs=autotune_configs(kernel), key=TUNE_KEY,
-                           prune_configs_by=prune_by(kernel))  # fmt: skip
+def autotuned(kernel: str, fn):
+    """``fn`` (the JIT function of ``kernel``: "fwd", "dkdv" or "dq") wrapped by
+    ``triton.autotune`` with its space, its pruning and the :data:`TUNE_KEY` names it has. The
+    dQ accumulator is zeroed before each timed run (the dK/dV kernel adds to it)."""
+    tuner = _autotuners.get((kernel, fn))
+    if tuner is None:
+        names = fn.arg_names
+        tuner = triton.autotune(
+            configs=autotune_configs(kernel),
+            key=[name for name in TUNE_KEY if name in names],
+            prune_configs_by=prune_by(kernel),
+            reset_to_zero=["DQAccum"] if "DQAccum" in names else None,
+        )(fn)
+        _autotuners[(kernel, fn)] = tuner
+    return tuner
+
+
+def kernel_config(kernel: str, fn, constants: dict, dtype: torch.dtype) -> tuple:
+    """(what to launch, the config's arguments) for ``fn``, the JIT function of ``kernel``, at
+    one launch key: with ``FLASH_ATTN_AUTOTUNE=1`` the autotuned kernel, which picks its own;
+    otherwise ``fn`` and the config of :func:`table_config`, BLOCK_M, BLOCK_N, num_warps and
+    num_stages, one compile per kernel and key."""
+    if autotuning():
+        return autotuned(kernel, fn), {}
+    config = table_config(kernel, {**constants, "dtype": DTYPE_NAMES[dtype]})
+    return fn, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+# ---------------------------------------------------------------------------------------------
+# The config tables
+
+TABLES = Path(__file__).with_name("tables")  # sm<arch>.json, committed
+INTERPRETER_CONFIG = "64x64 w4 s1"  # the interpreter runs programs one by one: large blocks
+
+
+def parse_config(label: str) -> triton.Config:
+    """The config of a label such as "128x64 w4 s2" (BLOCK_M x BLOCK_N, warps, stages)."""
+    blocks, warps, stages = label.split()
+    block_m, block_n = (int(b) for b in blocks.split("x"))
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n},
+        num_warps=int(warps.removeprefix("w")),
+        num_stages=int(stages.removeprefix("s")),
+    )
+
+
+def config_label(config: triton.Config) -> str:
+    """The label of a config, as :func:`parse_config` reads it."""
+    blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+@functools.cache
+def _read_table(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def load_table(arch: int) -> dict:
+    """The config table for ``sm_<arch>``: the file ``FLASH_ATTN_CONFIG_TABLE`` names (one that
+    :func:`write_table` wrote) when it is for that arch, else the committed one (sm_80's for an
+    arch without its own).
+
+    A table: {"arch": 90, "about": text, "kernels": {"fwd": rules, "dkdv": rules, "dq": rules}},
+    each rule {"when": {name: value or [values]}, "config": label}. A rule applies when each
+    named argument of the launch (a kernel constant such as HEAD_DIM, MASK_WINDOW, DROPOUT,
+    seqlen_k_bucket, or "dtype": "bf16", "fp16", "fp32") equals its value or is in its list;
+    the first rule that applies gives the config, and each kernel's last rule applies always.
+    """
+    user = os.environ.get("FLASH_ATTN_CONFIG_TABLE")
+    if user:
+        table = _read_table(user)
+        if table.get("arch") == arch:
+            return table
+    path = TABLES / f"sm{arch}.json"
+    return _read_table(str(path if path.exists() else TABLES / "sm80.json"))
+
+
+def rule_applies(when: dict, args: dict) -> bool:
+    """Whether every condition of a rule holds for the launch arguments ``args``."""
+    for name, wanted in when.items():
+        value = args[name]
+        if value not in wanted if isinstance(wanted, list) else value != wanted:
+            return False
+    return True
+
+
+def table_config(kernel: str, args: dict) -> triton.Config:
+    """The config of ``kernel`` for the launch arguments ``args`` (its constants by name and
+    "dtype"): the first rule of :func:`load_table`'s table for :func:`target_arch` that applies,
+    or, under the CPU interpreter, :data:`INTERPRETER_CONFIG`."""
+    if interpreter_enabled():
+        return parse_config(INTERPRETER_CONFIG)
+    for rule in load_table(target_arch())["kernels"][kernel]:
+        if rule_applies(rule["when"], args):
+            return parse_config(rule["config"])
+    raise LookupError(f"the config table of sm_{target_arch()} has no rule for {kernel} {args}")
+
+
+def tuned_rules() -> dict:
+    """{kernel: rules} of what the autotuned kernels of this process chose, one rule per tune
+    key (its names and the dtype of q), most recent last."""
+    rules = {}
+    for (kernel, _), tuner in _autotuners.items():
+        for key, config in tuner.cache.items():
+            when = dict(zip(tuner.keys, key))
+            when["dtype"] = DTYPE_NAMES[getattr(torch, key[len(tuner.keys)].split(".")[-1])]
+            rules.setdefault(kernel, []).append({"when": when, "config": config_label(config)})
+    return rules
+
+
+def write_table(path) -> dict:
+    """Write to ``path`` (JSON) the configs the autotuner chose in this process
+    (``FLASH_ATTN_AUTOTUNE=1``), ahead of the rules of the table in use for this GPU, and
+    return the table. Keep it with ``FLASH_ATTN_CONFIG_TABLE=path``."""
+    arch = target_arch()
+    base = load_table(arch)
+    tuned = tuned_rules()
+    kernels = {name: tuned.get(name, []) + rules for name, rules in base["kernels"].items()}
+    about = f"autotuned on sm_{arch} ({len(sum(tuned.values(), []))} rules), then: "
+    table = {"arch": arch, "about": about + base.get("about", ""), "kernels": kernels}
+    Path(path).write_text(json.dumps(table, indent=1) + "\n")
+    return table
