@@ -68,11 +68,23 @@ def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
 
     strides = ("i32",) * 3
     special = {
-        "Lse": "*fp32", "Delta": "*fp32", "DBias": "*fp32", "DQAccum": "*fp32", "Seed": "*i64",
-        "KBatchIdx": "*i32", "BlockTable": "*i32", "CuSeqlensQ": "*i32", "dropout_p": "fp32",
-        "stride_lse": ("i32",) * 2, "CuSeqlensK": "*i32", "SeqlensK": "*i32",
-        "stride_bias": ("i32",) * 4, "Slopes": "*fp32", "softmax_scale": "fp32", "softcap": "fp32",
-    }  # fmt: skip
+        "Lse": "*fp32",
+        "Delta": "*fp32",
+        "DBias": "*fp32",
+        "DQAccum": "*fp32",
+        "Seed": "*i64",
+        "KBatchIdx": "*i32",
+        "BlockTable": "*i32",
+        "CuSeqlensQ": "*i32",
+        "dropout_p": "fp32",
+        "stride_lse": ("i32",) * 2,
+        "CuSeqlensK": "*i32",
+        "SeqlensK": "*i32",
+        "stride_bias": ("i32",) * 4,
+        "Slopes": "*fp32",
+        "softmax_scale": "fp32",
+        "softcap": "fp32",
+    }
     types = {}
     for name in unwrap_jit(kernel).arg_names:
         if name in special:

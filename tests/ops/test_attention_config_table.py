@@ -18,8 +18,17 @@ from tests.ops.attention_testing import assert_within_criterion
 KERNELS = ["fwd", "dkdv", "dq"]
 ARCHS = [80, 90]
 # A launch's arguments as table rules see them (kernel_constants' names, and the dtype).
-PLAIN = dict(HEAD_DIM=128, MASK_WINDOW=False, DROPOUT=False, HAS_BIAS=False, SOFTCAP=False,
-             ATOMIC_DQ=True, seqlen_q_bucket=4096, seqlen_k_bucket=4096, dtype="bf16")  # fmt: skip
+PLAIN = dict(
+    HEAD_DIM=128,
+    MASK_WINDOW=False,
+    DROPOUT=False,
+    HAS_BIAS=False,
+    SOFTCAP=False,
+    ATOMIC_DQ=True,
+    seqlen_q_bucket=4096,
+    seqlen_k_bucket=4096,
+    dtype="bf16",
+)
 
 
 @pytest.fixture
@@ -99,8 +108,10 @@ def test_a_written_table_keeps_the_tuned_configs_first(compiled_kernels, monkeyp
         written = at.write_table(path)
     assert json.loads(path.read_text()) == written
     rules = written["kernels"]["fwd"]
-    assert rules[0] == {"when": {**dict(zip(tuner.keys, key)), "dtype": "fp16"},
-                        "config": "128x32 w8 s3"}  # fmt: skip
+    assert rules[0] == {
+        "when": {**dict(zip(tuner.keys, key)), "dtype": "fp16"},
+        "config": "128x32 w8 s3",
+    }
     assert rules[1:] == at.load_table(90)["kernels"]["fwd"]
     monkeypatch.setenv("FLASH_ATTN_CONFIG_TABLE", str(path))
     with at.pruning_for(90):

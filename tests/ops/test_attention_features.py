@@ -220,32 +220,52 @@ def _into_pages(packed, cu_seqlens, page_size, spare_pages=3):
 def test_paged_varlen_equals_packed_varlen(backend, options):
     """Paged prefill: k and v read through block_table give what the packed sequences give."""
     device, _ = device_and_dtypes(backend)
-    (q, k, v), cu_q, cu_k = _packed_batch([1, 40, 17], [7, 70, 33], 4, 2, 16, torch.float32,
-                                          device)  # fmt: skip
+    (q, k, v), cu_q, cu_k = _packed_batch([1, 40, 17], [7, 70, 33], 4, 2, 16, torch.float32, device)
     k_pages, table = _into_pages(k, cu_k, page_size=16)
     v_pages, _ = _into_pages(v, cu_k, page_size=16)
     with torch.no_grad():
-        expected = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 70, return_attn_probs=True,
-                                          backend=backend, **options)  # fmt: skip
-        paged = flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 40, 70,
-                                       return_attn_probs=True, block_table=table,
-                                       backend=backend, **options)  # fmt: skip
+        expected = flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, 40, 70, return_attn_probs=True, backend=backend, **options
+        )
+        paged = flash_attn_varlen_func(
+            q,
+            k_pages,
+            v_pages,
+            cu_q,
+            cu_k,
+            40,
+            70,
+            return_attn_probs=True,
+            block_table=table,
+            backend=backend,
+            **options,
+        )
     for name, a, b in zip(["out", "lse", "probs"], paged, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
     if backend == "torch":  # gradients flow into the pages
-        out = flash_attn_varlen_func(q, k_pages.requires_grad_(), v_pages, cu_q, cu_k, 40, 70,
-                                     block_table=table, backend=backend, **options)  # fmt: skip
+        out = flash_attn_varlen_func(
+            q,
+            k_pages.requires_grad_(),
+            v_pages,
+            cu_q,
+            cu_k,
+            40,
+            70,
+            block_table=table,
+            backend=backend,
+            **options,
+        )
         out.sum().backward()
-        packed_out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 70, backend=backend,
-                                            **options)  # fmt: skip
+        packed_out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 70, backend=backend, **options)
         dk = torch.autograd.grad(packed_out.sum(), k)[0]
         dk_pages, _ = _into_pages(dk, cu_k, page_size=16)
         used = ~torch.isnan(dk_pages)
         torch.testing.assert_close(k_pages.grad[used], dk_pages[used], rtol=1e-5, atol=1e-6)
     else:  # the forward runs, as the official function's; a backward through the pages cannot
         q = q.detach().requires_grad_()
-        out = flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 40, 70, block_table=table,
-                                     backend=backend, **options)  # fmt: skip
+        out = flash_attn_varlen_func(
+            q, k_pages, v_pages, cu_q, cu_k, 40, 70, block_table=table, backend=backend, **options
+        )
         torch.testing.assert_close(out.detach(), paged[0], rtol=0, atol=0)
         with pytest.raises(ValueError, match="block_table: the triton backend"):
             out.sum().backward()

@@ -131,8 +131,9 @@ def test_window_forms_and_integer_flags_are_accepted(backend, form):
     expected = flash_attn_func(q, k, v, causal=True, window_size=(3, 0), backend=backend)
     out = flash_attn_func(q, k, v, causal=1, window_size=window, backend=backend)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    cached = flash_attn_with_kvcache(q, k, v, cache_seqlens=8, causal=True, window_size=window,
-                                     backend=backend)  # fmt: skip
+    cached = flash_attn_with_kvcache(
+        q, k, v, cache_seqlens=8, causal=True, window_size=window, backend=backend
+    )
     torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-6)
 
 

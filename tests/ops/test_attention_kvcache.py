@@ -150,8 +150,14 @@ def test_bad_cache_input_is_rejected():
             q, k_cache, k_cache.clone(), new, new, cache_seqlens=6, block_table=table
         )
     with pytest.raises(ValueError, match="cache_leftpad or block_table, not both"):
-        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, block_table=table,
-                                cache_leftpad=torch.zeros(2, dtype=torch.int32))  # fmt: skip
+        flash_attn_with_kvcache(
+            q,
+            k_cache,
+            k_cache.clone(),
+            cache_seqlens=1,
+            block_table=table,
+            cache_leftpad=torch.zeros(2, dtype=torch.int32),
+        )
     with pytest.raises(ValueError, match=r"block_table values must be in \[0, 2\)"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, block_table=table + 1)
 
@@ -202,17 +208,25 @@ def test_left_padded_cache_decodes_as_the_unpadded_cache(backend, num_splits):
     lengths, width, steps = [9, 3, 14], 14, 3
     leftpad = torch.tensor([width - n for n in lengths], dtype=torch.int32, device=device)
     cos, sin = _rotary_tables(capacity, 16, device)
-    options = dict(rotary_cos=cos, rotary_sin=sin, causal=True, rotary_interleaved=False,
-                   num_splits=num_splits, backend=backend)  # fmt: skip
-    padded = [torch.full((batch, capacity, nheads_k, headdim), float("nan"), device=device)
-              for _ in "kv"]  # fmt: skip
+    options = dict(
+        rotary_cos=cos,
+        rotary_sin=sin,
+        causal=True,
+        rotary_interleaved=False,
+        num_splits=num_splits,
+        backend=backend,
+    )
+    padded = [
+        torch.full((batch, capacity, nheads_k, headdim), float("nan"), device=device) for _ in "kv"
+    ]
     alone = [torch.zeros(batch, capacity, nheads_k, headdim, device=device) for _ in "kv"]
     q = torch.randn(batch, width + steps, nheads, headdim, device=device)
     k, v = (torch.randn(batch, width + steps, nheads_k, headdim, device=device) for _ in "kv")
 
     def step(caches, b, rows, **cache_args):
-        return flash_attn_with_kvcache(q[b, rows], *(c[b] for c in caches), k[b, rows], v[b, rows],
-                                       **cache_args, **options)  # fmt: skip
+        return flash_attn_with_kvcache(
+            q[b, rows], *(c[b] for c in caches), k[b, rows], v[b, rows], **cache_args, **options
+        )
 
     for b, n in enumerate(lengths):  # prefill: the prompt fills slots [leftpad, width)
         rows, one = slice(width - n, width), slice(b, b + 1)
@@ -220,8 +234,9 @@ def test_left_padded_cache_decodes_as_the_unpadded_cache(backend, num_splits):
         torch.testing.assert_close(out, step(alone, one, rows, cache_seqlens=0))
     for t in range(width, width + steps):  # decoding, the whole batch at once
         seqlens = torch.full((batch,), t, dtype=torch.int32, device=device)
-        out = step(padded, slice(None), slice(t, t + 1), cache_seqlens=seqlens,
-                   cache_leftpad=leftpad)  # fmt: skip
+        out = step(
+            padded, slice(None), slice(t, t + 1), cache_seqlens=seqlens, cache_leftpad=leftpad
+        )
         assert torch.isfinite(out).all()
         for b, n in enumerate(lengths):
             one = slice(b, b + 1)

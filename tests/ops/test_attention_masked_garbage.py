@@ -46,8 +46,9 @@ def test_bad_key_reaches_only_the_rows_that_see_it(backend, options, seqlen_q, s
         q = torch.randn(2, seqlen_q, 4, 16, dtype=dtype, device=device)
         k, v = (torch.randn(2, seqlen_k, 2, 16, dtype=dtype, device=device) for _ in "kv")
         clean = flash_attn_func(q, k, v, backend=backend, **options)
-        allowed = window_allowed(seqlen_q, seqlen_k, options.get("causal", False),
-                                 options.get("window_size", (-1, -1)))  # fmt: skip
+        allowed = window_allowed(
+            seqlen_q, seqlen_k, options.get("causal", False), options.get("window_size", (-1, -1))
+        )
         for j, value in zip((seqlen_k - 20, seqlen_k - 9, seqlen_k - 1), GARBAGE):
             # NaN or inf in every entry of key j's k and in one entry of its v.
             spoiled_k = _spoil(k, (slice(None), j), value)
@@ -111,10 +112,19 @@ def test_bad_keys_of_other_sequences_and_of_padding(backend):
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     # NaN in all keys of the second sequence leaves the first and third untouched.
     first, end = int(cu_seqlens[1]), int(cu_seqlens[2])
-    out = flash_attn_varlen_func(q_unpad, _spoil(k_unpad, slice(first, end)), v_unpad, cu_seqlens,
-                                 cu_seqlens, max_seqlen, max_seqlen, backend=backend)  # fmt: skip
-    clean = flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_seqlens, cu_seqlens, max_seqlen,
-                                   max_seqlen, backend=backend)  # fmt: skip
+    out = flash_attn_varlen_func(
+        q_unpad,
+        _spoil(k_unpad, slice(first, end)),
+        v_unpad,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        backend=backend,
+    )
+    clean = flash_attn_varlen_func(
+        q_unpad, k_unpad, v_unpad, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, backend=backend
+    )
     others = torch.ones(out.shape[0], dtype=torch.bool, device=device)
     others[first:end] = False
     torch.testing.assert_close(out[others], clean[others], rtol=0, atol=0)
@@ -130,9 +140,14 @@ def test_cache_garbage_past_seqlens_and_before_leftpad(backend, num_splits):
     seqlens = torch.tensor([5, 40, 30], dtype=torch.int32, device=device)
     caches = {}
     for fill in ("zeros", "garbage"):
-        k_cache, v_cache = (torch.full((batch, capacity, nheads_k, headdim),
-                                       0.0 if fill == "zeros" else float("nan"), device=device)
-                            for _ in "kv")  # fmt: skip
+        k_cache, v_cache = (
+            torch.full(
+                (batch, capacity, nheads_k, headdim),
+                0.0 if fill == "zeros" else float("nan"),
+                device=device,
+            )
+            for _ in "kv"
+        )
         caches[fill] = (k_cache, v_cache)
     for b in range(batch):
         start, end = int(leftpad[b]), int(seqlens[b])
@@ -143,10 +158,19 @@ def test_cache_garbage_past_seqlens_and_before_leftpad(backend, num_splits):
     q = torch.randn(batch, 4, 4, headdim, device=device)
     k, v = (torch.randn(batch, 4, nheads_k, headdim, device=device) for _ in "kv")
     outs = {
-        fill: flash_attn_with_kvcache(q, *cache, k, v, cache_seqlens=seqlens, cache_leftpad=leftpad,
-                                      causal=True, num_splits=num_splits, backend=backend)
+        fill: flash_attn_with_kvcache(
+            q,
+            *cache,
+            k,
+            v,
+            cache_seqlens=seqlens,
+            cache_leftpad=leftpad,
+            causal=True,
+            num_splits=num_splits,
+            backend=backend,
+        )
         for fill, cache in caches.items()
-    }  # fmt: skip
+    }
     assert torch.isfinite(outs["garbage"]).all()
     torch.testing.assert_close(outs["garbage"], outs["zeros"], rtol=0, atol=0)
 
@@ -165,11 +189,13 @@ def test_paged_cache_garbage_in_unused_slots(backend):
             cache[table[b].long()[positions // 8], positions % 8] = seq
             kept.append(seq)
     q = torch.randn(2, 2, 2, 16, device=device)
-    out = flash_attn_with_kvcache(q, *pages, cache_seqlens=seqlens, block_table=table,
-                                  causal=True, backend=backend)  # fmt: skip
+    out = flash_attn_with_kvcache(
+        q, *pages, cache_seqlens=seqlens, block_table=table, causal=True, backend=backend
+    )
     for b in range(2):
-        expected = flash_attn_func(q[b : b + 1], keys[b][None], values[b][None], causal=True,
-                                   backend=backend)  # fmt: skip
+        expected = flash_attn_func(
+            q[b : b + 1], keys[b][None], values[b][None], causal=True, backend=backend
+        )
         torch.testing.assert_close(out[b : b + 1], expected, rtol=1e-6, atol=1e-6)
 
 
@@ -180,8 +206,9 @@ def test_bad_key_gradient_reaches_only_the_rows_that_see_it(backend, options):
     0 * NaN in dO v^T and in dS k stays 0)."""
     device, dtypes = device_and_dtypes(backend)
     seqlen = 70
-    allowed = window_allowed(seqlen, seqlen, options.get("causal", False),
-                             options.get("window_size", (-1, -1)))  # fmt: skip
+    allowed = window_allowed(
+        seqlen, seqlen, options.get("causal", False), options.get("window_size", (-1, -1))
+    )
     for dtype in dtypes:
         q = torch.randn(2, seqlen, 4, 16, dtype=dtype, device=device)
         k, v = (torch.randn(2, seqlen, 2, 16, dtype=dtype, device=device) for _ in "kv")

@@ -48,8 +48,11 @@ def test_kept_configs_fit_and_are_few(spaces, kernel, arch, head_dim, masked, dt
     assert all(c in fitting for c in result)
     # Of the fitting configs with the same owned block and warps, only the longest steps.
     for c in fitting:
-        same = [k for k in result if (k.kwargs[footprint.owned], k.num_warps)
-                == (c.kwargs[footprint.owned], c.num_warps)]  # fmt: skip
+        same = [
+            k
+            for k in result
+            if (k.kwargs[footprint.owned], k.num_warps) == (c.kwargs[footprint.owned], c.num_warps)
+        ]
         assert same and all(footprint.step(k) >= footprint.step(c) for k in same)
 
 

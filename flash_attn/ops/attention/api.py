@@ -46,30 +46,52 @@ class AttentionPlan:
         self.backend, self.opts, self.varlen = backend, opts, varlen
         self.launches = None
 
-    def __call__(self, q, k, v, attn_bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, block_table,
-                 return_probs):  # fmt: skip
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        attn_bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        block_table,
+        return_probs,
+    ):
         varlen = self.varlen and (cu_seqlens_q, cu_seqlens_k, *self.varlen)
         if self.backend == "torch":
             if block_table is not None:
                 k, v = (gather_pages(t, block_table, cu_seqlens_k) for t in (k, v))
             bias = _expand_bias(attn_bias, q, k, varlen)
-            return attention_torch(q, k, v, self.opts, bias, alibi_slopes, varlen or None,
-                                   return_probs)  # fmt: skip
+            return attention_torch(
+                q, k, v, self.opts, bias, alibi_slopes, varlen or None, return_probs
+            )
         bias = _expand_bias(_additive_bias(attn_bias, q), q, k, varlen)
         seed = None
         if self.opts.dropout_p > 0.0:
             # Drawn from torch's generator for q's device: reproducible under torch.manual_seed.
             seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=q.device)
         key_ranges = _paged_key_ranges(cu_seqlens_k) if block_table is not None else None
-        tensors = (q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
-                   block_table, seed)  # fmt: skip
+        tensors = (
+            q,
+            k,
+            v,
+            bias,
+            alibi_slopes,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            key_ranges,
+            block_table,
+            seed,
+        )
         if torch.compiler.is_compiling():
             out, lse, probs = self._compiled(*tensors, return_probs)
         else:
             launches = self._launches(tensors, return_probs)
             differentiable = (q, k, v, bias)
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in differentiable):  # fmt: skip
+            if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in differentiable
+            ):
                 out, lse, probs = AttentionFunction.apply(*tensors, launches)
             else:  # no autograd node to build
                 out, lse, probs = launches.attend(*tensors)
@@ -81,19 +103,50 @@ class AttentionPlan:
             q, k, v, bias, alibi_slopes, cu_seqlens_q, _, _, block_table, _ = tensors
             batch = cu_seqlens_q.numel() - 1 if cu_seqlens_q is not None else q.shape[0]
             self.launches = TritonLaunches(
-                q, k, v, self.opts, bias=bias, alibi_slopes=alibi_slopes, varlen=self.varlen,
-                batch=batch, block_table=block_table, return_probs=return_probs,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                self.opts,
+                bias=bias,
+                alibi_slopes=alibi_slopes,
+                varlen=self.varlen,
+                batch=batch,
+                block_table=block_table,
+                return_probs=return_probs,
+            )
         return self.launches
 
-    def _compiled(self, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
-                  block_table, seed, return_probs):  # fmt: skip
+    def _compiled(
+        self,
+        q,
+        k,
+        v,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        key_ranges,
+        block_table,
+        seed,
+        return_probs,
+    ):
         max_seqlen_q, max_seqlen_k = self.varlen or (None, None)
         return attention_compiled(
-            q, k, v, self.opts, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-            seed=seed, key_ranges=key_ranges, block_table=block_table, return_probs=return_probs,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            self.opts,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            seed=seed,
+            key_ranges=key_ranges,
+            block_table=block_table,
+            return_probs=return_probs,
+        )
 
 
 def _paged_key_ranges(cu_seqlens_k: Tensor) -> Tensor:
@@ -170,8 +223,17 @@ def attention(
     tensors = (q, k, v, attn_bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, block_table)
     key = None  # torch.compile traces the checks and the op instead
     if not torch.compiler.is_compiling():
-        options = (dropout_p, softmax_scale, causal, softcap, max_seqlen_q, max_seqlen_k,
-                   return_probs, deterministic, backend)  # fmt: skip
+        options = (
+            dropout_p,
+            softmax_scale,
+            causal,
+            softcap,
+            max_seqlen_q,
+            max_seqlen_k,
+            return_probs,
+            deterministic,
+            backend,
+        )
         key = _call_signature(tensors, window_size, options)
     plan = _plans.get(key)
     paged = block_table is not None
@@ -182,8 +244,19 @@ def attention(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table
             )
     if plan is None:
-        check_attention_inputs(q, k, v, dropout_p, softmax_scale, window_size, softcap,
-                               alibi_slopes, attn_bias, varlen, paged=paged)  # fmt: skip
+        check_attention_inputs(
+            q,
+            k,
+            v,
+            dropout_p,
+            softmax_scale,
+            window_size,
+            softcap,
+            alibi_slopes,
+            attn_bias,
+            varlen,
+            paged=paged,
+        )
         causal = check_flag("causal", causal)
         deterministic = check_flag("deterministic", deterministic)
         opts = AttentionOptions.create(

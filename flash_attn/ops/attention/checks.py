@@ -166,8 +166,9 @@ def _check_bias(attn_bias, q, k, batch, varlen) -> None:
         )
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        block_table=None):  # fmt: skip
+def check_varlen_inputs(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None
+):
     """Check packed-sequence offsets; return (cu_seqlens_q, cu_seqlens_k, max_q, max_k).
 
     Expected: cu_seqlens_* int32 (batch + 1,) on q's device, starting at 0, non-decreasing,
@@ -234,8 +235,12 @@ def check_block_table(block_table, k_cache, lengths: Tensor | None, batch: int) 
     sequence, must fit in max_pages * page_size (RuntimeError naming block_table, as the
     official package). None skips the data-dependent checks (as under torch.compile).
     """
-    if not (isinstance(block_table, Tensor) and block_table.dtype == torch.int32
-            and block_table.dim() == 2 and block_table.shape[0] == batch):  # fmt: skip
+    if not (
+        isinstance(block_table, Tensor)
+        and block_table.dtype == torch.int32
+        and block_table.dim() == 2
+        and block_table.shape[0] == batch
+    ):
         raise ValueError(f"block_table must be an int32 tensor of shape ({batch}, max_pages)")
     if not isinstance(k_cache, Tensor) or k_cache.dim() != 4:
         raise ValueError(

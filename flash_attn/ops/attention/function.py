@@ -74,16 +74,25 @@ class TritonLaunches:
             self.probs_shape = (batch, q.shape[-2], seqlen_q, seqlen_k)
         self._backward = {}
 
-    def attend(self, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges,
-               block_table, seed):  # fmt: skip
+    def attend(
+        self, q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, key_ranges, block_table, seed
+    ):
         """(out, lse, probs or None) of the forward launch, outside autograd: the arguments of
         :class:`AttentionFunction` but the launches."""
         probs = q.new_zeros(self.probs_shape) if self.probs_shape is not None else None
         out, lse = self.forward(
-            q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, block_table=block_table,
-            seed=seed, probs=probs,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            key_ranges=key_ranges,
+            block_table=block_table,
+            seed=seed,
+            probs=probs,
+        )
         return out, lse, probs
 
     def backward(self, q, k, v, bias_requires_grad: bool):
@@ -184,10 +193,29 @@ _CACHE_SCHEMA = "Tensor? key_ranges, Tensor? k_batch_idx, Tensor? block_table, i
     f"{_OPTIONS_SCHEMA}, bool return_probs) -> (Tensor, Tensor, Tensor)",
 )
 def attention_forward_op(
-    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
-    key_ranges, k_batch_idx, block_table, num_splits, softmax_scale, causal, window_left,
-    window_right, softcap, dropout_p, deterministic, return_probs,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    key_ranges,
+    k_batch_idx,
+    block_table,
+    num_splits,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    deterministic,
+    return_probs,
+):
     """(out, lse, probs); probs is empty unless return_probs (an op cannot return None)."""
     from flash_attn.ops.attention.triton.forward import attention_fwd
 
@@ -196,11 +224,23 @@ def attention_forward_op(
     )
     probs = q.new_zeros(_probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs))
     out, lse = attention_fwd(
-        q, k, v, opts, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k or None,
-        seed=seed, key_ranges=key_ranges, k_batch_idx=k_batch_idx, block_table=block_table,
-        num_splits=num_splits, probs=probs if return_probs else None,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        opts,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k or None,
+        seed=seed,
+        key_ranges=key_ranges,
+        k_batch_idx=k_batch_idx,
+        block_table=block_table,
+        num_splits=num_splits,
+        probs=probs if return_probs else None,
+    )
     return out, lse, probs
 
 
@@ -215,10 +255,29 @@ def _probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs):
 
 @attention_forward_op.register_fake
 def _(
-    q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
-    key_ranges, k_batch_idx, block_table, num_splits, softmax_scale, causal, window_left,
-    window_right, softcap, dropout_p, deterministic, return_probs,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    key_ranges,
+    k_batch_idx,
+    block_table,
+    num_splits,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    deterministic,
+    return_probs,
+):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
     else:
@@ -234,10 +293,28 @@ def _(
     f"{_OPTIONS_SCHEMA}, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def attention_backward_op(
-    dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k, seed, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-    deterministic, bias_requires_grad,
-):  # fmt: skip
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    deterministic,
+    bias_requires_grad,
+):
     """(dq, dk, dv, dbias); dbias is empty without bias_requires_grad."""
     from flash_attn.ops.attention.triton.backward import attention_bwd
 
@@ -245,19 +322,49 @@ def attention_backward_op(
         softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic
     )
     dq, dk, dv, dbias = attention_bwd(
-        dout, q, k, v, out, lse, opts, bias=bias, alibi_slopes=alibi_slopes,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, seed=seed, bias_requires_grad=bias_requires_grad,
-    )  # fmt: skip
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        opts,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        seed=seed,
+        bias_requires_grad=bias_requires_grad,
+    )
     return dq, dk, dv, (dbias.to(bias.dtype) if dbias is not None else q.new_empty(0))
 
 
 @attention_backward_op.register_fake
 def _(
-    dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k, seed, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-    deterministic, bias_requires_grad,
-):  # fmt: skip
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    seed,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    dropout_p,
+    deterministic,
+    bias_requires_grad,
+):
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
@@ -278,9 +385,21 @@ def _backward(ctx, dout, _dlse, _dprobs):
     q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = attention_backward_op(
-        dout, q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-        *ctx.max_seqlens, seed, *ctx.options, bias_requires_grad,
-    )  # fmt: skip
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *ctx.max_seqlens,
+        seed,
+        *ctx.options,
+        bias_requires_grad,
+    )
     grads = (dq, dk, dv, dbias if bias_requires_grad else None)
     return grads + (None,) * (ctx.inputs - len(grads))
 
@@ -289,15 +408,47 @@ attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_compiled(
-    q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
-    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, seed=None, key_ranges=None,
-    k_batch_idx=None, block_table=None, num_splits=1, return_probs=False,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    opts: AttentionOptions,
+    *,
+    bias=None,
+    alibi_slopes=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seed=None,
+    key_ranges=None,
+    k_batch_idx=None,
+    block_table=None,
+    num_splits=1,
+    return_probs=False,
+):
     """(out, lse, probs) through the torch.library op (what torch.compile traces); arguments as
     :class:`~flash_attn.ops.attention.triton.forward.ForwardLaunch` and its call take them."""
     return attention_forward_op(
-        q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q or 0,
-        max_seqlen_k or 0, seed, key_ranges, k_batch_idx, block_table, num_splits,
-        opts.softmax_scale, opts.causal, opts.window_left, opts.window_right, opts.softcap,
-        opts.dropout_p, opts.deterministic, return_probs,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q or 0,
+        max_seqlen_k or 0,
+        seed,
+        key_ranges,
+        k_batch_idx,
+        block_table,
+        num_splits,
+        opts.softmax_scale,
+        opts.causal,
+        opts.window_left,
+        opts.window_right,
+        opts.softcap,
+        opts.dropout_p,
+        opts.deterministic,
+        return_probs,
+    )

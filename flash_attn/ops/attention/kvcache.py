@@ -325,13 +325,33 @@ def flash_attn_with_kvcache(
         seqlens_k = cache_seqlens
     opts = AttentionOptions.create(q.shape[-1], softmax_scale, causal, window_size, softcap)
     keys = CacheKeys(layout, cache_leftpad, seqlens_k)
-    out, lse = _attend_to_cache(q, k_cache, v_cache, keys, cache_batch_idx, opts, alibi_slopes,
-                                num_splits, return_softmax_lse, backend)  # fmt: skip
+    out, lse = _attend_to_cache(
+        q,
+        k_cache,
+        v_cache,
+        keys,
+        cache_batch_idx,
+        opts,
+        alibi_slopes,
+        num_splits,
+        return_softmax_lse,
+        backend,
+    )
     return (out, lse) if return_softmax_lse else out
 
 
-def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts, alibi_slopes,
-                     num_splits, return_lse, backend):  # fmt: skip
+def _attend_to_cache(
+    q,
+    k_cache,
+    v_cache,
+    keys: CacheKeys,
+    cache_batch_idx,
+    opts,
+    alibi_slopes,
+    num_splits,
+    return_lse,
+    backend,
+):
     """(out, lse) of q attending to each batch entry's keys in the cache. The torch path
     computes lse only when return_lse (it then materialises the scores of each batch entry);
     the Triton path always has it."""
@@ -343,15 +363,30 @@ def _attend_to_cache(q, k_cache, v_cache, keys: CacheKeys, cache_batch_idx, opts
         if torch.compiler.is_compiling():  # the op that torch.compile traces
             splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
             out, lse, _ = attention_compiled(
-                q, k_cache, v_cache, opts, alibi_slopes=alibi_slopes,
-                max_seqlen_k=layout.capacity, key_ranges=key_ranges,
-                k_batch_idx=cache_batch_idx, block_table=layout.block_table, num_splits=splits,
-            )  # fmt: skip
+                q,
+                k_cache,
+                v_cache,
+                opts,
+                alibi_slopes=alibi_slopes,
+                max_seqlen_k=layout.capacity,
+                key_ranges=key_ranges,
+                k_batch_idx=cache_batch_idx,
+                block_table=layout.block_table,
+                num_splits=splits,
+            )
             return out, lse
-        launch = _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout,
-                               num_splits)  # fmt: skip
-        return launch(q, k_cache, v_cache, alibi_slopes=alibi_slopes, key_ranges=key_ranges,
-                      k_batch_idx=cache_batch_idx, block_table=layout.block_table)  # fmt: skip
+        launch = _cache_launch(
+            q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout, num_splits
+        )
+        return launch(
+            q,
+            k_cache,
+            v_cache,
+            alibi_slopes=alibi_slopes,
+            key_ranges=key_ranges,
+            k_batch_idx=cache_batch_idx,
+            block_table=layout.block_table,
+        )
     starts = keys.leftpad.tolist() if keys.leftpad is not None else [0] * q.shape[0]
     outs, lses = [], []
     for b, (start, end) in enumerate(zip(starts, keys.ends.tolist())):
@@ -389,9 +424,16 @@ def _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layo
         if len(_launches) >= 256:
             del _launches[next(iter(_launches))]
         launch = _launches[key] = ForwardLaunch(
-            q, k_cache, v_cache, opts, batch=q.shape[0], alibi_slopes=alibi_slopes,
-            max_seqlen_k=layout.capacity, key_ranges=True,
+            q,
+            k_cache,
+            v_cache,
+            opts,
+            batch=q.shape[0],
+            alibi_slopes=alibi_slopes,
+            max_seqlen_k=layout.capacity,
+            key_ranges=True,
             num_splits=num_splits or _auto_num_splits(q, layout.capacity, q.shape[2]),
-            kv_batch_idx=cache_batch_idx is not None, block_table=layout.block_table,
-        )  # fmt: skip
+            kv_batch_idx=cache_batch_idx is not None,
+            block_table=layout.block_table,
+        )
     return launch

@@ -253,9 +253,20 @@ def _attn_bwd_dkdv_inner(
         qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         pT, ds_scores, dsT = _tile_grads(
-            qkT, dpT, lse[None, :], delta[None, :], rows[None, :], cols[:, None], start_n, mods,
-            dropout, FEATURES, MASKED, True, BLOCK_N,
-        )  # fmt: skip
+            qkT,
+            dpT,
+            lse[None, :],
+            delta[None, :],
+            rows[None, :],
+            cols[:, None],
+            start_n,
+            mods,
+            dropout,
+            FEATURES,
+            MASKED,
+            True,
+            BLOCK_N,
+        )
         dsT = dsT.to(qT.dtype)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
@@ -303,9 +314,20 @@ def _attn_bwd_dq_inner(
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         _, ds_scores, ds = _tile_grads(
-            qk, dp, lse[:, None], delta[:, None], rows[:, None], cols[None, :], start_n, mods,
-            dropout, FEATURES, MASKED, False, BLOCK_N,
-        )  # fmt: skip
+            qk,
+            dp,
+            lse[:, None],
+            delta[:, None],
+            rows[:, None],
+            cols[None, :],
+            start_n,
+            mods,
+            dropout,
+            FEATURES,
+            MASKED,
+            False,
+            BLOCK_N,
+        )
         if MASKED:  # a masked key's ds is 0, and 0 * (NaN or inf in its k) must stay 0
             kT = tl.where((kT - kT) == 0, kT, 0.0)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
@@ -316,29 +338,72 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV,  # DO like Out; DK, DV like K, contiguous
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,  # DO like Out; DK, DV like K, contiguous
     DQAccum,  # like Out, fp32, zeroed: dQ / softmax_scale is added here when ATOMIC_DQ
     DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
-    stride_q, stride_k, stride_v, stride_o, stride_dk, stride_lse,  # as in the forward
-    CuSeqlensQ, CuSeqlensK, SeqlensK,  # as in the forward
-    Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right,
-    Seed, dropout_p,
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DBIAS: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_dk,
+    stride_lse,  # as in the forward
+    CuSeqlensQ,
+    CuSeqlensK,
+    SeqlensK,  # as in the forward
+    Bias,
+    stride_bias,
+    Slopes,
+    stride_slope_b,
+    softmax_scale,
+    softcap,
+    window_left,
+    window_right,
+    Seed,
+    dropout_p,
+    nheads,
+    nheads_k,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    seqlen_q_bucket,
+    seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQLENS_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DBIAS: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
     # its group, so dK and dV are written once, without atomics.
     lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
     scoring = Scoring(
-        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left,
+        Bias,
+        stride_bias,
+        Slopes,
+        stride_slope_b,
+        softmax_scale,
+        softcap,
+        window_left,
         window_right,
-    )  # fmt: skip
+    )
     # With the roles swapped, the window's parts trade places.
     order = heavy_last(window_right, window_left)
     start_n, _, off_b, off_hk = program_block(BLOCK_N, nheads_k, order)
@@ -382,29 +447,90 @@ def _attn_bwd_dkdv_kernel(
             head_start(Q, stride_q, off_b, off_h, q_start),
             head_start(DO, stride_o, off_b, off_h, q_start),
             head_start(DQAccum, stride_o, off_b, off_h, q_start),
-            Lse, Delta, off_b * stride_lse[0] + off_h * stride_lse[1] + q_start,
-            stride_q[1], stride_o[1], in_dim,
-        )  # fmt: skip
+            Lse,
+            Delta,
+            off_b * stride_lse[0] + off_h * stride_lse[1] + q_start,
+            stride_q[1],
+            stride_o[1],
+            in_dim,
+        )
         bh = off_b * nheads + off_h
         dbias = ScoreGrads(DBias, bh.to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)
         mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
         dropout = Dropout(seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, k_dq, v, queries, cols, start_n, mods, dropout, dbias, lo_full, hi_full,
-            FEATURES, False, ATOMIC_DQ, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            k_dq,
+            v,
+            queries,
+            cols,
+            start_n,
+            mods,
+            dropout,
+            dbias,
+            lo_full,
+            hi_full,
+            FEATURES,
+            False,
+            ATOMIC_DQ,
+            DBIAS,
+            DOT_PRECISION,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+        )
         # With the roles swapped, the window's left edge (or the last queries) masks the last
         # query blocks, its right edge (causal: the diagonal) the first ones.
         if MASK_LEFT or not EVEN_M:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, k_dq, v, queries, cols, start_n, mods, dropout, dbias, hi_full, hi,
-                FEATURES, True, ATOMIC_DQ, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
+                dk,
+                dv,
+                k,
+                k_dq,
+                v,
+                queries,
+                cols,
+                start_n,
+                mods,
+                dropout,
+                dbias,
+                hi_full,
+                hi,
+                FEATURES,
+                True,
+                ATOMIC_DQ,
+                DBIAS,
+                DOT_PRECISION,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_N,
+            )
         if MASK_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, k_dq, v, queries, cols, start_n, mods, dropout, dbias, lo, lo_full,
-                FEATURES, True, ATOMIC_DQ, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_M, BLOCK_N,
-            )  # fmt: skip
+                dk,
+                dv,
+                k,
+                k_dq,
+                v,
+                queries,
+                cols,
+                start_n,
+                mods,
+                dropout,
+                dbias,
+                lo,
+                lo_full,
+                FEATURES,
+                True,
+                ATOMIC_DQ,
+                DBIAS,
+                DOT_PRECISION,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_N,
+            )
 
     dk = dk * softmax_scale
     out_offs = head_start(0, stride_dk, off_b, off_hk, k_start) + cols[:, None] * stride_dk[1]
@@ -415,36 +541,90 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ,  # DQ like Out, contiguous
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,  # DQ like Out, contiguous
     DBias,  # (B, H, max_Sq, max_Sk) fp32, written when DBIAS
-    stride_q, stride_k, stride_v, stride_o, stride_lse,  # as in the forward
-    CuSeqlensQ, CuSeqlensK, SeqlensK,  # as in the forward
-    Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right,
-    Seed, dropout_p,
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr, DBIAS: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_lse,  # as in the forward
+    CuSeqlensQ,
+    CuSeqlensK,
+    SeqlensK,  # as in the forward
+    Bias,
+    stride_bias,
+    Slopes,
+    stride_slope_b,
+    softmax_scale,
+    softcap,
+    window_left,
+    window_right,
+    Seed,
+    dropout_p,
+    nheads,
+    nheads_k,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    seqlen_q_bucket,
+    seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQLENS_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DBIAS: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # The deterministic schedule's second pass: one program owns a query block and sums its dQ
     # over the key blocks in registers, recomputing the scores and dP.
     lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
     scoring = Scoring(
-        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left,
+        Bias,
+        stride_bias,
+        Slopes,
+        stride_slope_b,
+        softmax_scale,
+        softcap,
+        window_left,
         window_right,
-    )  # fmt: skip
+    )
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = (
         query_block(
-            Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k,
-            head_dim, HEAD_DIM, VARLEN, HAS_SEQLENS_K, HAS_ALIBI, DROPOUT, BLOCK_M,
+            Q,
+            stride_q,
+            lengths,
+            scoring,
+            Seed,
+            dropout_p,
+            nheads,
+            seqlen_q,
+            seqlen_k,
+            head_dim,
+            HEAD_DIM,
+            VARLEN,
+            HAS_SEQLENS_K,
+            HAS_ALIBI,
+            DROPOUT,
+            BLOCK_M,
         )
-    )  # fmt: skip
+    )
     if start_m >= seqlen_q:
         return
     off_hk = off_h // (nheads // nheads_k)
@@ -460,8 +640,10 @@ def _attn_bwd_dq_kernel(
     keys = (
         head_start(K, stride_k, off_b, off_hk, k_start),
         head_start(V, stride_v, off_b, off_hk, k_start),
-        stride_k[1], stride_v[1], in_dim,
-    )  # fmt: skip
+        stride_k[1],
+        stride_v[1],
+        in_dim,
+    )
     dbias = ScoreGrads(DBias, dropout.bh.to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)
 
     FEATURES: tl.constexpr = Features(
@@ -472,19 +654,67 @@ def _attn_bwd_dq_kernel(
         start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, rows, keys, mods, dropout, dbias, lo_full, hi_full,
-        FEATURES, False, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        rows,
+        keys,
+        mods,
+        dropout,
+        dbias,
+        lo_full,
+        hi_full,
+        FEATURES,
+        False,
+        DBIAS,
+        DOT_PRECISION,
+        HEAD_DIM,
+        BLOCK_N,
+    )
     if MASK_WINDOW or not EVEN_N:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, rows, keys, mods, dropout, dbias, hi_full, hi,
-            FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
-        )  # fmt: skip
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            rows,
+            keys,
+            mods,
+            dropout,
+            dbias,
+            hi_full,
+            hi,
+            FEATURES,
+            True,
+            DBIAS,
+            DOT_PRECISION,
+            HEAD_DIM,
+            BLOCK_N,
+        )
     if MASK_LEFT:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse, delta, rows, keys, mods, dropout, dbias, lo, lo_full,
-            FEATURES, True, DBIAS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
-        )  # fmt: skip
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            rows,
+            keys,
+            mods,
+            dropout,
+            dbias,
+            lo,
+            lo_full,
+            FEATURES,
+            True,
+            DBIAS,
+            DOT_PRECISION,
+            HEAD_DIM,
+            BLOCK_N,
+        )
 
     dq = dq * softmax_scale
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -631,9 +861,7 @@ class BackwardLaunch:
         dbias_out = dbias if dbias is not None else delta
         cu_seqlens_q = tensors["CuSeqlensQ"]
         with device_guard(q):
-            self.preprocess(
-                Out=out, DO=do, Delta=delta, DQAccum=dq_accum, CuSeqlensQ=cu_seqlens_q
-            )
+            self.preprocess(Out=out, DO=do, Delta=delta, DQAccum=dq_accum, CuSeqlensQ=cu_seqlens_q)
             self.dkdv(DK=dk, DV=dv, DQAccum=dq_accum, DBias=dbias_out, **common)
             if self.atomic_dq:
                 self.dq(DQAccum=dq_accum, DQ=dq, CuSeqlensQ=cu_seqlens_q)

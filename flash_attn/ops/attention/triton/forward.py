@@ -107,8 +107,7 @@ class Dropout(NamedTuple):
 
 
 @triton.jit
-def sequence(lengths, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
-             HAS_SEQLENS_K: tl.constexpr):  # fmt: skip
+def sequence(lengths, off_b, seqlen_q, seqlen_k, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr):
     """(q_start, seqlen_q, k_start, seqlen_k) of batch entry off_b: its first row in the token
     dimension and its lengths. lengths: (CuSeqlensQ, CuSeqlensK, SeqlensK), the (B + 1,) int32
     offsets of packed varlen batches, read when VARLEN, and SeqlensK, (B, 2) int32 when
@@ -157,9 +156,18 @@ def score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI: tl.constexp
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(scoring.Slopes + off_b * scoring.stride_slope_b + off_h)
-    return ScoreMods(seqlen_q, seqlen_k, scoring.softmax_scale, scoring.softcap, bias_base,
-                     stride_bias_m, stride_bias_n, slope, scoring.window_left,
-                     scoring.window_right)  # fmt: skip
+    return ScoreMods(
+        seqlen_q,
+        seqlen_k,
+        scoring.softmax_scale,
+        scoring.softcap,
+        bias_base,
+        stride_bias_m,
+        stride_bias_n,
+        slope,
+        scoring.window_left,
+        scoring.window_right,
+    )
 
 
 @triton.jit
@@ -223,8 +231,15 @@ def block_indices(start, length, BLOCK: tl.constexpr, MASKED: tl.constexpr, EVEN
 
 
 @triton.jit
-def key_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def key_range(
+    start_m,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """(lo, lo_full, hi_full, hi): keys [lo, hi) are those some query of the block starting at
     start_m can see (lo a multiple of BLOCK_N); the key blocks in [lo_full, hi_full) are seen
     whole by every query of the block (inside the window and the keys), so their tiles need no
@@ -250,8 +265,9 @@ def key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED: tl.constexpr):
     offsets = cols * stride_n
     if PAGED:
         BlockTable, off_b, stride_table_b, page_size = pages
-        page = tl.load(BlockTable + off_b * stride_table_b + cols // page_size, mask=in_keys,
-                       other=0)  # fmt: skip
+        page = tl.load(
+            BlockTable + off_b * stride_table_b + cols // page_size, mask=in_keys, other=0
+        )
         offsets = page.to(tl.int64) * stride_b + (cols % page_size) * stride_n
     return offsets
 
@@ -265,11 +281,17 @@ def load_keys(src, cols, in_keys, in_dim, pages, PAGED: tl.constexpr, TRANSPOSED
     offsets = key_offsets(cols, in_keys, pages, stride_b, stride_n, PAGED)
     offs_d = tl.arange(0, in_dim.shape[0])
     if TRANSPOSED:
-        tile = tl.load(base + offsets[None, :] + offs_d[:, None],
-                       mask=in_keys[None, :] & in_dim[:, None], other=0.0)  # fmt: skip
+        tile = tl.load(
+            base + offsets[None, :] + offs_d[:, None],
+            mask=in_keys[None, :] & in_dim[:, None],
+            other=0.0,
+        )
     else:
-        tile = tl.load(base + offsets[:, None] + offs_d[None, :],
-                       mask=in_keys[:, None] & in_dim[None, :], other=0.0)  # fmt: skip
+        tile = tl.load(
+            base + offsets[:, None] + offs_d[None, :],
+            mask=in_keys[:, None] & in_dim[None, :],
+            other=0.0,
+        )
     return tile
 
 
@@ -296,8 +318,9 @@ def dropout_keep(dropout, rows, start_n, BLOCK_N: tl.constexpr, TRANSPOSED: tl.c
     r0, r1, r2, r3 = tl.randint4x(dropout.seed, offsets)
     threshold = tl.cast(dropout.dropout_p * 4294967296.0, tl.uint32)
     # join(join(a, c), join(b, d)) flattens its last two dims to a, b, c, d.
-    keep = tl.join(tl.join(r0 >= threshold, r2 >= threshold),
-                   tl.join(r1 >= threshold, r3 >= threshold))  # fmt: skip
+    keep = tl.join(
+        tl.join(r0 >= threshold, r2 >= threshold), tl.join(r1 >= threshold, r3 >= threshold)
+    )
     if TRANSPOSED:
         keep = tl.reshape(tl.permute(keep, (0, 2, 3, 1)), (BLOCK_N, offsets.shape[1]))
     else:
@@ -337,10 +360,23 @@ def head_start(T, strides, off_b, off_h, start):
 
 @triton.jit
 def query_block(
-    Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k, head_dim,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_SEQLENS_K: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    Q,
+    stride_q,
+    lengths,
+    scoring,
+    Seed,
+    dropout_p,
+    nheads,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQLENS_K: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """What a program that owns a query block (see :func:`program_block`) starts from:
     (start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout), with
     the block's q (BLOCK_M, HEAD_DIM) loaded, mods for :func:`scores` and dropout for
@@ -373,10 +409,23 @@ def query_block(
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q, keys, rows, mods, dropout, lo, hi,
-    FEATURES: tl.constexpr, MASKED: tl.constexpr, GUARD: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    acc,
+    l_i,
+    m_i,
+    q,
+    keys,
+    rows,
+    mods,
+    dropout,
+    lo,
+    hi,
+    FEATURES: tl.constexpr,
+    MASKED: tl.constexpr,
+    GUARD: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The online softmax over key blocks [lo, hi) (lo a multiple of BLOCK_N): (acc, l_i, m_i)
     updated, m_i in log2 units. keys: (k_src, v_src, in_dim, pages), k_src and v_src as
     :func:`load_keys` takes them. Without MASKED every score of every block is visible.
@@ -424,9 +473,18 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _store_probs(
-    P, q, keys, rows, mods, dropout, lse2, FEATURES: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    P,
+    q,
+    keys,
+    rows,
+    mods,
+    dropout,
+    lse2,
+    FEATURES: tl.constexpr,
+    PAGED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Store the block's probabilities exp2(s - lse2) (lse2: (BLOCK_M,) log-sum-exp in log2
     units) over every key of its sequence into P, (B, H, max_seqlen_q, max_seqlen_k), laid out
     as the dropout positions are; negated where dropout drops the weight."""
@@ -442,16 +500,31 @@ def _store_probs(
         if FEATURES.DROPOUT:
             p = tl.where(dropout_keep(dropout, rows[:, None], start_n, BLOCK_N, False), p, -p)
         offsets = (bh.to(tl.int64) * max_seqlen_q + rows[:, None]) * max_seqlen_k + cols[None, :]
-        tl.store(P + offsets, p.to(P.dtype.element_ty),
-                 mask=(rows[:, None] < seqlen_q) & in_keys[None, :])  # fmt: skip
+        tl.store(
+            P + offsets,
+            p.to(P.dtype.element_ty),
+            mask=(rows[:, None] < seqlen_q) & in_keys[None, :],
+        )
 
 
 @triton.jit
 def _attn_fwd_rows(
-    q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES: tl.constexpr,
-    GUARD: tl.constexpr, PAGED: tl.constexpr, STORE_PROBS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    q,
+    keys,
+    rows,
+    mods,
+    dropout,
+    key_blocks,
+    outputs,
+    place,
+    FEATURES: tl.constexpr,
+    GUARD: tl.constexpr,
+    PAGED: tl.constexpr,
+    STORE_PROBS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Attend the query block (q, rows) to every key it sees and store its output, lse and,
     with STORE_PROBS, probabilities. Returns whether the block's unnormalised output holds NaN
     or inf (always False without a window mask). outputs: (Out, stride_o, stride_out_split,
@@ -471,19 +544,61 @@ def _attn_fwd_rows(
     # they hold keys that some rows may not see and that are loaded (keys outside the sequence
     # are loaded as 0).
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, keys, rows, mods, dropout, lo_full, hi_full,
-        FEATURES, False, GUARD, PAGED, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        keys,
+        rows,
+        mods,
+        dropout,
+        lo_full,
+        hi_full,
+        FEATURES,
+        False,
+        GUARD,
+        PAGED,
+        DOT_PRECISION,
+        BLOCK_N,
+    )
     if FEATURES.MASK_WINDOW or not FEATURES.EVEN_N:
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, keys, rows, mods, dropout, hi_full, hi,
-            FEATURES, True, GUARD, PAGED, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
+            acc,
+            l_i,
+            m_i,
+            q,
+            keys,
+            rows,
+            mods,
+            dropout,
+            hi_full,
+            hi,
+            FEATURES,
+            True,
+            GUARD,
+            PAGED,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
     if FEATURES.MASK_LEFT:
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, keys, rows, mods, dropout, lo, lo_full,
-            FEATURES, True, GUARD, PAGED, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
+            acc,
+            l_i,
+            m_i,
+            q,
+            keys,
+            rows,
+            mods,
+            dropout,
+            lo,
+            lo_full,
+            FEATURES,
+            True,
+            GUARD,
+            PAGED,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
     spoiled = False
     if FEATURES.MASK_WINDOW:
         total = tl.sum(tl.sum(acc, 1), 0)
@@ -497,8 +612,18 @@ def _attn_fwd_rows(
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     if STORE_PROBS:
         _store_probs(
-            P, q, keys, rows, mods, dropout, lse2, FEATURES, PAGED, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
+            P,
+            q,
+            keys,
+            rows,
+            mods,
+            dropout,
+            lse2,
+            FEATURES,
+            PAGED,
+            DOT_PRECISION,
+            BLOCK_N,
+        )
     lse = lse2 / LOG2E
     lse_ptrs = Lse + split * stride_lse_split + off_b * stride_lse[0] + off_h * stride_lse[1]
     tl.store(lse_ptrs + q_start + rows, lse, mask=rows < seqlen_q)
@@ -512,25 +637,70 @@ def _attn_fwd_rows(
 
 @triton.jit
 def _forward_program(
-    Q, K, V, Out, Lse, stride_q, stride_k, stride_v, stride_o, stride_lse, lengths, scoring,
-    Seed, dropout_p, KBatchIdx, P, keys_per_split, stride_out_split, stride_lse_split,
-    BlockTable, stride_table_b, page_size, nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    FEATURES: tl.constexpr, HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_SEQLENS_K: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr,
-    SPLIT_KV: tl.constexpr, STORE_PROBS: tl.constexpr, RERUN_STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_lse,
+    lengths,
+    scoring,
+    Seed,
+    dropout_p,
+    KBatchIdx,
+    P,
+    keys_per_split,
+    stride_out_split,
+    stride_lse_split,
+    BlockTable,
+    stride_table_b,
+    page_size,
+    nheads,
+    nheads_k,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    FEATURES: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_SEQLENS_K: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr,
+    PAGED: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
+    STORE_PROBS: tl.constexpr,
+    RERUN_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The forward of the query block this program owns: the body of both forward kernels,
     whose arguments of these names it takes (lengths: see :func:`sequence`; scoring: a
     :class:`Scoring`)."""
     # q stays in SRAM for the whole loop over keys.
     start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = (
         query_block(
-            Q, stride_q, lengths, scoring, Seed, dropout_p, nheads, seqlen_q, seqlen_k,
-            head_dim, HEAD_DIM, VARLEN, HAS_SEQLENS_K, FEATURES.HAS_ALIBI, FEATURES.DROPOUT,
+            Q,
+            stride_q,
+            lengths,
+            scoring,
+            Seed,
+            dropout_p,
+            nheads,
+            seqlen_q,
+            seqlen_k,
+            head_dim,
+            HEAD_DIM,
+            VARLEN,
+            HAS_SEQLENS_K,
+            FEATURES.HAS_ALIBI,
+            FEATURES.DROPOUT,
             BLOCK_M,
         )
-    )  # fmt: skip
+    )
     if start_m >= seqlen_q:
         return
     off_hk = off_h // (nheads // nheads_k)
@@ -544,8 +714,9 @@ def _forward_program(
     k_base = head_start(K, stride_k, off_bk, off_hk, k_start)
     v_base = head_start(V, stride_v, off_bk, off_hk, k_start)
 
-    lo, lo_full, hi_full, hi = key_range(start_m, seqlen_q, seqlen_k, scoring.window_left,
-                                         scoring.window_right, BLOCK_M, BLOCK_N)  # fmt: skip
+    lo, lo_full, hi_full, hi = key_range(
+        start_m, seqlen_q, seqlen_k, scoring.window_left, scoring.window_right, BLOCK_M, BLOCK_N
+    )
     split = 0
     if SPLIT_KV:
         # program_id(2) takes keys [split * keys_per_split, (split + 1) * keys_per_split), a
@@ -557,101 +728,260 @@ def _forward_program(
         hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     pages = (BlockTable, off_b, stride_table_b, page_size)
     # A paged cache steps over pages with the batch stride.
-    keys = ((k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1]), in_dim,
-            pages)  # fmt: skip
+    keys = ((k_base, stride_k[0], stride_k[1]), (v_base, stride_v[0], stride_v[1]), in_dim, pages)
     key_blocks = (lo, lo_full, hi_full, hi)
     outputs = (Out, stride_o, stride_out_split, Lse, stride_lse, stride_lse_split, P)
     place = (off_b, off_h, q_start, start_m, split, head_dim)
     spoiled = _attn_fwd_rows(
-        q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, 0, PAGED,
-        STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
-    )  # fmt: skip
+        q,
+        keys,
+        rows,
+        mods,
+        dropout,
+        key_blocks,
+        outputs,
+        place,
+        FEATURES,
+        0,
+        PAGED,
+        STORE_PROBS,
+        DOT_PRECISION,
+        HEAD_DIM,
+        BLOCK_N,
+    )
     # A masked key holding NaN or inf in v spoils the rows that may not see it (0 * NaN), and
     # with them the sum of the block. Only then is the block computed and stored again with the
     # guard (see _attn_fwd_inner), which leaves the other rows bit for bit as they were: the
     # common case pays one sum, and the guard's work stays out of the main loops.
     if spoiled:  # a constant False without a window mask
         _attn_fwd_rows(
-            q, keys, rows, mods, dropout, key_blocks, outputs, place, FEATURES, RERUN_STAGES,
-            PAGED, STORE_PROBS, DOT_PRECISION, HEAD_DIM, BLOCK_N,
-        )  # fmt: skip
+            q,
+            keys,
+            rows,
+            mods,
+            dropout,
+            key_blocks,
+            outputs,
+            place,
+            FEATURES,
+            RERUN_STAGES,
+            PAGED,
+            STORE_PROBS,
+            DOT_PRECISION,
+            HEAD_DIM,
+            BLOCK_N,
+        )
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B
+    Q,
+    K,
+    V,  # (B, Sq, H, D), (B, Sk, Hk, D), (B, Sk, Hk, D); varlen: no B
     Out,  # like Q, contiguous
     Lse,  # (B, H, Sq) or varlen (H, total_q), fp32
-    stride_q, stride_k, stride_v, stride_o,  # (batch, token, head) strides; varlen: batch 0
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,  # (batch, token, head) strides; varlen: batch 0
     stride_lse,  # (batch, head)
-    CuSeqlensQ, CuSeqlensK,  # see sequence()
-    Bias, stride_bias, Slopes, stride_slope_b,  # see Scoring
-    softmax_scale, softcap, window_left, window_right,
-    Seed, dropout_p,  # (1,) int64, read when DROPOUT
+    CuSeqlensQ,
+    CuSeqlensK,  # see sequence()
+    Bias,
+    stride_bias,
+    Slopes,
+    stride_slope_b,  # see Scoring
+    softmax_scale,
+    softcap,
+    window_left,
+    window_right,
+    Seed,
+    dropout_p,  # (1,) int64, read when DROPOUT
     P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, MASK_WINDOW: tl.constexpr,
-    MASK_LEFT: tl.constexpr, DROPOUT: tl.constexpr, STORE_PROBS: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    nheads,
+    nheads_k,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    seqlen_q_bucket,
+    seqlen_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    STORE_PROBS: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
     # Pipeline stages of the guarded rerun (see _attn_fwd_inner): 1 (none) on sm_90, whose
     # wgmma reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop
     # stages its tiles in registers (it spills at head dim 256).
     RERUN_STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The training forward: dense or varlen batches."""
     FEATURES: tl.constexpr = Features(
         SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
     )
-    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
-                      window_left, window_right)  # fmt: skip
+    scoring = Scoring(
+        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right
+    )
     _forward_program(
-        Q, K, V, Out, Lse, stride_q, stride_k, stride_v, stride_o, stride_lse,
-        (CuSeqlensQ, CuSeqlensK, CuSeqlensK), scoring, Seed, dropout_p, Seed, P, 0, 0, 0,
-        Seed, 0, 1, nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-        FEATURES, HEAD_DIM, VARLEN, False, False, False, False, STORE_PROBS, RERUN_STAGES,
-        DOT_PRECISION, BLOCK_M, BLOCK_N,
-    )  # fmt: skip
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        stride_q,
+        stride_k,
+        stride_v,
+        stride_o,
+        stride_lse,
+        (CuSeqlensQ, CuSeqlensK, CuSeqlensK),
+        scoring,
+        Seed,
+        dropout_p,
+        Seed,
+        P,
+        0,
+        0,
+        0,
+        Seed,
+        0,
+        1,
+        nheads,
+        nheads_k,
+        seqlen_q,
+        seqlen_k,
+        head_dim,
+        FEATURES,
+        HEAD_DIM,
+        VARLEN,
+        False,
+        False,
+        False,
+        False,
+        STORE_PROBS,
+        RERUN_STAGES,
+        DOT_PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
 
 @triton.jit
 def _attn_decode_kernel(
-    Q, K, V, Out, Lse,  # as in _attn_fwd_kernel; k and v: caches (B_cache, S_cache, Hk, D)
-    stride_q, stride_k, stride_v, stride_o, stride_lse,
-    CuSeqlensQ, CuSeqlensK, SeqlensK,  # see sequence()
-    Bias, stride_bias, Slopes, stride_slope_b,  # see Scoring
-    softmax_scale, softcap, window_left, window_right,
-    Seed, dropout_p,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,  # as in _attn_fwd_kernel; k and v: caches (B_cache, S_cache, Hk, D)
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_o,
+    stride_lse,
+    CuSeqlensQ,
+    CuSeqlensK,
+    SeqlensK,  # see sequence()
+    Bias,
+    stride_bias,
+    Slopes,
+    stride_slope_b,  # see Scoring
+    softmax_scale,
+    softcap,
+    window_left,
+    window_right,
+    Seed,
+    dropout_p,
     KBatchIdx,  # (B,) int32 cache row of each batch entry, read when HAS_KV_BATCH_IDX
     P,
-    keys_per_split, stride_out_split, stride_lse_split,  # split-KV: one slice of keys each
-    BlockTable, stride_table_b, page_size,  # paged cache: (B, pages) int32, read when PAGED
-    nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-    seqlen_q_bucket, seqlen_k_bucket,  # autotune key only
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_BATCH_IDX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_WINDOW: tl.constexpr, MASK_LEFT: tl.constexpr, DROPOUT: tl.constexpr,
-    PAGED: tl.constexpr, SPLIT_KV: tl.constexpr, STORE_PROBS: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, RERUN_STAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    keys_per_split,
+    stride_out_split,
+    stride_lse_split,  # split-KV: one slice of keys each
+    BlockTable,
+    stride_table_b,
+    page_size,  # paged cache: (B, pages) int32, read when PAGED
+    nheads,
+    nheads_k,
+    seqlen_q,
+    seqlen_k,
+    head_dim,
+    seqlen_q_bucket,
+    seqlen_k_bucket,  # autotune key only
+    HEAD_DIM: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    MASK_WINDOW: tl.constexpr,
+    MASK_LEFT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    PAGED: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
+    STORE_PROBS: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    RERUN_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The forward over a KV cache or paged keys: each batch entry sees the keys
     [SeqlensK[b, 0], SeqlensK[b, 1]) of its cache row (KBatchIdx[b]) or of its pages."""
     FEATURES: tl.constexpr = Features(
         SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
     )
-    scoring = Scoring(Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap,
-                      window_left, window_right)  # fmt: skip
+    scoring = Scoring(
+        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right
+    )
     _forward_program(
-        Q, K, V, Out, Lse, stride_q, stride_k, stride_v, stride_o, stride_lse,
-        (CuSeqlensQ, CuSeqlensK, SeqlensK), scoring, Seed, dropout_p, KBatchIdx, P,
-        keys_per_split, stride_out_split, stride_lse_split, BlockTable, stride_table_b,
-        page_size, nheads, nheads_k, seqlen_q, seqlen_k, head_dim,
-        FEATURES, HEAD_DIM, VARLEN, True, HAS_KV_BATCH_IDX, PAGED, SPLIT_KV, STORE_PROBS,
-        RERUN_STAGES, DOT_PRECISION, BLOCK_M, BLOCK_N,
-    )  # fmt: skip
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        stride_q,
+        stride_k,
+        stride_v,
+        stride_o,
+        stride_lse,
+        (CuSeqlensQ, CuSeqlensK, SeqlensK),
+        scoring,
+        Seed,
+        dropout_p,
+        KBatchIdx,
+        P,
+        keys_per_split,
+        stride_out_split,
+        stride_lse_split,
+        BlockTable,
+        stride_table_b,
+        page_size,
+        nheads,
+        nheads_k,
+        seqlen_q,
+        seqlen_k,
+        head_dim,
+        FEATURES,
+        HEAD_DIM,
+        VARLEN,
+        True,
+        HAS_KV_BATCH_IDX,
+        PAGED,
+        SPLIT_KV,
+        STORE_PROBS,
+        RERUN_STAGES,
+        DOT_PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,17 +1063,34 @@ def kernel_constants(
     )
 
 
-def kernel_tensors(q, k, placeholder, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
-                   cu_seqlens_k=None, key_ranges=None, seed=None) -> dict:  # fmt: skip
+def kernel_tensors(
+    q,
+    k,
+    placeholder,
+    *,
+    bias=None,
+    alibi_slopes=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    key_ranges=None,
+    seed=None,
+) -> dict:
     """The tensor arguments that every attention kernel takes, by name; ``placeholder`` (an
     empty int32 tensor on q's device) stands for those a launch does not read."""
 
     def given(t):
         return t if t is not None else placeholder
 
-    return dict(Q=q, K=k, CuSeqlensQ=given(cu_seqlens_q), CuSeqlensK=given(cu_seqlens_k),
-                SeqlensK=given(key_ranges), Bias=given(bias), Slopes=given(alibi_slopes),
-                Seed=given(seed))  # fmt: skip
+    return dict(
+        Q=q,
+        K=k,
+        CuSeqlensQ=given(cu_seqlens_q),
+        CuSeqlensK=given(cu_seqlens_k),
+        SeqlensK=given(key_ranges),
+        Bias=given(bias),
+        Slopes=given(alibi_slopes),
+        Seed=given(seed),
+    )
 
 
 def key_ranges_of(seqlens_k, cache_leftpad=None, cu_seqlens_k=None):
@@ -787,18 +1134,40 @@ class ForwardLaunch:
             probabilities before dropout, negated where dropout drops the weight; one split only.
     """
 
-    def __init__(self, q, k, v, opts: AttentionOptions, *, batch: int, bias=None,
-                 alibi_slopes=None, varlen=False, max_seqlen_q=None, max_seqlen_k=None,
-                 key_ranges=False, num_splits=1, kv_batch_idx=False, block_table=None,
-                 store_probs=False):  # fmt: skip
+    def __init__(
+        self,
+        q,
+        k,
+        v,
+        opts: AttentionOptions,
+        *,
+        batch: int,
+        bias=None,
+        alibi_slopes=None,
+        varlen=False,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        key_ranges=False,
+        num_splits=1,
+        kv_batch_idx=False,
+        block_table=None,
+        store_probs=False,
+    ):
         paged = block_table is not None
         if store_probs and num_splits > 1:
             raise ValueError(f"probs: stored by one split only, got num_splits={num_splits}")
         constants = kernel_constants(
-            q, k, opts, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges,
+            q,
+            k,
+            opts,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            varlen=varlen,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            key_ranges=key_ranges,
             paged=paged,
-        )  # fmt: skip
+        )
         self.dtype, self.device = q.dtype, q.device
         self.num_splits, self.varlen = num_splits, varlen
         split = num_splits > 1
@@ -842,18 +1211,39 @@ class ForwardLaunch:
         kernel, config = kernel_config("fwd", kernel, constants, q.dtype)
         self.launch = LaunchPlan(kernel, grid, **constants, **config)
 
-    def __call__(self, q, k, v, *, bias=None, alibi_slopes=None, cu_seqlens_q=None,
-                 cu_seqlens_k=None, key_ranges=None, seed=None, k_batch_idx=None,
-                 block_table=None, probs=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        *,
+        bias=None,
+        alibi_slopes=None,
+        cu_seqlens_q=None,
+        cu_seqlens_k=None,
+        key_ranges=None,
+        seed=None,
+        k_batch_idx=None,
+        block_table=None,
+        probs=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse): out like q, contiguous; lse (batch, nheads, seqlen_q), or (nheads,
         total_q) for varlen, fp32, natural log, +inf for rows with no visible key. The tensors
         as :class:`ForwardLaunch` was told (seed (1,) int64 when opts.dropout_p > 0)."""
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
         lse = torch.empty(self.lse_shape_all, dtype=torch.float32, device=self.device)
         placeholder = self.placeholder
-        tensors = kernel_tensors(q, k, placeholder, bias=bias, alibi_slopes=alibi_slopes,
-                                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                 key_ranges=key_ranges, seed=seed)  # fmt: skip
+        tensors = kernel_tensors(
+            q,
+            k,
+            placeholder,
+            bias=bias,
+            alibi_slopes=alibi_slopes,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            key_ranges=key_ranges,
+            seed=seed,
+        )
         if self.decode:
             tensors["KBatchIdx"] = k_batch_idx if k_batch_idx is not None else placeholder
             tensors["BlockTable"] = block_table if block_table is not None else placeholder
@@ -886,12 +1276,27 @@ def lse_strides_of(strides, varlen: bool) -> tuple[int, int]:
     return (0 if varlen else strides[-3], strides[-2])
 
 
-def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=None,
-                  cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                  seed=None, seqlens_k=None, cache_leftpad=None, key_ranges=None,
-                  num_splits: int = 1,
-                  k_batch_idx=None, block_table=None,
-                  probs=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def attention_fwd(
+    q,
+    k,
+    v,
+    opts: AttentionOptions,
+    *,
+    bias=None,
+    alibi_slopes=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seed=None,
+    seqlens_k=None,
+    cache_leftpad=None,
+    key_ranges=None,
+    num_splits: int = 1,
+    k_batch_idx=None,
+    block_table=None,
+    probs=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel once (:class:`ForwardLaunch` built and called): (out, lse).
 
     KV-cache decoding: ``seqlens_k`` (B,) int32, where each batch entry's keys end in its cache
@@ -907,14 +1312,36 @@ def attention_fwd(q, k, v, opts: AttentionOptions, *, bias=None, alibi_slopes=No
         key_ranges = key_ranges_of(seqlens_k, cache_leftpad, cu_seqlens_k_paged)
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     launch = ForwardLaunch(
-        q, k, v, opts, batch=batch, bias=bias, alibi_slopes=alibi_slopes, varlen=varlen,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_ranges=key_ranges is not None,
-        num_splits=num_splits, kv_batch_idx=k_batch_idx is not None,
-        block_table=block_table, store_probs=probs is not None,
-    )  # fmt: skip
-    return launch(q, k, v, bias=bias, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-                  cu_seqlens_k=cu_seqlens_k, key_ranges=key_ranges, seed=seed,
-                  k_batch_idx=k_batch_idx, block_table=block_table, probs=probs)  # fmt: skip
+        q,
+        k,
+        v,
+        opts,
+        batch=batch,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        varlen=varlen,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        key_ranges=key_ranges is not None,
+        num_splits=num_splits,
+        kv_batch_idx=k_batch_idx is not None,
+        block_table=block_table,
+        store_probs=probs is not None,
+    )
+    return launch(
+        q,
+        k,
+        v,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        key_ranges=key_ranges,
+        seed=seed,
+        k_batch_idx=k_batch_idx,
+        block_table=block_table,
+        probs=probs,
+    )
 
 
 def _combine_splits(out, lse, dtype, varlen):

@@ -161,8 +161,13 @@ def autotune_configs(kernel: str) -> list:
     block_ms, block_ns, warps, stages = SPACES[kernel]
     blocks = [{"BLOCK_M": bm, "BLOCK_N": bn} for bm in block_ms for bn in block_ns]
     owned = FOOTPRINTS[kernel].owned
-    return [triton.Config(b, num_warps=w, num_stages=s)
-            for b in blocks for w in warps for s in stages if 16 * w >= b[owned]]  # fmt: skip
+    return [
+        triton.Config(b, num_warps=w, num_stages=s)
+        for b in blocks
+        for w in warps
+        for s in stages
+        if 16 * w >= b[owned]
+    ]
 
 
 def autotuning() -> bool:
@@ -190,8 +195,16 @@ def prune_by(kernel: str) -> dict:
 
 # Retune when the head dim, a feature that changes what a tile holds, the schedule of the
 # backward or the order of magnitude of the lengths change (the names a kernel has).
-TUNE_KEY = ["HEAD_DIM", "MASK_WINDOW", "DROPOUT", "HAS_BIAS", "SOFTCAP", "ATOMIC_DQ",
-            "seqlen_q_bucket", "seqlen_k_bucket"]  # fmt: skip
+TUNE_KEY = [
+    "HEAD_DIM",
+    "MASK_WINDOW",
+    "DROPOUT",
+    "HAS_BIAS",
+    "SOFTCAP",
+    "ATOMIC_DQ",
+    "seqlen_q_bucket",
+    "seqlen_k_bucket",
+]
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _autotuners: dict = {}  # kernel name -> the autotuned kernel, made on first use
 
