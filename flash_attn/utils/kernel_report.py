@@ -29,7 +29,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
 from flash_attn.ops.attention.triton.tuning import shared_memory_of
-from flash_attn.utils.triton_compile import unwrap_jit
+from flash_attn.ops.launch import unwrap_jit
 
 MMA = {"HGMMA", "HMMA"}
 SPILL = {"STL", "LDL"}

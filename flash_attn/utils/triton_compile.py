@@ -8,16 +8,6 @@ Run it with ``TRITON_INTERPRET=0`` set before the kernels are defined (a subproc
 from __future__ import annotations
 
 
-def unwrap_jit(kernel):
-    """The ``triton.JITFunction`` under autotune / heuristics wrappers."""
-    import triton
-
-    fn = kernel
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
-
-
 def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
                     num_stages: int = 3):  # fmt: skip
     """Compile ``kernel`` for ``sm_<arch>`` with Triton's bundled ptxas; returns the compiled
@@ -29,6 +19,8 @@ def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_w
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    from flash_attn.ops.launch import unwrap_jit
 
     fn = unwrap_jit(kernel)
     missing = [n for n in fn.arg_names if n not in types and n not in constexprs]

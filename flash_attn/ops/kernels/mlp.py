@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_attn.ops.attention.triton.tuning import largest
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.kernels.launch import device_guard, launch
+from flash_attn.ops.launch import device_guard, largest, launch
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.kernels.launch import device_guard, launch
+from flash_attn.ops.launch import device_guard, launch
 
 
 @triton.jit

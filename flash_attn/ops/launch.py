@@ -1,4 +1,9 @@
-"""What every launcher needs around a kernel launch: the device guard, and launch plans."""
+"""What every Triton launcher shares: the device guard, launch plans, and two small helpers
+(the JIT function under a kernel's wrappers, the configs with the largest tiles).
+
+Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
+:func:`flash_attn.ops.backend.interpreter_enabled`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,23 @@ import triton
 from triton.runtime.jit import KernelInterface
 
 from flash_attn.ops.backend import interpreter_enabled
+
+
+def unwrap_jit(kernel):
+    """The ``triton.JITFunction`` under autotune / heuristics wrappers."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def largest(configs: list, group, size) -> list:
+    """The ``configs`` whose ``size(config)`` is the largest among the configs of the same
+    ``group(config)``, in their order."""
+    top = {}
+    for c in configs:
+        top[group(c)] = max(top.get(group(c), size(c)), size(c))
+    return [c for c in configs if size(c) == top[group(c)]]
 
 
 def device_guard(t: torch.Tensor):
@@ -71,8 +93,6 @@ class LaunchPlan:
     def _first_call(self, tensors: dict) -> None:
         from triton.compiler import CompiledKernel
 
-        from flash_attn.utils.triton_compile import unwrap_jit
-
         compiled = self.kernel[self.grid](**self.constants, **tensors)
         if not isinstance(compiled, CompiledKernel):  # the interpreter: no compiled kernel
             return
@@ -128,8 +148,6 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             del _plans[next(iter(_plans))]
         names = _arg_names.get(kernel)
         if names is None:
-            from flash_attn.utils.triton_compile import unwrap_jit
-
             names = _arg_names[kernel] = unwrap_jit(kernel).arg_names
         named = dict(zip(names, args)) | kwargs
         positions = tuple(i for i, v in enumerate(values) if isinstance(v, torch.Tensor))
