@@ -38,10 +38,14 @@ def draw_keep_masks(x: torch.Tensor, x1: torch.Tensor | None, dropout_p: float):
 
 
 def norm_input(
-    x: torch.Tensor, x1: torch.Tensor | None, residual: torch.Tensor | None,
-    rowscale: torch.Tensor | None, dropout_p: float, keep: torch.Tensor | None,
+    x: torch.Tensor,
+    x1: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    rowscale: torch.Tensor | None,
+    dropout_p: float,
+    keep: torch.Tensor | None,
     keep1: torch.Tensor | None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """h = dropout(x * rowscale) + dropout(x1) + residual in fp32 (fp64 for fp64 inputs).
 
     Args:
@@ -99,9 +103,26 @@ def affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
 
 
 def layer_norm_with(
-    norm_fn, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
-    prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
-):  # fmt: skip
+    norm_fn,
+    keep,
+    keep1,
+    x,
+    weight,
+    bias,
+    residual,
+    x1,
+    weight1,
+    bias1,
+    eps,
+    dropout_p,
+    rowscale,
+    prenorm,
+    residual_in_fp32,
+    zero_centered_weight,
+    is_rms_norm,
+    return_dropout_mask,
+    out_dtype,
+):
     """layer_norm_fn's math with the given keep masks and norm_fn(h, eps, is_rms_norm, weight,
     bias) -> xhat * weight + bias (xhat without them): the one body of the reference and of the
     torch backend (which normalises natively, weight and bias in the same call)."""
@@ -123,11 +144,26 @@ def layer_norm_with(
 
 
 def layer_norm_ref(
-    x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
-    rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
-    is_rms_norm=False, return_dropout_mask=False, out_dtype=None,
-    *, dropout_mask=None, dropout_mask1=None,
-):  # fmt: skip
+    x,
+    weight,
+    bias,
+    residual=None,
+    x1=None,
+    weight1=None,
+    bias1=None,
+    eps=1e-6,
+    dropout_p=0.0,
+    rowscale=None,
+    prenorm=False,
+    residual_in_fp32=False,
+    zero_centered_weight=False,
+    is_rms_norm=False,
+    return_dropout_mask=False,
+    out_dtype=None,
+    *,
+    dropout_mask=None,
+    dropout_mask1=None,
+):
     """The signature of :func:`flash_attn.ops.layer_norm.layer_norm_fn` (less its preallocated
     ``out`` / ``residual_out``), differentiable by autograd.
 
@@ -146,10 +182,26 @@ def layer_norm_ref(
     keep = dropout_mask if dropout_mask is not None else drawn
     keep1 = dropout_mask1 if dropout_mask1 is not None else drawn1
     return layer_norm_with(
-        explicit_norm, keep, keep1, x, weight, bias, residual, x1, weight1, bias1, eps,
-        dropout_p, rowscale, prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm,
-        return_dropout_mask, out_dtype,
-    )  # fmt: skip
+        explicit_norm,
+        keep,
+        keep1,
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        eps,
+        dropout_p,
+        rowscale,
+        prenorm,
+        residual_in_fp32,
+        zero_centered_weight,
+        is_rms_norm,
+        return_dropout_mask,
+        out_dtype,
+    )
 
 
 def _check_keep_mask(name: str, mask, like_name: str, like: torch.Tensor) -> None:
@@ -166,13 +218,132 @@ def _check_keep_mask(name: str, mask, like_name: str, like: torch.Tensor) -> Non
 
 
 def rms_norm_ref(
-    x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
-    rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
-    return_dropout_mask=False, out_dtype=None, *, dropout_mask=None, dropout_mask1=None,
-):  # fmt: skip
+    x,
+    weight,
+    bias,
+    residual=None,
+    x1=None,
+    weight1=None,
+    bias1=None,
+    eps=1e-6,
+    dropout_p=0.0,
+    rowscale=None,
+    prenorm=False,
+    residual_in_fp32=False,
+    zero_centered_weight=False,
+    return_dropout_mask=False,
+    out_dtype=None,
+    *,
+    dropout_mask=None,
+    dropout_mask1=None,
+):
     """:func:`layer_norm_ref` with ``is_rms_norm=True``."""
     return layer_norm_ref(
-        x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
-        residual_in_fp32, zero_centered_weight, True, return_dropout_mask, out_dtype,
-        dropout_mask=dropout_mask, dropout_mask1=dropout_mask1,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        eps,
+        dropout_p,
+        rowscale,
+        prenorm,
+        residual_in_fp32,
+        zero_centered_weight,
+        True,
+        return_dropout_mask,
+        out_dtype,
+        dropout_mask=dropout_mask,
+        dropout_mask1=dropout_mask1,
+    )
+
+
+# flash-attn 2.x's oracles (``flash_attn.ops.triton.layer_norm`` re-exports them by these names
+# without the suffix): its argument order, and ``upcast``.
+
+
+def layer_norm_ref_2x(
+    x,
+    weight,
+    bias,
+    residual=None,
+    x1=None,
+    weight1=None,
+    bias1=None,
+    eps=1e-6,
+    dropout_p=0.0,
+    rowscale=None,
+    prenorm=False,
+    zero_centered_weight=False,
+    dropout_mask=None,
+    dropout_mask1=None,
+    upcast=False,
+    *,
+    is_rms_norm=False,
+):
+    """flash-attn 2.x's ``layer_norm_ref``: :func:`layer_norm_ref` with ``upcast`` (inputs cast
+    to fp32 first; out keeps x's dtype, residual_out is fp32)."""
+    out_dtype = x.dtype
+    if upcast:
+        x, weight, bias, residual, x1, weight1, bias1 = (
+            t.float() if t is not None else None
+            for t in (x, weight, bias, residual, x1, weight1, bias1)
+        )
+    return layer_norm_ref(
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        eps,
+        dropout_p,
+        rowscale,
+        prenorm,
+        zero_centered_weight=zero_centered_weight,
+        is_rms_norm=is_rms_norm,
+        out_dtype=out_dtype,
+        dropout_mask=dropout_mask,
+        dropout_mask1=dropout_mask1,
+    )
+
+
+def rms_norm_ref_2x(
+    x,
+    weight,
+    bias,
+    residual=None,
+    x1=None,
+    weight1=None,
+    bias1=None,
+    eps=1e-6,
+    dropout_p=0.0,
+    rowscale=None,
+    prenorm=False,
+    zero_centered_weight=False,
+    dropout_mask=None,
+    dropout_mask1=None,
+    upcast=False,
+):
+    """:func:`layer_norm_ref_2x` for RMSNorm."""
+    return layer_norm_ref_2x(
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        eps,
+        dropout_p,
+        rowscale,
+        prenorm,
+        zero_centered_weight,
+        dropout_mask,
+        dropout_mask1,
+        upcast,
+        is_rms_norm=True,
+    )

@@ -6,8 +6,8 @@
 
 The signatures, defaults and return values are those of flash-attn 2.x
 (``flash_attn.ops.triton.layer_norm`` re-exports them); ``backend=`` is our keyword-only
-extension. The Triton path is registered as the custom ops ``flash_attn::layer_norm_fwd`` and
-``flash_attn::layer_norm_bwd`` (with fake implementations and an autograd formula), so
+extension. The Triton path is the custom ops of ``function.py`` (``flash_attn::layer_norm_fwd``
+and ``flash_attn::layer_norm_bwd``, with fake implementations and an autograd formula), so
 ``torch.compile`` traces through it. The torch path is native PyTorch (``F.layer_norm``,
 ``F.rms_norm``) around the reference's composition of the inputs. The modules ``LayerNorm`` and
 ``RMSNorm`` are in ``flash_attn.modules.norm``.
@@ -15,14 +15,12 @@ extension. The Triton path is registered as the custom ops ``flash_attn::layer_n
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.custom_op import custom_op
-from flash_attn.ops.reference.layer_norm import (
+from flash_attn.ops.layer_norm.function import layer_norm_fwd_op
+from flash_attn.ops.layer_norm.reference import (
     draw_keep_masks,
     layer_norm_with,
     pack_outputs,
@@ -32,130 +30,12 @@ from flash_attn.ops.reference.layer_norm import (
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Custom ops cannot return None: an empty tensor stands for a missing output."""
-    return t if t is not None else like.new_empty(0, dtype=dtype or like.dtype)
-
-
-@custom_op("flash_attn::layer_norm_fwd")
-def _layer_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor], x1: Optional[torch.Tensor],
-    weight1: Optional[torch.Tensor], bias1: Optional[torch.Tensor],
-    rowscale: Optional[torch.Tensor], seed: Optional[torch.Tensor], eps: float, dropout_p: float,
-    is_rms_norm: bool, zero_centered_weight: bool, out_dtype: torch.dtype,
-    residual_dtype: torch.dtype, store_residual_out: bool, store_dropout_mask: bool,
-    prenorm: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:  # fmt: skip
-    """x, x1, residual (M, N) -> y, y1 (M, N) or (0,), residual_out (M, N) or (0,),
-    mean (M,), rstd (M,), keep, keep1 (M, N) bool or (0,)."""
-    from flash_attn.ops.kernels.layer_norm import layer_norm_fwd
-
-    y, y1, residual_out, mean, rstd, keep, keep1 = layer_norm_fwd(
-        x, weight, bias, eps, residual, x1, weight1, bias1, dropout_p, seed, rowscale,
-        zero_centered_weight, is_rms_norm, out_dtype, residual_dtype, store_residual_out,
-        store_dropout_mask,
-    )  # fmt: skip
-    return (
-        y, _empty_if_none(y1, y), _empty_if_none(residual_out, x, residual_dtype), mean, rstd,
-        _empty_if_none(keep, x, torch.bool), _empty_if_none(keep1, x, torch.bool),
-    )  # fmt: skip
-
-
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, eps, dropout_p, is_rms_norm,
-      zero_centered_weight, out_dtype, residual_dtype, store_residual_out, store_dropout_mask,
-      prenorm):  # fmt: skip
-    def maybe(present, dtype):
-        return x.new_empty(x.shape if present else (0,), dtype=dtype)
-
-    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
-    return (
-        maybe(True, out_dtype), maybe(weight1 is not None, out_dtype),
-        maybe(store_residual_out, residual_dtype), stats, torch.empty_like(stats),
-        maybe(store_dropout_mask, torch.bool),
-        maybe(store_dropout_mask and x1 is not None, torch.bool),
-    )  # fmt: skip
-
-
-@custom_op("flash_attn::layer_norm_bwd")
-def _layer_norm_bwd_op(
-    dy: torch.Tensor, dy1: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-    weight1: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-    dresidual_out: Optional[torch.Tensor], rowscale: Optional[torch.Tensor],
-    seed: Optional[torch.Tensor], dropout_p: float, is_rms_norm: bool,
-    zero_centered_weight: bool, x_dtype: torch.dtype, x1_dtype: Optional[torch.dtype],
-    residual_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:  # fmt: skip
-    """-> dx (M, N), dweight (N,), dbias (N,), dresidual (M, N), dx1 (M, N), dweight1 (N,),
-    dbias1 (N,); the last four (0,) where the forward had no such input."""
-    from flash_attn.ops.kernels.layer_norm import layer_norm_bwd
-
-    dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = layer_norm_bwd(
-        dy, x, weight, mean, rstd, dresidual_out, dy1, weight1, dropout_p, seed, rowscale,
-        zero_centered_weight, is_rms_norm, x_dtype, x1_dtype, residual_dtype,
-    )  # fmt: skip
-    return (
-        dx, dweight, dbias, _empty_if_none(dresidual, dy), _empty_if_none(dx1, dy),
-        _empty_if_none(dweight1, weight), _empty_if_none(dbias1, weight),
-    )  # fmt: skip
-
-
-@_layer_norm_bwd_op.register_fake
-def _(dy, dy1, x, weight, weight1, mean, rstd, dresidual_out, rowscale, seed, dropout_p,
-      is_rms_norm, zero_centered_weight, x_dtype, x1_dtype, residual_dtype):  # fmt: skip
-    def maybe(like, dtype):
-        return like.new_empty(like.shape if dtype is not None else (0,), dtype=dtype)
-
-    w1_dtype = weight1.dtype if weight1 is not None else None
-    return (
-        dy.new_empty(dy.shape, dtype=x_dtype), torch.empty_like(weight), torch.empty_like(weight),
-        maybe(dy, residual_dtype), maybe(dy, x1_dtype), maybe(weight, w1_dtype),
-        maybe(weight, w1_dtype),
-    )  # fmt: skip
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, _, dropout_p, *flags = inputs
-    is_rms_norm, zero_centered_weight, _, _, store, _, prenorm = flags
-    _, _, residual_out, mean, rstd, keep, keep1 = output
-    # The backward needs the normalised input h: residual_out when it was written, else x.
-    ctx.save_for_backward(residual_out if store else x, weight, weight1, mean, rstd, rowscale, seed)
-    ctx.mark_non_differentiable(mean, rstd, keep, keep1)
-    ctx.has_bias, ctx.has_bias1 = bias is not None, bias1 is not None
-    ctx.x_dtype = x.dtype
-    ctx.x1_dtype = x1.dtype if x1 is not None else None
-    ctx.residual_dtype = residual.dtype if residual is not None else None
-    ctx.dropout_p, ctx.is_rms_norm, ctx.zero_centered_weight = dropout_p, is_rms_norm, flags[1]
-    ctx.prenorm = prenorm
-
-
-def _backward(ctx, dy, dy1, dresidual_out, *_):
-    h, weight, weight1, mean, rstd, rowscale, seed = ctx.saved_tensors
-    dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = _layer_norm_bwd_op(
-        dy, dy1 if weight1 is not None else None, h, weight, weight1, mean, rstd,
-        dresidual_out if ctx.prenorm else None, rowscale, seed, ctx.dropout_p, ctx.is_rms_norm,
-        ctx.zero_centered_weight, ctx.x_dtype, ctx.x1_dtype, ctx.residual_dtype,
-    )  # fmt: skip
-    return (
-        dx, dweight, dbias if ctx.has_bias else None,
-        dresidual if ctx.residual_dtype is not None else None,
-        dx1 if ctx.x1_dtype is not None else None,
-        dweight1 if weight1 is not None else None,
-        dbias1 if ctx.has_bias1 else None,
-    ) + (None,) * 11  # fmt: skip
-
-
-_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 def _check_vector(name: str, t, hidden: int) -> None:
     if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (hidden,)):
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be None or have shape ({hidden},) (x's last dimension), "
-                         f"got {got}")  # fmt: skip
+        raise ValueError(
+            f"{name} must be None or have shape ({hidden},) (x's last dimension), got {got}"
+        )
 
 
 def _check_like(name: str, t, shape: tuple) -> None:
@@ -185,8 +65,15 @@ def _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p,
         raise ValueError("rowscale cannot be combined with x1 (as in flash-attn 2.x)")
     if bias1 is not None and weight1 is None:
         raise ValueError("bias1 needs weight1 (the second output's weight)")
-    named = (("weight", weight), ("bias", bias), ("residual", residual), ("x1", x1),
-             ("weight1", weight1), ("bias1", bias1), ("rowscale", rowscale))  # fmt: skip
+    named = (
+        ("weight", weight),
+        ("bias", bias),
+        ("residual", residual),
+        ("x1", x1),
+        ("weight1", weight1),
+        ("bias1", bias1),
+        ("rowscale", rowscale),
+    )
     for name, t in named:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -225,11 +112,32 @@ def _flat(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
 
 
 def _layer_norm_triton(
-    x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
-    residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
-):  # fmt: skip
-    named = (("x", x), ("weight", weight), ("bias", bias), ("residual", residual), ("x1", x1),
-             ("weight1", weight1), ("bias1", bias1))  # fmt: skip
+    x,
+    weight,
+    bias,
+    residual,
+    x1,
+    weight1,
+    bias1,
+    eps,
+    dropout_p,
+    rowscale,
+    prenorm,
+    residual_in_fp32,
+    zero_centered_weight,
+    is_rms_norm,
+    return_dropout_mask,
+    out_dtype,
+):
+    named = (
+        ("x", x),
+        ("weight", weight),
+        ("bias", bias),
+        ("residual", residual),
+        ("x1", x1),
+        ("weight1", weight1),
+        ("bias1", bias1),
+    )
     for name, t in named:
         if t is not None and t.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 {name}, got {t.dtype}")
@@ -242,21 +150,39 @@ def _layer_norm_triton(
     # residual_out is needed by the caller (prenorm) or by the backward (h is not x).
     store = prenorm or any(t is not None for t in (residual, x1, rowscale)) or dropout_p > 0.0
     store_masks = return_dropout_mask and dropout_p > 0.0
-    y, y1, residual_out, _, _, keep, keep1 = _layer_norm_fwd_op(
-        _flat(x, hidden), weight, bias, _flat(residual, hidden), _flat(x1, hidden), weight1,
-        bias1, rowscale.reshape(-1) if rowscale is not None else None, seed, float(eps),
-        float(dropout_p), is_rms_norm, zero_centered_weight, out_dtype or x.dtype,
-        residual_dtype, store, store_masks, prenorm,
-    )  # fmt: skip
+    y, y1, residual_out, _, _, keep, keep1 = layer_norm_fwd_op(
+        _flat(x, hidden),
+        weight,
+        bias,
+        _flat(residual, hidden),
+        _flat(x1, hidden),
+        weight1,
+        bias1,
+        rowscale.reshape(-1) if rowscale is not None else None,
+        seed,
+        float(eps),
+        float(dropout_p),
+        is_rms_norm,
+        zero_centered_weight,
+        out_dtype or x.dtype,
+        residual_dtype,
+        store,
+        store_masks,
+        prenorm,
+    )
 
     def shaped(t, present: bool):
         return t.view(shape) if present else None
 
     return pack_outputs(
-        y.view(shape), shaped(y1, weight1 is not None), shaped(residual_out, prenorm),
-        shaped(keep, store_masks), shaped(keep1, store_masks and x1 is not None),
-        prenorm, return_dropout_mask,
-    )  # fmt: skip
+        y.view(shape),
+        shaped(y1, weight1 is not None),
+        shaped(residual_out, prenorm),
+        shaped(keep, store_masks),
+        shaped(keep1, store_masks and x1 is not None),
+        prenorm,
+        return_dropout_mask,
+    )
 
 
 def _write_into(result, out, residual_out, has_out1: bool, prenorm: bool):
@@ -272,15 +198,27 @@ def _write_into(result, out, residual_out, has_out1: bool, prenorm: bool):
 
 
 def layer_norm_fn(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None, x1: torch.Tensor | None = None,
-    weight1: torch.Tensor | None = None, bias1: torch.Tensor | None = None, eps: float = 1e-6,
-    dropout_p: float = 0.0, rowscale: torch.Tensor | None = None, prenorm: bool = False,
-    residual_in_fp32: bool = False, zero_centered_weight: bool = False, is_rms_norm: bool = False,
-    return_dropout_mask: bool = False, out_dtype: torch.dtype | None = None,
-    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
-    *, backend: str | None = None,
-):  # fmt: skip
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    x1: torch.Tensor | None = None,
+    weight1: torch.Tensor | None = None,
+    bias1: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    dropout_p: float = 0.0,
+    rowscale: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    zero_centered_weight: bool = False,
+    is_rms_norm: bool = False,
+    return_dropout_mask: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+):
     """LayerNorm (or RMSNorm) of h = dropout(x * rowscale) + dropout(x1) + residual, in one pass.
 
     Args:
@@ -317,9 +255,23 @@ def layer_norm_fn(
     _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale)
     _check_preallocated(out, residual_out, x)
     args = (
-        x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
-        residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        eps,
+        dropout_p,
+        rowscale,
+        prenorm,
+        residual_in_fp32,
+        zero_centered_weight,
+        is_rms_norm,
+        return_dropout_mask,
+        out_dtype,
+    )
     if resolve_backend(backend, x.device, x.dtype) == "triton":
         result = _layer_norm_triton(*args)
     else:
@@ -330,19 +282,51 @@ def layer_norm_fn(
 
 
 def rms_norm_fn(
-    x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,
-    rowscale=None, prenorm=False, residual_in_fp32=False, zero_centered_weight=False,
-    return_dropout_mask=False, out_dtype=None, out=None, residual_out=None, *, backend=None,
-):  # fmt: skip
+    x,
+    weight,
+    bias,
+    residual=None,
+    x1=None,
+    weight1=None,
+    bias1=None,
+    eps=1e-6,
+    dropout_p=0.0,
+    rowscale=None,
+    prenorm=False,
+    residual_in_fp32=False,
+    zero_centered_weight=False,
+    return_dropout_mask=False,
+    out_dtype=None,
+    out=None,
+    residual_out=None,
+    *,
+    backend=None,
+):
     """RMSNorm: :func:`layer_norm_fn` with ``is_rms_norm=True`` (same arguments otherwise).
 
     out = h / sqrt(mean(h ** 2) + eps) * weight (+ bias).
     """
     return layer_norm_fn(
-        x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
-        residual_in_fp32, zero_centered_weight, True, return_dropout_mask, out_dtype, out,
-        residual_out, backend=backend,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        eps,
+        dropout_p,
+        rowscale,
+        prenorm,
+        residual_in_fp32,
+        zero_centered_weight,
+        True,
+        return_dropout_mask,
+        out_dtype,
+        out,
+        residual_out,
+        backend=backend,
+    )
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -352,11 +336,19 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def layer_norm_linear_fn(
-    x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor | None,
-    linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None, eps: float = 1e-6, prenorm: bool = False,
-    residual_in_fp32: bool = False, is_rms_norm: bool = False, *, backend: str | None = None,
-):  # fmt: skip
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+    is_rms_norm: bool = False,
+    *,
+    backend: str | None = None,
+):
     """F.linear(layer_norm_fn(x, ...), linear_weight, linear_bias).
 
     Args:
@@ -368,10 +360,17 @@ def layer_norm_linear_fn(
         dtype, x's); with prenorm, (out, residual_out).
     """
     normed = layer_norm_fn(
-        x, norm_weight, norm_bias, residual, eps=eps, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm,
-        out_dtype=_autocast_dtype(x.device), backend=backend,
-    )  # fmt: skip
+        x,
+        norm_weight,
+        norm_bias,
+        residual,
+        eps=eps,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        is_rms_norm=is_rms_norm,
+        out_dtype=_autocast_dtype(x.device),
+        backend=backend,
+    )
     y, residual_out = normed if prenorm else (normed, None)
     weight = linear_weight.to(y.dtype)
     bias = linear_bias.to(y.dtype) if linear_bias is not None else None

@@ -52,10 +52,22 @@ def _dropped(x, seed, stream_row, cols, N, dropout_p, HAS_DROPOUT: tl.constexpr)
 
 @triton.jit
 def _norm_input(
-    X, X1, R, seed, scale, row, M, cols, mask, N, dropout_p,
-    HAS_X1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
+    X,
+    X1,
+    R,
+    seed,
+    scale,
+    row,
+    M,
+    cols,
+    mask,
+    N,
+    dropout_p,
+    HAS_X1: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_ROWSCALE: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-):  # fmt: skip
+):
     """fp32 h = dropout(x * rowscale) + dropout(x1) + residual for the columns cols of one row
     (X, X1, R point at the row; scale is the row's rowscale)."""
     x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
@@ -80,8 +92,9 @@ def _load_weight(W, cols, mask, ZERO_CENTERED_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def _store_affine(Y, W, B, xhat, cols, mask, ZERO_CENTERED_WEIGHT: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):  # fmt: skip
+def _store_affine(
+    Y, W, B, xhat, cols, mask, ZERO_CENTERED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
+):
     y = xhat * _load_weight(W, cols, mask, ZERO_CENTERED_WEIGHT)
     if HAS_BIAS:
         y += tl.load(B + cols, mask=mask).to(tl.float32)
@@ -90,10 +103,20 @@ def _store_affine(Y, W, B, xhat, cols, mask, ZERO_CENTERED_WEIGHT: tl.constexpr,
 
 @triton.jit
 def _store_outputs(
-    Y, Y1, W, B, W1, B1, xhat, cols, mask,
-    ZERO_CENTERED_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W1: tl.constexpr,
+    Y,
+    Y1,
+    W,
+    B,
+    W1,
+    B1,
+    xhat,
+    cols,
+    mask,
+    ZERO_CENTERED_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_W1: tl.constexpr,
     HAS_B1: tl.constexpr,
-):  # fmt: skip
+):
     """y = xhat * weight + bias, and y1 = xhat * weight1 + bias1 when there is a weight1."""
     _store_affine(Y, W, B, xhat, cols, mask, ZERO_CENTERED_WEIGHT, HAS_BIAS)
     if HAS_W1:
@@ -110,14 +133,46 @@ def _store_keep_masks(KEEP, KEEP1, seed, row, M, cols, mask, N, dropout_p, HAS_X
 
 @triton.jit
 def _first_pass_input(
-    X, X1, R, RESIDUAL_OUT, KEEP, KEEP1, seed, scale, row, M, cols, mask, N, dropout_p,
-    HAS_X1: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, STORE_RESIDUAL_OUT: tl.constexpr, STORE_DROPOUT_MASK: tl.constexpr,
-):  # fmt: skip
+    X,
+    X1,
+    R,
+    RESIDUAL_OUT,
+    KEEP,
+    KEEP1,
+    seed,
+    scale,
+    row,
+    M,
+    cols,
+    mask,
+    N,
+    dropout_p,
+    HAS_X1: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_ROWSCALE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_RESIDUAL_OUT: tl.constexpr,
+    STORE_DROPOUT_MASK: tl.constexpr,
+):
     """h for the columns cols of one row, writing residual_out and the keep masks on the way
     (RESIDUAL_OUT points at the row; KEEP and KEEP1 at the whole masks)."""
-    x = _norm_input(X, X1, R, seed, scale, row, M, cols, mask, N, dropout_p,
-                    HAS_X1, HAS_RESIDUAL, HAS_ROWSCALE, HAS_DROPOUT)  # fmt: skip
+    x = _norm_input(
+        X,
+        X1,
+        R,
+        seed,
+        scale,
+        row,
+        M,
+        cols,
+        mask,
+        N,
+        dropout_p,
+        HAS_X1,
+        HAS_RESIDUAL,
+        HAS_ROWSCALE,
+        HAS_DROPOUT,
+    )
     if STORE_RESIDUAL_OUT:
         tl.store(RESIDUAL_OUT + cols, x.to(RESIDUAL_OUT.dtype.element_ty), mask=mask)
     if STORE_DROPOUT_MASK:
@@ -183,9 +238,27 @@ def _layer_norm_fwd_kernel(
         # The whole row stays in registers: one read of the inputs, one write of each output.
         mask = offs < N
         x = _first_pass_input(
-            X, X1, R, RESIDUAL_OUT, KEEP, KEEP1, seed, scale, row, M, offs, mask, N, dropout_p,
-            HAS_X1, HAS_RESIDUAL, HAS_ROWSCALE, HAS_DROPOUT, STORE_RESIDUAL_OUT, STORE_DROPOUT_MASK,
-        )  # fmt: skip
+            X,
+            X1,
+            R,
+            RESIDUAL_OUT,
+            KEEP,
+            KEEP1,
+            seed,
+            scale,
+            row,
+            M,
+            offs,
+            mask,
+            N,
+            dropout_p,
+            HAS_X1,
+            HAS_RESIDUAL,
+            HAS_ROWSCALE,
+            HAS_DROPOUT,
+            STORE_RESIDUAL_OUT,
+            STORE_DROPOUT_MASK,
+        )
         if IS_RMS_NORM:
             var = tl.sum(x * x, axis=0) / N
             mean = var * 0.0
@@ -194,8 +267,21 @@ def _layer_norm_fwd_kernel(
             xc = tl.where(mask, x - mean, 0.0)
             var = tl.sum(xc * xc, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        _store_outputs(Y, Y1, W, B, W1, B1, (x - mean) * rstd, offs, mask,
-                       ZERO_CENTERED_WEIGHT, HAS_BIAS, HAS_W1, HAS_B1)  # fmt: skip
+        _store_outputs(
+            Y,
+            Y1,
+            W,
+            B,
+            W1,
+            B1,
+            (x - mean) * rstd,
+            offs,
+            mask,
+            ZERO_CENTERED_WEIGHT,
+            HAS_BIAS,
+            HAS_W1,
+            HAS_B1,
+        )
     else:
         # Chunked: h is recomputed from the inputs (the dropout masks are deterministic) on
         # every pass rather than read back from RESIDUAL_OUT, which may be in a lower dtype.
@@ -204,10 +290,27 @@ def _layer_norm_fwd_kernel(
             cols = start + offs
             mask = cols < N
             x = _first_pass_input(
-                X, X1, R, RESIDUAL_OUT, KEEP, KEEP1, seed, scale, row, M, cols, mask, N,
-                dropout_p, HAS_X1, HAS_RESIDUAL, HAS_ROWSCALE, HAS_DROPOUT, STORE_RESIDUAL_OUT,
+                X,
+                X1,
+                R,
+                RESIDUAL_OUT,
+                KEEP,
+                KEEP1,
+                seed,
+                scale,
+                row,
+                M,
+                cols,
+                mask,
+                N,
+                dropout_p,
+                HAS_X1,
+                HAS_RESIDUAL,
+                HAS_ROWSCALE,
+                HAS_DROPOUT,
+                STORE_RESIDUAL_OUT,
                 STORE_DROPOUT_MASK,
-            )  # fmt: skip
+            )
             if IS_RMS_NORM:
                 acc += x * x
             else:
@@ -221,8 +324,23 @@ def _layer_norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + offs
                 mask = cols < N
-                x = _norm_input(X, X1, R, seed, scale, row, M, cols, mask, N, dropout_p,
-                           HAS_X1, HAS_RESIDUAL, HAS_ROWSCALE, HAS_DROPOUT)  # fmt: skip
+                x = _norm_input(
+                    X,
+                    X1,
+                    R,
+                    seed,
+                    scale,
+                    row,
+                    M,
+                    cols,
+                    mask,
+                    N,
+                    dropout_p,
+                    HAS_X1,
+                    HAS_RESIDUAL,
+                    HAS_ROWSCALE,
+                    HAS_DROPOUT,
+                )
                 xc = tl.where(mask, x - mean, 0.0)
                 acc += xc * xc
             var = tl.sum(acc, axis=0) / N
@@ -230,10 +348,38 @@ def _layer_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + offs
             mask = cols < N
-            x = _norm_input(X, X1, R, seed, scale, row, M, cols, mask, N, dropout_p,
-                           HAS_X1, HAS_RESIDUAL, HAS_ROWSCALE, HAS_DROPOUT)  # fmt: skip
-            _store_outputs(Y, Y1, W, B, W1, B1, (x - mean) * rstd, cols, mask,
-                           ZERO_CENTERED_WEIGHT, HAS_BIAS, HAS_W1, HAS_B1)  # fmt: skip
+            x = _norm_input(
+                X,
+                X1,
+                R,
+                seed,
+                scale,
+                row,
+                M,
+                cols,
+                mask,
+                N,
+                dropout_p,
+                HAS_X1,
+                HAS_RESIDUAL,
+                HAS_ROWSCALE,
+                HAS_DROPOUT,
+            )
+            _store_outputs(
+                Y,
+                Y1,
+                W,
+                B,
+                W1,
+                B1,
+                (x - mean) * rstd,
+                cols,
+                mask,
+                ZERO_CENTERED_WEIGHT,
+                HAS_BIAS,
+                HAS_W1,
+                HAS_B1,
+            )
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
@@ -252,10 +398,25 @@ def _weighted_dy(w, w1, DY, DY1, cols, mask, HAS_W1: tl.constexpr):
 
 @triton.jit
 def _store_input_grads(
-    dh, DRESIDUAL_OUT, DX, DX1, DRESIDUAL, seed, scale, row, M, cols, mask, N, dropout_p,
-    HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr, HAS_X1: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-):  # fmt: skip
+    dh,
+    DRESIDUAL_OUT,
+    DX,
+    DX1,
+    DRESIDUAL,
+    seed,
+    scale,
+    row,
+    M,
+    cols,
+    mask,
+    N,
+    dropout_p,
+    HAS_DRESIDUAL_OUT: tl.constexpr,
+    STORE_DRESIDUAL: tl.constexpr,
+    HAS_X1: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_ROWSCALE: tl.constexpr,
+):
     """From dh, the gradient of h through the norm, write the gradients of residual, x1 and x
     (through their dropout and rowscale) for the columns cols of row. The (M, N) buffers are
     contiguous."""
@@ -275,9 +436,19 @@ def _store_input_grads(
 
 @triton.jit
 def _chunk_grad_terms(
-    X, W, W1, DY, DY1, start, offs, N, mean, rstd, ZERO_CENTERED_WEIGHT: tl.constexpr,
+    X,
+    W,
+    W1,
+    DY,
+    DY1,
+    start,
+    offs,
+    N,
+    mean,
+    rstd,
+    ZERO_CENTERED_WEIGHT: tl.constexpr,
     HAS_W1: tl.constexpr,
-):  # fmt: skip
+):
     """For the chunk of one row starting at column start (pointers at the row): its columns,
     their mask, xhat, w * dy (+ w1 * dy1), dy and dy1."""
     cols = start + offs
@@ -374,9 +545,26 @@ def _layer_norm_bwd_kernel(
             else:
                 c2 = tl.sum(wdy, axis=0) / N
                 dh = (wdy - (xhat * c1 + c2)) * rstd
-            _store_input_grads(dh, DRESIDUAL_OUT, DX, DX1, DRESIDUAL, seed, scale, row, M, offs,
-                               mask, N, dropout_p, HAS_DRESIDUAL_OUT, STORE_DRESIDUAL, HAS_X1,
-                               HAS_DROPOUT, HAS_ROWSCALE)  # fmt: skip
+            _store_input_grads(
+                dh,
+                DRESIDUAL_OUT,
+                DX,
+                DX1,
+                DRESIDUAL,
+                seed,
+                scale,
+                row,
+                M,
+                offs,
+                mask,
+                N,
+                dropout_p,
+                HAS_DRESIDUAL_OUT,
+                STORE_DRESIDUAL,
+                HAS_X1,
+                HAS_DROPOUT,
+                HAS_ROWSCALE,
+            )
             dw += dy * xhat
             db += dy
             if HAS_W1:
@@ -388,9 +576,19 @@ def _layer_norm_bwd_kernel(
             acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
                 _, _, xhat, wdy, _, _ = _chunk_grad_terms(
-                    x_row, W, W1, DY + row * N, DY1 + row * N, start, offs, N, mean, rstd,
-                    ZERO_CENTERED_WEIGHT, HAS_W1,
-                )  # fmt: skip
+                    x_row,
+                    W,
+                    W1,
+                    DY + row * N,
+                    DY1 + row * N,
+                    start,
+                    offs,
+                    N,
+                    mean,
+                    rstd,
+                    ZERO_CENTERED_WEIGHT,
+                    HAS_W1,
+                )
                 acc1 += xhat * wdy
                 acc2 += wdy
             c1 = tl.sum(acc1, axis=0) / N
@@ -399,13 +597,40 @@ def _layer_norm_bwd_kernel(
                 c2 = c2 * 0.0
             for start in range(0, N, BLOCK_N):
                 cols, cmask, xhat, wdy, dy, dy1 = _chunk_grad_terms(
-                    x_row, W, W1, DY + row * N, DY1 + row * N, start, offs, N, mean, rstd,
-                    ZERO_CENTERED_WEIGHT, HAS_W1,
-                )  # fmt: skip
+                    x_row,
+                    W,
+                    W1,
+                    DY + row * N,
+                    DY1 + row * N,
+                    start,
+                    offs,
+                    N,
+                    mean,
+                    rstd,
+                    ZERO_CENTERED_WEIGHT,
+                    HAS_W1,
+                )
                 dh = (wdy - (xhat * c1 + c2)) * rstd
-                _store_input_grads(dh, DRESIDUAL_OUT, DX, DX1, DRESIDUAL, seed, scale, row, M,
-                                   cols, cmask, N, dropout_p, HAS_DRESIDUAL_OUT, STORE_DRESIDUAL,
-                                   HAS_X1, HAS_DROPOUT, HAS_ROWSCALE)  # fmt: skip
+                _store_input_grads(
+                    dh,
+                    DRESIDUAL_OUT,
+                    DX,
+                    DX1,
+                    DRESIDUAL,
+                    seed,
+                    scale,
+                    row,
+                    M,
+                    cols,
+                    cmask,
+                    N,
+                    dropout_p,
+                    HAS_DRESIDUAL_OUT,
+                    STORE_DRESIDUAL,
+                    HAS_X1,
+                    HAS_DROPOUT,
+                    HAS_ROWSCALE,
+                )
                 _accumulate_partial(DW, cols, cmask, dy * xhat)
                 _accumulate_partial(DB, cols, cmask, dy)
                 if HAS_W1:
@@ -443,15 +668,25 @@ def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
 
 
 def layer_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-    residual: torch.Tensor | None = None, x1: torch.Tensor | None = None,
-    weight1: torch.Tensor | None = None, bias1: torch.Tensor | None = None,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None, rowscale: torch.Tensor | None = None,
-    zero_centered_weight: bool = False, is_rms_norm: bool = False,
-    out_dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None,
-    store_residual_out: bool = False, store_dropout_mask: bool = False,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    x1: torch.Tensor | None = None,
+    weight1: torch.Tensor | None = None,
+    bias1: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    rowscale: torch.Tensor | None = None,
+    zero_centered_weight: bool = False,
+    is_rms_norm: bool = False,
+    out_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    store_residual_out: bool = False,
+    store_dropout_mask: bool = False,
     max_block: int = MAX_BLOCK,
-):  # fmt: skip
+):
     """Launch the forward kernel. Inputs are assumed validated (see ``flash_attn.ops.layer_norm``).
 
     Args:
@@ -491,21 +726,46 @@ def layer_norm_fwd(
     block, single, num_warps = _block(N, max_block)
     with device_guard(x):
         launch(
-            _layer_norm_fwd_kernel, (M,),
-            x, _or(x1, x), _or(residual, x), weight, _or(bias, weight),
-            _or(weight1, weight), _or(bias1, weight), y, _or(y1, y), _or(residual_out, y),
-            _or(keep, y), _or(keep1, y), _or(rowscale, mean), mean, rstd,
+            _layer_norm_fwd_kernel,
+            (M,),
+            x,
+            _or(x1, x),
+            _or(residual, x),
+            weight,
+            _or(bias, weight),
+            _or(weight1, weight),
+            _or(bias1, weight),
+            y,
+            _or(y1, y),
+            _or(residual_out, y),
+            _or(keep, y),
+            _or(keep1, y),
+            _or(rowscale, mean),
+            mean,
+            rstd,
             _seed_arg(seed, x.device),
-            x.stride(0), x1.stride(0) if x1 is not None else 0,
+            x.stride(0),
+            x1.stride(0) if x1 is not None else 0,
             residual.stride(0) if residual is not None else 0,
-            M, N, eps, dropout_p,
-            IS_RMS_NORM=is_rms_norm, HAS_X1=x1 is not None, HAS_RESIDUAL=residual is not None,
-            HAS_ROWSCALE=rowscale is not None, HAS_BIAS=bias is not None,
-            HAS_W1=weight1 is not None, HAS_B1=bias1 is not None,
-            ZERO_CENTERED_WEIGHT=zero_centered_weight, HAS_DROPOUT=dropout_p > 0.0,
-            STORE_RESIDUAL_OUT=store_residual_out, STORE_DROPOUT_MASK=store_dropout_mask,
-            BLOCK_N=block, SINGLE_BLOCK=single, num_warps=num_warps,
-        )  # fmt: skip
+            M,
+            N,
+            eps,
+            dropout_p,
+            IS_RMS_NORM=is_rms_norm,
+            HAS_X1=x1 is not None,
+            HAS_RESIDUAL=residual is not None,
+            HAS_ROWSCALE=rowscale is not None,
+            HAS_BIAS=bias is not None,
+            HAS_W1=weight1 is not None,
+            HAS_B1=bias1 is not None,
+            ZERO_CENTERED_WEIGHT=zero_centered_weight,
+            HAS_DROPOUT=dropout_p > 0.0,
+            STORE_RESIDUAL_OUT=store_residual_out,
+            STORE_DROPOUT_MASK=store_dropout_mask,
+            BLOCK_N=block,
+            SINGLE_BLOCK=single,
+            num_warps=num_warps,
+        )
     return y, y1, residual_out, mean, rstd, keep, keep1
 
 
@@ -522,14 +782,24 @@ def _summed(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def layer_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, dresidual_out: torch.Tensor | None = None,
-    dy1: torch.Tensor | None = None, weight1: torch.Tensor | None = None,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None, rowscale: torch.Tensor | None = None,
-    zero_centered_weight: bool = False, is_rms_norm: bool = False,
-    x_dtype: torch.dtype | None = None, x1_dtype: torch.dtype | None = None,
-    residual_dtype: torch.dtype | None = None, max_block: int = MAX_BLOCK,
-):  # fmt: skip
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dresidual_out: torch.Tensor | None = None,
+    dy1: torch.Tensor | None = None,
+    weight1: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    rowscale: torch.Tensor | None = None,
+    zero_centered_weight: bool = False,
+    is_rms_norm: bool = False,
+    x_dtype: torch.dtype | None = None,
+    x1_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    max_block: int = MAX_BLOCK,
+):
     """Launch the backward kernel.
 
     Args:
@@ -559,24 +829,49 @@ def layer_norm_bwd(
     if residual_dtype is not None:
         dresidual = torch.empty((M, N), dtype=residual_dtype, device=dy.device)
     programs = _num_programs(M, x.device)
-    partials = torch.zeros((4 if weight1 is not None else 2, programs, N), dtype=torch.float32,
-                           device=x.device)  # fmt: skip
+    partials = torch.zeros(
+        (4 if weight1 is not None else 2, programs, N), dtype=torch.float32, device=x.device
+    )
     if M > 0:
         block, single, num_warps = _block(N, max_block)
         with device_guard(x):
             launch(
-            _layer_norm_bwd_kernel, (programs,),
-                x, weight, _or(weight1, weight), dy, _or(dy1, dy), _or(dresidual_out, dy),
-                dx, _or(dx1, dx), _or(dresidual, dx),
-                partials[0], partials[1], partials[-2], partials[-1],
-                _or(rowscale, mean), mean, rstd, _seed_arg(seed, x.device),
-                x.stride(0), M, N, triton.cdiv(M, programs), dropout_p,
-                IS_RMS_NORM=is_rms_norm, HAS_W1=weight1 is not None, HAS_X1=dx1 is not None,
-                HAS_ROWSCALE=rowscale is not None, ZERO_CENTERED_WEIGHT=zero_centered_weight,
-                HAS_DROPOUT=dropout_p > 0.0, HAS_DRESIDUAL_OUT=dresidual_out is not None,
-                STORE_DRESIDUAL=dresidual is not None, BLOCK_N=block, SINGLE_BLOCK=single,
+                _layer_norm_bwd_kernel,
+                (programs,),
+                x,
+                weight,
+                _or(weight1, weight),
+                dy,
+                _or(dy1, dy),
+                _or(dresidual_out, dy),
+                dx,
+                _or(dx1, dx),
+                _or(dresidual, dx),
+                partials[0],
+                partials[1],
+                partials[-2],
+                partials[-1],
+                _or(rowscale, mean),
+                mean,
+                rstd,
+                _seed_arg(seed, x.device),
+                x.stride(0),
+                M,
+                N,
+                triton.cdiv(M, programs),
+                dropout_p,
+                IS_RMS_NORM=is_rms_norm,
+                HAS_W1=weight1 is not None,
+                HAS_X1=dx1 is not None,
+                HAS_ROWSCALE=rowscale is not None,
+                ZERO_CENTERED_WEIGHT=zero_centered_weight,
+                HAS_DROPOUT=dropout_p > 0.0,
+                HAS_DRESIDUAL_OUT=dresidual_out is not None,
+                STORE_DRESIDUAL=dresidual is not None,
+                BLOCK_N=block,
+                SINGLE_BLOCK=single,
                 num_warps=num_warps,
-            )  # fmt: skip
+            )
     dweight, dbias = _summed(partials[0], weight.dtype), _summed(partials[1], weight.dtype)
     dweight1 = dbias1 = None
     if weight1 is not None:

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flash_attn.modules.norm import LayerNorm, RMSNorm
-from flash_attn.ops.kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
 from flash_attn.ops.layer_norm import layer_norm_fn, layer_norm_linear_fn, rms_norm_fn
-from flash_attn.ops.reference.layer_norm import layer_norm_ref, rms_norm_ref
+from flash_attn.ops.layer_norm.reference import layer_norm_ref, rms_norm_ref
+from flash_attn.ops.layer_norm.triton.kernels import layer_norm_bwd, layer_norm_fwd
 from tests.testing import DTYPES, assert_compiles_for_gpu, kernel_device
 
 DEVICE = kernel_device()
@@ -352,8 +352,14 @@ def test_features_match_reference(backend, dtype, is_rms_norm, case):
     rows, hidden, eps = 9, 130, 1e-5
     tensors, rowscale = _feature_inputs(rows, hidden, dtype, case)
     grads_out = [torch.randn(rows, hidden, dtype=torch.float64, device=DEVICE) for _ in range(3)]
-    options = dict(eps=eps, dropout_p=p, rowscale=rowscale, prenorm=prenorm,
-                   zero_centered_weight=zero_centered, is_rms_norm=is_rms_norm)  # fmt: skip
+    options = dict(
+        eps=eps,
+        dropout_p=p,
+        rowscale=rowscale,
+        prenorm=prenorm,
+        zero_centered_weight=zero_centered,
+        is_rms_norm=is_rms_norm,
+    )
 
     leaves = _leaves(*tensors)
     result = layer_norm_fn(*leaves, **options, return_dropout_mask=True, backend=backend)
@@ -370,8 +376,9 @@ def test_features_match_reference(backend, dtype, is_rms_norm, case):
     _feature_loss(oracle[:n_out], oracle[n_out] if prenorm else None, grads_out).backward()
 
     plain_leaves = _leaves(*tensors)
-    plain, h = _plain_features(*plain_leaves, rowscale, keep, keep1, p, zero_centered, eps,
-                               is_rms_norm)  # fmt: skip
+    plain, h = _plain_features(
+        *plain_leaves, rowscale, keep, keep1, p, zero_centered, eps, is_rms_norm
+    )
     _feature_loss(plain, h if prenorm else None, grads_out).backward()
 
     for i, (got, pl, ref) in enumerate(zip(outs, plain, oracle)):
@@ -397,16 +404,41 @@ def test_features_in_chunked_rows(is_rms_norm):
     dys = [torch.randn(rows, hidden, device=DEVICE) for _ in range(3)]
     results = []
     for max_block in (8192, 128):
-        common = dict(dropout_p=p, seed=seed, zero_centered_weight=True, is_rms_norm=is_rms_norm,
-                      max_block=max_block)  # fmt: skip
+        common = dict(
+            dropout_p=p,
+            seed=seed,
+            zero_centered_weight=True,
+            is_rms_norm=is_rms_norm,
+            max_block=max_block,
+        )
         y, y1, h, mean, rstd, keep, keep1 = layer_norm_fwd(
-            x, w, b, 1e-5, r, x1, w1, b1, residual_dtype=torch.float32, store_residual_out=True,
-            store_dropout_mask=True, **common,
-        )  # fmt: skip
+            x,
+            w,
+            b,
+            1e-5,
+            r,
+            x1,
+            w1,
+            b1,
+            residual_dtype=torch.float32,
+            store_residual_out=True,
+            store_dropout_mask=True,
+            **common,
+        )
         grads = layer_norm_bwd(
-            dys[0], h, w, mean, rstd, dys[2], dys[1], w1, x_dtype=torch.float32,
-            x1_dtype=torch.float32, residual_dtype=torch.float32, **common,
-        )  # fmt: skip
+            dys[0],
+            h,
+            w,
+            mean,
+            rstd,
+            dys[2],
+            dys[1],
+            w1,
+            x_dtype=torch.float32,
+            x1_dtype=torch.float32,
+            residual_dtype=torch.float32,
+            **common,
+        )
         results.append((y, y1, h, mean, rstd, keep, keep1, *grads))
     for single, chunked in zip(*results):
         torch.testing.assert_close(chunked, single, atol=1e-5, rtol=1e-5)
@@ -427,8 +459,17 @@ def test_out_dtype_and_preallocated_outputs(backend):
     x, weight, bias, residual = _inputs(3, 24, torch.float32)
     out = torch.empty(3, 24, dtype=torch.float16, device=DEVICE)
     residual_out = torch.empty(3, 24, device=DEVICE)
-    y, res = layer_norm_fn(x, weight, bias, residual, prenorm=True, out_dtype=torch.float16,
-                           out=out, residual_out=residual_out, backend=backend)  # fmt: skip
+    y, res = layer_norm_fn(
+        x,
+        weight,
+        bias,
+        residual,
+        prenorm=True,
+        out_dtype=torch.float16,
+        out=out,
+        residual_out=residual_out,
+        backend=backend,
+    )
     assert y is out and res is residual_out and y.dtype == torch.float16
     expected = layer_norm_ref(x, weight, bias, residual, prenorm=True)
     torch.testing.assert_close(y, expected[0].half())
@@ -440,12 +481,14 @@ def test_return_dropout_mask_shapes(backend):
     x, weight, bias, _ = _inputs(6, 40, torch.float32)
     y, keep, keep1 = layer_norm_fn(x, weight, bias, return_dropout_mask=True, backend=backend)
     assert keep is None and keep1 is None
-    y, keep, keep1 = layer_norm_fn(x, weight, bias, x1=x, dropout_p=0.5, return_dropout_mask=True,
-                                   backend=backend)  # fmt: skip
+    y, keep, keep1 = layer_norm_fn(
+        x, weight, bias, x1=x, dropout_p=0.5, return_dropout_mask=True, backend=backend
+    )
     assert keep.dtype == torch.bool and keep.shape == x.shape and keep1.shape == x.shape
     assert not torch.equal(keep, keep1), "x and x1 draw independent masks"
-    expected = layer_norm_ref(x, weight, bias, x1=x, dropout_p=0.5, dropout_mask=keep,
-                              dropout_mask1=keep1)  # fmt: skip
+    expected = layer_norm_ref(
+        x, weight, bias, x1=x, dropout_p=0.5, dropout_mask=keep, dropout_mask1=keep1
+    )
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -480,8 +523,9 @@ def test_zero_centered_weight_modules(backend):
     assert torch.all(rms.weight == 0) and torch.all(ln.weight == 0) and torch.all(ln.bias == 0)
     with torch.no_grad():
         rms.weight.normal_()
-    torch.testing.assert_close(rms(x), F.rms_norm(x, (16,), 1 + rms.weight, 1e-6),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        rms(x), F.rms_norm(x, (16,), 1 + rms.weight, 1e-6), atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(ln(x), F.layer_norm(x, (16,), eps=1e-5), atol=1e-5, rtol=1e-5)
 
 
@@ -497,9 +541,27 @@ def test_custom_op_registration_is_consistent():
     # prenorm
     for args in (
         (x, w, b, r, x1, w1, b1, None, seed, 1e-5, 0.1, False, True, f32, f32, True, True, True),
-        (x, w, None, None, None, None, None, torch.rand(5, device=DEVICE), None, 1e-5, 0.0, True,
-         False, torch.float16, f32, True, False, False),
-    ):  # fmt: skip
+        (
+            x,
+            w,
+            None,
+            None,
+            None,
+            None,
+            None,
+            torch.rand(5, device=DEVICE),
+            None,
+            1e-5,
+            0.0,
+            True,
+            False,
+            torch.float16,
+            f32,
+            True,
+            False,
+            False,
+        ),
+    ):
         torch.library.opcheck(torch.ops.flash_attn.layer_norm_fwd.default, args, test_utils=checks)
 
 
@@ -594,7 +656,7 @@ def test_triton_rejects_fp64():
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.kernels.layer_norm import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
+from flash_attn.ops.layer_norm.triton.kernels import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 h, f, i64, i32 = "*fp16", "*fp32", "i64", "i32"
@@ -646,6 +708,11 @@ def test_torch_path_applies_weight_and_bias_in_native_layer_norm():
         out = layer_norm_fn(x, weight, bias, backend="torch")
     assert "native_layer_norm" in ops.names, ops.names
     assert not {"mul", "add", "mul_", "add_"} & set(ops.names), ops.names
-    _check("out", out, _plain(x, weight, bias, None, 1e-6, False),
-           _plain(*(t.double() for t in (x, weight, bias)), None, 1e-6, False),
-           torch.float32, n=32)  # fmt: skip
+    _check(
+        "out",
+        out,
+        _plain(x, weight, bias, None, 1e-6, False),
+        _plain(*(t.double() for t in (x, weight, bias)), None, 1e-6, False),
+        torch.float32,
+        n=32,
+    )
