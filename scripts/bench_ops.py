@@ -54,8 +54,8 @@ from flash_attn.ops.mlp import fused_mlp  # noqa: E402
 from flash_attn.ops.reference.cross_entropy import cross_entropy_ref  # noqa: E402
 from flash_attn.ops.reference.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
 from flash_attn.ops.reference.mlp import mlp_ref  # noqa: E402
-from flash_attn.ops.reference.rotary import apply_rotary_ref  # noqa: E402
 from flash_attn.ops.rotary import apply_rotary  # noqa: E402
+from flash_attn.ops.rotary.reference import apply_rotary_ref  # noqa: E402
 from flash_attn.utils.benchmark import (  # noqa: E402
     available_memory,
     benchmark_time,

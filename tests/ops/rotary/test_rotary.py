@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flash_attn.modules.rotary import RotaryEmbedding
-from flash_attn.ops.reference.rotary import apply_rotary_ref
 from flash_attn.ops.rotary import apply_rotary
+from flash_attn.ops.rotary.reference import apply_rotary_ref
 from tests.testing import DTYPES, assert_compiles_for_gpu, kernel_device
 
 DEVICE = kernel_device()
@@ -372,7 +372,7 @@ def test_torch_compile_varlen():
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.kernels.rotary import _rotary_kernel
+from flash_attn.ops.rotary.triton.kernels import _rotary_kernel
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 types = dict(X="*fp16", Out="*fp16", Cos="*fp32", Sin="*fp32", SeqlenOffsets="*i32",

@@ -143,15 +143,30 @@ def rotary_fwd(
     grid = (triton.cdiv(seqlen, block_m), nheads, batch)
     with device_guard(x):
         launch(
-            _rotary_kernel, grid,
-            x, out, cos, sin,
+            _rotary_kernel,
+            grid,
+            x,
+            out,
+            cos,
+            sin,
             seqlen_offsets if offsets_tensor else cos,  # unread placeholders when absent
             cu_seqlens if is_varlen else cos,
-            stride_xb, stride_xm, stride_xh, stride_ob, stride_om, stride_oh,
-            seqlen, 0 if offsets_tensor else seqlen_offsets, seqlen_ro, rotary_dim_half,
-            INTERLEAVED=interleaved, CONJUGATE=conjugate, IS_VARLEN=is_varlen,
-            IS_OFFSETS_TENSOR=offsets_tensor, BLOCK_M=block_m,
+            stride_xb,
+            stride_xm,
+            stride_xh,
+            stride_ob,
+            stride_om,
+            stride_oh,
+            seqlen,
+            0 if offsets_tensor else seqlen_offsets,
+            seqlen_ro,
+            rotary_dim_half,
+            INTERLEAVED=interleaved,
+            CONJUGATE=conjugate,
+            IS_VARLEN=is_varlen,
+            IS_OFFSETS_TENSOR=offsets_tensor,
+            BLOCK_M=block_m,
             BLOCK_K=max(triton.next_power_of_2(rotary_dim_half), 2),
             num_warps=4 if rotary_dim_half * block_m >= 1024 else 2,
-        )  # fmt: skip
+        )
     return out

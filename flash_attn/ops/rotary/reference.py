@@ -40,10 +40,16 @@ def rotary_positions(
 
 
 def apply_rotary_ref(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: int | torch.Tensor = 0,
-    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-    interleaved: bool = False, inplace: bool = False, conjugate: bool = False,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    seqlen_offsets: int | torch.Tensor = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    interleaved: bool = False,
+    inplace: bool = False,
+    conjugate: bool = False,
+) -> torch.Tensor:
     """Rotary embedding, differentiable by autograd (same arguments as ``apply_rotary``).
 
     Args:
@@ -76,3 +82,30 @@ def apply_rotary_ref(
     rot = torch.stack((o0, o1), dim=-1).flatten(-2) if interleaved else torch.cat((o0, o1), -1)
     out = torch.cat((rot.to(x.dtype), x[..., rotary_dim:]), dim=-1)
     return x.copy_(out) if inplace else out
+
+
+# flash-attn 2.x's plain-PyTorch rotary (``flash_attn.layers.rotary`` re-exports it).
+
+
+def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """(x0, x1) -> (-x1, x0) for every rotated pair: halves (GPT-NeoX) or neighbours (GPT-J)."""
+    if not interleaved:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)  # (..., d / 2, 2) -> (..., d)
+
+
+def apply_rotary_emb_torch(x, cos, sin, interleaved=False):
+    """Plain-PyTorch rotary: x (batch, seqlen, nheads, headdim); cos, sin (seqlen, rotary_dim / 2)
+    or (batch, seqlen, rotary_dim / 2). Returns x's shape, computed in x's dtype."""
+    rotary_dim = cos.shape[-1] * 2
+    if rotary_dim > x.shape[-1]:
+        raise ValueError(f"rotary_dim {rotary_dim} exceeds headdim {x.shape[-1]}")
+    # (..., d / 2) -> (..., 1, d): one angle per pair, broadcast over heads
+    if interleaved:
+        cos, sin = (t.repeat_interleave(2, dim=-1).unsqueeze(-2) for t in (cos, sin))
+    else:
+        cos, sin = (torch.cat((t, t), dim=-1).unsqueeze(-2) for t in (cos, sin))
+    rotated = x[..., :rotary_dim] * cos + rotate_half(x[..., :rotary_dim], interleaved) * sin
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)

@@ -10,80 +10,27 @@ mutating op ``flash_attn::rotary_``. The torch path is native PyTorch for the co
 case and the plain-PyTorch reference otherwise. On both, ``inplace=True`` accepts a leaf that
 requires grad, as flash-attn 2.x does: its values are overwritten and its ``.grad`` is the
 rotated-back gradient. ``flash_attn.ops.triton.rotary`` re-exports ``apply_rotary``.
+
+Below it, flash-attn 2.x's functional rotary (``apply_rotary_emb``, ``apply_rotary_emb_qkv_``,
+``apply_rotary_emb_kv_``), which ``flash_attn.layers.rotary`` re-exports.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
 
 import torch
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.custom_op import custom_op
-from flash_attn.ops.reference.rotary import apply_rotary_ref
+from flash_attn.ops.rotary.function import (
+    rotary_backward,
+    rotary_inplace_op,
+    rotary_op,
+    rotary_setup_context,
+)
+from flash_attn.ops.rotary.reference import apply_rotary_ref
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# Both custom ops take: x, cos, sin, seqlen_offsets (a (batch,) tensor, or None for the int
-# seqlen_offset), seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate.
-@custom_op("flash_attn::rotary")
-def _rotary_op(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: Optional[torch.Tensor],
-    seqlen_offset: int, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,
-    conjugate: bool,
-) -> torch.Tensor:  # fmt: skip
-    """Out-of-place rotation."""
-    from flash_attn.ops.kernels.rotary import rotary_fwd
-
-    offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
-    return rotary_fwd(
-        x, cos, sin, offsets, cu_seqlens, max_seqlen, interleaved, inplace=False,
-        conjugate=conjugate,
-    )  # fmt: skip
-
-
-@_rotary_op.register_fake
-def _(x, *args):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("flash_attn::rotary_", mutates_args=("x",))
-def _rotary_inplace_op(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlen_offsets: Optional[torch.Tensor],
-    seqlen_offset: int, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, interleaved: bool,
-    conjugate: bool,
-) -> None:  # fmt: skip
-    """In-place rotation of x."""
-    from flash_attn.ops.kernels.rotary import rotary_fwd
-
-    offsets = seqlen_offset if seqlen_offsets is None else seqlen_offsets
-    rotary_fwd(
-        x, cos, sin, offsets, cu_seqlens, max_seqlen, interleaved, inplace=True, conjugate=conjugate
-    )
-
-
-@_rotary_inplace_op.register_fake
-def _(x, *args):
-    return None
-
-
-def _setup_context(ctx, inputs, output):
-    _, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, *rest = inputs
-    ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
-    ctx.seqlen_offset = seqlen_offset
-    ctx.max_seqlen, ctx.interleaved, ctx.conjugate = rest
-
-
-def _backward(ctx, dout):
-    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
-    # A rotation's inverse is its transpose: rotate the gradient back by -angle.
-    dx = _rotary_op(dout, cos, sin, seqlen_offsets, ctx.seqlen_offset, cu_seqlens,
-                    ctx.max_seqlen, ctx.interleaved, not ctx.conjugate)  # fmt: skip
-    return dx, None, None, None, None, None, None, None, None
-
-
-_rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _RotaryInplace(torch.autograd.Function):
@@ -96,24 +43,33 @@ class _RotaryInplace(torch.autograd.Function):
         *op_args, use_triton = args
         x = op_args[0]
         if use_triton:
-            _rotary_inplace_op(*op_args)
+            rotary_inplace_op(*op_args)
         else:
             x.copy_(_rotary_torch(*op_args))
         # A leaf that requires grad cannot be marked dirty. flash-attn 2.x overwrites it
         # anyway; the returned alias then carries this function's gradient back to the leaf.
         if not (x.is_leaf and x.requires_grad):
             ctx.mark_dirty(x)
-        _setup_context(ctx, op_args, x)
+        rotary_setup_context(ctx, op_args, x)
         ctx.use_triton = use_triton
         return x
 
     @staticmethod
     def backward(ctx, dout):
         if ctx.use_triton:
-            return _backward(ctx, dout) + (None,)
+            return rotary_backward(ctx, dout) + (None,)
         cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
-        dx = _rotary_torch(dout, cos, sin, seqlen_offsets, ctx.seqlen_offset, cu_seqlens,
-                           ctx.max_seqlen, ctx.interleaved, not ctx.conjugate)  # fmt: skip
+        dx = _rotary_torch(
+            dout,
+            cos,
+            sin,
+            seqlen_offsets,
+            ctx.seqlen_offset,
+            cu_seqlens,
+            ctx.max_seqlen,
+            ctx.interleaved,
+            not ctx.conjugate,
+        )
         return (dx,) + (None,) * 9
 
 
@@ -224,7 +180,7 @@ def _rotary_neox_torch(x, cos, sin, seqlen_offset: int, conjugate: bool):
 
 def _rotary_torch(
     x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate
-):  # fmt: skip
+):
     """The torch backend, out of place, with the custom ops' arguments (differentiable)."""
     if cu_seqlens is None and seqlen_offsets is None and not interleaved:
         return _rotary_neox_torch(x, cos, sin, seqlen_offset, conjugate)
@@ -278,4 +234,104 @@ def apply_rotary(
     args = (x, cos, sin, offsets_tensor, offset_int, cu_seqlens, max_seqlen, interleaved, conjugate)
     if inplace:
         return _RotaryInplace.apply(*args, use_triton)
-    return _rotary_op(*args) if use_triton else _rotary_torch(*args)
+    return rotary_op(*args) if use_triton else _rotary_torch(*args)
+
+
+# flash-attn 2.x's functional rotary (``flash_attn.layers.rotary`` re-exports it). Layouts:
+# ``qkv`` (batch, seqlen, 3, nheads, headdim), or (batch, seqlen, nheads_q + 2 * nheads_k,
+# headdim) with ``num_heads_q``; ``kv`` (batch, seqlen, 2, nheads_k, headdim).
+
+
+def apply_rotary_emb(
+    x,
+    cos,
+    sin,
+    interleaved=False,
+    inplace=False,
+    seqlen_offsets=0,
+    cu_seqlens=None,
+    max_seqlen=None,
+):
+    """Rotate x (batch, seqlen, nheads, headdim), or (total_seqlen, nheads, headdim) with
+    cu_seqlens, by cos/sin (seqlen_rotary, rotary_dim / 2). Returns x's shape and dtype."""
+    return apply_rotary(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace)
+
+
+def _split_qk(qkv: torch.Tensor, num_heads_q: int | None):
+    """Views of q and k inside qkv (see the layouts above)."""
+    if num_heads_q is None:
+        if qkv.dim() != 5 or qkv.shape[2] != 3:
+            raise ValueError(
+                f"qkv must be (batch, seqlen, 3, nheads, headdim) without num_heads_q, "
+                f"got {tuple(qkv.shape)}"
+            )
+        return qkv[:, :, 0], qkv[:, :, 1]
+    num_heads_k = (qkv.shape[2] - num_heads_q) // 2
+    if qkv.dim() != 4 or num_heads_k < 1 or num_heads_q + 2 * num_heads_k != qkv.shape[2]:
+        raise ValueError(
+            f"qkv must be (batch, seqlen, num_heads_q + 2 * nheads_k, headdim) with "
+            f"num_heads_q={num_heads_q}, got {tuple(qkv.shape)}"
+        )
+    return qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q : num_heads_q + num_heads_k]
+
+
+class _RotateViewsInplace(torch.autograd.Function):
+    """Rotate views of a packed tensor in place (q and k of qkv, k of kv) as one autograd node,
+    as flash-attn 2.x does: a leaf that requires grad is overwritten too, and its gradient is
+    the upstream gradient with the same views rotated back.
+
+    Takes packed, then views (packed -> the views to rotate), tables (one (cos, sin) per
+    view), interleaved and seqlen_offsets; returns packed."""
+
+    @staticmethod
+    def forward(ctx, packed, views, tables, interleaved, seqlen_offsets):
+        _rotate_views(packed, views, tables, interleaved, seqlen_offsets, conjugate=False)
+        # A leaf that requires grad cannot be marked dirty; the returned alias then carries
+        # this function's gradient back to it.
+        if not (packed.is_leaf and packed.requires_grad):
+            ctx.mark_dirty(packed)
+        ctx.views, ctx.tables = views, tables
+        ctx.interleaved, ctx.seqlen_offsets = interleaved, seqlen_offsets
+        return packed
+
+    @staticmethod
+    def backward(ctx, dout):
+        dpacked = dout.clone()
+        _rotate_views(
+            dpacked, ctx.views, ctx.tables, ctx.interleaved, ctx.seqlen_offsets, conjugate=True
+        )
+        return dpacked, None, None, None, None
+
+
+def _rotate_views(packed, views, tables, interleaved, seqlen_offsets, conjugate):
+    for x, (cos, sin) in zip(views(packed), tables):
+        # Out of place, then copied: the views are strided inside packed.
+        x.copy_(
+            apply_rotary(x, cos, sin, seqlen_offsets, interleaved=interleaved, conjugate=conjugate)
+        )
+
+
+def apply_rotary_emb_qkv_(
+    qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0, num_heads_q=None
+):
+    """Rotate q and k inside qkv in place (k by cos_k/sin_k when given); returns qkv.
+    Differentiable, also for a leaf that requires grad (see the layouts above)."""
+    _split_qk(qkv, num_heads_q)  # checks the layout before anything is written
+    tables = ((cos, sin), (cos, sin) if cos_k is None else (cos_k, sin_k))
+    views = functools.partial(_split_qk, num_heads_q=num_heads_q)
+    return _RotateViewsInplace.apply(qkv, views, tables, interleaved, seqlen_offsets)
+
+
+def apply_rotary_emb_kv_(kv, cos, sin, interleaved=False, seqlen_offsets=0):
+    """Rotate k = kv[:, :, 0] in place; returns kv (batch, seqlen, 2, nheads_k, headdim).
+    Differentiable, also for a leaf that requires grad."""
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must be (batch, seqlen, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    return _RotateViewsInplace.apply(kv, _k_of_kv, ((cos, sin),), interleaved, seqlen_offsets)
+
+
+def _k_of_kv(kv: torch.Tensor) -> tuple[torch.Tensor]:
+    return (kv[:, :, 0],)
+
+
+apply_rotary_emb_func = apply_rotary_emb
