@@ -9,15 +9,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
+from flash_attn.ops.cross_entropy.reference import cross_entropy_ref
 
 
 def linear_cross_entropy_ref(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-    bias: torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0, reduction: str = "mean", chunk_size: int | None = None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
     softcap: float = 0.0,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T + bias, labels)``, differentiable by autograd.
 
     Args:

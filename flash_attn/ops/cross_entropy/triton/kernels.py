@@ -121,9 +121,14 @@ def _num_warps(block_n: int) -> int:
 
 
 def cross_entropy_fwd(
-    logits, labels, label_smoothing, ignore_index, logit_scale=1.0, class_start=0,
+    logits,
+    labels,
+    label_smoothing,
+    ignore_index,
+    logit_scale=1.0,
+    class_start=0,
     total_classes=None,
-):  # fmt: skip
+):
     """Per-row label terms and log-sum-exp of one vocabulary shard. Inputs are assumed validated
     (see ``flash_attn.ops.cross_entropy``).
 
@@ -146,21 +151,40 @@ def cross_entropy_fwd(
     if n_rows > 0:
         with device_guard(logits):
             launch(
-            _cross_entropy_fwd_kernel, (n_rows, n_blocks),
-                logits, labels, lse_partial, loss_partial,
-                logits.stride(0), n_cols, n_blocks,
-                float(label_smoothing), float(logit_scale), int(ignore_index), int(class_start),
+                _cross_entropy_fwd_kernel,
+                (n_rows, n_blocks),
+                logits,
+                labels,
+                lse_partial,
+                loss_partial,
+                logits.stride(0),
+                n_cols,
+                n_blocks,
+                float(label_smoothing),
+                float(logit_scale),
+                int(ignore_index),
+                int(class_start),
                 int(total_classes or n_cols),
-                BLOCK_N=block_n, num_warps=_num_warps(block_n),
-            )  # fmt: skip
+                BLOCK_N=block_n,
+                num_warps=_num_warps(block_n),
+            )
     lse = torch.logsumexp(lse_partial, dim=1) if n_blocks > 1 else lse_partial[:, 0]
     return loss_partial.sum(dim=1), lse.contiguous()
 
 
 def cross_entropy_bwd(
-    dloss, logits, lse, labels, label_smoothing, lse_square_scale, ignore_index, dlogits=None,
-    logit_scale=1.0, class_start=0, total_classes=None,
-):  # fmt: skip
+    dloss,
+    logits,
+    lse,
+    labels,
+    label_smoothing,
+    lse_square_scale,
+    ignore_index,
+    dlogits=None,
+    logit_scale=1.0,
+    class_start=0,
+    total_classes=None,
+):
     """Gradient of the per-row loss with respect to the logits (of one vocabulary shard).
 
     Args:
@@ -182,11 +206,24 @@ def cross_entropy_bwd(
     if n_rows > 0:
         with device_guard(logits):
             launch(
-            _cross_entropy_bwd_kernel, (n_rows, triton.cdiv(n_cols, block_n)),
-                dlogits, logits, labels, lse, dloss,
-                dlogits.stride(0), logits.stride(0), dloss.stride(0),
-                n_cols, float(label_smoothing), float(logit_scale), float(lse_square_scale),
-                int(ignore_index), int(class_start), int(total_classes or n_cols),
-                BLOCK_N=block_n, num_warps=_num_warps(block_n),
-            )  # fmt: skip
+                _cross_entropy_bwd_kernel,
+                (n_rows, triton.cdiv(n_cols, block_n)),
+                dlogits,
+                logits,
+                labels,
+                lse,
+                dloss,
+                dlogits.stride(0),
+                logits.stride(0),
+                dloss.stride(0),
+                n_cols,
+                float(label_smoothing),
+                float(logit_scale),
+                float(lse_square_scale),
+                int(ignore_index),
+                int(class_start),
+                int(total_classes or n_cols),
+                BLOCK_N=block_n,
+                num_warps=_num_warps(block_n),
+            )
     return dlogits

@@ -63,11 +63,19 @@ def _with_global_value(local: torch.Tensor, value: torch.Tensor, slope=1.0) -> t
 
 
 def cross_entropy_ref(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-    inplace_backward: bool = False, *, logit_scale: float = 1.0,
-    precomputed_lse: torch.Tensor | None = None, process_group=None, return_z_loss: bool = False,
-):  # fmt: skip
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+    *,
+    logit_scale: float = 1.0,
+    precomputed_lse: torch.Tensor | None = None,
+    process_group=None,
+    return_z_loss: bool = False,
+):
     """Cross-entropy over the last dimension, differentiable by autograd.
 
     Args:

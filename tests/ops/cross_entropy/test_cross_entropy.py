@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flash_attn.ops.cross_entropy import CrossEntropyLoss, cross_entropy_loss
-from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
+from flash_attn.modules.losses import CrossEntropyLoss
+from flash_attn.ops.cross_entropy import cross_entropy_loss
+from flash_attn.ops.cross_entropy.reference import cross_entropy_ref
 from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
 
 BACKENDS = ["triton", "torch"]
@@ -196,9 +197,14 @@ def test_logit_scale_within_twice_plain_pytorch_error(backend, dtype, eps, z):
         cross_entropy_ref, logits.double(), labels, logit_scale=scale, **opts
     )
     pt_loss, pt_grad = _loss_and_grad(
-        lambda x, y, **kw: _plain(x * scale, y, **kw), logits, labels, eps=eps, z=z,
-        ignore_index=-100, reduction="none",
-    )  # fmt: skip
+        lambda x, y, **kw: _plain(x * scale, y, **kw),
+        logits,
+        labels,
+        eps=eps,
+        z=z,
+        ignore_index=-100,
+        reduction="none",
+    )
     atol = (1e-6 if dtype == torch.float32 else 1e-3) + torch.finfo(torch.float32).eps * vocab**0.5
     assert _err(loss, ref_loss) <= 2 * _err(pt_loss, ref_loss) + atol
     assert _err(grad, ref_grad) <= 2 * _err(pt_grad, ref_grad) + atol
@@ -209,8 +215,14 @@ def test_logit_scale_within_twice_plain_pytorch_error(backend, dtype, eps, z):
 def test_return_z_loss(backend, reduction):
     device = _device(backend)
     logits, labels = _inputs(9, 130, torch.float32, device, n_ignored=2)
-    loss, z_loss = cross_entropy_loss(logits, labels, lse_square_scale=0.3, reduction=reduction,
-                                      return_z_loss=True, backend=backend)  # fmt: skip
+    loss, z_loss = cross_entropy_loss(
+        logits,
+        labels,
+        lse_square_scale=0.3,
+        reduction=reduction,
+        return_z_loss=True,
+        backend=backend,
+    )
     per_row_z = 0.3 * torch.logsumexp(logits.detach(), -1).square() * (labels != -100)
     expected = per_row_z if reduction == "none" else per_row_z.sum() / 7
     torch.testing.assert_close(z_loss, expected, rtol=1e-5, atol=1e-5)
@@ -227,12 +239,14 @@ def test_precomputed_lse(backend):
     logits, labels = _inputs(6, 50, torch.float32, device, n_ignored=1)
     lse = torch.logsumexp(logits.detach(), -1)
     plain = _loss_and_grad(cross_entropy_loss, logits, labels, reduction="none", backend=backend)
-    given = _loss_and_grad(cross_entropy_loss, logits, labels, reduction="none", backend=backend,
-                           precomputed_lse=lse)  # fmt: skip
+    given = _loss_and_grad(
+        cross_entropy_loss, logits, labels, reduction="none", backend=backend, precomputed_lse=lse
+    )
     for a, b in zip(given, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    shifted = cross_entropy_loss(logits, labels, reduction="none", precomputed_lse=lse + 1.0,
-                                 backend=backend)  # fmt: skip
+    shifted = cross_entropy_loss(
+        logits, labels, reduction="none", precomputed_lse=lse + 1.0, backend=backend
+    )
     torch.testing.assert_close(shifted - plain[0].float(), (labels != -100).float())
     smoothed = dict(label_smoothing=0.1, reduction="none", backend=backend)
     torch.testing.assert_close(
@@ -245,8 +259,9 @@ def _vocab_parallel_worker(rank, world_size, port, out_dir):
     """One rank: its half of the vocabulary, both backends; saves loss and gradient shards."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         torch.manual_seed(0)
         logits, labels = _inputs(7, 2 * 37, torch.float32, "cpu", n_ignored=1)
@@ -255,10 +270,16 @@ def _vocab_parallel_worker(rank, world_size, port, out_dir):
         for backend in BACKENDS:
             x = shard.clone().to(_device(backend)).requires_grad_()
             loss, z_loss = cross_entropy_loss(
-                x, labels.to(x.device), label_smoothing=0.1, lse_square_scale=1e-3,
-                reduction="none", logit_scale=0.8, return_z_loss=True,
-                process_group=dist.group.WORLD, backend=backend,
-            )  # fmt: skip
+                x,
+                labels.to(x.device),
+                label_smoothing=0.1,
+                lse_square_scale=1e-3,
+                reduction="none",
+                logit_scale=0.8,
+                return_z_loss=True,
+                process_group=dist.group.WORLD,
+                backend=backend,
+            )
             (loss * torch.linspace(0.5, 1.5, 7, device=x.device)).sum().backward()
             results[backend] = (loss.detach().cpu(), z_loss.cpu(), x.grad.cpu())
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -331,7 +352,7 @@ def test_triton_rejects_fp64():
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.kernels.cross_entropy import (
+from flash_attn.ops.cross_entropy.triton.kernels import (
     _cross_entropy_bwd_kernel, _cross_entropy_fwd_kernel)
 from flash_attn.utils.triton_compile import compile_for_gpu
 

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flash_attn.ops.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
-from flash_attn.ops.reference.linear_cross_entropy import linear_cross_entropy_ref
+from flash_attn.modules.losses import LinearCrossEntropyLoss
+from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
+from flash_attn.ops.linear_cross_entropy.reference import linear_cross_entropy_ref
 from tests.testing import HAS_CUDA, kernel_device
 
 BACKENDS = ["triton", "torch"]
@@ -82,8 +83,13 @@ def test_softcap_within_twice_plain_pytorch_error(backend, dtype, reduction):
     got = _run(linear_cross_entropy, tensors, labels, chunk_size=4, backend=backend, **opts)
     oracle = _run(linear_cross_entropy_ref, [t.double() for t in tensors], labels, **opts)
     plain = _run(linear_cross_entropy_ref, tensors, labels, **opts)
-    uncapped = _run(linear_cross_entropy_ref, [t.double() for t in tensors], labels,
-                    reduction=reduction, label_smoothing=0.1)  # fmt: skip
+    uncapped = _run(
+        linear_cross_entropy_ref,
+        [t.double() for t in tensors],
+        labels,
+        reduction=reduction,
+        label_smoothing=0.1,
+    )
     assert (uncapped[0] - oracle[0]).abs().max() > 0.1  # the cap changes the loss
     # As in test_within_twice_plain_pytorch_error: sums of n fp32 terms in another order.
     lengths = dict(loss=vocab, hidden=vocab, weight=n_tokens, bias=n_tokens)
@@ -181,9 +187,15 @@ def test_torch_compile_traces_triton_path():
 
     def loss_fn(hidden, weight, labels, bias):
         return linear_cross_entropy(
-            hidden * 1.0, weight, labels, bias, label_smoothing=0.1, lse_square_scale=1e-3,
-            chunk_size=4, backend="triton",
-        )  # fmt: skip
+            hidden * 1.0,
+            weight,
+            labels,
+            bias,
+            label_smoothing=0.1,
+            lse_square_scale=1e-3,
+            chunk_size=4,
+            backend="triton",
+        )
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for a, b in zip(_run(compiled, tensors, labels), _run(loss_fn, tensors, labels)):
