@@ -53,7 +53,7 @@ from flash_attn.ops.layer_norm.reference import layer_norm_ref  # noqa: E402
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from flash_attn.ops.linear_cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
 from flash_attn.ops.mlp import fused_mlp  # noqa: E402
-from flash_attn.ops.reference.mlp import mlp_ref  # noqa: E402
+from flash_attn.ops.mlp.reference import mlp_ref  # noqa: E402
 from flash_attn.ops.rotary import apply_rotary  # noqa: E402
 from flash_attn.ops.rotary.reference import apply_rotary_ref  # noqa: E402
 from flash_attn.utils.benchmark import (  # noqa: E402

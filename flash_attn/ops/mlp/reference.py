@@ -18,9 +18,11 @@ ACTIVATION_FNS = {
 
 
 def linear_activation_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
     activation: str = "gelu_approx",
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """act(x @ weight.T + bias): x (..., in_features), weight (out, in) -> (..., out)."""
     return ACTIVATION_FNS[activation](F.linear(x, weight, bias))
 
@@ -41,10 +43,14 @@ def gated_linear_ref(
 
 
 def mlp_ref(
-    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
-    fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None,
-    activation: str = "gelu_approx", gated: bool = False,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    activation: str = "gelu_approx",
+    gated: bool = False,
+) -> torch.Tensor:
     """fc2(act(fc1(x))), or fc2(gated_linear(x)) when gated; nn.Linear weight layouts."""
     first = gated_linear_ref if gated else linear_activation_ref
     return F.linear(first(x, fc1_weight, fc1_bias, activation), fc2_weight, fc2_bias)

@@ -111,13 +111,23 @@ def _linear_act_fwd_kernel(
     Bias,  # (N,) or (2N,); read only when HAS_BIAS
     Out,  # (M, N) contiguous
     Pre,  # (M, N) or (M, 2N) contiguous: pre-activation, written only when STORE_PRE
-    M, N, K,
-    stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    STORE_PRE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # Grouped ordering: GROUP_M row blocks sweep the columns together, so their W tiles are
     # reused from L2 instead of re-read from memory.
     pid = tl.program_id(0)
@@ -178,10 +188,13 @@ def _act_bwd_kernel(
     DOut,  # (M, N) contiguous
     Pre,  # (M, N) or (M, 2N) contiguous, as stored by the forward
     DPre,  # like Pre: gradient of the pre-activation, [d_up, d_gate] when GATED
-    M, N,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    M,
+    N,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -221,7 +234,7 @@ def linear_act_fwd(
         x: (M, K) fp32/fp16/bf16, any strides.
         weight: (N, K), or (2N, K) = [W_up; W_gate] when gated; x's dtype.
         bias: None, (N,) or (2N,).
-        activation: a key of ``flash_attn.ops.reference.mlp.ACTIVATION_FNS``.
+        activation: a key of ``flash_attn.ops.mlp.reference.ACTIVATION_FNS``.
         store_pre: also return the pre-activation, needed by :func:`linear_act_bwd`.
     Returns:
         out: (M, N) contiguous in x's dtype.
@@ -238,13 +251,27 @@ def linear_act_fwd(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with device_guard(x):
         launch(
-            _linear_act_fwd_kernel, grid,
-            x, weight, bias if bias is not None else x, out, pre,
-            M, N, K,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            ACTIVATION=activation, GATED=gated, HAS_BIAS=bias is not None,
-            STORE_PRE=store_pre, DOT_PRECISION=_dot_precision(x.dtype), GROUP_M=8,
-        )  # fmt: skip
+            _linear_act_fwd_kernel,
+            grid,
+            x,
+            weight,
+            bias if bias is not None else x,
+            out,
+            pre,
+            M,
+            N,
+            K,
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            ACTIVATION=activation,
+            GATED=gated,
+            HAS_BIAS=bias is not None,
+            STORE_PRE=store_pre,
+            DOT_PRECISION=_dot_precision(x.dtype),
+            GROUP_M=8,
+        )
     return out, pre
 
 
@@ -265,8 +292,16 @@ def linear_act_bwd(dout: torch.Tensor, pre: torch.Tensor, activation: str, gated
     block_m, block_n = 32, 128
     with device_guard(dout):
         launch(
-            _act_bwd_kernel, (triton.cdiv(M, block_m), triton.cdiv(N, block_n)),
-            dout, pre, dpre, M, N,
-            ACTIVATION=activation, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n,
-        )  # fmt: skip
+            _act_bwd_kernel,
+            (triton.cdiv(M, block_m), triton.cdiv(N, block_n)),
+            dout,
+            pre,
+            dpre,
+            M,
+            N,
+            ACTIVATION=activation,
+            GATED=gated,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
     return dpre

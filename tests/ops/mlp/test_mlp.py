@@ -7,7 +7,7 @@ from torch import nn
 
 from flash_attn.modules.mlp import FusedMLP, GatedMlp
 from flash_attn.ops.mlp import ACTIVATIONS, fused_mlp, gated_linear, linear_activation
-from flash_attn.ops.reference.mlp import gated_linear_ref, linear_activation_ref
+from flash_attn.ops.mlp.reference import gated_linear_ref, linear_activation_ref
 from tests.testing import HAS_CUDA, assert_compiles_for_gpu, kernel_device
 
 BACKENDS = ["triton", "torch"]
@@ -251,7 +251,7 @@ def test_bad_input(backend):
 
 _COMPILE_FOR_SM90 = """
 import sys
-from flash_attn.ops.kernels.mlp import _act_bwd_kernel, _linear_act_fwd_kernel
+from flash_attn.ops.mlp.triton.kernels import _act_bwd_kernel, _linear_act_fwd_kernel
 from flash_attn.utils.triton_compile import compile_for_gpu
 
 every = sys.argv[1] == "all"

@@ -1,5 +1,6 @@
-"""Fused linear + activation and gated linear: custom ops over the Triton kernels, and the
-functional API (the modules are in ``flash_attn.modules.mlp``).
+"""Fused linear + activation and gated linear: the functional API and backend dispatch (the
+custom ops over the Triton kernels are in ``function.py``, the modules in
+``flash_attn.modules.mlp``).
 
 ``linear_activation(x, W, b, "gelu_approx")`` is ``F.gelu(F.linear(x, W, b), approximate="tanh")``
 with the activation applied in the matmul's epilogue; ``gated_linear(x, W, b, "silu")`` is SwiGLU
@@ -9,80 +10,15 @@ with the activation applied in the matmul's epilogue; ``gated_linear(x, W, b, "s
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.custom_op import custom_op
-from flash_attn.ops.reference.mlp import ACTIVATION_FNS, gated_linear_ref, linear_activation_ref
+from flash_attn.ops.mlp.function import linear_act_fwd_op
+from flash_attn.ops.mlp.reference import ACTIVATION_FNS, gated_linear_ref, linear_activation_ref
 
 ACTIVATIONS = tuple(ACTIVATION_FNS)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# The Triton module is imported inside each op so that ``import flash_attn`` works without Triton.
-@custom_op("flash_attn::linear_act_fwd")
-def _linear_act_fwd_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    activation: str,
-    gated: bool,
-    store_pre: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_attn.ops.kernels.mlp import linear_act_fwd
-
-    return linear_act_fwd(x, weight, bias, activation, gated, store_pre)
-
-
-@_linear_act_fwd_op.register_fake
-def _(x, weight, bias, activation, gated, store_pre):
-    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-    out = x.new_empty((x.shape[0], n_out))
-    pre = x.new_empty((x.shape[0], weight.shape[0]) if store_pre else (0,))
-    return out, pre
-
-
-@custom_op("flash_attn::linear_act_bwd")
-def _linear_act_bwd_op(
-    dout: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
-) -> torch.Tensor:
-    from flash_attn.ops.kernels.mlp import linear_act_bwd
-
-    return linear_act_bwd(dout, pre, activation, gated)
-
-
-@_linear_act_bwd_op.register_fake
-def _(dout, pre, activation, gated):
-    return torch.empty_like(pre, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, gated, store_pre = inputs
-    _, pre = output
-    ctx.save_for_backward(x, weight, pre)
-    ctx.has_bias = bias is not None
-    ctx.activation, ctx.gated, ctx.store_pre = activation, gated, store_pre
-    ctx.mark_non_differentiable(pre)
-
-
-def _backward(ctx, dout, _dpre):
-    if not ctx.store_pre:
-        raise RuntimeError(
-            "linear_activation ran without storing its pre-activation (no input required grad "
-            "or grad mode was off), so it cannot be differentiated"
-        )
-    x, weight, pre = ctx.saved_tensors
-    dpre = _linear_act_bwd_op(dout, pre, ctx.activation, ctx.gated)
-    dx = dpre @ weight if ctx.needs_input_grad[0] else None
-    dweight = dpre.t() @ x if ctx.needs_input_grad[1] else None
-    dbias = dpre.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dweight, dbias, None, None, None
-
-
-_linear_act_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, weight, bias, activation, gated):
@@ -138,7 +74,7 @@ def _linear_act(x, weight, bias, activation, gated, backend):
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
-    out, _ = _linear_act_fwd_op(
+    out, _ = linear_act_fwd_op(
         x.reshape(-1, x.shape[-1]), weight, bias, activation, gated, needs_grad
     )
     return out.reshape(*x.shape[:-1], out.shape[-1])  # (tokens, out) -> (..., out)
@@ -170,9 +106,13 @@ def linear_activation(
 
 
 def gated_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    activation: str = "silu", *, backend: str | None = None,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "silu",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """up * act(gate) with [up, gate] = (x @ weight.T + bias).chunk(2, -1), in one kernel.
 
     Args:
