@@ -354,7 +354,7 @@ def test_triton_rejects_fp64():
 _COMPILE_FOR_SM90 = """
 from flash_attn.ops.cross_entropy.triton.kernels import (
     _cross_entropy_bwd_kernel, _cross_entropy_fwd_kernel)
-from flash_attn.utils.triton_compile import compile_for_gpu
+from benchmarks.triton_compile import compile_for_gpu
 
 for dt in ("bf16", "fp32"):
     compile_for_gpu(_cross_entropy_fwd_kernel,

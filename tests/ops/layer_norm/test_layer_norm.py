@@ -657,7 +657,7 @@ def test_triton_rejects_fp64():
 
 _COMPILE_FOR_SM90 = """
 from flash_attn.ops.layer_norm.triton.kernels import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
-from flash_attn.utils.triton_compile import compile_for_gpu
+from benchmarks.triton_compile import compile_for_gpu
 
 h, f, i64, i32 = "*fp16", "*fp32", "i64", "i32"
 fwd = dict(X=h, X1=h, R=f, W=h, B=h, W1=h, B1=h, Y=h, Y1=h, RESIDUAL_OUT=f, KEEP="*i1",

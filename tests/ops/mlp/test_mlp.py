@@ -252,7 +252,7 @@ def test_bad_input(backend):
 _COMPILE_FOR_SM90 = """
 import sys
 from flash_attn.ops.mlp.triton.kernels import _act_bwd_kernel, _linear_act_fwd_kernel
-from flash_attn.utils.triton_compile import compile_for_gpu
+from benchmarks.triton_compile import compile_for_gpu
 
 every = sys.argv[1] == "all"
 cases = [(dt, act, gated) for dt in ("bf16", "fp16", "fp32")

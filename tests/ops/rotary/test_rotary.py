@@ -373,7 +373,7 @@ def test_torch_compile_varlen():
 
 _COMPILE_FOR_SM90 = """
 from flash_attn.ops.rotary.triton.kernels import _rotary_kernel
-from flash_attn.utils.triton_compile import compile_for_gpu
+from benchmarks.triton_compile import compile_for_gpu
 
 types = dict(X="*fp16", Out="*fp16", Cos="*fp32", Sin="*fp32", SeqlenOffsets="*i32",
              CuSeqlens="*i32", stride_xb="i64", stride_xm="i64", stride_xh="i64",

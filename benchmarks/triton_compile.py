@@ -8,8 +8,9 @@ Run it with ``TRITON_INTERPRET=0`` set before the kernels are defined (a subproc
 from __future__ import annotations
 
 
-def compile_for_gpu(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
-                    num_stages: int = 3):  # fmt: skip
+def compile_for_gpu(
+    kernel, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4, num_stages: int = 3
+):
     """Compile ``kernel`` for ``sm_<arch>`` with Triton's bundled ptxas; returns the compiled
     kernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.n_regs``, ``.n_spills``, ``.metadata``).
 

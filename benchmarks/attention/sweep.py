@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from flash_attn.ops.backend import resolve_backend
-from flash_attn.utils.attention_benchmark.case import (
+from benchmarks.attention.case import (
     MODES,
     Case,
     Result,
     TooLargeError,
     format_result,
 )
-from flash_attn.utils.attention_benchmark.measure import run_case
+from benchmarks.attention.measure import run_case
+from flash_attn.ops.backend import resolve_backend
 
 # "official" is the grid of the official FlashAttention benchmark (hidden 2048, 16k tokens per
 # batch); "cpu" shrinks it to a few minutes on a 2-core CPU. "memory" is a separate pass
@@ -93,19 +93,42 @@ def _timing_cases(grid: dict, device: str, backend: str):
         if seqlen > grid.get("max_seqlen", {}).get(method, seqlen):
             continue
         nheads = grid["hidden"] // headdim
-        yield Case(method=method, mode=mode, batch=max(1, grid["tokens"] // seqlen),
-                   nheads=nheads, nheads_k=nheads, seqlen_q=seqlen, seqlen_k=seqlen,
-                   headdim=headdim, causal=causal, dtype=grid["dtype"], device=device,
-                   backend=backend, block_m=blocks, block_n=blocks)  # fmt: skip
+        yield Case(
+            method=method,
+            mode=mode,
+            batch=max(1, grid["tokens"] // seqlen),
+            nheads=nheads,
+            nheads_k=nheads,
+            seqlen_q=seqlen,
+            seqlen_k=seqlen,
+            headdim=headdim,
+            causal=causal,
+            dtype=grid["dtype"],
+            device=device,
+            backend=backend,
+            block_m=blocks,
+            block_n=blocks,
+        )
 
 
 def _memory_cases(grid: dict, device: str, backend: str):
     mem = grid["memory"]
     for seqlen, method in itertools.product(mem["seqlens"], mem["methods"]):
-        yield Case(method=method, mode="fwd_bwd", batch=mem["batch"], nheads=mem["nheads"],
-                   nheads_k=mem["nheads"], seqlen_q=seqlen, seqlen_k=seqlen,
-                   headdim=mem["headdim"], dtype=mem["dtype"], device=device, backend=backend,
-                   block_m=128, block_n=128)  # fmt: skip
+        yield Case(
+            method=method,
+            mode="fwd_bwd",
+            batch=mem["batch"],
+            nheads=mem["nheads"],
+            nheads_k=mem["nheads"],
+            seqlen_q=seqlen,
+            seqlen_k=seqlen,
+            headdim=mem["headdim"],
+            dtype=mem["dtype"],
+            device=device,
+            backend=backend,
+            block_m=128,
+            block_n=128,
+        )
 
 
 def sweep(grid: dict, device: str, backend: str, log=print) -> tuple[list, list]:

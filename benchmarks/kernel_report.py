@@ -38,9 +38,27 @@ ASYNC_COPY = {"LDGSTS", "UTMALDG"}
 # Vector integer ALU work: address arithmetic, index masks, compares (uniform-datapath U* ops
 # run once per warp and are left out).
 INTEGER = {
-    "IMAD", "IADD3", "IADD", "IMUL", "LEA", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP",
-    "IMNMX", "VIMNMX", "IABS", "SEL", "ISCADD", "BMSK", "FLO", "POPC", "PRMT",
-}  # fmt: skip
+    "IMAD",
+    "IADD3",
+    "IADD",
+    "IMUL",
+    "LEA",
+    "SHF",
+    "SHL",
+    "SHR",
+    "LOP3",
+    "LOP",
+    "ISETP",
+    "IMNMX",
+    "VIMNMX",
+    "IABS",
+    "SEL",
+    "ISCADD",
+    "BMSK",
+    "FLO",
+    "POPC",
+    "PRMT",
+}
 
 
 @dataclass
@@ -188,8 +206,9 @@ def _tool(name: str, *args: str, cubin: bytes) -> str:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         tool = getattr(knobs.nvidia, name).path
-        return subprocess.run([tool, *args, str(path)], check=True, capture_output=True,
-                              text=True).stdout  # fmt: skip
+        return subprocess.run(
+            [tool, *args, str(path)], check=True, capture_output=True, text=True
+        ).stdout
 
 
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?\w+\s+)?([A-Z][\w.]*)([^;]*);")
@@ -235,9 +254,10 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
         if opcode.split(".")[0] == "BRA" and operands.isdigit() and int(operands) < address
     ]
     innermost = [
-        (lo, hi) for lo, hi in spans
+        (lo, hi)
+        for lo, hi in spans
         if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in spans)
-    ]  # fmt: skip
+    ]
     loops = []
     for lo, hi in innermost:
         body = [op.split(".")[0] for address, op, _ in instructions if lo <= address <= hi]

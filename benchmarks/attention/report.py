@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flash_attn.utils.attention_benchmark.case import memory_saving_rows, throughput_unit
-from flash_attn.utils.attention_benchmark.plots import plot_memory, plot_throughput
+from benchmarks.attention.case import memory_saving_rows, throughput_unit
+from benchmarks.attention.plots import plot_memory, plot_throughput
 
 
 def write_markdown(path: Path, results, memory_results, grid, env, figures):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.common import available_memory
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.utils.benchmark import available_memory
 
 METHODS = ("flash", "normal", "sdpa", "reference")
 MODES = ("fwd", "bwd", "fwd_bwd")

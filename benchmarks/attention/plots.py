@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from flash_attn.utils.attention_benchmark.case import (
+from benchmarks.attention.case import (
     MODES,
     memory_saving_rows,
     throughput_unit,

@@ -7,10 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flash_attn.ops.attention.reference import attention_ref
-from flash_attn.ops.attention.tiled import attention_tiled
-from flash_attn.ops.backend import resolve_backend
-from flash_attn.utils.attention_benchmark.case import (
+from benchmarks.attention.case import (
     DTYPES,
     METHODS,
     MODES,
@@ -18,7 +15,10 @@ from flash_attn.utils.attention_benchmark.case import (
     Result,
     check_fits,
 )
-from flash_attn.utils.benchmark import attention_flops, benchmark_time, peak_memory, tflops
+from benchmarks.common import attention_flops, benchmark_time, peak_memory, tflops
+from flash_attn.ops.attention.reference import attention_ref
+from flash_attn.ops.attention.tiled import attention_tiled
+from flash_attn.ops.backend import resolve_backend
 
 
 def _sdpa(q, k, v, causal, mask):
@@ -71,8 +71,16 @@ def _check_sizes(case: Case) -> None:
     if case.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {case.mode!r}")
     names = ("b", "h", "h_k", "q_len", "kv_len", "d", "block_m", "block_n")
-    values = (case.batch, case.nheads, case.nheads_k, case.seqlen_q, case.seqlen_k,
-              case.headdim, case.block_m, case.block_n)  # fmt: skip
+    values = (
+        case.batch,
+        case.nheads,
+        case.nheads_k,
+        case.seqlen_q,
+        case.seqlen_k,
+        case.headdim,
+        case.block_m,
+        case.block_n,
+    )
     for name, value in zip(names, values):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -124,8 +132,9 @@ def make_step(case: Case):
     return step, flops
 
 
-def run_case(case: Case, repeats: int = 3, warmup: int = 1, memory: bool = True,
-             timing: bool = True) -> Result:  # fmt: skip
+def run_case(
+    case: Case, repeats: int = 3, warmup: int = 1, memory: bool = True, timing: bool = True
+) -> Result:
     """Time (median of ``repeats``) and measure the peak memory of one case."""
     step, flops = make_step(case)
     result = Result(case)
