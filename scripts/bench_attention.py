@@ -17,7 +17,7 @@ output, saved tensors, gradients).
     PYTHONPATH=. python scripts/bench_attention.py --sweep --grid official # on a GPU
 
 Peak memory is the most bytes live during a call beyond those live before it
-(``flash_attn.utils.benchmark.peak_memory``). FLOPs count only visible pairs (exactly, for
+(``benchmarks.common.peak_memory``). FLOPs count only visible pairs (exactly, for
 causal and masks); the backward counts 2.5x the forward, as the official benchmark does.
 A configuration that would not fit in the device's free memory is refused before anything
 is allocated, with the estimate.
@@ -29,9 +29,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import checkout_path  # noqa: F401 (the checkout's flash_attn and benchmarks/)
 import torch
 
-from flash_attn.utils.attention_benchmark.case import (
+from benchmarks.attention.case import (
     DTYPES,
     METHODS,
     MODES,
@@ -39,16 +40,16 @@ from flash_attn.utils.attention_benchmark.case import (
     TooLargeError,
     format_result,
 )
-from flash_attn.utils.attention_benchmark.measure import profile_case, run_case
-from flash_attn.utils.attention_benchmark.report import report
-from flash_attn.utils.attention_benchmark.sweep import (
+from benchmarks.attention.measure import profile_case, run_case
+from benchmarks.attention.report import report
+from benchmarks.attention.sweep import (
     GRIDS,
     load_results,
     save_results,
     sweep,
     sweep_environment,
 )
-from flash_attn.utils.benchmark import machine_name
+from benchmarks.common import machine_name
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

@@ -18,11 +18,12 @@ import argparse
 import datetime
 import pathlib
 
+import checkout_path  # noqa: F401 (the checkout's flash_attn and benchmarks/)
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import benchmark_time, machine_name
 from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from flash_attn.utils.benchmark import benchmark_time, machine_name
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

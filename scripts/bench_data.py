@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import checkout_path  # noqa: F401 (makes training/ importable)
+import checkout_path  # noqa: F401 (the checkout's flash_attn, benchmarks/ and training/)
 import torch
 
-from flash_attn.utils.benchmark import machine_name
+from benchmarks.common import machine_name
 from training.data.datamodule import GPTDataModule
 from training.data.sources import quickstart_files
 

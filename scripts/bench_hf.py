@@ -14,7 +14,7 @@ GPU). A step is forward with labels, backward, AdamW step, on ``--tokens`` token
 
 Reported: median step time over ``--repeats`` steps after one warm-up step, tokens/s, and the
 peak memory of a step beyond what was live before it (weights, optimizer state; see
-``flash_attn.utils.benchmark.peak_memory``).
+``benchmarks.common.peak_memory``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import os
 import platform
 import sys
 
+import checkout_path  # noqa: F401 (the checkout's flash_attn and benchmarks/)
 import torch
 
-from flash_attn.utils.benchmark import benchmark_time, machine_name, peak_memory
+from benchmarks.common import benchmark_time, machine_name, peak_memory
 
 VOCABS = (32_000, 128_000)
 VARIANTS = ("sdpa", "ours")

@@ -31,6 +31,7 @@ os.environ["FLASH_ATTN_AUTOTUNE"] = "0"  # nothing to time on a stand-in
 os.environ["FLASH_ATTN_BACKEND"] = "triton"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
 
+import checkout_path  # noqa: E402, F401 (the checkout's flash_attn and benchmarks/)
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -38,7 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia import driver as nvidia_driver  # noqa: E402
 from triton.backends.nvidia.driver import CudaDriver, CudaLauncher  # noqa: E402
 
-from flash_attn.utils.benchmark import machine_name  # noqa: E402
+from benchmarks.common import machine_name  # noqa: E402
 
 LAUNCHES = [0]
 

@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout_path  # noqa: F401 (the checkout's flash_attn and benchmarks/)
 import torch
 
+from benchmarks.common import benchmark_time, machine_name, peak_memory
 from flash_attn.models.gpt import GPTLMHeadModel
-from flash_attn.utils.benchmark import benchmark_time, machine_name, peak_memory
 
 
 def parse_args(argv=None):

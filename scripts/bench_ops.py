@@ -9,7 +9,7 @@ Every measurement is one forward + backward step. Variants per op:
   compiled     torch.compile (inductor) of the op's plain-PyTorch reference
 
 Peak memory is the most bytes live during a step beyond those live before it
-(``flash_attn.utils.benchmark.peak_memory``: CUDA's allocator counters on a GPU; on CPU the
+(``benchmarks.common.peak_memory``: CUDA's allocator counters on a GPU; on CPU the
 allocation events of ``torch.profiler(profile_memory=True)`` replayed in time order).
 
 The key figure (--figure, on by default) is linear cross-entropy at 8192 tokens x 50257 vocab x
@@ -42,26 +42,27 @@ from typing import Callable
 # The profiler's C++ side logs every start/stop to stderr unless told otherwise.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
+import checkout_path  # noqa: E402, F401 (the checkout's flash_attn and benchmarks/)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from flash_attn.ops.backend import resolve_backend  # noqa: E402
-from flash_attn.ops.cross_entropy import cross_entropy_loss  # noqa: E402
-from flash_attn.ops.layer_norm import layer_norm_fn  # noqa: E402
-from flash_attn.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
-from flash_attn.ops.mlp import fused_mlp  # noqa: E402
-from flash_attn.ops.reference.cross_entropy import cross_entropy_ref  # noqa: E402
-from flash_attn.ops.reference.layer_norm import layer_norm_ref  # noqa: E402
-from flash_attn.ops.reference.linear_cross_entropy import linear_cross_entropy_ref  # noqa: E402
-from flash_attn.ops.reference.mlp import mlp_ref  # noqa: E402
-from flash_attn.ops.reference.rotary import apply_rotary_ref  # noqa: E402
-from flash_attn.ops.rotary import apply_rotary  # noqa: E402
-from flash_attn.utils.benchmark import (  # noqa: E402
+from benchmarks.common import (  # noqa: E402
     available_memory,
     benchmark_time,
     machine_name,
     peak_memory,
 )
+from flash_attn.ops.backend import resolve_backend  # noqa: E402
+from flash_attn.ops.cross_entropy import cross_entropy_loss  # noqa: E402
+from flash_attn.ops.cross_entropy.reference import cross_entropy_ref  # noqa: E402
+from flash_attn.ops.layer_norm import layer_norm_fn  # noqa: E402
+from flash_attn.ops.layer_norm.reference import layer_norm_ref  # noqa: E402
+from flash_attn.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from flash_attn.ops.linear_cross_entropy.reference import linear_cross_entropy_ref  # noqa: E402
+from flash_attn.ops.mlp import fused_mlp  # noqa: E402
+from flash_attn.ops.mlp.reference import mlp_ref  # noqa: E402
+from flash_attn.ops.rotary import apply_rotary  # noqa: E402
+from flash_attn.ops.rotary.reference import apply_rotary_ref  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

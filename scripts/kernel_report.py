@@ -39,14 +39,18 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import checkout_path  # noqa: E402, F401 (the checkout's flash_attn and benchmarks/)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from benchmarks import kernel_report as kr  # noqa: E402
 from flash_attn.ops.attention.triton import backward as attention_bwd  # noqa: E402
 from flash_attn.ops.attention.triton import forward as attention  # noqa: E402
 from flash_attn.ops.attention.triton import tuning as attention_tuning  # noqa: E402
-from flash_attn.ops.kernels import cross_entropy, layer_norm, mlp, rotary  # noqa: E402
-from flash_attn.utils import kernel_report as kr  # noqa: E402
+from flash_attn.ops.cross_entropy.triton import kernels as cross_entropy  # noqa: E402
+from flash_attn.ops.layer_norm.triton import kernels as layer_norm  # noqa: E402
+from flash_attn.ops.mlp.triton import kernels as mlp  # noqa: E402
+from flash_attn.ops.rotary.triton import kernels as rotary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

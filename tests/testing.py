@@ -10,10 +10,12 @@ import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = str(Path(__file__).resolve().parents[1])  # the checkout: flash_attn/, benchmarks/
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "1") not in ("", "0")
 
@@ -25,10 +27,12 @@ def kernel_device() -> str:
 
 def assert_compiles_for_gpu(program: str, *args: str, timeout: float = 600) -> None:
     """Run ``program`` (Python source that compiles kernels, typically with
-    :func:`flash_attn.utils.triton_compile.compile_for_gpu`, and prints "compiled") in a
-    subprocess with the interpreter off; skip when Triton or its ptxas is missing."""
+    :func:`benchmarks.triton_compile.compile_for_gpu`, and prints "compiled") in a
+    subprocess with the interpreter off, the checkout first on its path; skip when Triton or
+    its ptxas is missing."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-c", program, *args], capture_output=True,
                             text=True, env=env, timeout=timeout)  # fmt: skip
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():

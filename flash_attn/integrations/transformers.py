@@ -33,20 +33,10 @@ from flash_attn.flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from flash_attn.integrations import hf_forwards
+from flash_attn.models.hf_common import HF_ACTIVATIONS as ACTIVATIONS  # transformers' names -> ours
 from flash_attn.modules.norm import LayerNorm, RMSNorm
 
 ATTENTION_NAME = "flash_attn_triton"
-
-# transformers activation names -> ours
-ACTIVATIONS = {
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_approx",
-    "gelu_pytorch_tanh": "gelu_approx",
-    "relu": "relu",
-    "sigmoid": "sigmoid",
-}
 
 
 def _varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):

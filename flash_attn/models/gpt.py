@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flash_attn.models import generation
 from flash_attn.models.hf_checkpoint import SpecialTokens, load_hf_checkpoint, save_hf_checkpoint
 from flash_attn.modules.block import Block, ParallelBlock
 from flash_attn.modules.embedding import GPT2Embeddings
@@ -30,7 +31,6 @@ from flash_attn.ops.backend import reads_values
 from flash_attn.ops.cross_entropy import cross_entropy_loss
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
 from flash_attn.ops.mlp import ACTIVATIONS
-from flash_attn.utils import generation
 from flash_attn.utils.checks import (
     check_backend,
     check_bool,
@@ -472,7 +472,7 @@ class GPTLMHeadModel(nn.Module):
             input_ids: (batch, seqlen) int64 in [0, vocab_size).
             labels: (batch, seqlen) int64; -100 is ignored.
             position_ids: (seqlen,) or (batch, seqlen) learned positions (default 0..).
-            inference_params: KV cache for decoding (see ``flash_attn.utils.generation``).
+            inference_params: KV cache for decoding (see ``flash_attn.models.generation``).
             attention_mask: (batch, seqlen) bool/0-1, true for real tokens (right padding).
             num_last_tokens: > 0: only the logits of the last tokens are computed.
             shift_labels: True: the loss compares logits[:, t] with labels[:, t + 1] (shifted
@@ -650,5 +650,5 @@ class GPTLMHeadModel(nn.Module):
         }
 
     def generate(self, input_ids, max_new_tokens, **kwargs):
-        """See :func:`flash_attn.utils.generation.generate`."""
+        """See :func:`flash_attn.models.generation.generate`."""
         return generation.generate(self, input_ids, max_new_tokens, **kwargs)

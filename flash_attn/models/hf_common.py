@@ -11,8 +11,9 @@ import re
 
 import torch
 
-# config.json activation name -> ours (``flash_attn.ops.mlp.ACTIVATIONS``). "gelu" is the exact
-# erf GELU; the other GELU names are the tanh approximation.
+# config.json / transformers activation name -> ours (``flash_attn.ops.mlp.ACTIVATIONS``), for
+# the converters and for ``flash_attn.integrations.transformers``. "gelu" is the exact erf GELU;
+# the other GELU names are the tanh approximation; "swish" is transformers' other name of SiLU.
 HF_ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_approx",
@@ -20,6 +21,8 @@ HF_ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_approx",
     "relu": "relu",
     "silu": "silu",
+    "swish": "silu",
+    "sigmoid": "sigmoid",
 }
 # Our activations that have a config.json name.
 SAVABLE_ACTIVATIONS = tuple(sorted(set(HF_ACTIVATIONS.values())))

@@ -10,7 +10,7 @@ as the official flash-attn ``MHA`` does. Inputs come in three layouts:
   padded back with zeros;
 - varlen: x (total_tokens, embed_dim) with ``cu_seqlens`` and ``max_seqlen``.
 
-Decoding with a KV cache passes an :class:`flash_attn.utils.generation.InferenceParams`; the new
+Decoding with a KV cache passes an :class:`flash_attn.models.generation.InferenceParams`; the new
 keys and values are appended to the layer's cache and attended to in one
 ``flash_attn_with_kvcache`` call (rotary applied at the cache positions inside that call).
 Rotary positions restart at 0 at the first real token of every sequence (right padding).
@@ -227,7 +227,7 @@ class MHA(nn.Module):
             key_padding_mask: (batch, seqlen_k) bool, true for real tokens. For
                 self-attention it masks the queries too (their outputs are zeros).
             cu_seqlens: (batch + 1,) int32 for varlen x; max_seqlen: the longest sequence.
-            inference_params: :class:`~flash_attn.utils.generation.InferenceParams` for
+            inference_params: :class:`~flash_attn.models.generation.InferenceParams` for
                 KV-cache decoding (self-attention, dense x).
         Returns:
             x's shape and dtype.

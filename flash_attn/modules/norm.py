@@ -4,6 +4,10 @@ Each norm owns its whole configuration (eps, dropout, prenorm, residual dtype, b
 block only calls ``ln(x, residual)``. Their state dicts match ``torch.nn.LayerNorm`` (weight,
 bias) and Hugging Face's Llama RMSNorm (weight), so checkpoints load without renaming; with
 ``zero_centered_weight`` the stored weight is w - 1 (Gemma's convention) and starts at 0.
+
+``RMSNorm2x`` and ``LayerNorm2x`` have flash-attn 2.x's interface (prenorm and
+residual_in_fp32 given per call); ``flash_attn.ops.triton.layer_norm`` re-exports them as
+``RMSNorm`` and ``LayerNorm``.
 """
 
 from __future__ import annotations
@@ -30,10 +34,19 @@ class LayerNorm(nn.Module):
 
     is_rms_norm = False
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, dropout_p: float = 0.0,
-                 prenorm: bool = False, residual_in_fp32: bool = False, bias: bool = True,
-                 backend: str | None = None, device=None, dtype=None,
-                 zero_centered_weight: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        dropout_p: float = 0.0,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        bias: bool = True,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+        zero_centered_weight: bool = False,
+    ):
         super().__init__()
         self.hidden_size, self.eps, self.dropout_p = hidden_size, eps, dropout_p
         self.prenorm, self.residual_in_fp32, self.backend = prenorm, residual_in_fp32, backend
@@ -54,15 +67,23 @@ class LayerNorm(nn.Module):
         """x, residual: (..., hidden_size) -> out, or (out, residual_out) when prenorm."""
         return self.normalize(x, residual, self.prenorm, self.residual_in_fp32)
 
-    def normalize(self, x: torch.Tensor, residual: torch.Tensor | None, prenorm: bool,
-                  residual_in_fp32: bool):  # fmt: skip
+    def normalize(
+        self, x: torch.Tensor, residual: torch.Tensor | None, prenorm: bool, residual_in_fp32: bool
+    ):
         """forward with prenorm and residual_in_fp32 given per call rather than configured."""
         return layer_norm_fn(
-            x, self.weight, self.bias, residual, eps=self.eps,
-            dropout_p=self.dropout_p if self.training else 0.0, prenorm=prenorm,
-            residual_in_fp32=residual_in_fp32, zero_centered_weight=self.zero_centered_weight,
-            is_rms_norm=self.is_rms_norm, backend=self.backend,
-        )  # fmt: skip
+            x,
+            self.weight,
+            self.bias,
+            residual,
+            eps=self.eps,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            prenorm=prenorm,
+            residual_in_fp32=residual_in_fp32,
+            zero_centered_weight=self.zero_centered_weight,
+            is_rms_norm=self.is_rms_norm,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -80,11 +101,80 @@ class RMSNorm(LayerNorm):
 
     is_rms_norm = True
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dropout_p: float = 0.0,
-                 prenorm: bool = False, residual_in_fp32: bool = False, bias: bool = False,
-                 backend: str | None = None, device=None, dtype=None,
-                 zero_centered_weight: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        dropout_p: float = 0.0,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        bias: bool = False,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+        zero_centered_weight: bool = False,
+    ):
         super().__init__(
-            hidden_size, eps, dropout_p, prenorm, residual_in_fp32, bias, backend, device, dtype,
+            hidden_size,
+            eps,
+            dropout_p,
+            prenorm,
+            residual_in_fp32,
+            bias,
+            backend,
+            device,
+            dtype,
             zero_centered_weight,
-        )  # fmt: skip
+        )
+
+
+class _PerCallOptions:
+    """flash-attn 2.x's norm interface: prenorm and residual_in_fp32 are given per call."""
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        """x, residual: (..., hidden_size) -> out, or (out, residual_out) when prenorm."""
+        return self.normalize(x, residual, prenorm, residual_in_fp32)
+
+
+class RMSNorm2x(_PerCallOptions, RMSNorm):
+    """flash-attn 2.x's RMSNorm (no bias; eps 1e-5) on :class:`RMSNorm`."""
+
+    def __init__(
+        self,
+        hidden_size,
+        eps=1e-5,
+        dropout_p=0.0,
+        zero_centered_weight=False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            hidden_size,
+            eps,
+            dropout_p,
+            device=device,
+            dtype=dtype,
+            zero_centered_weight=zero_centered_weight,
+        )
+
+
+class LayerNorm2x(_PerCallOptions, LayerNorm):
+    """RMSNorm2x's interface for LayerNorm (with a bias), on :class:`LayerNorm`."""
+
+    def __init__(
+        self,
+        hidden_size,
+        eps=1e-5,
+        dropout_p=0.0,
+        zero_centered_weight=False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            hidden_size,
+            eps,
+            dropout_p,
+            device=device,
+            dtype=dtype,
+            zero_centered_weight=zero_centered_weight,
+        )

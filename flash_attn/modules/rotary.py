@@ -11,6 +11,9 @@
 
 The older key ``"type"`` is accepted for ``"rope_type"``. No state is saved in the state dict
 (inv_freq is a non-persistent buffer), like recent Hugging Face checkpoints.
+
+``RotaryEmbedding2x`` is flash-attn 2.x's module (packed qkv rotated in place, XPos);
+``flash_attn.layers.rotary`` re-exports it as ``RotaryEmbedding``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ import math
 import torch
 from torch import nn
 
-from flash_attn.ops.rotary import apply_rotary
+from flash_attn.ops.rotary import (
+    apply_rotary,
+    apply_rotary_emb,
+    apply_rotary_emb_kv_,
+    apply_rotary_emb_qkv_,
+)
 
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -182,3 +190,54 @@ class RotaryEmbedding(nn.Module):
             f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}, "
             f"rope_type={self.rope_type!r}"
         )
+
+
+class RotaryEmbedding2x(RotaryEmbedding):
+    """flash-attn 2.x's rotary module (``flash_attn.layers.rotary.RotaryEmbedding``):
+    forward(qkv, kv=None, seqlen_offset=0, max_seqlen=None, num_heads_q=None) rotates q and k
+    of a packed qkv (or q and a packed kv) in place.
+
+    Args:
+        dim: rotary_dim (even). base: the RoPE theta. interleaved: GPT-J layout.
+        scale_base: XPos: q is scaled by s ** ((pos - L // 2) / scale_base) and k by its
+            inverse, s = (2i + 0.4 dim) / (1.4 dim), L = seqlen + seqlen_offset (or max_seqlen)
+            of the call. None: plain RoPE.
+    """
+
+    def __init__(self, dim: int, base=10000.0, interleaved=False, scale_base=None, device=None):
+        super().__init__(dim, base, interleaved, device=device)
+        self.scale_base = scale_base
+
+    def _tables(self, seqlen: int, device, dtype):
+        """(cos_q, sin_q, cos_k, sin_k), each (>= seqlen, dim / 2)."""
+        if self.scale_base is None:
+            cos, sin = self.cos_sin(seqlen, device, dtype)
+            return cos, sin, cos, sin
+        cos, sin = (t[:seqlen] for t in self.cos_sin(seqlen, device, torch.float32))
+        i = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32)
+        positions = torch.arange(seqlen, device=device, dtype=torch.float32)
+        power = (positions - seqlen // 2) / self.scale_base
+        scale = ((i + 0.4 * self.dim) / (1.4 * self.dim)) ** power[:, None]  # (L, dim / 2)
+        # scaled in fp32, rounded once
+        return tuple(t.to(dtype) for t in (cos * scale, sin * scale, cos / scale, sin / scale))
+
+    def forward(self, qkv, kv=None, seqlen_offset=0, max_seqlen=None, num_heads_q=None):
+        """qkv: (batch, seqlen, 3, nheads, headdim) (or packed with num_heads_q), or q
+        (batch, seqlen, nheads, headdim) when kv (batch, seqlen, 2, nheads_k, headdim) is given.
+        seqlen_offset: int or (batch,) int32 tensor; max_seqlen: the table length to build.
+        Returns: qkv, or (q, kv), rotated in place."""
+        seqlen = qkv.shape[1]
+        if max_seqlen is not None:
+            needed = max_seqlen
+        elif isinstance(seqlen_offset, torch.Tensor):
+            needed = seqlen + int(seqlen_offset.max())  # a device sync; pass max_seqlen to avoid
+        else:
+            needed = seqlen + seqlen_offset
+        cos, sin, cos_k, sin_k = self._tables(needed, qkv.device, qkv.dtype)
+        if kv is None:
+            return apply_rotary_emb_qkv_(
+                qkv, cos, sin, cos_k, sin_k, self.interleaved, seqlen_offset, num_heads_q
+            )
+        q = apply_rotary_emb(qkv, cos, sin, self.interleaved, True, seqlen_offset)
+        apply_rotary_emb_kv_(kv, cos_k, sin_k, self.interleaved, seqlen_offset)
+        return q, kv

@@ -11,9 +11,9 @@ from flash_attn import flash_attn_func, flash_attn_with_kvcache
 from flash_attn.ops.backend import interpreter_enabled
 from flash_attn.ops.cross_entropy import cross_entropy_loss
 from flash_attn.ops.layer_norm import layer_norm_fn, rms_norm_fn
+from flash_attn.ops.layer_norm.reference import layer_norm_ref
 from flash_attn.ops.linear_cross_entropy import linear_cross_entropy
 from flash_attn.ops.mlp import fused_mlp
-from flash_attn.ops.reference.layer_norm import layer_norm_ref
 from flash_attn.ops.rotary import apply_rotary
 from tests.bad_inputs.bad_inputs_testing import assert_rejected
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.losses.cross_entropy import CrossEntropyLoss
-from flash_attn.ops.reference.cross_entropy import cross_entropy_ref
-from flash_attn.ops.reference.rotary import apply_rotary_ref
+from flash_attn.ops.cross_entropy.reference import cross_entropy_ref
+from flash_attn.ops.rotary.reference import apply_rotary_ref
 from flash_attn.ops.triton import cross_entropy as ce
 from flash_attn.ops.triton import layer_norm as ln
 from flash_attn.ops.triton.rotary import apply_rotary

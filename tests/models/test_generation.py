@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flash_attn.models.generation import InferenceParams, generate, sample
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
-from flash_attn.utils.generation import InferenceParams, generate, sample
 
 
 def _model(**overrides):

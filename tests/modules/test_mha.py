@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from flash_attn.models.generation import InferenceParams
 from flash_attn.modules.mha import MHA, alibi_slopes
-from flash_attn.utils.generation import InferenceParams
 
 E = 48  # embed_dim: 6 heads of 8, or 4 heads of 12
 

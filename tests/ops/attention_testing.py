@@ -62,9 +62,9 @@ def compare(ours_fn, reference_at, tensors, dout, dtype, name):
 
 def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
     """Triton types of the runtime arguments of an attention kernel, for
-    :func:`flash_attn.utils.triton_compile.compile_for_gpu`: q, k, v and the outputs in
+    :func:`benchmarks.triton_compile.compile_for_gpu`: q, k, v and the outputs in
     ``dtype``, the rest as the launchers pass them (see ``kernel_constants``)."""
-    from flash_attn.utils.triton_compile import unwrap_jit
+    from flash_attn.ops.launch import unwrap_jit
 
     strides = ("i32",) * 3
     special = {

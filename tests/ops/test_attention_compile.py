@@ -8,7 +8,7 @@ from tests.testing import assert_compiles_for_gpu
 
 _COMPILE = """
 from flash_attn.ops.attention.triton import backward as bwd, forward as fwd
-from flash_attn.utils.triton_compile import compile_for_gpu
+from benchmarks.triton_compile import compile_for_gpu
 from tests.ops.attention_testing import kernel_arg_types
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flash_attn import flash_attn_func, flash_attn_with_kvcache
-from flash_attn.ops.reference.rotary import apply_rotary_ref
+from flash_attn.ops.rotary.reference import apply_rotary_ref
 from tests.ops.attention_testing import BACKENDS, device_and_dtypes
 
 

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from flash_attn.ops.attention.triton import tuning as at  # noqa: E402
-from flash_attn.ops.kernels import mlp  # noqa: E402
+from flash_attn.ops.mlp.triton import kernels as mlp  # noqa: E402
 
 ATTENTION = ["fwd", "dkdv", "dq"]
 KEYS = [(arch, d, masked) for arch in (80, 90) for d in (64, 128, 256) for masked in (False, True)]

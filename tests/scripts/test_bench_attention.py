@@ -1,4 +1,4 @@
-"""scripts/bench_attention.py and flash_attn.utils.benchmark at tiny sizes."""
+"""scripts/bench_attention.py and benchmarks.common at tiny sizes."""
 
 import math
 import os
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flash_attn.utils.attention_benchmark.case import Case, estimate_bytes
-from flash_attn.utils.attention_benchmark.measure import run_case
-from flash_attn.utils.attention_benchmark.sweep import GRIDS
-from flash_attn.utils.benchmark import attention_flops, benchmark_time, peak_memory, tflops
+from benchmarks.attention.case import Case, estimate_bytes
+from benchmarks.attention.measure import run_case
+from benchmarks.attention.sweep import GRIDS
+from benchmarks.common import attention_flops, benchmark_time, peak_memory, tflops
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_attention.py"

@@ -44,7 +44,7 @@ SASS = """
 
 def test_sass_analysis_finds_the_innermost_loop():
     pytest.importorskip("triton")
-    from flash_attn.utils import kernel_report as kr
+    from benchmarks import kernel_report as kr
 
     instructions = kr.parse_sass(SASS)
     assert [op for _, op, _ in instructions][:3] == ["MOV", "LDG.E", "IMAD"]
@@ -59,7 +59,7 @@ def test_pipelined_loop_counts_before_a_longer_one_without_async_copies():
     """The forward's guarded rerun (loads, then stores to shared memory) has as many MMAs as
     the pipelined loops and more instructions, but runs only for a spoiled block."""
     pytest.importorskip("triton")
-    from flash_attn.utils import kernel_report as kr
+    from benchmarks import kernel_report as kr
 
     def loop(start, body):
         lines = [f"        /*{start + 16 * i:04x}*/  {op} ;" for i, op in enumerate(body)]

@@ -1,3 +1,4 @@
 """The import paths of flash-attn 2.x's Triton ops (``layer_norm``, ``rotary``, ``cross_entropy``):
-thin adapters over ``flash_attn.ops``. This package's own kernels are in ``flash_attn.ops.kernels``.
+re-exports of ``flash_attn.ops`` and ``flash_attn.modules``, nothing else. This package's own
+kernels are in the ``triton/`` folder of each op package (``flash_attn.ops.<op>.triton``).
 """

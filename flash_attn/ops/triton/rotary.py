@@ -1,8 +1,6 @@
 """``flash_attn.ops.triton.rotary`` of flash-attn 2.x: ``apply_rotary`` with the official
-arguments, which :func:`flash_attn.ops.rotary.apply_rotary` already has (``backend=`` is our
-keyword-only extension).
-
-Nothing in the library imports this module: it exists for code written for flash-attn 2.x.
+arguments (``backend=`` is our keyword-only extension). Nothing in the library imports this
+module: it exists for code written for flash-attn 2.x.
 """
 
 from flash_attn.ops.rotary import apply_rotary

@@ -52,7 +52,7 @@ from flash_attn.ops.attention.triton.forward import (
     token_strides_of,
 )
 from flash_attn.ops.attention.triton.tuning import kernel_config
-from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
+from flash_attn.ops.launch import LaunchPlan, device_guard
 
 
 class Queries(NamedTuple):

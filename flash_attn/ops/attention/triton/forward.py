@@ -45,7 +45,7 @@ import triton.language as tl
 
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.triton.tuning import MAX_BLOCK, kernel_config, target_arch
-from flash_attn.ops.kernels.launch import LaunchPlan, device_guard
+from flash_attn.ops.launch import LaunchPlan, device_guard
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -1114,7 +1114,7 @@ def lse_shape(q, varlen: bool) -> tuple[int, ...]:
 
 class ForwardLaunch:
     """A forward kernel at one launch key: built from the inputs' shapes, strides and the
-    options, called with the tensors (see :class:`~flash_attn.ops.kernels.launch.LaunchPlan`).
+    options, called with the tensors (see :class:`~flash_attn.ops.launch.LaunchPlan`).
     ``_attn_decode_kernel`` where keys come from a KV cache or pages (key_ranges, kv_batch_idx,
     block_table, num_splits > 1), else ``_attn_fwd_kernel``.
 

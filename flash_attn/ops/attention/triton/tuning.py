@@ -26,6 +26,7 @@ import torch
 import triton
 
 from flash_attn.ops.backend import interpreter_enabled
+from flash_attn.ops.launch import largest
 
 MAX_BLOCK = 128  # the largest BLOCK_M or BLOCK_N of any config
 # Shared memory one block may use (the opt-in maximum), bytes, by compute capability.
@@ -70,15 +71,6 @@ def shared_memory_of(arch: int) -> int:
     """Shared memory one block may use on ``sm_<arch>``, bytes (sm_80's for an arch that
     :data:`SHARED_MEMORY` lacks)."""
     return SHARED_MEMORY.get(arch, SHARED_MEMORY[80])
-
-
-def largest(configs: list, group, size) -> list:
-    """The ``configs`` whose ``size(config)`` is the largest among the configs of the same
-    ``group(config)``, in their order."""
-    top = {}
-    for c in configs:
-        top[group(c)] = max(top.get(group(c), size(c)), size(c))
-    return [c for c in configs if size(c) == top[group(c)]]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,164 @@
+"""What every Triton launcher shares: the device guard, launch plans, and two small helpers
+(the JIT function under a kernel's wrappers, the configs with the largest tiles).
+
+Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
+:func:`flash_attn.ops.backend.interpreter_enabled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+from triton.runtime.jit import KernelInterface
+
+from flash_attn.ops.backend import interpreter_enabled
+
+
+def unwrap_jit(kernel):
+    """The ``triton.JITFunction`` under autotune / heuristics wrappers."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def largest(configs: list, group, size) -> list:
+    """The ``configs`` whose ``size(config)`` is the largest among the configs of the same
+    ``group(config)``, in their order."""
+    top = {}
+    for c in configs:
+        top[group(c)] = max(top.get(group(c), size(c)), size(c))
+    return [c for c in configs if size(c) == top[group(c)]]
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's GPU the current one for the launch (no-op on CPU, e.g. under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class LaunchPlan:
+    """One kernel launched again and again at one key (shapes, strides, dtypes, options): the
+    first call goes through Triton's usual path (autotuning where the kernel autotunes, the JIT's
+    binder, compilation) and records the compiled kernel, the grid and every argument in
+    parameter order; later calls go straight to the compiled kernel, replacing only the tensors.
+
+    Args:
+        kernel: a ``@triton.jit`` function, or one wrapped by ``triton.autotune``.
+        grid: a tuple, or a function of the bound arguments (the config's included).
+        constants: every argument that stays the same at this key (scalars, strides, constexprs,
+            placeholder tensors), and compile options (num_warps, ...) for a kernel that does not
+            autotune.
+    A call passes the tensors by name, the same names at every call; under the CPU interpreter
+    every call takes the usual path (there is nothing compiled to call).
+    """
+
+    def __init__(self, kernel, grid, **constants):
+        self.kernel = kernel
+        self.grid = grid
+        self.constants = constants
+        self.compiled = None
+
+    def __call__(self, **tensors) -> None:
+        if self.compiled is None:
+            self._first_call(tensors)
+            return
+        if tensors.keys() != self.slots.keys():
+            raise TypeError(
+                f"launch plan: expected tensors {sorted(self.slots)}, got {sorted(tensors)}"
+            )
+        args = self.args.copy()
+        for name, tensor in tensors.items():
+            args[self.slots[name]] = tensor
+        self._launch(args)
+
+    def replay(self, values: tuple, positions: tuple) -> None:
+        """Launch with the tensors ``values[i]`` for i in ``positions``, in the order the first
+        call named them (a launch plan of :func:`launch` after its first call)."""
+        args = self.args.copy()
+        for slot, position in zip(self.slot_list, positions):
+            args[slot] = values[position]
+        self._launch(args)
+
+    def _launch(self, args: list) -> None:
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(self.device)
+        enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+        metadata = self.compiled.launch_metadata(self.dims, stream, *args) if enter else None
+        self.run(
+            *self.dims, stream, self.function, self.packed_metadata, metadata, enter, leave, *args
+        )
+
+    def _first_call(self, tensors: dict) -> None:
+        from triton.compiler import CompiledKernel
+
+        compiled = self.kernel[self.grid](**self.constants, **tensors)
+        if not isinstance(compiled, CompiledKernel):  # the interpreter: no compiled kernel
+            return
+        fn = unwrap_jit(self.kernel)
+        config = getattr(self.kernel, "best_config", None)
+        chosen = config.kwargs if config is not None else {}
+        given = {**self.constants, **tensors, **chosen}
+        bound = fn.signature.bind(**{n: v for n, v in given.items() if n in fn.arg_names})
+        bound.apply_defaults()
+        arguments = bound.arguments
+        grid = self.grid(arguments) if callable(self.grid) else self.grid
+        self.dims = tuple(grid) + (1,) * (3 - len(grid))
+        names = list(arguments)
+        self.slots = {name: names.index(name) for name in tensors}
+        self.slot_list = tuple(self.slots.values())
+        # The tensors of this call are replaced at every call: the plan does not keep them.
+        self.args = [None if name in tensors else value for name, value in arguments.items()]
+        self.device = triton.runtime.driver.active.get_current_device()
+        self.run, self.function = compiled.run, compiled.function
+        self.packed_metadata = compiled.packed_metadata
+        self.compiled = compiled
+
+
+_INTERPRETER = interpreter_enabled()  # read once, as Triton reads it when kernels are defined
+MAX_PLANS = 4096  # launch plans kept by :func:`launch`; the oldest is dropped past this
+_plans: dict = {}
+_arg_names: dict = {}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` through a :class:`LaunchPlan` kept per kernel, grid
+    and specialisation of the arguments: a tensor counts by its dtype, device and 16-byte
+    alignment (what Triton specialises on), anything else by its value. So every call after the
+    first of its kind goes straight to the compiled kernel; under the CPU interpreter it is the
+    usual launch."""
+    if _INTERPRETER or not isinstance(kernel, KernelInterface):  # or a stand-in kernel
+        kernel[grid](*args, **kwargs)
+        return
+    values = args + tuple(kwargs.values()) if kwargs else args
+    key = [id(kernel), grid if type(grid) is tuple else _grid_key(grid), *kwargs]
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            key += (value.dtype, value.device, value.data_ptr() % 16 == 0)
+        else:
+            key.append(value)
+    key = tuple(key)
+    entry = _plans.get(key)
+    if entry is not None and entry[0].compiled is not None:
+        entry[0].replay(values, entry[1])
+        return
+    if entry is None:
+        if len(_plans) >= MAX_PLANS:
+            del _plans[next(iter(_plans))]
+        names = _arg_names.get(kernel)
+        if names is None:
+            names = _arg_names[kernel] = unwrap_jit(kernel).arg_names
+        named = dict(zip(names, args)) | kwargs
+        positions = tuple(i for i, v in enumerate(values) if isinstance(v, torch.Tensor))
+        constants = {n: v for n, v in named.items() if not isinstance(v, torch.Tensor)}
+        entry = _plans[key] = (LaunchPlan(kernel, grid, **constants), positions)
+    plan, positions = entry
+    names = [*_arg_names[kernel][: len(args)], *kwargs]
+    plan(**{names[i]: values[i] for i in positions})
+
+
+def _grid_key(grid) -> tuple:
+    """A grid function by its code and the values it closes over."""
+    cells = grid.__closure__ or ()
+    return (id(grid.__code__), *(cell.cell_contents for cell in cells))
