@@ -28,16 +28,24 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
-from flash_attn.ops.attention.triton.tuning import shared_memory_of
+from flash_attn.ops.attention.triton.tuning import (
+    TUNED_KERNELS,
+    autotune_configs,
+    prune_by,
+    shared_memory_of,
+)
 from flash_attn.ops.launch import unwrap_jit
 
 MMA = {"HGMMA", "HMMA"}
 SPILL = {"STL", "LDL"}
 # Copies from global to shared memory that do not wait (cp.async and TMA): a pipelined loop.
 ASYNC_COPY = {"LDGSTS", "UTMALDG"}
-# Vector integer ALU work: address arithmetic, index masks, compares (uniform-datapath U* ops
-# run once per warp and are left out).
+# Vector integer ALU work: address arithmetic, index masks, compares, Hopper's vector integer
+# adds (VIADD) and sign extensions (SGXT); uniform-datapath U* ops run once per warp and are
+# left out.
 INTEGER = {
+    "VIADD",
+    "SGXT",
     "IMAD",
     "IADD3",
     "IADD",
@@ -59,6 +67,10 @@ INTEGER = {
     "POPC",
     "PRMT",
 }
+# Atomic read-modify-writes to global or shared memory (the backward's dQ accumulation).
+ATOMIC = {"RED", "REDG", "REDS", "ATOM", "ATOMG", "ATOMS"}
+# What opens each group of wgmma instructions: one group per matrix product on sm_90.
+WGMMA_GROUP = "WARPGROUP.ARRIVE"
 
 
 @dataclass
@@ -80,6 +92,8 @@ class Loop:
     mma: int
     integer: int
     spill: int
+    groups: int = 0  # wgmma groups (sm_90: one per matrix product)
+    atomics: int = 0
 
 
 @dataclass
@@ -94,6 +108,9 @@ class Figures:
     hgmma: int
     hmma: int
     loop: Loop | None
+    # The same loop's other copy, with as many MMAs and the fewest instructions: the blocks seen
+    # whole beside those on a mask's edge (the diagonal); None when there is one copy.
+    unmasked: Loop | None = None
 
     def misfits(self, arch: int) -> list[str]:
         """Why it does not fit one block on ``sm_<arch>``: "spill", "smem", or nothing."""
@@ -149,16 +166,23 @@ def launch_key(launch: Launch) -> tuple:
 
 
 def all_configs(launch: Launch) -> list:
-    """The kernel's autotune configs, or ``[None]`` for a kernel launched with fixed
-    meta-parameters."""
-    return list(launch.kernel.configs) if isinstance(launch.kernel, Autotuner) else [None]
+    """The kernel's autotune configs (an attention kernel's: its space in ``tuning``), or
+    ``[None]`` for a kernel launched with fixed meta-parameters only."""
+    if isinstance(launch.kernel, Autotuner):
+        return list(launch.kernel.configs)
+    space = TUNED_KERNELS.get(launch.name)
+    return autotune_configs(space) if space else [None]
 
 
 def kept_configs(launch: Launch) -> list:
     """The autotune configs that survive the kernel's own pruning for these arguments (for the
     GPU here, or the arch that ``tuning.pruning_for`` names), or ``[None]`` for a
-    kernel launched with fixed meta-parameters."""
+    kernel launched with fixed meta-parameters only."""
     tuner = launch.kernel
+    space = TUNED_KERNELS.get(launch.name)
+    if space is not None:
+        args = dict(zip(unwrap_jit(tuner).arg_names, launch.args)) | launch.kwargs
+        return prune_by(space)["early_config_prune"](autotune_configs(space), args)
     if not isinstance(tuner, Autotuner):
         return [None]
     tuner.nargs = dict(zip(tuner.arg_names, launch.args))
@@ -243,11 +267,9 @@ def _spill_bytes(opcode: str) -> int:
     return 4
 
 
-def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
-    """The main loop: among innermost loops (a backward branch to an earlier address, no other
-    loop inside), the one with the most MMA instructions, then the most instructions. Pipelined
-    loops with MMAs (they copy asynchronously) count first: a kernel's loop without such copies,
-    beside pipelined ones, is a rarely run path (the attention kernels' guarded rerun)."""
+def innermost_loops(instructions: list[tuple[int, str, str]]) -> list[tuple[bool, Loop]]:
+    """(pipelined, loop) of every innermost loop (a backward branch to an earlier address, no
+    other loop inside); pipelined: it has MMAs and copies to shared memory asynchronously."""
     spans = [
         (int(operands), address)
         for address, opcode, operands in instructions
@@ -260,17 +282,40 @@ def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
     ]
     loops = []
     for lo, hi in innermost:
-        body = [op.split(".")[0] for address, op, _ in instructions if lo <= address <= hi]
+        ops = [op for address, op, _ in instructions if lo <= address <= hi]
+        body = [op.split(".")[0] for op in ops]
         loop = Loop(
             instructions=len(body),
             mma=sum(op in MMA for op in body),
             integer=sum(op in INTEGER for op in body),
             spill=sum(op in SPILL for op in body),
+            groups=sum(op.startswith(WGMMA_GROUP) for op in ops),
+            atomics=sum(op in ATOMIC for op in body),
         )
-        pipelined = loop.mma > 0 and any(op in ASYNC_COPY for op in body)
-        loops.append((pipelined, loop))
+        loops.append((loop.mma > 0 and any(op in ASYNC_COPY for op in body), loop))
+    return loops
+
+
+def main_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
+    """The main loop: among innermost loops, the one with the most MMA instructions, then the
+    most instructions (with a mask, the copy for the blocks on its edge). Pipelined loops count
+    first: a kernel's loop without asynchronous copies, beside pipelined ones, is a rarely run
+    path (the attention kernels' guarded rerun)."""
+    loops = innermost_loops(instructions)
     best = max(loops, key=lambda pair: (pair[0], pair[1].mma, pair[1].instructions), default=None)
     return best and best[1]
+
+
+def unmasked_loop(instructions: list[tuple[int, str, str]]) -> Loop | None:
+    """The copy of the main loop with as many MMAs and the fewest instructions (the kernels
+    compile one loop for blocks seen whole and one for blocks on a mask's edge), or None when
+    the main loop has no such other copy."""
+    main = main_loop(instructions)
+    loops = innermost_loops(instructions)
+    pipelined = any(p and loop == main for p, loop in loops)
+    copies = [loop for p, loop in loops if p == pipelined and main and loop.mma == main.mma]
+    lightest = min(copies, key=lambda loop: loop.instructions, default=None)
+    return lightest if lightest is not None and lightest.instructions < main.instructions else None
 
 
 def analyse(compiled) -> Figures:
@@ -288,4 +333,5 @@ def analyse(compiled) -> Figures:
         hgmma=sum(op.startswith("HGMMA") for op in ops),
         hmma=sum(op.startswith("HMMA") for op in ops),
         loop=main_loop(instructions),
+        unmasked=unmasked_loop(instructions),
     )

@@ -1,19 +1,26 @@
 """What the compiler emits for every Triton kernel of the project, for a GPU that is not here.
 
 Each kernel is launched by its own host launcher on ``meta`` tensors of representative shapes
-(attention: batch 2 x seqlen 4096 x 32 heads; the others: GPT shapes of 8192 tokens, hidden
-2048), every autotune config that the kernel's pruning keeps for ``sm_<arch>`` is compiled for
-it with Triton's bundled ptxas, and the cubin is measured: registers, spills, shared memory, MMA
-instructions, and the main loop's instructions in the SASS. A config fits when it does not
-spill and its shared memory fits in one block (227 KB on sm_90, 163 KB on sm_80). With
-``--unpruned`` every config of the autotune spaces is compiled, kept or not: the evidence the
-footprints of ``flash_attn/ops/attention/triton/tuning.py`` are fitted to.
+(attention: batch 2 x seqlen 4096 x 32 heads, both backward schedules; the others: GPT shapes
+of 8192 tokens, hidden 2048), compiled for ``sm_<arch>`` with Triton's bundled ptxas with the
+config it runs with (an attention kernel's: its config table's, ``--tuned``: every config the
+pruning keeps; an autotuned kernel's: every config its pruning keeps), and the cubin is
+measured: registers, spills, shared memory, MMA instructions, and the main loop's instructions
+in the SASS. A config fits when it does not spill and its shared memory fits in one block
+(227 KB on sm_90, 163 KB on sm_80). With ``--unpruned`` every config of the autotune spaces is
+compiled, kept or not: the evidence the footprints of
+``flash_attn/ops/attention/triton/tuning.py`` are fitted to. ``--feature`` picks the attention
+features compiled in (full, causal, window, dropout, softcap, bias, all): the config table is
+checked against every one (``benchmarks/results/config_table_sm<arch>.md``).
 
     python scripts/kernel_report.py                    # everything, sm_90, bf16 and fp16
     python scripts/kernel_report.py --arch 80          # everything, sm_80 (A100)
     python scripts/kernel_report.py --quick            # bf16, head dim 128, 4 warps, 3 stages
     python scripts/kernel_report.py --kernel attn_fwd --head-dim 128 --config "128x64 w4"
     python scripts/kernel_report.py --kernel dkdv --head-dim 256 --unpruned --output -
+    python scripts/kernel_report.py --kernel attn --dtype bf16 --dtype fp32 --feature full \
+        --feature causal --feature window --feature dropout --feature softcap --feature bias \
+        --feature all --output benchmarks/results/config_table_sm90.md
 
 The report goes to stdout and to benchmarks/results/kernel_report_sm<arch>.md (``--output``).
 """
@@ -42,6 +49,7 @@ from pathlib import Path  # noqa: E402
 import checkout_path  # noqa: E402, F401 (the checkout's flash_attn and benchmarks/)
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from benchmarks import kernel_report as kr  # noqa: E402
 from flash_attn.ops.attention.triton import backward as attention_bwd  # noqa: E402
@@ -53,7 +61,7 @@ from flash_attn.ops.mlp.triton import kernels as mlp  # noqa: E402
 from flash_attn.ops.rotary.triton import kernels as rotary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BATCH, SEQLEN, HEADS = 2, 4096, 32
 TOKENS, HIDDEN, VOCAB = BATCH * SEQLEN, 2048, 50304
 
@@ -89,22 +97,45 @@ def call_by_name(launcher, values: dict):
     return launcher(**kwargs, **rest)
 
 
-def workloads(dtypes: list[str], head_dims: list[int]):
+def attention_features(name: str, d: int, dt) -> dict:
+    """The launchers' arguments that turn on feature set ``name`` (see :data:`FEATURES`)."""
+    window = dict(window_left=256, window_right=0)
+    bias = dict(bias=_t(BATCH, HEADS, SEQLEN, SEQLEN, dtype=dt))
+    dropout = dict(dropout_p=0.1, seed=_t(1, dtype=torch.int64))
+    alibi = dict(alibi_slopes=_t(HEADS, dtype=torch.float32))
+    sets = {
+        "full": {},
+        "causal": dict(causal=True),
+        "window": window,
+        "dropout": dropout,
+        "softcap": dict(softcap=30.0),
+        "bias": bias,
+        "all": dict(**window, **dropout, **bias, **alibi, softcap=30.0),
+    }
+    return sets[name]
+
+
+FEATURES = ["full", "causal", "window", "dropout", "softcap", "bias", "all"]
+
+
+def workloads(dtypes: list[str], head_dims: list[int], features: list[str]):
     """(variant label, launcher, its arguments by name) for every representative launch."""
     for name in dtypes:
         dt = DTYPES[name]
         for d in head_dims:
             q = _t(BATCH, SEQLEN, HEADS, d, dtype=dt)
             lse = _t(BATCH, HEADS, SEQLEN, dtype=torch.float32)
-            for causal in (False, True):
-                label = f"{name} d{d} {'causal' if causal else 'full'}"
+            for feature in features:
+                label = f"{name} d{d} {feature}"
                 args = dict(q=q, k=q, v=q, out=q, do=q, lse=lse, softmax_scale=d**-0.5)
-                args.update(causal=causal)
+                args.update(attention_features(feature, d, dt))
                 yield label, attention.attention_fwd, args
                 for deterministic in (False, True):
                     schedule = " deterministic" if deterministic else ""
                     bwd_args = dict(args, deterministic=deterministic)
                     yield label + schedule, attention_bwd.attention_bwd, bwd_args
+        if name == "fp32":  # the fused ops take half precision
+            continue
         x, w = _t(TOKENS, HIDDEN, dtype=dt), _t(HIDDEN, dtype=dt)
         stats = _t(TOKENS, dtype=torch.float32)
         for norm, rms in (("layernorm", False), ("rmsnorm", True)):
@@ -134,22 +165,31 @@ def workloads(dtypes: list[str], head_dims: list[int]):
 
 def tasks(args) -> list[tuple[str, kr.Launch, object, bool]]:
     """(variants, launch, config, whether the pruning for sm_<arch> keeps it) to compile: the
-    kept configs, or all with --unpruned, after the --kernel and --config filters. A launch
+    config each launch runs with (the attention kernels': their config table's; an autotuned
+    kernel's: those its pruning keeps), the kept configs with --tuned or --config, or all with
+    --unpruned, after the --kernel and --config filters. A launch
     that several variants make alike (the backward's delta kernel does not see causality) is
     compiled once, labelled with all of them. Call it under ``pruning_for(args.arch)``, so that
     the launchers and the pruning see that arch."""
     seen = {}
-    for label, launcher, values in workloads(args.dtype, args.head_dim):
+    for label, launcher, values in workloads(args.dtype, args.head_dim, args.features):
         for launch in kr.capture(launcher, lambda: call_by_name(launcher, values)):  # noqa: B023
             if args.kernel and not any(k in launch.name for k in args.kernel):
                 continue
             kept = kr.kept_configs(launch)
-            for config in kr.all_configs(launch) if args.unpruned else kept:
+            if args.unpruned:
+                configs = kr.all_configs(launch)
+            elif args.tuned or args.config or isinstance(launch.kernel, Autotuner):
+                configs = kept
+            else:  # what runs: the blocks the launcher passes (the config table's)
+                configs = [None]
+            for config in configs:
                 name = kr.config_label(launch, config)
                 if config is not None and args.config and not any(c in name for c in args.config):
                     continue
                 key = (kr.launch_key(launch), name)
-                seen.setdefault(key, ([], launch, config, config in kept))[0].append(label)
+                in_kept = config is None or config in kept
+                seen.setdefault(key, ([], launch, config, in_kept))[0].append(label)
     return [(", ".join(labels), *rest) for labels, *rest in seen.values()]
 
 
@@ -180,8 +220,11 @@ def measure_all(todo, arch: int, jobs: int) -> list:
     for i, (result, seconds) in enumerate(outcomes):
         variant, launch, config, _ = todo[i]
         label = kr.config_label(launch, config)
-        print(f"[{i + 1}/{len(todo)}] {launch.name} {variant} {label}: {seconds:.1f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[{i + 1}/{len(todo)}] {launch.name} {variant} {label}: {seconds:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         results.append(result)
     if pool:
         pool.close()
@@ -192,8 +235,25 @@ def _star_measure(index_arch):
     return _measure(*index_arch)
 
 
-COLUMNS = ["variant", "config", "regs", "spill B st/ld", "smem KB", "MMA HGMMA/HMMA", "wgmma",
-           "loop instr", "loop MMA", "loop int", "loop spill", "instr/1k", "fits"]  # fmt: skip
+COLUMNS = [
+    "variant",
+    "config",
+    "regs",
+    "spill B st/ld",
+    "smem KB",
+    "MMA HGMMA/HMMA",
+    "wgmma",
+    "loop instr",
+    "loop MMA",
+    "loop groups",
+    "loop int",
+    "loop atomics",
+    "loop spill",
+    "instr/MMA",
+    "instr/1k",
+    "unmasked loop instr",
+    "fits",
+]
 
 
 def row(variant: str, launch: kr.Launch, config, result, arch: int) -> list[str]:
@@ -203,11 +263,14 @@ def row(variant: str, launch: kr.Launch, config, result, arch: int) -> list[str]
         return head + [f"error: {result}"] + [""] * (len(COLUMNS) - 3)
     f = result
     wgmma = "-" if not f.hgmma + f.hmma else "all" if not f.hmma else "part" if f.hgmma else "none"
-    loop = ["-"] * 5
+    loop = ["-"] * 9
     if f.loop:
         blocks, warps, _ = kr.meta_parameters(launch, config)
         per_1k = f.loop.instructions * warps * 1024 / math.prod(blocks.values())
-        loop = [f.loop.instructions, f.loop.mma, f.loop.integer, f.loop.spill, f"{per_1k:.0f}"]
+        per_mma = f"{f.loop.instructions / f.loop.mma:.1f}" if f.loop.mma else "-"
+        loop = [f.loop.instructions, f.loop.mma, f.loop.groups, f.loop.integer, f.loop.atomics]
+        loop += [f.loop.spill, per_mma, f"{per_1k:.0f}"]
+        loop.append(f.unmasked.instructions if f.unmasked else "-")
     why = f.misfits(arch)
     fits = "no: " + "+".join(why) if why else "yes"
     spills = f"{f.spill_stores}/{f.spill_loads}"
@@ -243,11 +306,16 @@ def render(todo, results, arch: int, command: str, minutes: float, unpruned=Fals
         "",
         "Columns: registers per thread; spill stores/loads in bytes; shared memory per block; "
         "MMA instructions in the SASS (HGMMA = wgmma, HMMA = mma.sync) and whether all of them "
-        "are wgmma; the main loop (the innermost loop with the most MMA instructions): static "
-        "instruction count of one iteration (all paths), of which MMA, vector integer ALU "
-        f"({', '.join(sorted(kr.INTEGER))}) and spill (STL/LDL); instr/1k: loop instructions "
-        "x warps per 1024 elements of the tile (product of the BLOCK sizes), comparable "
-        f"across configs; fits: no spill and shared memory <= {limit} KB.",
+        "are wgmma; the main loop (the innermost loop with the most MMA instructions, and of "
+        "those the longest: with a mask, the copy for the blocks on its edge): static "
+        "instruction count of one iteration (all paths), of which MMA, wgmma groups (one per "
+        "matrix product on sm_90), vector integer ALU "
+        f"({', '.join(sorted(kr.INTEGER))}), atomics ({', '.join(sorted(kr.ATOMIC))}) and "
+        "spill (STL/LDL); instr/MMA: the loop's instructions per MMA instruction; instr/1k: "
+        "loop instructions x warps per 1024 elements of the tile (product of the BLOCK sizes), "
+        "comparable across configs; unmasked loop instr: the same loop's copy for the blocks "
+        "every row sees whole (off the diagonal), where a mask makes two; fits: no spill and "
+        f"shared memory <= {limit} KB.",
     ]
     tables, columns = {}, COLUMNS + ["kept"] * unpruned
     for (variant, launch, config, kept), result in zip(todo, results):
@@ -269,12 +337,31 @@ def main(argv=None) -> int:
     add("--kernel", action="append", default=[], help="kernels whose name contains this")
     add("--head-dim", type=int, action="append", help="attention head dims (64, 128, 256)")
     add("--dtype", action="append", choices=sorted(DTYPES), help="input dtypes (bf16, fp16)")
-    add("--config", action="append", default=[],
+    add(
+        "--config",
+        action="append",
+        default=[],
         help='autotune configs whose label contains this, e.g. "128x64 w4"; kernels '
-        "launched with fixed blocks are always kept")  # fmt: skip
+        "launched with fixed blocks are always kept",
+    )
     add("--quick", action="store_true", help="bf16, head dim 128, configs with 4 warps, 3 stages")
-    add("--unpruned", action="store_true",
-        help="every autotune config, kept or not (a kept column says which)")  # fmt: skip
+    add(
+        "--feature",
+        dest="features",
+        action="append",
+        choices=FEATURES,
+        help="attention feature sets (default: full and causal)",
+    )
+    add(
+        "--tuned",
+        action="store_true",
+        help="the configs the pruning keeps, instead of those the launchers pass",
+    )
+    add(
+        "--unpruned",
+        action="store_true",
+        help="every autotune config, kept or not (a kept column says which)",
+    )
     add("--jobs", type=int, default=1, help="compiles run in parallel")
     add("--output", help="markdown file, '-' for none (default benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -282,10 +369,12 @@ def main(argv=None) -> int:
         args.dtype, args.head_dim = args.dtype or ["bf16"], args.head_dim or [128]
         args.config = args.config or ["w4 s3"]
     args.dtype = args.dtype or ["bf16", "fp16"]
+    args.features = args.features or ["full", "causal"]
     args.head_dim = args.head_dim or [64, 128, 256]
     words = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python scripts/kernel_report.py", *(f'"{w}"' if " " in w else w
-                                                             for w in words)])  # fmt: skip
+    command = " ".join(
+        ["python scripts/kernel_report.py", *(f'"{w}"' if " " in w else w for w in words)]
+    )
 
     start = time.perf_counter()
     with attention_tuning.pruning_for(args.arch):  # what launchers and pruning see

@@ -17,12 +17,32 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kernel_report.py"
 # At head dim 128 the pruning for sm_90 keeps the 128x128 tile, with a causal mask or without.
 TILES = {"bf16 d128 full": "128x128 w8 s2", "bf16 d128 causal": "128x128 w8 s2"}
-SUBSET = ["--arch", "90", "--dtype", "bf16", "--head-dim", "128", "--kernel", "_attn_fwd_kernel",
-          "--kernel", "_layer_norm_fwd_kernel",
-          *(f"--config={tile}" for tile in TILES.values())]  # fmt: skip
+SUBSET = [
+    "--arch",
+    "90",
+    "--dtype",
+    "bf16",
+    "--head-dim",
+    "128",
+    "--kernel",
+    "_attn_fwd_kernel",
+    "--kernel",
+    "_layer_norm_fwd_kernel",
+    *(f"--config={tile}" for tile in TILES.values()),
+]
 # sm_80 keeps 128x128 (both stage counts) at head dim 64 without a mask only.
-SUBSET_SM80 = ["--arch", "80", "--dtype", "bf16", "--head-dim", "64", "--config", "128x128 w8",
-               "--kernel", "_attn_fwd_kernel"]  # fmt: skip
+SUBSET_SM80 = [
+    "--arch",
+    "80",
+    "--dtype",
+    "bf16",
+    "--head-dim",
+    "64",
+    "--config",
+    "128x128 w8",
+    "--kernel",
+    "_attn_fwd_kernel",
+]
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -69,20 +89,54 @@ def test_pipelined_loop_counts_before_a_longer_one_without_async_copies():
 
     mma = "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"
     pipelined = loop(0x100, ["LDGSTS.E [R2], desc[UR4][R4.64]", mma, "IMAD R2, R3, R4, R5"])
-    rerun = loop(0x400, ["LDG.E R4, desc[UR4][R2.64]", "STS [R2], R4", mma, "IMAD R2, R3, R4, R5",
-                         "IMAD R2, R3, R4, R5"])  # fmt: skip
+    rerun = loop(
+        0x400,
+        [
+            "LDG.E R4, desc[UR4][R2.64]",
+            "STS [R2], R4",
+            mma,
+            "IMAD R2, R3, R4, R5",
+            "IMAD R2, R3, R4, R5",
+        ],
+    )
     found = kr.main_loop(kr.parse_sass(pipelined + "\n" + rerun))
     assert found == kr.Loop(instructions=4, mma=1, integer=1, spill=0)
     # Without any pipelined loop, the longest one with the most MMAs, as before.
     assert kr.main_loop(kr.parse_sass(rerun)).instructions == 6
 
 
+def test_loop_counts_hopper_integer_work_wgmma_groups_atomics_and_the_unmasked_copy():
+    pytest.importorskip("triton")
+    from benchmarks import kernel_report as kr
+
+    def loop(start, body):
+        lines = [f"        /*{start + 16 * i:04x}*/  {op} ;" for i, op in enumerate(body)]
+        label = f".L_x_{start}:"
+        branch = f"        /*{start + 16 * len(body):04x}*/  @P0 BRA `({label[:-1]}) ;"
+        return "\n".join([label, *lines, branch])
+
+    arrive, mma = "WARPGROUP.ARRIVE", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"
+    copy, add = "LDGSTS.E [R2], desc[UR4][R4.64]", "REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU [R2], R4"
+    whole = [copy, arrive, mma, arrive, mma, "VIADD R2, R3, 0x10", add]
+    edge = whole + ["SGXT R5, R5, 0x1", "ISETP.GE.AND P1, PT, R4, R5, PT", "FSEL R6, R6, R7, P1"]
+    sass = kr.parse_sass(loop(0x100, whole) + "\n" + loop(0x400, edge))
+    main, unmasked = kr.main_loop(sass), kr.unmasked_loop(sass)
+    assert main == kr.Loop(instructions=11, mma=2, integer=3, spill=0, groups=2, atomics=1)
+    assert unmasked == kr.Loop(instructions=8, mma=2, integer=1, spill=0, groups=2, atomics=1)
+    assert kr.unmasked_loop(kr.parse_sass(loop(0x100, whole))) is None
+
+
 def run_report(args, output):
     """Tables of the script's report for ``args``, by kernel: a list of {column: cell} rows."""
     pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, str(SCRIPT), *args, "--output", str(output)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "0"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
     if result.returncode != 0 and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas, cuobjdump or nvdisasm is not available")
     if result.returncode != 0:  # not an AssertionError: the xfail below must not absorb it
@@ -151,3 +205,22 @@ def test_sm80_prunes_and_compiles_for_sm80(report_sm80):
     for r in forward:
         assert r["fits"] == "yes" and r["wgmma"] == "none"
         assert int(r["MMA HGMMA/HMMA"].split("/")[1]) > 0
+
+
+@pytest.fixture(scope="module")
+def report_backward(tmp_path_factory):
+    args = ["--arch", "90", "--dtype", "bf16", "--head-dim", "64", "--feature", "full"]
+    args += ["--kernel", "_attn_bwd_dkdv_kernel", "--kernel", "_attn_bwd_dq_kernel"]
+    return run_report(args, tmp_path_factory.mktemp("report") / "report_backward.md")
+
+
+def test_the_backward_takes_five_products_per_tile_pair_or_seven_deterministic(report_backward):
+    """deterministic=False: one loop of five wgmma groups that adds dQ atomically; True: four
+    in the dK/dV loop and three in the dQ loop, no atomics. The configs are the table's."""
+    dkdv = {r["variant"]: r for r in report_backward["_attn_bwd_dkdv_kernel"]}
+    (dq,) = report_backward["_attn_bwd_dq_kernel"]
+    atomic, ordered = dkdv["bf16 d64 full"], dkdv["bf16 d64 full deterministic"]
+    assert (atomic["loop groups"], ordered["loop groups"], dq["loop groups"]) == ("5", "4", "3")
+    assert int(atomic["loop atomics"]) > 0 and ordered["loop atomics"] == dq["loop atomics"] == "0"
+    assert all(r["fits"] == "yes" and r["wgmma"] == "all" for r in (atomic, ordered, dq))
+    assert atomic["config"] == "64x128 w8 s2" and dq["config"] == "128x64 w8 s2"

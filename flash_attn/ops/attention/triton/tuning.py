@@ -198,6 +198,13 @@ TUNE_KEY = [
     "seqlen_k_bucket",
 ]
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# The JIT kernels that take their config from here, by name, and the space each draws from.
+TUNED_KERNELS = {
+    "_attn_fwd_kernel": "fwd",
+    "_attn_decode_kernel": "fwd",
+    "_attn_bwd_dkdv_kernel": "dkdv",
+    "_attn_bwd_dq_kernel": "dq",
+}
 _autotuners: dict = {}  # kernel name -> the autotuned kernel, made on first use
 
 
