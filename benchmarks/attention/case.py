@@ -10,7 +10,9 @@ import torch
 from benchmarks.common import available_memory
 from flash_attn.ops.backend import resolve_backend
 
-METHODS = ("flash", "normal", "sdpa", "reference")
+# flash_deterministic: flash_attn_func with deterministic=True (its bit-reproducible backward).
+METHODS = ("flash", "flash_deterministic", "normal", "sdpa", "reference")
+FLASH = ("flash", "flash_deterministic")
 MODES = ("fwd", "bwd", "fwd_bwd")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -43,7 +45,7 @@ class Case:
 
     def label(self) -> str:
         name = self.method
-        if self.method == "flash":
+        if self.method in FLASH:
             try:
                 backend = resolve_backend(self.backend, torch.device(self.device))
             except ValueError:  # reported where the case runs

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from benchmarks.attention.case import (
     DTYPES,
+    FLASH,
     METHODS,
     MODES,
     Case,
@@ -45,7 +46,7 @@ def _sdpa(q, k, v, causal, mask):
 def attention_fn(case: Case, mask: torch.Tensor | None):
     """fn(q, k, v) -> out for the case's method; q (B, Sq, H, D), k and v (B, Sk, H_k, D),
     mask None or (B, H, Sq, Sk) bool (True: attend)."""
-    if case.method == "flash":
+    if case.method in FLASH:
         if mask is not None:
             raise ValueError(
                 "--type flash does not take --mask random: the kernels have no arbitrary mask "
@@ -53,8 +54,9 @@ def attention_fn(case: Case, mask: torch.Tensor | None):
             )
         from flash_attn import flash_attn_func
 
-        backend = case.backend
-        return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal, backend=backend)
+        options = dict(causal=case.causal, backend=case.backend)
+        options.update(deterministic=case.method == "flash_deterministic")
+        return lambda q, k, v: flash_attn_func(q, k, v, **options)
     if case.method == "normal":
         return lambda q, k, v: attention_ref(q, k, v, causal=case.causal, attn_bias=mask)[0]
     if case.method == "sdpa":
@@ -86,7 +88,7 @@ def _check_sizes(case: Case) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if case.nheads % case.nheads_k:
         raise ValueError(f"h ({case.nheads}) must be a multiple of h_k ({case.nheads_k})")
-    if case.method == "flash":
+    if case.method in FLASH:
         resolve_backend(case.backend, torch.device(case.device))  # ValueError if unservable
 
 
