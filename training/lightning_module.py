@@ -84,8 +84,15 @@ class GPTLightningModule(L.LightningModule):
     attention and positions stay within documents and a document's first token is no target.
     """
 
-    def __init__(self, model: dict, optimizer: dict, scheduler: dict, compile: bool = False,
-                 vocab_size: int | None = None, check_finite: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: dict,
+        optimizer: dict,
+        scheduler: dict,
+        compile: bool = False,
+        vocab_size: int | None = None,
+        check_finite: bool = True,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(vocab_size=vocab_size, **dict(model))
@@ -112,8 +119,9 @@ class GPTLightningModule(L.LightningModule):
         if starts is not None:
             targets = targets.masked_fill(starts[:, 1:], -100)  # first tokens of documents
             starts = starts[:, :-1]
-        output = self.forward_model(inputs, labels=targets, shift_labels=False,
-                                    reduction=reduction, document_starts=starts)  # fmt: skip
+        output = self.forward_model(
+            inputs, labels=targets, shift_labels=False, reduction=reduction, document_starts=starts
+        )
         return output.loss
 
     @staticmethod
@@ -212,9 +220,7 @@ class GPTLightningModule(L.LightningModule):
         targets = batch_tokens(batch)[:, 1:]
         scored = self.scored_targets(batch)
         num_bytes = self.token_bytes[targets][scored].sum()
-        self._val_sums += torch.stack(
-            [nats.double(), scored.sum().double(), num_bytes.double()]
-        )  # fmt: skip
+        self._val_sums += torch.stack([nats.double(), scored.sum().double(), num_bytes.double()])
 
     def on_validation_epoch_end(self) -> None:
         sums = self._val_sums
@@ -241,8 +247,9 @@ class GPTLightningModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
         """Clip by the global norm; under FSDP, by FSDP's own norm over the sharded gradients
         (Lightning's FSDP precision plugin refuses norm clipping)."""
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -261,8 +268,9 @@ class GPTLightningModule(L.LightningModule):
         optimizer = build_optimizer(self.model, **self.optimizer_cfg)
         schedule = dict(self.scheduler_cfg)
         total = schedule.pop("total_steps") or max_steps
-        problem = warmup_problem(max_steps, total, schedule["warmup_steps"],
-                                 schedule["warmup_fraction"])  # fmt: skip
+        problem = warmup_problem(
+            max_steps, total, schedule["warmup_steps"], schedule["warmup_fraction"]
+        )
         if problem and rank_zero_only.rank == 0:
             log.warning("%s", problem)
         return optimizer, build_scheduler(optimizer, total, **schedule)

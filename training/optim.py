@@ -33,8 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str,
-              min_lr_ratio: float) -> float:  # fmt: skip
+def lr_lambda(
+    step: int, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float
+) -> float:
     """Multiplier of the peak learning rate at an optimizer step.
 
     Linear warmup from 1 / (warmup_steps + 1) to 1 over warmup_steps, then "cosine" or
@@ -51,8 +52,9 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str,
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    fused: bool | None):  # fmt: skip
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas, eps: float, fused: bool | None
+):
     """AdamW over :func:`param_groups`; fused=None: fused on CUDA. The arguments are the keys
     of ``configs/optimizer/*.yaml``, which hold their defaults."""
     if lr <= 0:
@@ -76,8 +78,9 @@ def warmup_length(total_steps: int, warmup_steps: int, warmup_fraction: float | 
     return int(warmup_steps)
 
 
-def warmup_problem(max_steps: int, total_steps: int, warmup_steps: int,
-                   warmup_fraction: float | None) -> str | None:  # fmt: skip
+def warmup_problem(
+    max_steps: int, total_steps: int, warmup_steps: int, warmup_fraction: float | None
+) -> str | None:
     """What is wrong when the warmup does not end before the run's last step (max_steps), so
     the learning rate never reaches optimizer.lr; None when it does."""
     warmup = warmup_length(total_steps, warmup_steps, warmup_fraction)
@@ -94,9 +97,14 @@ def warmup_problem(max_steps: int, total_steps: int, warmup_steps: int,
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, decay: str,
-                    warmup_steps: int, warmup_fraction: float | None,
-                    min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    decay: str,
+    warmup_steps: int,
+    warmup_fraction: float | None,
+    min_lr_ratio: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR of :func:`lr_lambda`. The arguments after total_steps are the keys of
     ``configs/scheduler/*.yaml``; warmup_fraction in (0, 1) overrides warmup_steps."""
     warmup_steps = warmup_length(total_steps, warmup_steps, warmup_fraction)

@@ -43,7 +43,7 @@ SETTINGS = {
     "data.seq_len": partial(check_int, minimum=1),
     "data.source.val_fraction": partial(
         check_float, low=0, high=1, low_open=True, high_open=True, optional=True
-    ),  # fmt: skip
+    ),
     "callbacks.last_checkpoint.every_n_train_steps": partial(check_int, minimum=1),
     "sample.max_new_tokens": partial(check_int, minimum=0),
     "sample.temperature": partial(check_float, low=0),

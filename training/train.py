@@ -44,16 +44,23 @@ class BlockFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         return FullyShardedDataParallel(
-            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
-        )  # fmt: skip
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device,
+            **self.kwargs,
+        )
 
     def _determine_device_ids(self):
         return None if self.root_device.type == "cpu" else super()._determine_device_ids()
 
 
-def fsdp_strategy(wrap_modules=("flash_attn.modules.block.Block",),
-                  activation_checkpointing: bool = False, **kwargs):  # fmt: skip
+def fsdp_strategy(
+    wrap_modules=("flash_attn.modules.block.Block",),
+    activation_checkpointing: bool = False,
+    **kwargs,
+):
     """Lightning's FSDPStrategy wrapping each transformer block (named by import path, so a
     YAML file can say which), optionally with activation checkpointing of those blocks."""
     classes = {hydra.utils.get_class(name) for name in wrap_modules}
@@ -158,8 +165,15 @@ def _instantiate_loggers(node) -> list:
     return loggers
 
 
-def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
-                top_k: int = 40, seed: int = 0) -> str:  # fmt: skip
+def sample_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+) -> str:
     """The prompt and up to max_new_tokens after it, decoded with the model's KV-cache
     ``generate``, within the model's positions: what transformers' ``generate`` can also do
     with the exported folder, whose max_position_embeddings are the same positions. A prompt
@@ -170,8 +184,13 @@ def sample_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature:
         ids = ids[-max(1, max_len - 1) :]
         fits = max(0, max_len - len(ids))
         if fits < max_new_tokens:
-            log.info("sample: %d new tokens, as the prompt and the model's %d positions allow "
-                     "(sample.max_new_tokens=%d)", fits, max_len, max_new_tokens)  # fmt: skip
+            log.info(
+                "sample: %d new tokens, as the prompt and the model's %d positions allow "
+                "(sample.max_new_tokens=%d)",
+                fits,
+                max_len,
+                max_new_tokens,
+            )
         max_new_tokens = min(max_new_tokens, fits)
     if max_new_tokens == 0:
         return tokenizer.decode(ids)
@@ -235,26 +254,37 @@ def _train(cfg: DictConfig) -> dict:
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     accumulation = _accumulation(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False,
-        plugins=[VerifiedCheckpointIO()], accumulate_grad_batches=accumulation,
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[VerifiedCheckpointIO()],
+        accumulate_grad_batches=accumulation,
         val_check_interval=_val_check_batches(cfg.trainer.val_check_interval, accumulation),
-    )  # fmt: skip
+    )
     if trainer.is_global_zero:
         log.info("run folder: %s", output_dir)
         log.info(
             "unigram entropy of the training tokens: %.3f nats/token, %.3f bits/byte",
-            entropy["nats_per_token"], entropy["bits_per_byte"],
-        )  # fmt: skip
+            entropy["nats_per_token"],
+            entropy["bits_per_byte"],
+        )
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             lg.log_metrics(
-                {"data/unigram_entropy_nats": entropy["nats_per_token"],
-                 "data/unigram_entropy_bpb": entropy["bits_per_byte"]}, step=0,
-            )  # fmt: skip
+                {
+                    "data/unigram_entropy_nats": entropy["nats_per_token"],
+                    "data/unigram_entropy_bpb": entropy["bits_per_byte"],
+                },
+                step=0,
+            )
 
     with exit_status_on_stop_signal(output_dir):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None,
-                    weights_only=True)  # fmt: skip
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=resume.path if resume else None,
+            weights_only=True,
+        )
 
     # last.ckpt always holds the final state, also when max_steps is not a multiple of the
     # checkpoint interval (resuming from it is a no-op).
@@ -289,9 +319,14 @@ def _train(cfg: DictConfig) -> dict:
     sample = cfg.sample
     if trainer.is_global_zero and sample.max_new_tokens > 0:
         summary["sample"] = sample_text(
-            module.model, datamodule.tokenizer, sample.prompt, int(sample.max_new_tokens),
-            float(sample.temperature), int(sample.top_k), int(cfg.seed),
-        )  # fmt: skip
+            module.model,
+            datamodule.tokenizer,
+            sample.prompt,
+            int(sample.max_new_tokens),
+            float(sample.temperature),
+            int(sample.top_k),
+            int(cfg.seed),
+        )
     if trainer.is_global_zero:
         _print_summary(summary)
     return summary

@@ -34,8 +34,9 @@ def test_no_weight_decay_for_biases_norms_and_embeddings():
 
 def test_optimizer_rejects_bad_lr():
     with pytest.raises(ValueError, match="optimizer.lr"):
-        build_optimizer(nn.Linear(2, 2), lr=0.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
-                        fused=None)  # fmt: skip
+        build_optimizer(
+            nn.Linear(2, 2), lr=0.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None
+        )
 
 
 def test_schedule_warmup_then_decay():
@@ -54,17 +55,22 @@ def test_schedule_warmup_then_decay():
 
 
 @pytest.mark.parametrize(
-    "warmup, key", [(dict(warmup_steps=10), "scheduler.warmup_steps=10"),
-                    (dict(warmup_fraction=0.5), "scheduler.warmup_fraction=0.5")],
-)  # fmt: skip
+    "warmup, key",
+    [
+        (dict(warmup_steps=10), "scheduler.warmup_steps=10"),
+        (dict(warmup_fraction=0.5), "scheduler.warmup_fraction=0.5"),
+    ],
+)
 def test_warmup_longer_than_the_run_is_named(warmup, key, caplog):
-    scheduler = dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1,
-                     total_steps=20) | warmup  # fmt: skip
+    scheduler = (
+        dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1, total_steps=20)
+        | warmup
+    )
     module = GPTLightningModule(
         model={"config": dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=1, n_head=2)},
         optimizer=dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None),
         scheduler=scheduler,
-    )  # fmt: skip
+    )
     module.optimizer_and_scheduler(max_steps=4)
     peak = 4 / 11  # the lr at the last of 4 steps of a 10-step warmup
     assert f"{key} warms the learning rate up over 10 optimizer steps" in caplog.text
@@ -110,16 +116,26 @@ def test_atomic_checkpoint_keeps_the_old_file_when_saving_fails(tmp_path, monkey
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_loss_is_the_models_with_or_without_linear_cross_entropy(reduction):
     optimizer = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None)
-    scheduler = dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1,
-                     total_steps=10)  # fmt: skip
+    scheduler = dict(
+        decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1, total_steps=10
+    )
     modules = [
         GPTLightningModule(
-            model={"config": dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  linear_cross_entropy=fused)},
-            optimizer=optimizer, scheduler=scheduler,
+            model={
+                "config": dict(
+                    vocab_size=61,
+                    n_positions=16,
+                    n_embd=16,
+                    n_layer=2,
+                    n_head=2,
+                    linear_cross_entropy=fused,
+                )
+            },
+            optimizer=optimizer,
+            scheduler=scheduler,
         )
         for fused in (False, True)
-    ]  # fmt: skip
+    ]
     modules[1].load_state_dict(modules[0].state_dict())
     batch = torch.randint(0, 61, (3, 9))  # (B, T + 1)
     logits = modules[0](batch[:, :-1])  # (B, T, V)
