@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
-from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from flash_attn.models.gpt import GPTConfig
 from training.data.packing import batch_tokens
-from training.optim import build_optimizer, build_scheduler, warmup_problem
+from training.settings import ModelSettings, OptimizerSettings, SchedulerSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +33,6 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def build_model(
-    preset: str | None = None,
-    config: dict | None = None,
-    pretrained: str | None = None,
-    vocab_size: int | None = None,
-) -> GPTLMHeadModel:
-    """A GPTLMHeadModel from a preset name and field overrides, or from a Hugging Face
-    checkpoint (hub id or folder) with ``config`` applied as overrides (fused flags, dropout).
-
-    vocab_size: the tokenizer's, used when ``config`` does not set one.
-    """
-    fields = {k: v for k, v in dict(config or {}).items() if v is not None}
-    if pretrained:
-        return GPTLMHeadModel.from_pretrained(str(pretrained), **fields)
-    if "vocab_size" not in fields:
-        if vocab_size is None:
-            raise ValueError("model.config.vocab_size is unset and no tokenizer gave one")
-        fields["vocab_size"] = vocab_size
-    cfg = GPTConfig.from_preset(preset, **fields) if preset else GPTConfig(**fields)
-    return GPTLMHeadModel(cfg)
-
-
 def flops_per_token(config: GPTConfig, num_params_no_embeddings: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 * N + 12 * n_layer * n_embd * seq_len.
 
@@ -70,35 +48,42 @@ class GPTLightningModule(L.LightningModule):
     """Next-token training of a GPT.
 
     Args:
-        model: {preset, config (GPTConfig fields), pretrained (hub id or folder)}.
-        optimizer: every key of ``configs/optimizer/adamw.yaml`` (the arguments of
-            :func:`training.optim.build_optimizer`).
-        scheduler: every key of ``configs/scheduler/cosine.yaml``: total_steps (None:
-            trainer.max_steps) and the arguments of :func:`training.optim.build_scheduler`.
-        compile: wrap the model's forward in ``torch.compile``.
+        model: the model to build and whether to compile its forward.
+        optimizer: AdamW's settings (None: ``configs/optimizer/adamw.yaml``'s).
+        scheduler: the learning-rate schedule's (None: ``configs/scheduler/cosine.yaml``'s);
+            its total_steps None ends the decay at trainer.max_steps.
         vocab_size: the tokenizer's vocabulary, when the model config leaves it unset.
         check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss (one
             device-to-host sync per step).
     Batches: (B, T + 1) int64 windows; inputs ``[:, :-1]``, targets ``[:, 1:]``. Or a dict
     of those windows ("tokens") and, for document masking, "document_starts" (B, T + 1) bool:
     attention and positions stay within documents and a document's first token is no target.
+    The hyperparameters saved in checkpoints are the settings as plain dicts.
     """
 
     def __init__(
         self,
-        model: dict,
-        optimizer: dict,
-        scheduler: dict,
-        compile: bool = False,
+        model: ModelSettings,
+        optimizer: OptimizerSettings | None = None,
+        scheduler: SchedulerSettings | None = None,
         vocab_size: int | None = None,
         check_finite: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = build_model(vocab_size=vocab_size, **dict(model))
-        self.optimizer_cfg, self.scheduler_cfg = dict(optimizer), dict(scheduler)
+        self.optimizer_settings = optimizer or OptimizerSettings()
+        self.scheduler_settings = scheduler or SchedulerSettings()
+        self.save_hyperparameters(
+            {
+                "model": model.to_dict(),
+                "optimizer": self.optimizer_settings.to_dict(),
+                "scheduler": self.scheduler_settings.to_dict(),
+                "vocab_size": vocab_size,
+                "check_finite": check_finite,
+            }
+        )
+        self.model = model.build(vocab_size)
         self.check_finite = check_finite
-        self.__dict__["forward_model"] = torch.compile(self.model) if compile else self.model
+        self.__dict__["forward_model"] = torch.compile(self.model) if model.compile else self.model
         # bytes of text per token id (for bits per byte), set from the tokenizer in setup()
         ones = torch.ones(self.model.config.vocab_size, dtype=torch.int64)
         self.register_buffer("token_bytes", ones, persistent=False)
@@ -265,15 +250,11 @@ class GPTLightningModule(L.LightningModule):
     def optimizer_and_scheduler(self, max_steps: int):
         """AdamW over the model and its per-step LambdaLR, which ends at scheduler.total_steps
         (None: max_steps); a warning when the warmup outlasts max_steps."""
-        optimizer = build_optimizer(self.model, **self.optimizer_cfg)
-        schedule = dict(self.scheduler_cfg)
-        total = schedule.pop("total_steps") or max_steps
-        problem = warmup_problem(
-            max_steps, total, schedule["warmup_steps"], schedule["warmup_fraction"]
-        )
+        problem = self.scheduler_settings.warmup_problem(max_steps)
         if problem and rank_zero_only.rank == 0:
             log.warning("%s", problem)
-        return optimizer, build_scheduler(optimizer, total, **schedule)
+        optimizer = self.optimizer_settings.build(self.model)
+        return optimizer, self.scheduler_settings.build(optimizer, max_steps)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -27,7 +27,12 @@ from training.run_folder import (
     run_dir_chosen,
     run_folder_lock,
 )
-from training.settings import check_settings
+from training.settings import (
+    ModelSettings,
+    OptimizerSettings,
+    SchedulerSettings,
+    check_settings,
+)
 from training.stop_signals import exit_status_on_stop_signal
 
 log = logging.getLogger(__name__)
@@ -74,12 +79,10 @@ def build_module(cfg: DictConfig, vocab_size: int | None) -> GPTLightningModule:
 
     vocab_size: the tokenizer's, used when model.config leaves it unset.
     """
-    model = OmegaConf.to_container(cfg.model, resolve=True)
     return GPTLightningModule(
-        model={k: model[k] for k in ("preset", "config", "pretrained")},
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        compile=model["compile"],
+        model=ModelSettings.from_config(cfg.model),
+        optimizer=OptimizerSettings.from_config(cfg.optimizer),
+        scheduler=SchedulerSettings.from_config(cfg.scheduler),
         vocab_size=vocab_size,
     )
 

@@ -10,6 +10,7 @@ from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel, document_layout
 from training.data.datamodule import GPTDataModule
 from training.data.packing import document_starts
 from training.lightning_module import GPTLightningModule
+from training.settings import ModelSettings
 
 LENGTHS = (5, 9, 4)  # three documents in one window of 18 tokens
 
@@ -105,13 +106,7 @@ def test_memmap_batches_carry_document_starts_only_when_asked(tmp_path):
 
 def test_loss_never_predicts_a_documents_first_token():
     module = GPTLightningModule(
-        model={
-            "preset": None,
-            "config": {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 16},
-            "pretrained": None,
-        },
-        optimizer={},
-        scheduler={},
+        model=ModelSettings(config={"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 16}),
         vocab_size=20,
     )
     windows = torch.tensor([[1, 2, 19, 4, 5, 6, 19, 8, 9]])  # eos 19 ends two documents

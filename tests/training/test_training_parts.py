@@ -9,7 +9,10 @@ from torch import nn
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 from training.checkpointing import VerifiedCheckpointIO
 from training.lightning_module import GPTLightningModule, flops_per_token
-from training.optim import build_optimizer, lr_lambda, param_groups
+from training.optim import lr_lambda, param_groups
+from training.settings import ModelSettings, SchedulerSettings
+
+TINY = dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 
 
 def _tiny_model() -> GPTLMHeadModel:
@@ -30,13 +33,6 @@ def test_no_weight_decay_for_biases_norms_and_embeddings():
     assert any("wte" in n for n in kept) and any("wpe" in n for n in kept)
     assert any(n.endswith("bias") for n in kept) and any("ln_f" in n for n in kept)
     assert any("mlp" in n for n in decayed) and any("attn" in n for n in decayed)
-
-
-def test_optimizer_rejects_bad_lr():
-    with pytest.raises(ValueError, match="optimizer.lr"):
-        build_optimizer(
-            nn.Linear(2, 2), lr=0.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None
-        )
 
 
 def test_schedule_warmup_then_decay():
@@ -62,14 +58,9 @@ def test_schedule_warmup_then_decay():
     ],
 )
 def test_warmup_longer_than_the_run_is_named(warmup, key, caplog):
-    scheduler = (
-        dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1, total_steps=20)
-        | warmup
-    )
     module = GPTLightningModule(
-        model={"config": dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=1, n_head=2)},
-        optimizer=dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None),
-        scheduler=scheduler,
+        model=ModelSettings(config=TINY),
+        scheduler=SchedulerSettings(**{"warmup_steps": 0, "total_steps": 20, **warmup}),
     )
     module.optimizer_and_scheduler(max_steps=4)
     peak = 4 / 11  # the lr at the last of 4 steps of a 10-step warmup
@@ -115,25 +106,8 @@ def test_atomic_checkpoint_keeps_the_old_file_when_saving_fails(tmp_path, monkey
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_loss_is_the_models_with_or_without_linear_cross_entropy(reduction):
-    optimizer = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None)
-    scheduler = dict(
-        decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1, total_steps=10
-    )
     modules = [
-        GPTLightningModule(
-            model={
-                "config": dict(
-                    vocab_size=61,
-                    n_positions=16,
-                    n_embd=16,
-                    n_layer=2,
-                    n_head=2,
-                    linear_cross_entropy=fused,
-                )
-            },
-            optimizer=optimizer,
-            scheduler=scheduler,
-        )
+        GPTLightningModule(model=ModelSettings(config=TINY | {"linear_cross_entropy": fused}))
         for fused in (False, True)
     ]
     modules[1].load_state_dict(modules[0].state_dict())
