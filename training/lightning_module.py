@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -33,6 +34,21 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+@runtime_checkable
+class TrainingData(Protocol):
+    """What :class:`GPTLightningModule` asks of its data, besides the loaders the Trainer reads
+    (:class:`training.data.datamodule.GPTDataModule` is one)."""
+
+    def token_bytes(self) -> torch.Tensor:
+        """(vocab_size,) int64 bytes of text per token id, for bits per byte."""
+        ...
+
+    def on_train_batch_consumed(self, local_samples: int, batch) -> None:
+        """This rank starts training on batch, local_samples windows: the data's position
+        that checkpoints save (the next batch to train on)."""
+        ...
+
+
 def flops_per_token(config: GPTConfig, num_params_no_embeddings: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 * N + 12 * n_layer * n_embd * seq_len.
 
@@ -55,6 +71,8 @@ class GPTLightningModule(L.LightningModule):
         vocab_size: the tokenizer's vocabulary, when the model config leaves it unset.
         check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss (one
             device-to-host sync per step).
+        data: the data it trains on (None: bits per byte count every token as one byte, and
+            nothing records the batches trained on).
     Batches: (B, T + 1) int64 windows; inputs ``[:, :-1]``, targets ``[:, 1:]``. Or a dict
     of those windows ("tokens") and, for document masking, "document_starts" (B, T + 1) bool:
     attention and positions stay within documents and a document's first token is no target.
@@ -68,6 +86,7 @@ class GPTLightningModule(L.LightningModule):
         scheduler: SchedulerSettings | None = None,
         vocab_size: int | None = None,
         check_finite: bool = True,
+        data: TrainingData | None = None,
     ):
         super().__init__()
         self.optimizer_settings = optimizer or OptimizerSettings()
@@ -83,6 +102,7 @@ class GPTLightningModule(L.LightningModule):
         )
         self.model = model.build(vocab_size)
         self.check_finite = check_finite
+        self.data = data
         self.__dict__["forward_model"] = torch.compile(self.model) if model.compile else self.model
         # bytes of text per token id (for bits per byte), set from the tokenizer in setup()
         ones = torch.ones(self.model.config.vocab_size, dtype=torch.int64)
@@ -132,23 +152,22 @@ class GPTLightningModule(L.LightningModule):
 
     # -- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "token_bytes"):
-            token_bytes = datamodule.token_bytes()
-            if token_bytes.numel() != self.model.config.vocab_size:
-                raise ValueError(
-                    f"the tokenizer has {token_bytes.numel()} tokens but the model "
-                    f"vocab_size is {self.model.config.vocab_size}"
-                )
-            self.token_bytes = token_bytes
+        if self.data is None:
+            return
+        token_bytes = self.data.token_bytes()
+        if token_bytes.numel() != self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {token_bytes.numel()} tokens but the model "
+                f"vocab_size is {self.model.config.vocab_size}"
+            )
+        self.token_bytes = token_bytes
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         windows = batch_tokens(batch)
         self.tokens_seen += (windows.shape[1] - 1) * windows.shape[0] * self.trainer.world_size
         self._count_flops(batch, share=1.0)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
-            datamodule.on_train_batch_consumed(windows.shape[0], batch)
+        if self.data is not None:
+            self.data.on_train_batch_consumed(windows.shape[0], batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)

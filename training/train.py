@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from training.callbacks import LossCurve, TrainingSpan
 from training.checkpointing import VerifiedCheckpointIO
 from training.hf_export import HuggingFaceFolder
-from training.lightning_module import GPTLightningModule
+from training.lightning_module import GPTLightningModule, TrainingData
 from training.loggers import keep_history
 from training.preflight import check_before_data
 from training.run_folder import (
@@ -74,16 +74,20 @@ def fsdp_strategy(
     return BlockFSDPStrategy(auto_wrap_policy=classes, **kwargs)
 
 
-def build_module(cfg: DictConfig, vocab_size: int | None) -> GPTLightningModule:
+def build_module(
+    cfg: DictConfig, vocab_size: int | None, data: TrainingData | None = None
+) -> GPTLightningModule:
     """The LightningModule of a composed config's model, optimizer and scheduler groups.
 
-    vocab_size: the tokenizer's, used when model.config leaves it unset.
+    vocab_size: the tokenizer's, used when model.config leaves it unset; data: what it trains
+    on (see :class:`~training.lightning_module.TrainingData`).
     """
     return GPTLightningModule(
         model=ModelSettings.from_config(cfg.model),
         optimizer=OptimizerSettings.from_config(cfg.optimizer),
         scheduler=SchedulerSettings.from_config(cfg.scheduler),
         vocab_size=vocab_size,
+        data=data,
     )
 
 
@@ -241,7 +245,7 @@ def _train(cfg: DictConfig) -> dict:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.build()  # tokenizer + token cache (locked, built once per cache key)
-    module = build_module(cfg, datamodule.vocab_size)
+    module = build_module(cfg, datamodule.vocab_size, data=datamodule)
 
     entropy = datamodule.unigram_entropy()
     callbacks = _instantiate_dict(cfg.get("callbacks"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,61 @@ def test_loss_is_the_models_with_or_without_linear_cross_entropy(reduction):
     )
     for module in modules:
         torch.testing.assert_close(module.loss(batch, reduction), expected)
+
+
+class RecordingData:
+    """The TrainingData protocol and nothing else: two bytes per token, batches recorded."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.consumed = vocab_size, []
+
+    def token_bytes(self) -> torch.Tensor:
+        return torch.full((self.vocab_size,), 2, dtype=torch.int64)
+
+    def on_train_batch_consumed(self, local_samples: int, batch) -> None:
+        self.consumed.append((local_samples, batch.shape))
+
+
+def test_the_module_uses_its_data_through_the_protocol(tmp_path):
+    """The module reaches its data only through the object it was given (not the Trainer's
+    datamodule, here absent): every training batch is reported, and bits per byte read the
+    data's bytes per token."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    data = RecordingData(TINY["vocab_size"])
+    module = GPTLightningModule(model=ModelSettings(config=TINY), data=data)
+    windows = list(torch.randint(0, 61, (8, 9)))  # (T + 1,) each
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=1,
+        val_check_interval=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(windows, batch_size=2), DataLoader(windows, batch_size=2))
+    assert data.consumed == [(2, (2, 9))] * 3
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/bpb"]) == pytest.approx(
+        float(metrics["val/loss"]) / (2 * math.log(2)), rel=1e-5
+    )
+
+
+def test_the_datamodule_is_training_data(tmp_path):
+    from training.data.datamodule import GPTDataModule
+    from training.lightning_module import TrainingData
+
+    source = {"kind": "files", "data_files": str(tmp_path / "none.txt")}
+    datamodule = GPTDataModule(source, {"kind": "bytes"}, cache_dir=str(tmp_path))
+    assert isinstance(datamodule, TrainingData)
+    assert not isinstance(object(), TrainingData)
+
+
+def test_a_vocabulary_that_is_not_the_models_is_named():
+    module = GPTLightningModule(model=ModelSettings(config=TINY), data=RecordingData(60))
+    with pytest.raises(ValueError, match="the tokenizer has 60 tokens but the model vocab_size"):
+        module.setup("fit")

@@ -180,6 +180,8 @@ class GPTDataModule(L.LightningDataModule):
         document_mask: batches carry document starts (attention and positions per document).
     Batches: (B, T + 1) int64 windows, or a dict with "tokens" (those windows) and, with
     document_mask, "document_starts" (B, T + 1) bool (streaming: also the stream position).
+    The LightningModule is given it as its :class:`~training.lightning_module.TrainingData`
+    (``token_bytes``, ``on_train_batch_consumed``).
     """
 
     def __init__(
