@@ -18,24 +18,9 @@ from training.train import train
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "flash",
-    "attention",
-    "kernel",
-    "block",
-    "tile",
-    "softmax",
-    "query",
-    "key",
-    "value",
-]
+# the words of the tiny word-level tokenizer, after its special tokens
+VOCABULARY = "the of and to in is was flash attention kernel block tile softmax query key value"
+WORDS = VOCABULARY.split()
 # family -> (special tokens in id order, bos, eos, pad); sizes match debug=tiny.
 SPECIALS = {"llama": ["<unk>", "<s>", "</s>"], "gpt2": ["<|endoftext|>"]}
 SPECIAL_IDS = {"llama": (1, 2, None), "gpt2": (0, 0, None)}
