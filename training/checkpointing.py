@@ -182,8 +182,10 @@ def intact_checkpoint(wanted) -> Resume:
             continue
         log.warning(
             "resuming from %s (step %d), the newest intact checkpoint in %s, instead",
-            candidate, resume.step, candidate.parent,
-        )  # fmt: skip
+            candidate,
+            resume.step,
+            candidate.parent,
+        )
         return resume
     raise CheckpointError(f"{damage}; no intact checkpoint in {Path(wanted).parent} to resume")
 

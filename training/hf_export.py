@@ -149,7 +149,8 @@ def _metadata_from_hyperparameters(checkpoint: dict, path, tokenizer) -> dict:
             f"{path} was written without its tokenizer and model settings; pass the tokenizer "
             "the run trained with: --tokenizer <tokenizer folder, hub id or tokenizer.json>"
         )
-    from training.lightning_module import build_model
+    from training.settings import ModelSettings
 
     hparams = checkpoint["hyper_parameters"]
-    return export_metadata(build_model(vocab_size=hparams.get("vocab_size"), **hparams["model"]))
+    model = ModelSettings.from_config(hparams["model"]).build(hparams.get("vocab_size"))
+    return export_metadata(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from typing import Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -12,9 +13,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 
-from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
+from flash_attn.models.gpt import GPTConfig
 from training.data.packing import batch_tokens
-from training.optim import build_optimizer, build_scheduler, warmup_problem
+from training.settings import ModelSettings, OptimizerSettings, SchedulerSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +34,19 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def build_model(
-    preset: str | None = None,
-    config: dict | None = None,
-    pretrained: str | None = None,
-    vocab_size: int | None = None,
-) -> GPTLMHeadModel:
-    """A GPTLMHeadModel from a preset name and field overrides, or from a Hugging Face
-    checkpoint (hub id or folder) with ``config`` applied as overrides (fused flags, dropout).
+@runtime_checkable
+class TrainingData(Protocol):
+    """What :class:`GPTLightningModule` asks of its data, besides the loaders the Trainer reads
+    (:class:`training.data.datamodule.GPTDataModule` is one)."""
 
-    vocab_size: the tokenizer's, used when ``config`` does not set one.
-    """
-    fields = {k: v for k, v in dict(config or {}).items() if v is not None}
-    if pretrained:
-        return GPTLMHeadModel.from_pretrained(str(pretrained), **fields)
-    if "vocab_size" not in fields:
-        if vocab_size is None:
-            raise ValueError("model.config.vocab_size is unset and no tokenizer gave one")
-        fields["vocab_size"] = vocab_size
-    cfg = GPTConfig.from_preset(preset, **fields) if preset else GPTConfig(**fields)
-    return GPTLMHeadModel(cfg)
+    def token_bytes(self) -> torch.Tensor:
+        """(vocab_size,) int64 bytes of text per token id, for bits per byte."""
+        ...
+
+    def on_train_batch_consumed(self, local_samples: int, batch) -> None:
+        """This rank starts training on batch, local_samples windows: the data's position
+        that checkpoints save (the next batch to train on)."""
+        ...
 
 
 def flops_per_token(config: GPTConfig, num_params_no_embeddings: int, seq_len: int) -> float:
@@ -70,28 +64,46 @@ class GPTLightningModule(L.LightningModule):
     """Next-token training of a GPT.
 
     Args:
-        model: {preset, config (GPTConfig fields), pretrained (hub id or folder)}.
-        optimizer: every key of ``configs/optimizer/adamw.yaml`` (the arguments of
-            :func:`training.optim.build_optimizer`).
-        scheduler: every key of ``configs/scheduler/cosine.yaml``: total_steps (None:
-            trainer.max_steps) and the arguments of :func:`training.optim.build_scheduler`.
-        compile: wrap the model's forward in ``torch.compile``.
+        model: the model to build and whether to compile its forward.
+        optimizer: AdamW's settings (None: ``configs/optimizer/adamw.yaml``'s).
+        scheduler: the learning-rate schedule's (None: ``configs/scheduler/cosine.yaml``'s);
+            its total_steps None ends the decay at trainer.max_steps.
         vocab_size: the tokenizer's vocabulary, when the model config leaves it unset.
         check_finite: stop with :class:`NonFiniteLossError` on a NaN/inf loss (one
             device-to-host sync per step).
+        data: the data it trains on (None: bits per byte count every token as one byte, and
+            nothing records the batches trained on).
     Batches: (B, T + 1) int64 windows; inputs ``[:, :-1]``, targets ``[:, 1:]``. Or a dict
     of those windows ("tokens") and, for document masking, "document_starts" (B, T + 1) bool:
     attention and positions stay within documents and a document's first token is no target.
+    The hyperparameters saved in checkpoints are the settings as plain dicts.
     """
 
-    def __init__(self, model: dict, optimizer: dict, scheduler: dict, compile: bool = False,
-                 vocab_size: int | None = None, check_finite: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: ModelSettings,
+        optimizer: OptimizerSettings | None = None,
+        scheduler: SchedulerSettings | None = None,
+        vocab_size: int | None = None,
+        check_finite: bool = True,
+        data: TrainingData | None = None,
+    ):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = build_model(vocab_size=vocab_size, **dict(model))
-        self.optimizer_cfg, self.scheduler_cfg = dict(optimizer), dict(scheduler)
+        self.optimizer_settings = optimizer or OptimizerSettings()
+        self.scheduler_settings = scheduler or SchedulerSettings()
+        self.save_hyperparameters(
+            {
+                "model": model.to_dict(),
+                "optimizer": self.optimizer_settings.to_dict(),
+                "scheduler": self.scheduler_settings.to_dict(),
+                "vocab_size": vocab_size,
+                "check_finite": check_finite,
+            }
+        )
+        self.model = model.build(vocab_size)
         self.check_finite = check_finite
-        self.__dict__["forward_model"] = torch.compile(self.model) if compile else self.model
+        self.data = data
+        self.__dict__["forward_model"] = torch.compile(self.model) if model.compile else self.model
         # bytes of text per token id (for bits per byte), set from the tokenizer in setup()
         ones = torch.ones(self.model.config.vocab_size, dtype=torch.int64)
         self.register_buffer("token_bytes", ones, persistent=False)
@@ -112,8 +124,9 @@ class GPTLightningModule(L.LightningModule):
         if starts is not None:
             targets = targets.masked_fill(starts[:, 1:], -100)  # first tokens of documents
             starts = starts[:, :-1]
-        output = self.forward_model(inputs, labels=targets, shift_labels=False,
-                                    reduction=reduction, document_starts=starts)  # fmt: skip
+        output = self.forward_model(
+            inputs, labels=targets, shift_labels=False, reduction=reduction, document_starts=starts
+        )
         return output.loss
 
     @staticmethod
@@ -139,23 +152,22 @@ class GPTLightningModule(L.LightningModule):
 
     # -- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "token_bytes"):
-            token_bytes = datamodule.token_bytes()
-            if token_bytes.numel() != self.model.config.vocab_size:
-                raise ValueError(
-                    f"the tokenizer has {token_bytes.numel()} tokens but the model "
-                    f"vocab_size is {self.model.config.vocab_size}"
-                )
-            self.token_bytes = token_bytes
+        if self.data is None:
+            return
+        token_bytes = self.data.token_bytes()
+        if token_bytes.numel() != self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {token_bytes.numel()} tokens but the model "
+                f"vocab_size is {self.model.config.vocab_size}"
+            )
+        self.token_bytes = token_bytes
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         windows = batch_tokens(batch)
         self.tokens_seen += (windows.shape[1] - 1) * windows.shape[0] * self.trainer.world_size
         self._count_flops(batch, share=1.0)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "on_train_batch_consumed"):
-            datamodule.on_train_batch_consumed(windows.shape[0], batch)
+        if self.data is not None:
+            self.data.on_train_batch_consumed(windows.shape[0], batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -212,9 +224,7 @@ class GPTLightningModule(L.LightningModule):
         targets = batch_tokens(batch)[:, 1:]
         scored = self.scored_targets(batch)
         num_bytes = self.token_bytes[targets][scored].sum()
-        self._val_sums += torch.stack(
-            [nats.double(), scored.sum().double(), num_bytes.double()]
-        )  # fmt: skip
+        self._val_sums += torch.stack([nats.double(), scored.sum().double(), num_bytes.double()])
 
     def on_validation_epoch_end(self) -> None:
         sums = self._val_sums
@@ -241,8 +251,9 @@ class GPTLightningModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                    gradient_clip_algorithm=None) -> None:  # fmt: skip
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
         """Clip by the global norm; under FSDP, by FSDP's own norm over the sharded gradients
         (Lightning's FSDP precision plugin refuses norm clipping)."""
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -258,14 +269,11 @@ class GPTLightningModule(L.LightningModule):
     def optimizer_and_scheduler(self, max_steps: int):
         """AdamW over the model and its per-step LambdaLR, which ends at scheduler.total_steps
         (None: max_steps); a warning when the warmup outlasts max_steps."""
-        optimizer = build_optimizer(self.model, **self.optimizer_cfg)
-        schedule = dict(self.scheduler_cfg)
-        total = schedule.pop("total_steps") or max_steps
-        problem = warmup_problem(max_steps, total, schedule["warmup_steps"],
-                                 schedule["warmup_fraction"])  # fmt: skip
+        problem = self.scheduler_settings.warmup_problem(max_steps)
         if problem and rank_zero_only.rank == 0:
             log.warning("%s", problem)
-        return optimizer, build_scheduler(optimizer, total, **schedule)
+        optimizer = self.optimizer_settings.build(self.model)
+        return optimizer, self.scheduler_settings.build(optimizer, max_steps)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -83,8 +83,10 @@ class StopSignalCheckpoint(OptimizerStepCallback, Checkpoint):
         self.saved_for = signum
         log.warning(
             "%s: saved %s at step %d, stopping",
-            signal.Signals(signum).name, self.path, trainer.global_step,
-        )  # fmt: skip
+            signal.Signals(signum).name,
+            self.path,
+            trainer.global_step,
+        )
 
     def on_optimizer_step_end(self, trainer, outputs) -> None:
         signum = self._received(trainer)

@@ -32,6 +32,12 @@ SETTING_CASES = [
     ("save_final_checkpoint=maybe", TypeError, "save_final_checkpoint"),
     ("seed=abc", TypeError, "seed"),
     ("ckpt_path=5", TypeError, "ckpt_path"),
+    ("optimizer.lr=0", ValueError, "optimizer.lr"),
+    ("optimizer.betas=[0.9]", TypeError, "optimizer.betas"),
+    ("scheduler.decay=step", ValueError, "scheduler.decay"),
+    ("scheduler.warmup_fraction=2", ValueError, "scheduler.warmup_fraction"),
+    ("+optimizer.momentum=0.9", ValueError, "optimizer.momentum"),
+    ("model.compile=maybe", TypeError, "model.compile"),
 ]
 
 

@@ -10,6 +10,7 @@ from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel, document_layout
 from training.data.datamodule import GPTDataModule
 from training.data.packing import document_starts
 from training.lightning_module import GPTLightningModule
+from training.settings import ModelSettings
 
 LENGTHS = (5, 9, 4)  # three documents in one window of 18 tokens
 
@@ -80,8 +81,14 @@ def _datamodule(tmp_path, document_mask: bool) -> GPTDataModule:
     paths = write_corpus(tmp_path / "data", make_documents(12), "jsonl")
     source = {"kind": "files", "data_files": str(paths[0]), "val_fraction": 0.25}
     cache = str(tmp_path / "cache")
-    return GPTDataModule(source, {"kind": "bytes"}, seq_len=256, batch_size=4, cache_dir=cache,
-                         document_mask=document_mask)  # fmt: skip
+    return GPTDataModule(
+        source,
+        {"kind": "bytes"},
+        seq_len=256,
+        batch_size=4,
+        cache_dir=cache,
+        document_mask=document_mask,
+    )
 
 
 def test_memmap_batches_carry_document_starts_only_when_asked(tmp_path):
@@ -99,10 +106,9 @@ def test_memmap_batches_carry_document_starts_only_when_asked(tmp_path):
 
 def test_loss_never_predicts_a_documents_first_token():
     module = GPTLightningModule(
-        model={"preset": None, "config": {"n_embd": 32, "n_layer": 1, "n_head": 2,
-                                          "n_positions": 16}, "pretrained": None},
-        optimizer={}, scheduler={}, vocab_size=20,
-    )  # fmt: skip
+        model=ModelSettings(config={"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 16}),
+        vocab_size=20,
+    )
     windows = torch.tensor([[1, 2, 19, 4, 5, 6, 19, 8, 9]])  # eos 19 ends two documents
     batch = {"tokens": windows, "document_starts": document_starts(windows, 19)}
     per_token = module.loss(batch, reduction="none")  # (1, 8)

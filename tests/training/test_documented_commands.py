@@ -141,23 +141,33 @@ def test_data_configs_have_the_same_keys(tmp_path):
 
 @pytest.mark.parametrize("name", DATA_CONFIGS)
 def test_streaming_and_document_mask_on_every_data_config(name, tmp_path):
-    cfg = compose_config([
-        f"data={name}", "data.streaming=true", "data.document_mask=true",
-        "data.source.data_files=notes.txt", f"paths.output_dir={tmp_path}",
-    ])  # fmt: skip
+    cfg = compose_config(
+        [
+            f"data={name}",
+            "data.streaming=true",
+            "data.document_mask=true",
+            "data.source.data_files=notes.txt",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     assert cfg.data.streaming is True and cfg.data.document_mask is True
 
 
 def test_hub_data_switches_to_local_files_keeping_its_recipe(tmp_path):
     """The pile/openwebtext configs read a local copy with data.source.kind=files, keeping
     GPT-2's tokenizer, the context and streaming."""
-    cfg = compose_config([
-        "experiment=gpt3-125m", "data.source.kind=files",
-        "data.source.data_files={train: /data/train/*.jsonl.zst, validation: /data/val.jsonl.zst}",
-        f"paths.output_dir={tmp_path}",
-    ])  # fmt: skip
+    data_files = "{train: /data/train/*.jsonl.zst, validation: /data/val.jsonl.zst}"
+    cfg = compose_config(
+        [
+            "experiment=gpt3-125m",
+            "data.source.kind=files",
+            f"data.source.data_files={data_files}",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     assert cfg.data.source.kind == "files" and cfg.data.tokenizer.name == "gpt2"
     assert cfg.data.seq_len == 2048 and cfg.data.streaming is True
     assert dict(cfg.data.source.data_files) == {
-        "train": "/data/train/*.jsonl.zst", "validation": "/data/val.jsonl.zst",
-    }  # fmt: skip
+        "train": "/data/train/*.jsonl.zst",
+        "validation": "/data/val.jsonl.zst",
+    }

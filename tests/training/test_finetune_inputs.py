@@ -40,8 +40,9 @@ def test_trained_tokenizers_become_transformers_tokenizers(kind, tmp_path):
     """The quickstart's tokenizers, saved as transformers tokenizers, reopen with the same ids
     and <|endoftext|> as bos, eos and pad."""
     texts = ["def f(x):\n    return x + 1\n", "héllo wörld " * 20]
-    tokenizer = build_tokenizer(kind, vocab_size=300, cache_dir=tmp_path,
-                                training_texts=lambda: texts)  # fmt: skip
+    tokenizer = build_tokenizer(
+        kind, vocab_size=300, cache_dir=tmp_path, training_texts=lambda: texts
+    )
     tokenizer.to_transformers().save_pretrained(tmp_path / "hf")
     reopened = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in texts:

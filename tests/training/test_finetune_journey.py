@@ -18,8 +18,9 @@ from training.train import train
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "flash", "attention", "kernel", "block",
-         "tile", "softmax", "query", "key", "value"]  # fmt: skip
+# the words of the tiny word-level tokenizer, after its special tokens
+VOCABULARY = "the of and to in is was flash attention kernel block tile softmax query key value"
+WORDS = VOCABULARY.split()
 # family -> (special tokens in id order, bos, eos, pad); sizes match debug=tiny.
 SPECIALS = {"llama": ["<unk>", "<s>", "</s>"], "gpt2": ["<|endoftext|>"]}
 SPECIAL_IDS = {"llama": (1, 2, None), "gpt2": (0, 0, None)}
@@ -34,15 +35,21 @@ def _hf_folder(folder, family: str):
     backend.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     bos, eos, pad = SPECIAL_IDS[family]
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=backend.id_to_token(bos),
+        tokenizer_object=backend,
+        bos_token=backend.id_to_token(bos),
         eos_token=backend.id_to_token(eos),
-    )  # fmt: skip
+    )
     ids = dict(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     if family == "llama":
         config = transformers.LlamaConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, max_position_embeddings=64, **ids,
-        )  # fmt: skip
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **ids,
+        )
     else:
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids)
     torch.manual_seed(0)
@@ -92,13 +99,21 @@ def finetuned(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
     tokenizer = _hf_folder(root / "pretrained", family)
     run = root / "run"
-    cfg = compose_config([
-        "experiment=finetune", "debug=tiny", "data=files",
-        f"data.source.data_files={_text_file(root / 'notes.txt')}",
-        f"model.pretrained={root / 'pretrained'}", f"paths.cache_dir={root / 'cache'}",
-        f"paths.output_dir={run}", "logger=none", "trainer.max_steps=3", "global_batch_size=4",
-        "callbacks.progress_bar={_target_:training.progress.StepProgressBar,refresh_rate:1}",
-    ])  # fmt: skip
+    cfg = compose_config(
+        [
+            "experiment=finetune",
+            "debug=tiny",
+            "data=files",
+            f"data.source.data_files={_text_file(root / 'notes.txt')}",
+            f"model.pretrained={root / 'pretrained'}",
+            f"paths.cache_dir={root / 'cache'}",
+            f"paths.output_dir={run}",
+            "logger=none",
+            "trainer.max_steps=3",
+            "global_batch_size=4",
+            "callbacks.progress_bar={_target_:training.progress.StepProgressBar,refresh_rate:1}",
+        ]
+    )
     summary = train(cfg)
     return family, tokenizer, run, summary
 
@@ -124,8 +139,8 @@ def test_finetune_ends_with_a_hugging_face_folder(finetuned):
 def test_generate_script_runs_on_the_run_folder(finetuned):
     _, _, run, _ = finetuned
     generate = _load_script("generate")
-    text = generate.main(["--checkpoint", str(run / "hf"), "--prompt", "the kernel",
-                          "--max-new-tokens", "5", "--top-k", "1"])  # fmt: skip
+    options = ["--max-new-tokens", "5", "--top-k", "1"]
+    text = generate.main(["--checkpoint", str(run / "hf"), "--prompt", "the kernel", *options])
     assert text.startswith("the kernel")
     with pytest.raises(ValueError, match="--max-new-tokens"):
         generate.main(
@@ -154,8 +169,9 @@ def test_export_script_writes_the_same_folder(finetuned, tmp_path):
     torch.save(state, tmp_path / "old.ckpt")
     with pytest.raises(ValueError, match="--tokenizer"):
         _load_script("export_hf").main([str(tmp_path / "old.ckpt"), str(tmp_path / "old")])
-    _load_script("export_hf").main([str(tmp_path / "old.ckpt"), str(tmp_path / "old"),
-                                    "--tokenizer", str(run / "hf")])  # fmt: skip
+    _load_script("export_hf").main(
+        [str(tmp_path / "old.ckpt"), str(tmp_path / "old"), "--tokenizer", str(run / "hf")]
+    )
     _assert_same_logits(tmp_path / "old", _trained_model(checkpoint))
 
 

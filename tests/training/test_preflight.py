@@ -33,8 +33,13 @@ def no_gpu(monkeypatch):
 
 
 def _config(tmp_path, *overrides):
-    return compose_config([*overrides, f"paths.output_dir={tmp_path / 'run'}",
-                           f"paths.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    return compose_config(
+        [
+            *overrides,
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
 
 
 def test_gpu_experiment_without_a_gpu_fails_first(tmp_path, no_gpu, no_data_work):
@@ -68,8 +73,9 @@ def test_seq_len_beyond_a_checkpoints_positions_fails_first(tmp_path, no_data_wo
     cfg = _config(tmp_path, "experiment=finetune", f"model.pretrained={folder}")
     with pytest.raises(ValueError, match=r"data.seq_len=1024 .* 16 positions .*model.pretrained="):
         train(cfg)
-    check_before_data(_config(tmp_path, "experiment=finetune", f"model.pretrained={folder}",
-                              "data.seq_len=16"))  # fmt: skip
+    check_before_data(
+        _config(tmp_path, "experiment=finetune", f"model.pretrained={folder}", "data.seq_len=16")
+    )
 
 
 def test_seq_len_beyond_configured_positions_fails_first(tmp_path, no_data_work):

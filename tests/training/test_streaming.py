@@ -74,8 +74,9 @@ def test_failed_parquet_export_names_both_attempts(tmp_path, fake_hub):
     repo, export = _hub_with_script(tmp_path, with_export=False)
     fake_hub[repo] = export
     with pytest.raises(RuntimeError) as info:
-        GPTDataModule({"kind": "hub", "name": repo}, {"kind": "bytes"},
-                      cache_dir=str(tmp_path / "cache")).build()  # fmt: skip
+        GPTDataModule(
+            {"kind": "hub", "name": repo}, {"kind": "bytes"}, cache_dir=str(tmp_path / "cache")
+        ).build()
     message = str(info.value)
     assert "loading script" in message and PARQUET_EXPORT in message
     assert "data.source.kind=files" in message
@@ -125,8 +126,9 @@ def _corpus(tmp_path, n_docs=40, fmt="jsonl", files=1):
 def _dm(tmp_path, data_files, streaming, **kwargs) -> GPTDataModule:
     source = {"kind": "files", "data_files": data_files, "val_split": "validation"}
     kwargs = {"seq_len": 32, "batch_size": 2, "seed": 5, **kwargs}
-    return GPTDataModule(source, {"kind": "bytes"}, cache_dir=str(tmp_path / "cache"),
-                         streaming=streaming, **kwargs)  # fmt: skip
+    return GPTDataModule(
+        source, {"kind": "bytes"}, cache_dir=str(tmp_path / "cache"), streaming=streaming, **kwargs
+    )
 
 
 def _batches(dm, count=None, split="train"):
@@ -168,8 +170,16 @@ def test_streams_split_documents_by_rank_and_worker(tmp_path):
         texts = []
         for rank in range(2):
             for stream in range(2):
-                slot = StreamingWindows(dm.streams["train"], "text", dm.tokenizer, 32, 2,
-                                        rank=rank, world_size=2, streams=2)  # fmt: skip
+                slot = StreamingWindows(
+                    dm.streams["train"],
+                    "text",
+                    dm.tokenizer,
+                    32,
+                    2,
+                    rank=rank,
+                    world_size=2,
+                    streams=2,
+                )
                 texts.append(list(document_texts(slot._slot_documents(stream), "text")))
         everything = [t for t in _train_documents(40) if t]
         assert all(texts) and sorted(sum(texts, [])) == sorted(everything)
@@ -221,9 +231,11 @@ def test_memmap_skips_empty_documents_and_checks_the_text_field(tmp_path):
     dm.setup("fit")
     train = np.array(dm.datasets["train"].tokens)
     assert not ((train[1:] == 256) & (train[:-1] == 256)).any()  # no bare end-of-text
-    bad = GPTDataModule({"kind": "files", "data_files": data_files, "text_field": "id",
-                         "val_split": "validation"}, {"kind": "bytes"},
-                        cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    bad = GPTDataModule(
+        {"kind": "files", "data_files": data_files, "text_field": "id", "val_split": "validation"},
+        {"kind": "bytes"},
+        cache_dir=str(tmp_path / "cache"),
+    )
     with pytest.raises(TypeError, match="data.source.text_field='id'"):
         bad.build()
 
@@ -235,14 +247,24 @@ def test_streaming_gpt3_run_resumes_with_the_same_losses(tmp_path, cache_dir):
 
     def overrides(run_dir, *extra):
         return [
-            "experiment=gpt3-125m", "debug=tiny", "data.source.kind=files",
+            "experiment=gpt3-125m",
+            "debug=tiny",
+            "data.source.kind=files",
             f"+data.source.data_files={{train: {data_files['train'][0]}, "
-            f"validation: {data_files['validation'][0]}}}", "data.tokenizer.kind=bytes",
-            f"paths.cache_dir={cache_dir}", f"paths.output_dir={run_dir}", "logger=csv",
-            "data.num_workers=2", "data.document_mask=true", "trainer.max_steps=6",
-            "scheduler.total_steps=6", "trainer.val_check_interval=100",
-            "sample.max_new_tokens=0", "optimizer.lr=1e-2", *extra,
-        ]  # fmt: skip
+            f"validation: {data_files['validation'][0]}}}",
+            "data.tokenizer.kind=bytes",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={run_dir}",
+            "logger=csv",
+            "data.num_workers=2",
+            "data.document_mask=true",
+            "trainer.max_steps=6",
+            "scheduler.total_steps=6",
+            "trainer.val_check_interval=100",
+            "sample.max_new_tokens=0",
+            "optimizer.lr=1e-2",
+            *extra,
+        ]
 
     full = train(compose_config(overrides(tmp_path / "full", *step_checkpoint_overrides(3))))
     at_step_3 = tmp_path / "full" / "checkpoints" / "at-3.ckpt"

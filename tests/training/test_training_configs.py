@@ -12,10 +12,22 @@ from flash_attn.models.gpt import GPTConfig
 from training.train import build_module
 
 REQUIRED = {
-    "quickstart", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt3-125m", "gpt3-350m",
-    "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-125m-rotary", "gpt3-125m-8k",
-    "gpt3-1.3b-rotary", "gpt3-1.3b-8k", "finetune",
-}  # fmt: skip
+    "quickstart",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "gpt3-125m",
+    "gpt3-350m",
+    "gpt3-760m",
+    "gpt3-1.3b",
+    "gpt3-2.7b",
+    "gpt3-125m-rotary",
+    "gpt3-125m-8k",
+    "gpt3-1.3b-rotary",
+    "gpt3-1.3b-8k",
+    "finetune",
+}
 
 
 def test_required_experiments_exist():

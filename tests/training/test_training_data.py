@@ -22,8 +22,15 @@ from training.data.tokenizer import EOS_TOKEN, build_tokenizer
 
 def _datamodule(data_files, cache_dir, tokenizer=None, **kwargs) -> GPTDataModule:
     source = {"kind": "files", "data_files": data_files, "val_fraction": 0.25}
-    return GPTDataModule(source, tokenizer or {"kind": "bytes"}, seq_len=16, batch_size=4,
-                         cache_dir=str(cache_dir), seed=3, **kwargs)  # fmt: skip
+    return GPTDataModule(
+        source,
+        tokenizer or {"kind": "bytes"},
+        seq_len=16,
+        batch_size=4,
+        cache_dir=str(cache_dir),
+        seed=3,
+        **kwargs,
+    )
 
 
 def _documents_in(tokens: np.ndarray, tokenizer) -> list[str]:
@@ -113,8 +120,12 @@ def test_unigram_entropy_matches_direct_count(tmp_path):
 
 def test_sampler_shards_cover_each_window_once():
     seq_len, n_tokens, world, batch = 7, 1000, 3, 4
-    samplers = [ResumableWindowSampler(n_tokens, seq_len, seed=5, rank=r, world_size=world,
-                                       batch_size=batch) for r in range(world)]  # fmt: skip
+    samplers = [
+        ResumableWindowSampler(
+            n_tokens, seq_len, seed=5, rank=r, world_size=world, batch_size=batch
+        )
+        for r in range(world)
+    ]
     epochs = []
     for _ in range(2):
         starts = [list(s) for s in samplers]

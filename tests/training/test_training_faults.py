@@ -49,8 +49,10 @@ from training.train import train
 def _kill_at_step(args, cache_dir, last: Path, step: int) -> int:
     """Run train.py until it SIGKILLs itself after optimizer step ``step``; the step that
     last.ckpt then holds."""
-    kill = ["+callbacks.kill._target_=tests.training.kill_at_step.KillAtStep",
-            f"+callbacks.kill.step={step}"]  # fmt: skip
+    kill = [
+        "+callbacks.kill._target_=tests.training.kill_at_step.KillAtStep",
+        f"+callbacks.kill.step={step}",
+    ]
     proc = run_train_py([*args, *kill], cache_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
@@ -95,9 +97,13 @@ def _damage(path: Path, how: str) -> None:
 def finished_run(tmp_path_factory, cache_dir, corpus) -> Path:
     """A 4-step run with last.ckpt (step 4) and best-step=000003.ckpt (step 3)."""
     run_dir = tmp_path_factory.mktemp("finished")
-    overrides = [*tiny_overrides(corpus, cache_dir, run_dir), "trainer.max_steps=4",
-                 "trainer.val_check_interval=3", "scheduler.total_steps=6",
-                 "sample.max_new_tokens=0"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(corpus, cache_dir, run_dir),
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=3",
+        "scheduler.total_steps=6",
+        "sample.max_new_tokens=0",
+    ]
     train(compose_config(overrides))
     return run_dir
 
@@ -124,11 +130,18 @@ def test_resume_with_damaged_last_checkpoint_trains_from_the_intact_one(
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     _damage(run_dir / "checkpoints" / "last.ckpt", "overwritten")
-    summary = train(compose_config([
-        *tiny_overrides(corpus, cache_dir, run_dir), "trainer.max_steps=5",
-        "trainer.val_check_interval=3", "scheduler.total_steps=6", "sample.max_new_tokens=0",
-        "ckpt_path=last",
-    ]))  # fmt: skip
+    summary = train(
+        compose_config(
+            [
+                *tiny_overrides(corpus, cache_dir, run_dir),
+                "trainer.max_steps=5",
+                "trainer.val_check_interval=3",
+                "scheduler.total_steps=6",
+                "sample.max_new_tokens=0",
+                "ckpt_path=last",
+            ]
+        )
+    )
     assert summary["global_step"] == 5
     assert sorted(losses_by_step(run_dir)) == [1, 2, 3, 4, 5]  # 4 and 5 trained again
     assert metric_steps(run_dir, "train/loss") == [0, 1, 2, 3, 4]
@@ -190,8 +203,10 @@ def _training_started(run_dir: Path) -> bool:
 
 def test_sigterm_saves_prints_the_resume_command_and_exits_143(tmp_path, cache_dir, corpus):
     run_dir = tmp_path / "run"
-    args = [*slow_run_args(corpus, cache_dir, run_dir, 100_000),
-            "callbacks.last_checkpoint.every_n_train_steps=100000"]  # fmt: skip
+    args = [
+        *slow_run_args(corpus, cache_dir, run_dir, 100_000),
+        "callbacks.last_checkpoint.every_n_train_steps=100000",
+    ]
     proc = run_train_py(args, cache_dir)
     assert wait_for(lambda: _training_started(run_dir), proc), proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGTERM)
@@ -227,15 +242,23 @@ def test_sigint_saves_and_exits_130(tmp_path, cache_dir, corpus, monkeypatch, ca
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-def test_moved_run_folder_resumes_and_overwrites_last_ckpt(finished_run, tmp_path, cache_dir,
-                                                          corpus):  # fmt: skip
+def test_moved_run_folder_resumes_and_overwrites_last_ckpt(
+    finished_run, tmp_path, cache_dir, corpus
+):
     moved = tmp_path / "moved"
     shutil.copytree(finished_run, moved)
-    summary = train(compose_config([
-        *tiny_overrides(corpus, cache_dir, moved), "trainer.max_steps=6",
-        "trainer.val_check_interval=3", "scheduler.total_steps=6", "sample.max_new_tokens=0",
-        "ckpt_path=last",
-    ]))  # fmt: skip
+    summary = train(
+        compose_config(
+            [
+                *tiny_overrides(corpus, cache_dir, moved),
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=3",
+                "scheduler.total_steps=6",
+                "sample.max_new_tokens=0",
+                "ckpt_path=last",
+            ]
+        )
+    )
     assert summary["global_step"] == 6
     names = sorted(p.name for p in (moved / "checkpoints").iterdir())
     assert "last-v1.ckpt" not in names and checkpoint_step(moved / "checkpoints" / "last.ckpt") == 6
@@ -271,13 +294,16 @@ def test_run_folder_counts_as_chosen_only_when_named(overrides, chosen):
 
 def _finished_run_overrides(corpus, cache_dir, run_dir: Path, steps: int) -> list[str]:
     """finished_run's settings in run_dir, for steps optimizer steps."""
-    return [*tiny_overrides(corpus, cache_dir, run_dir), f"trainer.max_steps={steps}",
-            "trainer.val_check_interval=3", "scheduler.total_steps=6",
-            "sample.max_new_tokens=0"]  # fmt: skip
+    return [
+        *tiny_overrides(corpus, cache_dir, run_dir),
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=3",
+        "scheduler.total_steps=6",
+        "sample.max_new_tokens=0",
+    ]
 
 
-def test_fresh_run_in_a_finished_run_folder_is_refused(finished_run, tmp_path, cache_dir,
-                                                       corpus):  # fmt: skip
+def test_fresh_run_in_a_finished_run_folder_is_refused(finished_run, tmp_path, cache_dir, corpus):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     folder = run_dir / "checkpoints"
@@ -298,10 +324,15 @@ def test_fresh_run_in_a_finished_run_folder_is_refused(finished_run, tmp_path, c
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_by_signal_then_resume_logs_every_step_once(signum, tmp_path, cache_dir, corpus,
-                                                         monkeypatch):  # fmt: skip
-    overrides = [*tiny_overrides(corpus, cache_dir, tmp_path), "trainer.max_steps=4",
-                 "trainer.val_check_interval=100", "sample.max_new_tokens=0"]  # fmt: skip
+def test_stop_by_signal_then_resume_logs_every_step_once(
+    signum, tmp_path, cache_dir, corpus, monkeypatch
+):
+    overrides = [
+        *tiny_overrides(corpus, cache_dir, tmp_path),
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=100",
+        "sample.max_new_tokens=0",
+    ]
     with monkeypatch.context() as patch:
         add_callbacks(patch, _SignalAtStep(signum, 2))
         with pytest.raises(StoppedBySignal):
@@ -314,8 +345,11 @@ def test_stop_by_signal_then_resume_logs_every_step_once(signum, tmp_path, cache
 
 def test_last_with_a_folder_that_never_existed_names_it(tmp_path, cache_dir, corpus):
     typo = tmp_path / "runs" / "typo"
-    overrides = [*tiny_overrides(corpus, cache_dir, typo), "ckpt_path=last",
-                 "sample.max_new_tokens=0"]  # fmt: skip
+    overrides = [
+        *tiny_overrides(corpus, cache_dir, typo),
+        "ckpt_path=last",
+        "sample.max_new_tokens=0",
+    ]
     with pytest.raises(FileNotFoundError, match=f"run folder {typo} does not exist"):
         train(compose_config(overrides))
     assert not typo.exists()
@@ -365,8 +399,9 @@ def test_export_of_a_file_that_is_not_a_checkpoint_never_suggests_unsafe_loading
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
-def test_disk_full_save_says_so_and_keeps_the_previous_checkpoint(finished_run, tmp_path,
-                                                                  cache_dir, corpus):  # fmt: skip
+def test_disk_full_save_says_so_and_keeps_the_previous_checkpoint(
+    finished_run, tmp_path, cache_dir, corpus
+):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"

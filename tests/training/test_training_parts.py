@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,10 @@ from torch import nn
 from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 from training.checkpointing import VerifiedCheckpointIO
 from training.lightning_module import GPTLightningModule, flops_per_token
-from training.optim import build_optimizer, lr_lambda, param_groups
+from training.optim import lr_lambda, param_groups
+from training.settings import ModelSettings, SchedulerSettings
+
+TINY = dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 
 
 def _tiny_model() -> GPTLMHeadModel:
@@ -32,12 +37,6 @@ def test_no_weight_decay_for_biases_norms_and_embeddings():
     assert any("mlp" in n for n in decayed) and any("attn" in n for n in decayed)
 
 
-def test_optimizer_rejects_bad_lr():
-    with pytest.raises(ValueError, match="optimizer.lr"):
-        build_optimizer(nn.Linear(2, 2), lr=0.0, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
-                        fused=None)  # fmt: skip
-
-
 def test_schedule_warmup_then_decay():
     warmup, total = 10, 110
     cos = [lr_lambda(s, warmup, total, "cosine", 0.1) for s in range(total + 5)]
@@ -54,17 +53,17 @@ def test_schedule_warmup_then_decay():
 
 
 @pytest.mark.parametrize(
-    "warmup, key", [(dict(warmup_steps=10), "scheduler.warmup_steps=10"),
-                    (dict(warmup_fraction=0.5), "scheduler.warmup_fraction=0.5")],
-)  # fmt: skip
+    "warmup, key",
+    [
+        (dict(warmup_steps=10), "scheduler.warmup_steps=10"),
+        (dict(warmup_fraction=0.5), "scheduler.warmup_fraction=0.5"),
+    ],
+)
 def test_warmup_longer_than_the_run_is_named(warmup, key, caplog):
-    scheduler = dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1,
-                     total_steps=20) | warmup  # fmt: skip
     module = GPTLightningModule(
-        model={"config": dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=1, n_head=2)},
-        optimizer=dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None),
-        scheduler=scheduler,
-    )  # fmt: skip
+        model=ModelSettings(config=TINY),
+        scheduler=SchedulerSettings(**{"warmup_steps": 0, "total_steps": 20, **warmup}),
+    )
     module.optimizer_and_scheduler(max_steps=4)
     peak = 4 / 11  # the lr at the last of 4 steps of a 10-step warmup
     assert f"{key} warms the learning rate up over 10 optimizer steps" in caplog.text
@@ -109,17 +108,10 @@ def test_atomic_checkpoint_keeps_the_old_file_when_saving_fails(tmp_path, monkey
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_loss_is_the_models_with_or_without_linear_cross_entropy(reduction):
-    optimizer = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=None)
-    scheduler = dict(decay="cosine", warmup_steps=0, warmup_fraction=None, min_lr_ratio=0.1,
-                     total_steps=10)  # fmt: skip
     modules = [
-        GPTLightningModule(
-            model={"config": dict(vocab_size=61, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  linear_cross_entropy=fused)},
-            optimizer=optimizer, scheduler=scheduler,
-        )
+        GPTLightningModule(model=ModelSettings(config=TINY | {"linear_cross_entropy": fused}))
         for fused in (False, True)
-    ]  # fmt: skip
+    ]
     modules[1].load_state_dict(modules[0].state_dict())
     batch = torch.randint(0, 61, (3, 9))  # (B, T + 1)
     logits = modules[0](batch[:, :-1])  # (B, T, V)
@@ -128,3 +120,51 @@ def test_loss_is_the_models_with_or_without_linear_cross_entropy(reduction):
     )
     for module in modules:
         torch.testing.assert_close(module.loss(batch, reduction), expected)
+
+
+class RecordingData:
+    """The TrainingData protocol and nothing else: two bytes per token, batches recorded."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.consumed = vocab_size, []
+
+    def token_bytes(self) -> torch.Tensor:
+        return torch.full((self.vocab_size,), 2, dtype=torch.int64)
+
+    def on_train_batch_consumed(self, local_samples: int, batch) -> None:
+        self.consumed.append((local_samples, batch.shape))
+
+
+def test_the_module_uses_its_data_through_the_protocol(tmp_path):
+    """The module reaches its data only through the object it was given (not the Trainer's
+    datamodule, here absent): every training batch is reported, and bits per byte read the
+    data's bytes per token."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    data = RecordingData(TINY["vocab_size"])
+    module = GPTLightningModule(model=ModelSettings(config=TINY), data=data)
+    windows = list(torch.randint(0, 61, (8, 9)))  # (T + 1,) each
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=4)  # one epoch
+    trainer.fit(module, DataLoader(windows, batch_size=2), DataLoader(windows, batch_size=2))
+    assert data.consumed == [(2, (2, 9))] * 4
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/bpb"]) == pytest.approx(
+        float(metrics["val/loss"]) / (2 * math.log(2)), rel=1e-5
+    )
+
+
+def test_the_datamodule_is_training_data(tmp_path):
+    from training.data.datamodule import GPTDataModule
+    from training.lightning_module import TrainingData
+
+    source = {"kind": "files", "data_files": str(tmp_path / "none.txt")}
+    datamodule = GPTDataModule(source, {"kind": "bytes"}, cache_dir=str(tmp_path))
+    assert isinstance(datamodule, TrainingData)
+    assert not isinstance(object(), TrainingData)
+
+
+def test_a_vocabulary_that_is_not_the_models_is_named():
+    module = GPTLightningModule(model=ModelSettings(config=TINY), data=RecordingData(60))
+    with pytest.raises(ValueError, match="the tokenizer has 60 tokens but the model vocab_size"):
+        module.setup("fit")

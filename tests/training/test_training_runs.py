@@ -27,15 +27,28 @@ from training.train import train
 
 
 def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
-    cfg = compose_config([
-        f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
-        "data.source.max_bytes=150000", "data.tokenizer.vocab_size=300",
-        "data.tokenizer.train_bytes=150000", "data.batch_size=4", "data.seq_len=32",
-        "model.config.n_layer=1", "model.config.n_embd=32", "model.config.n_head=2",
-        "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
-        "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", "callbacks.progress_bar=null",
-        "sample.max_new_tokens=40", "callbacks.throughput.window_size=2",
-    ])  # fmt: skip
+    cfg = compose_config(
+        [
+            f"paths.output_dir={tmp_path}",
+            f"paths.cache_dir={cache_dir}",
+            "data.source.max_bytes=150000",
+            "data.tokenizer.vocab_size=300",
+            "data.tokenizer.train_bytes=150000",
+            "data.batch_size=4",
+            "data.seq_len=32",
+            "model.config.n_layer=1",
+            "model.config.n_embd=32",
+            "model.config.n_head=2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=2",
+            "trainer.log_every_n_steps=1",
+            "trainer.accelerator=cpu",
+            "callbacks.progress_bar=null",
+            "sample.max_new_tokens=40",
+            "callbacks.throughput.window_size=2",
+        ]
+    )
     summary = train(cfg)
     assert summary["global_step"] == 4 and summary["tokens_seen"] == 4 * 4 * 32
     assert summary["tokens_per_s"] > 0  # from Lightning's ThroughputMonitor (window of 2)
@@ -52,8 +65,16 @@ def test_quickstart_runs_a_few_steps(tmp_path, cache_dir):
     assert [int(r["step"]) for r in val_points] == [4]
     assert float(val_points[0]["loss"]) == pytest.approx(summary["val_loss"], rel=1e-6)
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "train/ppl", "train/device/items_per_sec", "train/tokens_seen",
-                "val/loss", "val/ppl", "val/bpb", "data/unigram_entropy_nats"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/ppl",
+        "train/device/items_per_sec",
+        "train/tokens_seen",
+        "val/loss",
+        "val/ppl",
+        "val/bpb",
+        "data/unigram_entropy_nats",
+    ):
         assert key in header, key
 
 
@@ -68,12 +89,16 @@ def test_experiment_trains_two_steps(name, tmp_path, cache_dir, corpus):
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_accumulation_and_precision(precision, tmp_path, cache_dir, corpus):
-    cfg = compose_config([
-        *tiny_overrides(corpus, cache_dir, tmp_path), f"trainer.precision={precision}",
-        "global_batch_size=4", "trainer.max_steps=2",
-        # autocast hands the fused MLP bf16 activations with fp32 weights, which it rejects
-        *(["+model.config.fused_mlp=false"] if precision != "32" else []),
-    ])  # fmt: skip
+    cfg = compose_config(
+        [
+            *tiny_overrides(corpus, cache_dir, tmp_path),
+            f"trainer.precision={precision}",
+            "global_batch_size=4",
+            "trainer.max_steps=2",
+            # autocast hands the fused MLP bf16 activations with fp32 weights, which it rejects
+            *(["+model.config.fused_mlp=false"] if precision != "32" else []),
+        ]
+    )
     summary = train(cfg)
     # 2 optimizer steps of 2 micro-batches of 2 sequences of 32 tokens
     assert summary["global_step"] == 2 and summary["tokens_seen"] == 2 * 4 * 32
@@ -86,20 +111,27 @@ def test_finetune_starts_from_a_hugging_face_folder(tmp_path, cache_dir, corpus)
     from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 
     torch.manual_seed(0)
-    pretrained = GPTLMHeadModel(GPTConfig(vocab_size=257, n_positions=64, n_embd=32,
-                                          n_layer=2, n_head=2))  # fmt: skip
+    pretrained = GPTLMHeadModel(
+        GPTConfig(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    )
     pretrained.save_pretrained(tmp_path / "hf")
-    cfg = compose_config([
-        "experiment=finetune", *tiny_overrides(corpus, cache_dir, tmp_path / "run"),
-        f"model.pretrained={tmp_path / 'hf'}", "trainer.max_steps=1", "optimizer.lr=1e-9",
-    ])  # fmt: skip
+    cfg = compose_config(
+        [
+            "experiment=finetune",
+            *tiny_overrides(corpus, cache_dir, tmp_path / "run"),
+            f"model.pretrained={tmp_path / 'hf'}",
+            "trainer.max_steps=1",
+            "optimizer.lr=1e-9",
+        ]
+    )
     summary = train(cfg)
     assert summary["global_step"] == 1
     # a near-zero learning rate leaves the loaded weights: the run started from them
     state = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=False)
     wte = state["state_dict"]["model.transformer.embeddings.wte.weight"][:257]  # unpadded rows
-    torch.testing.assert_close(wte, pretrained.transformer.embeddings.wte.weight[:257].detach(),
-                               atol=1e-6, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        wte, pretrained.transformer.embeddings.wte.weight[:257].detach(), atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.slow
@@ -119,22 +151,33 @@ class NeedsMissingPackage:
 
 
 def test_logger_with_missing_package_is_skipped(tmp_path, cache_dir, corpus):
-    cfg = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path),
-                          f"+logger.tb._target_={__name__}.NeedsMissingPackage"])  # fmt: skip
+    cfg = compose_config(
+        [
+            *tiny_overrides(corpus, cache_dir, tmp_path),
+            f"+logger.tb._target_={__name__}.NeedsMissingPackage",
+        ]
+    )
     assert train(cfg)["global_step"] == 2  # the CSV logger still writes
     assert (tmp_path / "csv" / "metrics.csv").is_file()
-    typo = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path / "typo"),
-                           "+logger.tb._target_=no_such_package.Logger"])  # fmt: skip
+    typo = compose_config(
+        [
+            *tiny_overrides(corpus, cache_dir, tmp_path / "typo"),
+            "+logger.tb._target_=no_such_package.Logger",
+        ]
+    )
     with pytest.raises(Exception, match="no_such_package"):
         train(typo)
 
 
 def _resume_overrides(corpus, cache_dir, run_dir, steps):
     return [
-        *tiny_overrides(corpus, cache_dir, run_dir), f"trainer.max_steps={steps}",
-        f"scheduler.total_steps={steps}", "scheduler.warmup_steps=2",
-        "trainer.val_check_interval=3", "optimizer.lr=1e-2",
-    ]  # fmt: skip
+        *tiny_overrides(corpus, cache_dir, run_dir),
+        f"trainer.max_steps={steps}",
+        f"scheduler.total_steps={steps}",
+        "scheduler.warmup_steps=2",
+        "trainer.val_check_interval=3",
+        "optimizer.lr=1e-2",
+    ]
 
 
 def test_resume_continues_with_the_samelosses_by_step(tmp_path, cache_dir, corpus):
@@ -144,8 +187,9 @@ def test_resume_continues_with_the_samelosses_by_step(tmp_path, cache_dir, corpu
     train(cfg)
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     assert checkpoint_step(ckpt) == 5
-    resumed = compose_config([*_resume_overrides(corpus, cache_dir, tmp_path / "resumed", 8),
-                              f"ckpt_path={ckpt}"])  # fmt: skip
+    resumed = compose_config(
+        [*_resume_overrides(corpus, cache_dir, tmp_path / "resumed", 8), f"ckpt_path={ckpt}"]
+    )
     out = train(resumed)
     assert out["global_step"] == 8 and out["tokens_seen"] == full["tokens_seen"]
     # the throughput line: this process's steps, tokens and time, one span
@@ -168,8 +212,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, corp
         return value * float("nan") if self.training and self.global_step >= 3 else value
 
     monkeypatch.setattr(GPTLightningModule, "loss", loss_nan_from_step_3)
-    cfg = compose_config([*tiny_overrides(corpus, cache_dir, tmp_path), "trainer.max_steps=6",
-                          "trainer.val_check_interval=100"])  # fmt: skip
+    cfg = compose_config(
+        [
+            *tiny_overrides(corpus, cache_dir, tmp_path),
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=100",
+        ]
+    )
     with pytest.raises(NonFiniteLossError, match="step 3"):
         train(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -209,16 +258,23 @@ def test_ddp_resume_continues_each_rank_shard(tmp_path, cache_dir, corpus):
 def test_ddp_two_cpu_processes(tmp_path, cache_dir, corpus):
     run_dir = tmp_path / "ddp"
     args = [
-        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
-        "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32", "trainer.strategy=ddp",
-        "trainer.max_steps=3", "trainer.val_check_interval=3",
-    ]  # fmt: skip
+        *tiny_overrides(corpus, cache_dir, run_dir)[:-2],
+        f"hydra.run.dir={run_dir}",
+        "logger=csv",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+    ]
     proc = run_train_py(args, cache_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)  # fmt: skip
+    state = torch.load(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert state["global_step"] == 3
     assert state["tokens_seen"] == 3 * 2 * 2 * 32  # steps x ranks x batch x seq_len
     sampler = state["GPTDataModule"]["train_sampler"]
@@ -247,9 +303,15 @@ def accumulated_run(tmp_path_factory, cache_dir, corpus):
     every 2 steps: the run's summary, folder and micro-batch losses."""
     run_dir = tmp_path_factory.mktemp("accumulated")
     losses = MicroBatchLosses()
-    cfg = compose_config([*tiny_overrides(corpus, cache_dir, run_dir), "global_batch_size=4",
-                          "trainer.max_steps=4", "trainer.val_check_interval=2",
-                          "sample.max_new_tokens=0"])  # fmt: skip
+    cfg = compose_config(
+        [
+            *tiny_overrides(corpus, cache_dir, run_dir),
+            "global_batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "sample.max_new_tokens=0",
+        ]
+    )
     with pytest.MonkeyPatch.context() as patch:
         add_callbacks(patch, losses)
         summary = train(cfg)
@@ -263,8 +325,9 @@ def test_every_loss_shown_under_accumulation_is_the_steps_mean_per_token(accumul
     curve = losses_by_step(run_dir)
     assert curve == pytest.approx(want, rel=1e-6)
     with open(run_dir / "csv" / "metrics.csv") as f:
-        logged = {int(r["step"]) + 1: float(r["train/loss"]) for r in csv.DictReader(f)
-                  if r["train/loss"]}  # fmt: skip
+        logged = {
+            int(r["step"]) + 1: float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]
+        }
     assert logged == pytest.approx(want, rel=1e-6)  # Lightning logs step k at k - 1
     assert summary["train_loss"] == pytest.approx(want[4], rel=1e-6)
 

@@ -138,9 +138,14 @@ def run_train_py(args: list[str], cache_dir: Path, **popen) -> subprocess.Popen:
     """python train.py args..., in the checkout root, as a child process."""
     env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
-    )  # fmt: skip
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
@@ -167,12 +172,18 @@ def slow_run_overrides(corpus: Path, cache_dir: Path, run_dir: Path, steps: int)
     """A run slow enough to be stopped mid-training (4 layers, 8 x 64 tokens per step) in
     run_dir, checkpointing every 4 steps, flushing metrics every step."""
     return [
-        *tiny_overrides(corpus, cache_dir, run_dir), "logger.csv.flush_logs_every_n_steps=1",
-        f"trainer.max_steps={steps}", f"scheduler.total_steps={steps}",
-        "trainer.val_check_interval=1000", "callbacks.last_checkpoint.every_n_train_steps=4",
-        "callbacks.best_checkpoint=null", "sample.max_new_tokens=0", "model.config.n_layer=4",
-        "data.batch_size=8", "data.seq_len=64",
-    ]  # fmt: skip
+        *tiny_overrides(corpus, cache_dir, run_dir),
+        "logger.csv.flush_logs_every_n_steps=1",
+        f"trainer.max_steps={steps}",
+        f"scheduler.total_steps={steps}",
+        "trainer.val_check_interval=1000",
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        "callbacks.best_checkpoint=null",
+        "sample.max_new_tokens=0",
+        "model.config.n_layer=4",
+        "data.batch_size=8",
+        "data.seq_len=64",
+    ]
 
 
 def slow_run_args(corpus: Path, cache_dir: Path, run_dir: Path, steps: int) -> list[str]:
@@ -183,19 +194,27 @@ def slow_run_args(corpus: Path, cache_dir: Path, run_dir: Path, steps: int) -> l
     ]
 
 
-def two_cpu_process_args(corpus: Path, cache_dir: Path, run_dir: Path, steps: int,
-                         strategy: str, total_steps: int = 6) -> list[str]:  # fmt: skip
+def two_cpu_process_args(
+    corpus: Path, cache_dir: Path, run_dir: Path, steps: int, strategy: str, total_steps: int = 6
+) -> list[str]:
     """train.py arguments of a tiny run in run_dir on two CPU processes (gloo): steps of a
     total_steps schedule, strategy a trainer.strategy value (e.g. ddp, or a {_target_: ...}
     mapping), no validation or sample."""
     trainer = "fsdp" if "fsdp" in strategy else "ddp"
     return [
-        *tiny_overrides(corpus, cache_dir, run_dir)[:-2], f"hydra.run.dir={run_dir}",
-        "logger=csv", f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32", f"trainer.strategy={strategy}", f"trainer.max_steps={steps}",
-        f"scheduler.total_steps={total_steps}", "trainer.val_check_interval=100",
+        *tiny_overrides(corpus, cache_dir, run_dir)[:-2],
+        f"hydra.run.dir={run_dir}",
+        "logger=csv",
+        f"trainer={trainer}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32",
+        f"trainer.strategy={strategy}",
+        f"trainer.max_steps={steps}",
+        f"scheduler.total_steps={total_steps}",
+        "trainer.val_check_interval=100",
         "sample.max_new_tokens=0",
-    ]  # fmt: skip
+    ]
 
 
 def step_checkpoint_overrides(step: int) -> list[str]:
@@ -205,10 +224,13 @@ def step_checkpoint_overrides(step: int) -> list[str]:
     key = "+callbacks.at_step"
     return [
         f"{key}._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"{key}.dirpath=${{paths.output_dir}}/checkpoints", f"{key}.filename='at-{{step}}'",
-        f"{key}.every_n_train_steps={step}", f"{key}.save_top_k=-1",
-        f"{key}.auto_insert_metric_name=false", f"{key}.save_on_train_epoch_end=false",
-    ]  # fmt: skip
+        f"{key}.dirpath=${{paths.output_dir}}/checkpoints",
+        f"{key}.filename='at-{{step}}'",
+        f"{key}.every_n_train_steps={step}",
+        f"{key}.save_top_k=-1",
+        f"{key}.auto_insert_metric_name=false",
+        f"{key}.save_on_train_epoch_end=false",
+    ]
 
 
 def add_callbacks(monkeypatch, *callbacks) -> None:

@@ -90,8 +90,16 @@ class ResumableWindowSampler(Sampler[int]):
     counter, which a run resumed from its final checkpoint advances early.
     """
 
-    def __init__(self, num_tokens: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, batch_size: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        num_tokens: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        batch_size: int = 1,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.num_windows = (num_tokens - 1) // seq_len
@@ -131,8 +139,13 @@ class ResumableWindowSampler(Sampler[int]):
         self.consumed += local_samples * self.world_size
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "world_size": self.world_size, "num_windows": self.num_windows}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_windows": self.num_windows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_windows"] != self.num_windows:
@@ -167,13 +180,27 @@ class GPTDataModule(L.LightningDataModule):
         document_mask: batches carry document starts (attention and positions per document).
     Batches: (B, T + 1) int64 windows, or a dict with "tokens" (those windows) and, with
     document_mask, "document_starts" (B, T + 1) bool (streaming: also the stream position).
+    The LightningModule is given it as its :class:`~training.lightning_module.TrainingData`
+    (``token_bytes``, ``on_train_batch_consumed``).
     """
 
-    def __init__(self, source: dict, tokenizer: dict, seq_len: int = 1024, batch_size: int = 8,
-                 num_workers: int = 0, num_proc: int = 1, cache_dir: str = ".cache",
-                 seed: int = 0, pin_memory: bool = True, streaming: bool = False,
-                 shuffle: bool = True, shuffle_buffer: int = 10000, val_documents: int = 1000,
-                 document_mask: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        source: dict,
+        tokenizer: dict,
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        num_proc: int = 1,
+        cache_dir: str = ".cache",
+        seed: int = 0,
+        pin_memory: bool = True,
+        streaming: bool = False,
+        shuffle: bool = True,
+        shuffle_buffer: int = 10000,
+        val_documents: int = 1000,
+        document_mask: bool = False,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -233,9 +260,13 @@ class GPTDataModule(L.LightningDataModule):
                     return
 
         return build_tokenizer(
-            tok_cfg.get("kind", "bytes"), tok_cfg.get("name"), int(tok_cfg.get("vocab_size") or 0),
-            self.cache_dir, fingerprint, training_texts,
-        )  # fmt: skip
+            tok_cfg.get("kind", "bytes"),
+            tok_cfg.get("name"),
+            int(tok_cfg.get("vocab_size") or 0),
+            self.cache_dir,
+            fingerprint,
+            training_texts,
+        )
 
     def _build_locked(self) -> dict[str, Path]:
         if self.streaming:
@@ -255,9 +286,13 @@ class GPTDataModule(L.LightningDataModule):
                 if path.exists():
                     log.warning("token cache %s is truncated or corrupt: rebuilding it", path)
                 tokenize_to_cache(
-                    dataset[split], self.tokenizer, text_field, path, self.num_proc,
+                    dataset[split],
+                    self.tokenizer,
+                    text_field,
+                    path,
+                    self.num_proc,
                     {"source": fingerprint, "tokenizer": self.tokenizer.name, "split": split},
-                )  # fmt: skip
+                )
             self.files[split] = path
         return self.files
 
@@ -312,17 +347,22 @@ class GPTDataModule(L.LightningDataModule):
         rank, world = self._rank_and_world()
         streams = max(1, self.num_workers)
         common = dict(
-            text_field=self.streams["text_field"], tokenizer=self.tokenizer, seq_len=self.seq_len,
-            batch_size=self.batch_size, rank=rank, world_size=world, streams=streams,
+            text_field=self.streams["text_field"],
+            tokenizer=self.tokenizer,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world,
+            streams=streams,
             document_mask=self.document_mask,
-        )  # fmt: skip
+        )
         self.datasets = {
             "train": StreamingWindows(
                 self.streams["train"],
                 seed=self.seed,
                 shuffle_buffer=self.shuffle_buffer if self.shuffle else 0,
                 **common,
-            ),  # fmt: skip
+            ),
             "validation": StreamingWindows(self.streams["validation"], repeat=False, **common),
         }
         pending = self._pending_state
@@ -335,14 +375,20 @@ class GPTDataModule(L.LightningDataModule):
     def _loader(self, split: str, sampler: Sampler | None) -> DataLoader:
         pin = self.pin_memory and torch.cuda.is_available()
         if self.streaming:  # the dataset yields whole batches
-            return DataLoader(self.datasets[split], batch_size=None, num_workers=self.num_workers,
-                              pin_memory=pin)  # fmt: skip
+            return DataLoader(
+                self.datasets[split], batch_size=None, num_workers=self.num_workers, pin_memory=pin
+            )
         eos = self.tokenizer.eos_id if self.document_mask else None
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, sampler=sampler, drop_last=True,
-            num_workers=self.num_workers, pin_memory=pin, persistent_workers=False,
+            self.datasets[split],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=False,
             collate_fn=partial(collate_windows, eos_id=eos),
-        )  # fmt: skip
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:

@@ -17,9 +17,14 @@ from pathlib import Path
 from training.data.file_checks import find_unreadable_file
 
 _SUFFIX_TO_BUILDER = {
-    ".txt": "text", ".text": "text", ".md": "text", ".py": "text",
-    ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-}  # fmt: skip
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".py": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 _COMPRESSIONS = (".zst", ".gz", ".bz2", ".xz")
 
 log = logging.getLogger(__name__)
@@ -164,8 +169,12 @@ def load_hub_dataset(source, **kwargs):
         if not _is_loading_script_error(exc):
             raise
         script_error = exc
-    log.warning("%s has a loading script (%s): loading its parquet export (revision %s)",
-                name, script_error, PARQUET_EXPORT)  # fmt: skip
+    log.warning(
+        "%s has a loading script (%s): loading its parquet export (revision %s)",
+        name,
+        script_error,
+        PARQUET_EXPORT,
+    )
     try:
         return _load_hub_once(name, data_dir=config, revision=PARQUET_EXPORT, **kwargs)
     except Exception as exc:

@@ -50,9 +50,12 @@ def open_streams(source: dict, cache_dir: str, val_documents: int):
     elif kind == "files":
         builder, resolved, kwargs = files_builder_args(source)
         streams = datasets.load_dataset(
-            builder, data_files=resolved, streaming=True,
-            cache_dir=hf_cache or os.path.join(cache_dir, "hf"), **kwargs,
-        )  # fmt: skip
+            builder,
+            data_files=resolved,
+            streaming=True,
+            cache_dir=hf_cache or os.path.join(cache_dir, "hf"),
+            **kwargs,
+        )
         train_split = "train"
         key = "files|" + "|".join(
             f"{s}:{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}"
@@ -126,10 +129,21 @@ class StreamingWindows(IterableDataset):
     continues with the stream that was next).
     """
 
-    def __init__(self, documents, text_field: str, tokenizer: TextTokenizer, seq_len: int,
-                 batch_size: int, rank: int = 0, world_size: int = 1, streams: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 0, repeat: bool = True,
-                 document_mask: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        documents,
+        text_field: str,
+        tokenizer: TextTokenizer,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        streams: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        repeat: bool = True,
+        document_mask: bool = False,
+    ):
         self.documents, self.text_field, self.tokenizer = documents, text_field, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.streams = rank, world_size, streams
@@ -165,8 +179,12 @@ class StreamingWindows(IterableDataset):
         """(window, where the stream continues after it) from state on, epoch after epoch."""
         packer = WindowPacker(self.seq_len)
         epoch, block, source, first_doc, offset = (
-            state["epoch"], state["block"], state["source"], state["document"], state["offset"]
-        )  # fmt: skip
+            state["epoch"],
+            state["block"],
+            state["source"],
+            state["document"],
+            state["offset"],
+        )
         while True:
             documents = self._slot_documents(stream)
             if source is not None:
@@ -194,8 +212,14 @@ class StreamingWindows(IterableDataset):
             if not self.repeat:
                 return
             epoch, block, source = epoch + 1, 0, None
-            log.info("data stream %d of rank %d ran out of documents: epoch %d, shuffle seed "
-                     "(%d, %d)", stream, self.rank, epoch, self.seed, epoch)  # fmt: skip
+            log.info(
+                "data stream %d of rank %d ran out of documents: epoch %d, shuffle seed (%d, %d)",
+                stream,
+                self.rank,
+                epoch,
+                self.seed,
+                epoch,
+            )
 
     def _order(self, count: int, epoch: int, stream: int, block: int) -> np.ndarray:
         if not self.shuffle_buffer:
@@ -206,8 +230,13 @@ class StreamingWindows(IterableDataset):
     @staticmethod
     def _state(position: tuple, offset: int) -> dict:
         epoch, block, source, document = position
-        return {"epoch": epoch, "block": block, "source": source, "document": document,
-                "offset": offset}  # fmt: skip
+        return {
+            "epoch": epoch,
+            "block": block,
+            "source": source,
+            "document": document,
+            "offset": offset,
+        }
 
 
 class StreamPositions:

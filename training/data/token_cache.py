@@ -112,9 +112,13 @@ def tokenize_to_cache(dataset, tokenizer, text_field: str, path, num_proc: int, 
         return {"ids": ids, "len": [len(x) for x in ids]}
 
     tokenized = dataset.map(
-        encode, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=dataset.column_names, desc=f"tokenizing {Path(path).name}",
-    )  # fmt: skip
+        encode,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        desc=f"tokenizing {Path(path).name}",
+    )
     num_tokens = int(np.sum(tokenized["len"], dtype=np.int64)) if len(tokenized) else 0
     dtype = token_dtype(tokenizer.vocab_size)
 

@@ -163,9 +163,12 @@ def _train_bpe(texts: Iterable[str], vocab_size: int):
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS_TOKEN],
         show_progress=False,
-    )  # fmt: skip
+    )
     return bpe._tokenizer
 
 
