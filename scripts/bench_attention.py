@@ -139,11 +139,23 @@ def run_sweep(args: argparse.Namespace, device: str) -> int:
 
 def run_one(args: argparse.Namespace, device: str) -> int:
     """One case from the size arguments (and its profile with --profile)."""
-    case = Case(method=args.type, mode=args.mode, batch=args.b, nheads=args.h,
-                nheads_k=args.h_k or args.h, seqlen_q=args.q_len, seqlen_k=args.kv_len,
-                headdim=args.d, causal=args.causal, mask=args.mask,
-                dtype=args.dtype or ("fp16" if device == "cuda" else "fp32"), device=device,
-                backend=args.backend, block_m=args.block_m, block_n=args.block_n)  # fmt: skip
+    case = Case(
+        method=args.type,
+        mode=args.mode,
+        batch=args.b,
+        nheads=args.h,
+        nheads_k=args.h_k or args.h,
+        seqlen_q=args.q_len,
+        seqlen_k=args.kv_len,
+        headdim=args.d,
+        causal=args.causal,
+        mask=args.mask,
+        dtype=args.dtype or ("fp16" if device == "cuda" else "fp32"),
+        device=device,
+        backend=args.backend,
+        block_m=args.block_m,
+        block_n=args.block_n,
+    )
     repeats = args.repeats or (10 if device == "cuda" else 3)
     try:
         if args.profile:

@@ -49,8 +49,16 @@ def write_corpus(folder: Path, max_bytes: int) -> Path:
 def datamodule(corpus: Path, cache: Path, streaming: bool, seq_len: int) -> GPTDataModule:
     source = {"kind": "files", "data_files": str(corpus), "val_fraction": 0.05}
     tokenizer = {"kind": "bpe", "vocab_size": GPT2_VOCAB, "train_bytes": 50_000_000}
-    dm = GPTDataModule(source, tokenizer, seq_len=seq_len, batch_size=8, cache_dir=str(cache),
-                       streaming=streaming, val_documents=10, pin_memory=False)  # fmt: skip
+    dm = GPTDataModule(
+        source,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=8,
+        cache_dir=str(cache),
+        streaming=streaming,
+        val_documents=10,
+        pin_memory=False,
+    )
     dm.setup("fit")
     return dm
 

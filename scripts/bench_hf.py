@@ -41,9 +41,14 @@ def build(variant: str, vocab: int, device: str, dtype: torch.dtype):
     import flash_attn.integrations.transformers as fa
 
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
     torch.manual_seed(0)
     attn = "sdpa" if variant == "sdpa" else fa.ATTENTION_NAME
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation=attn)

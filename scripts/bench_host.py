@@ -326,8 +326,10 @@ def run(rows: list[str], calls: int) -> list[dict]:
         measured.append((name, label, *measure(build(), repeats)))
     units.append(measure(trivial, calls)[0])
     unit = min(units)
-    print(f"unit: {unit:.1f} µs (the fastest of {len(units)}, up to {max(units):.1f})",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"unit: {unit:.1f} µs (the fastest of {len(units)}, up to {max(units):.1f})",
+        file=sys.stderr,
+    )
     results = []
     for name, label, us, launches, reads in measured:
         results.append(

@@ -49,10 +49,17 @@ def build_models(args, device, dtype):
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=args.vocab_size, n_positions=max(1024, args.seqlen), n_embd=args.n_embd,
-        n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=args.vocab_size,
+        n_positions=max(1024, args.seqlen),
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     config._attn_implementation = "sdpa"
     hf = transformers.GPT2LMHeadModel(config)
     assert hf.config._attn_implementation == "sdpa"
@@ -82,9 +89,13 @@ def decode_fn(model, prompt, new_tokens, is_hf):
     if is_hf:
         mask = torch.ones_like(prompt)
         return lambda: model.generate(
-            prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return lambda: model.generate(prompt, new_tokens, top_k=1)
 
 
@@ -93,9 +104,11 @@ def main(argv=None) -> str:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32
-    )  # fmt: skip
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     hf, ours = build_models(args, device, dtype)
     models = {"transformers GPT2LMHeadModel (sdpa)": (hf, True)}
     models.update({name: (m, False) for name, m in ours.items()})
@@ -127,8 +140,11 @@ def main(argv=None) -> str:
         memory = peak_memory(steps[name], device=device)
         train, decode = statistics.median(train_s[name]), statistics.median(decode_s[name])
         rows.append((name, tokens / train, memory, args.new_tokens / decode))
-        print(f"{name}: {rows[-1][1]:.0f} tok/s train, {memory / 2**20:.0f} MiB, "
-              f"{rows[-1][3]:.1f} tok/s decode", flush=True)  # fmt: skip
+        print(
+            f"{name}: {rows[-1][1]:.0f} tok/s train, {memory / 2**20:.0f} MiB, "
+            f"{rows[-1][3]:.1f} tok/s decode",
+            flush=True,
+        )
     base = rows[0]
     machine = machine_name(device)
     threads = f", torch.set_num_threads({args.threads})" if device.type == "cpu" else ""

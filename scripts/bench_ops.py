@@ -196,8 +196,9 @@ def _norm_case(device, dtype, large, is_rms_norm):
 
     inputs = (x, residual, weight, bias)
     steps = _variants(ours, eager, reference, *inputs)
-    return Case(f"tokens={tokens} hidden={hidden} +residual",
-                _with_reference(steps, reference, *inputs))  # fmt: skip
+    return Case(
+        f"tokens={tokens} hidden={hidden} +residual", _with_reference(steps, reference, *inputs)
+    )
 
 
 def layer_norm_case(device, dtype, large) -> Case:
@@ -224,8 +225,10 @@ def rotary_case(device, dtype, large) -> Case:
 
     inputs = (q, cos, sin)
     steps = _variants(apply_rotary, eager, apply_rotary_ref, *inputs)
-    return Case(f"q=({batch}, {seqlen}, {nheads}, {headdim})",
-                _with_reference(steps, apply_rotary_ref, *inputs))  # fmt: skip
+    return Case(
+        f"q=({batch}, {seqlen}, {nheads}, {headdim})",
+        _with_reference(steps, apply_rotary_ref, *inputs),
+    )
 
 
 # name -> (device, dtype, large) -> Case. ``large`` is the GPU size, small is the CPU size.
@@ -248,11 +251,18 @@ def run_table(names, device, dtype, large, repeats, log=print) -> list[dict]:
             # Warm-up (compilation, autotuning) happens inside benchmark_time.
             timing = benchmark_time(step, warmup=1, repeats=repeats, device=device)
             peak = peak_memory(step, device=device)
-            row = dict(case=name, variant=variant, shape=case.shape, ms=timing.median_s * 1e3,
-                       peak_mb=peak / MB)  # fmt: skip
+            row = dict(
+                case=name,
+                variant=variant,
+                shape=case.shape,
+                ms=timing.median_s * 1e3,
+                peak_mb=peak / MB,
+            )
             rows.append(row)
-            log(f"{name:22s} {variant:11s} {case.shape:40s} {row['ms']:10.1f} ms "
-                f"{row['peak_mb']:9.1f} MB")  # fmt: skip
+            log(
+                f"{name:22s} {variant:11s} {case.shape:40s} {row['ms']:10.1f} ms "
+                f"{row['peak_mb']:9.1f} MB"
+            )
         del case
     return rows
 
@@ -327,9 +337,12 @@ def run_figure(device, log=print) -> dict:
         if device.type == "cpu":
             child = subprocess.run(
                 [sys.executable, __file__, "--rss-probe", variant],
-                capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": "."},
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": "."},
                 cwd=Path(__file__).resolve().parents[1],
-            )  # fmt: skip
+            )
             probe = json.loads(child.stdout.strip().splitlines()[-1])
             res["rss_rise_mb"] = probe["rise"] / MB
             res["rss_loss"] = probe["loss"]
@@ -343,8 +356,10 @@ def run_figure(device, log=print) -> dict:
     if "rss_rise_mb" in ours:
         out["ratio_rss"] = base["rss_rise_mb"] / ours["rss_rise_mb"]
     ratio_rss = out.get("ratio_rss", float("nan"))
-    log(f"figure ratios: profiler {out['ratio_profiler']:.1f}x rss {ratio_rss:.1f}x, "
-        f"loss diff {out['loss_diff']:.2e}")  # fmt: skip
+    log(
+        f"figure ratios: profiler {out['ratio_profiler']:.1f}x rss {ratio_rss:.1f}x, "
+        f"loss diff {out['loss_diff']:.2e}"
+    )
     return out
 
 
@@ -431,9 +446,10 @@ def write_markdown(path, rows, figure, machine, device, dtype_name, backend) -> 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
-    )  # fmt: skip
+    )
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if any")
     p.add_argument(

@@ -103,9 +103,14 @@ def lightning_steps(cfg, state: dict, steps: int, run_dir: Path) -> list[float]:
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c] + [clock]
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[VerifiedCheckpointIO()],
-        max_steps=steps, limit_val_batches=0, enable_model_summary=False,
-    )  # fmt: skip
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[VerifiedCheckpointIO()],
+        max_steps=steps,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=datamodule)
     return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
 
@@ -153,9 +158,12 @@ def quickstart(cache_dir: Path, run_dir: Path) -> dict:
     env = {**os.environ, "FLASH_ATTN_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "train.py", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -23,9 +23,11 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a Lightning .ckpt written by train.py")
     parser.add_argument("out", help="the folder to write (created if needed)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder, hub id or tokenizer.json (default: the "
-                             "checkpoint's)")  # fmt: skip
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder, hub id or tokenizer.json (default: the checkpoint's)",
+    )
     args = parser.parse_args(argv)
     folder = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)
     print(folder)

@@ -50,8 +50,9 @@ def read_report(path: Path, kernel: str) -> list[tuple[triton.Config, int, bool,
             if not (variant and config):
                 continue
             bm, bn, warps, stages = map(int, config.groups())
-            blocks = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                   num_stages=stages)  # fmt: skip
+            blocks = triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages
+            )
             rows.append((blocks, int(variant[2]), variant[3] == "causal", cells[3] != "0/0"))
     return rows
 

@@ -29,8 +29,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -55,9 +59,11 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32
-    )  # fmt: skip
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = GPTLMHeadModel.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)

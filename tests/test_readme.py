@@ -63,9 +63,13 @@ DOTTED = sorted({s for path in READMES for s in inline_code(path) if _DOTTED.mat
 def _tiny_llama_folder(folder: Path) -> str:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return str(folder)
 

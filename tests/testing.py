@@ -33,8 +33,13 @@ def assert_compiles_for_gpu(program: str, *args: str, timeout: float = 600) -> N
     pytest.importorskip("triton")
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, "-c", program, *args], capture_output=True,
-                            text=True, env=env, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", program, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if "ptxas" in result.stderr and "not found" in result.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -125,8 +125,9 @@ def _attend_with_4d_mask(query, key, value, attention_mask, dropout, scaling, kw
     if bias.is_floating_point():
         bias = bias.to(query.dtype)
     softcap = kwargs.get("softcap") or 0.0
-    return flash_attn_func(query, key, value, dropout, scaling, False, softcap=softcap,
-                           attn_bias=bias)  # fmt: skip
+    return flash_attn_func(
+        query, key, value, dropout, scaling, False, softcap=softcap, attn_bias=bias
+    )
 
 
 def _check_packed_position_ids(position_ids, query, attention_mask) -> None:
@@ -203,9 +204,16 @@ GATED = MlpLayout(("gate_proj", "up_proj", "down_proj"))
 
 def _llama_like(prefix: str, norm: Callable[..., LayerNorm] = RMSNorm, activation_key="hidden_act"):
     return Family(
-        "model", "lm_head", f"{prefix}RMSNorm", norm, f"{prefix}MLP", GATED, activation_key,
-        f"{prefix}Attention", hf_forwards.llama_attention_forward,
-    )  # fmt: skip
+        "model",
+        "lm_head",
+        f"{prefix}RMSNorm",
+        norm,
+        f"{prefix}MLP",
+        GATED,
+        activation_key,
+        f"{prefix}Attention",
+        hf_forwards.llama_attention_forward,
+    )
 
 
 FAMILIES = {
@@ -218,15 +226,28 @@ FAMILIES = {
         "Gemma2", partial(RMSNorm, zero_centered_weight=True), "hidden_activation"
     ),
     "gpt2": Family(
-        "transformer", "lm_head", "LayerNorm", LayerNorm, "GPT2MLP",
-        MlpLayout(("c_fc", "c_proj"), Conv1D, "dropout"), "activation_function", None, None,
+        "transformer",
+        "lm_head",
+        "LayerNorm",
+        LayerNorm,
+        "GPT2MLP",
+        MlpLayout(("c_fc", "c_proj"), Conv1D, "dropout"),
+        "activation_function",
+        None,
+        None,
     ),
     "gpt_neox": Family(
-        "gpt_neox", "lm_head", "LayerNorm", LayerNorm, "GPTNeoXMLP",
-        MlpLayout(("dense_h_to_4h", "dense_4h_to_h")), "hidden_act", "GPTNeoXAttention",
+        "gpt_neox",
+        "lm_head",
+        "LayerNorm",
+        LayerNorm,
+        "GPTNeoXMLP",
+        MlpLayout(("dense_h_to_4h", "dense_4h_to_h")),
+        "hidden_act",
+        "GPTNeoXAttention",
         hf_forwards.neox_attention_forward,
     ),
-}  # fmt: skip
+}
 
 
 def _is_class(module: nn.Module, name: str) -> bool:

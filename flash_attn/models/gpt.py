@@ -218,8 +218,9 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
 
 
-def _norm(config: GPTConfig, dropout_p: float = 0.0, prenorm: bool = False, device=None,
-          dtype=None) -> nn.Module:  # fmt: skip
+def _norm(
+    config: GPTConfig, dropout_p: float = 0.0, prenorm: bool = False, device=None, dtype=None
+) -> nn.Module:
     """The norm of one place in the stack: dropout(x) + residual, then norm.
 
     dropout_p: the dropout of the branch that flows into it; prenorm: also return the sum (the
@@ -322,8 +323,14 @@ class GPTModel(nn.Module):
         )
         self.ln_f = _norm(config, config.resid_pdrop, device=device, dtype=dtype)
 
-    def forward(self, input_ids, position_ids=None, inference_params=None, key_padding_mask=None,
-                document_starts=None):  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        inference_params=None,
+        key_padding_mask=None,
+        document_starts=None,
+    ):
         """input_ids (batch, seqlen) -> hidden states (batch, seqlen, n_embd).
 
         document_starts: (batch, seqlen) bool, true at each document's first token: tokens
@@ -415,9 +422,12 @@ class GPTLMHeadModel(nn.Module):
         self.config = config
         self.transformer = GPTModel(config, device, dtype)
         self.lm_head = nn.Linear(
-            config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias,
-            device=device, dtype=dtype,
-        )  # fmt: skip
+            config.n_embd,
+            config.padded_vocab_size,
+            bias=config.lm_head_bias,
+            device=device,
+            dtype=dtype,
+        )
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.embeddings.wte.weight
@@ -491,9 +501,12 @@ class GPTLMHeadModel(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
                 "input_ids must be a (batch, seqlen) integer tensor, got "
-                + (str(tuple(input_ids.shape)) if isinstance(input_ids, torch.Tensor) else
-                   type(input_ids).__name__)
-            )  # fmt: skip
+                + (
+                    str(tuple(input_ids.shape))
+                    if isinstance(input_ids, torch.Tensor)
+                    else type(input_ids).__name__
+                )
+            )
         if min(input_ids.shape) == 0:
             raise ValueError(
                 f"input_ids must hold at least one token per row (batch >= 1, seqlen >= 1), "
@@ -540,9 +553,13 @@ class GPTLMHeadModel(nn.Module):
                 labels = labels.masked_fill(document_starts[:, 1:].bool(), -100)
         if labels is not None and self.config.linear_cross_entropy:
             loss = linear_cross_entropy(
-                hidden[:, scored], weight, labels.contiguous(), bias, reduction=reduction,
+                hidden[:, scored],
+                weight,
+                labels.contiguous(),
+                bias,
+                reduction=reduction,
                 backend=self.config.backend,
-            )  # fmt: skip
+            )
             return CausalLMOutput(logits=None, loss=loss)
         logits = F.linear(hidden, weight, bias)  # (B, T, E) -> (B, T, vocab)
         loss = None

@@ -54,11 +54,20 @@ def config_to_hf(config) -> dict:
     """A GPT-2 config.json dict; ValueError naming the fields GPT-2 cannot hold."""
     act = activation_to_hf(config.activation)
     check_architecture(
-        config, "GPT-2", norm_type="layernorm", rotary_emb_dim=0, parallel_block=False,
-        gated_mlp=False, kv_heads=config.n_head, activation=SAVABLE_ACTIVATIONS,
-        qkv_proj_bias=True, out_proj_bias=True, mlp_fc1_bias=True, mlp_fc2_bias=True,
+        config,
+        "GPT-2",
+        norm_type="layernorm",
+        rotary_emb_dim=0,
+        parallel_block=False,
+        gated_mlp=False,
+        kv_heads=config.n_head,
+        activation=SAVABLE_ACTIVATIONS,
+        qkv_proj_bias=True,
+        out_proj_bias=True,
+        mlp_fc1_bias=True,
+        mlp_fc2_bias=True,
         lm_head_bias=False,
-    )  # fmt: skip
+    )
     return {
         "architectures": list(ARCHITECTURES),
         "model_type": "gpt2",

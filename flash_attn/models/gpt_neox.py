@@ -73,11 +73,20 @@ def from_hf_layout(state_dict: dict, fields: dict) -> dict:
 def config_to_hf(config) -> dict:
     """A GPT-NeoX config.json dict; ValueError naming the fields GPT-NeoX cannot hold."""
     check_architecture(
-        config, "GPT-NeoX", norm_type="layernorm", rotary_emb_dim=range(2, config.head_dim + 1),
-        rotary_emb_interleaved=False, gated_mlp=False, parallel_block_tied_norm=False,
-        kv_heads=config.n_head, out_proj_bias=config.qkv_proj_bias, mlp_fc1_bias=True,
-        mlp_fc2_bias=True, lm_head_bias=False, activation=SAVABLE_ACTIVATIONS,
-    )  # fmt: skip
+        config,
+        "GPT-NeoX",
+        norm_type="layernorm",
+        rotary_emb_dim=range(2, config.head_dim + 1),
+        rotary_emb_interleaved=False,
+        gated_mlp=False,
+        parallel_block_tied_norm=False,
+        kv_heads=config.n_head,
+        out_proj_bias=config.qkv_proj_bias,
+        mlp_fc1_bias=True,
+        mlp_fc2_bias=True,
+        lm_head_bias=False,
+        activation=SAVABLE_ACTIVATIONS,
+    )
     rope = rope_to_hf(config)
     return {
         "architectures": list(ARCHITECTURES),

@@ -57,12 +57,24 @@ def from_hf_layout(state_dict: dict, fields: dict) -> dict:
 def config_to_hf(config) -> dict:
     """A GPT-J config.json dict; ValueError naming the fields GPT-J cannot hold."""
     check_architecture(
-        config, "GPT-J", norm_type="layernorm", parallel_block=True, parallel_block_tied_norm=True,
-        rotary_emb_interleaved=True, rotary_emb_dim=range(2, config.head_dim + 1),
-        rotary_emb_base=10000.0, rotary_emb_scaling=None, gated_mlp=False,
-        kv_heads=config.n_head, qkv_proj_bias=False, out_proj_bias=False, mlp_fc1_bias=True,
-        mlp_fc2_bias=True, lm_head_bias=True, activation=SAVABLE_ACTIVATIONS,
-    )  # fmt: skip
+        config,
+        "GPT-J",
+        norm_type="layernorm",
+        parallel_block=True,
+        parallel_block_tied_norm=True,
+        rotary_emb_interleaved=True,
+        rotary_emb_dim=range(2, config.head_dim + 1),
+        rotary_emb_base=10000.0,
+        rotary_emb_scaling=None,
+        gated_mlp=False,
+        kv_heads=config.n_head,
+        qkv_proj_bias=False,
+        out_proj_bias=False,
+        mlp_fc1_bias=True,
+        mlp_fc2_bias=True,
+        lm_head_bias=True,
+        activation=SAVABLE_ACTIVATIONS,
+    )
     return {
         "architectures": list(ARCHITECTURES),
         "model_type": "gptj",

@@ -76,10 +76,16 @@ def config_to_hf(config) -> dict:
     """A Llama (or Mistral, with a sliding window) config.json dict; ValueError naming the
     fields Llama cannot hold."""
     check_architecture(
-        config, "Llama", norm_type="rmsnorm", gated_mlp=True, parallel_block=False,
-        rotary_emb_interleaved=False, lm_head_bias=False, activation=SAVABLE_ACTIVATIONS,
+        config,
+        "Llama",
+        norm_type="rmsnorm",
+        gated_mlp=True,
+        parallel_block=False,
+        rotary_emb_interleaved=False,
+        lm_head_bias=False,
+        activation=SAVABLE_ACTIVATIONS,
         rotary_emb_dim=range(2, config.head_dim + 1),
-    )  # fmt: skip
+    )
     mistral = config.sliding_window is not None
     out = {
         "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],

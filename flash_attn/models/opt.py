@@ -77,11 +77,21 @@ def config_to_hf(config) -> dict:
     """An OPT config.json dict; ValueError naming the fields OPT cannot hold."""
     bias = config.qkv_proj_bias
     common.check_architecture(
-        config, "OPT", norm_type="layernorm", rotary_emb_dim=0, n_positions=range(1, 1 << 31),
-        parallel_block=False, gated_mlp=False, kv_heads=config.n_head, out_proj_bias=bias,
-        mlp_fc1_bias=bias, mlp_fc2_bias=bias, lm_head_bias=False,
-        embd_pdrop=config.resid_pdrop, activation=common.SAVABLE_ACTIVATIONS,
-    )  # fmt: skip
+        config,
+        "OPT",
+        norm_type="layernorm",
+        rotary_emb_dim=0,
+        n_positions=range(1, 1 << 31),
+        parallel_block=False,
+        gated_mlp=False,
+        kv_heads=config.n_head,
+        out_proj_bias=bias,
+        mlp_fc1_bias=bias,
+        mlp_fc2_bias=bias,
+        lm_head_bias=False,
+        embd_pdrop=config.resid_pdrop,
+        activation=common.SAVABLE_ACTIVATIONS,
+    )
     return {
         "architectures": list(ARCHITECTURES),
         "model_type": "opt",

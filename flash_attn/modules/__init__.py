@@ -11,6 +11,13 @@ from flash_attn.modules.norm import LayerNorm, RMSNorm
 from flash_attn.modules.rotary import RotaryEmbedding
 
 __all__ = [
-    "MHA", "Mlp", "GatedMlp", "FusedMLP", "Block", "ParallelBlock", "LayerNorm", "RMSNorm",
+    "MHA",
+    "Mlp",
+    "GatedMlp",
+    "FusedMLP",
+    "Block",
+    "ParallelBlock",
+    "LayerNorm",
+    "RMSNorm",
     "RotaryEmbedding",
-]  # fmt: skip
+]

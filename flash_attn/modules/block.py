@@ -30,8 +30,9 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None,
-                **attn_kwargs):  # fmt: skip
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, **attn_kwargs
+    ):
         hidden, residual = self.ln_1(hidden_states, residual)
         hidden, residual = self.ln_2(self.attn(hidden, **attn_kwargs), residual)
         return self.mlp(hidden), residual
@@ -50,8 +51,9 @@ class ParallelBlock(nn.Module):
     dropout) by the next block's norm or the model's final norm.
     """
 
-    def __init__(self, attn: nn.Module, mlp: nn.Module, ln_1: nn.Module,
-                 ln_2: nn.Module | None = None):  # fmt: skip
+    def __init__(
+        self, attn: nn.Module, mlp: nn.Module, ln_1: nn.Module, ln_2: nn.Module | None = None
+    ):
         super().__init__()
         self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
 

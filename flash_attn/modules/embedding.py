@@ -15,8 +15,9 @@ class GPT2Embeddings(nn.Module):
         max_position_embeddings: rows of ``wpe``; 0 for no learned positions (rotary models).
     """
 
-    def __init__(self, embed_dim: int, vocab_size: int, max_position_embeddings: int, device=None,
-                 dtype=None):  # fmt: skip
+    def __init__(
+        self, embed_dim: int, vocab_size: int, max_position_embeddings: int, device=None, dtype=None
+    ):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.wte = nn.Embedding(vocab_size, embed_dim, **factory)

@@ -254,9 +254,17 @@ class MHA(nn.Module):
         if cu_seqlens is not None:
             q, k = self._rotate(q, k, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             out = flash_attn_varlen_func(
-                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                **attn_kwargs, backend=self.backend,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                cu_seqlens,
+                cu_seqlens,
+                max_seqlen,
+                max_seqlen,
+                dropout_p,
+                **attn_kwargs,
+                backend=self.backend,
+            )
         else:
             q, k = self._rotate(q, k)
             out = flash_attn_func(q, k, v, dropout_p, **attn_kwargs, backend=self.backend)
@@ -322,9 +330,17 @@ class MHA(nn.Module):
                 0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device
             )
             out = flash_attn_varlen_func(
-                q.flatten(0, 1), k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, max_seqlen_k,
-                dropout_p, **attn_kwargs, backend=self.backend,
-            ).unflatten(0, (batch, seqlen_q))  # fmt: skip  # (B * Sq, H, D) -> (B, Sq, H, D)
+                q.flatten(0, 1),
+                k,
+                v,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                seqlen_q,
+                max_seqlen_k,
+                dropout_p,
+                **attn_kwargs,
+                backend=self.backend,
+            ).unflatten(0, (batch, seqlen_q))  # (B * Sq, H, D) -> (B, Sq, H, D)
         return self.out_proj(out.flatten(-2))  # (B, Sq, H, D) -> (B, Sq, E)
 
     def _decode(self, x, inference_params):

@@ -97,20 +97,36 @@ class GatedMlp(FusedMLP):
     gated = True
 
     def __init__(
-        self, in_features: int, hidden_features: int | None = None,
-        out_features: int | None = None, activation: str = "silu", bias1: bool = True,
-        bias2: bool = True, multiple_of: int = 128, return_residual: bool = False,
-        backend: str | None = None, device=None, dtype=None,
-    ):  # fmt: skip
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        activation: str = "silu",
+        bias1: bool = True,
+        bias2: bool = True,
+        multiple_of: int = 128,
+        return_residual: bool = False,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
         check_int("multiple_of", multiple_of, minimum=1)
         if hidden_features is None:
             check_int("in_features", in_features, minimum=1)
             hidden_features = int(8 * in_features / 3)
             hidden_features = (hidden_features + multiple_of - 1) // multiple_of * multiple_of
         super().__init__(
-            in_features, hidden_features, out_features, activation, bias1, bias2,
-            return_residual, backend, device, dtype,
-        )  # fmt: skip
+            in_features,
+            hidden_features,
+            out_features,
+            activation,
+            bias1,
+            bias2,
+            return_residual,
+            backend,
+            device,
+            dtype,
+        )
 
 
 class Mlp(FusedMLP):

@@ -114,11 +114,13 @@ def test_from_pretrained_names_the_bad_file(damage, error, saved, tmp_path):
 
 @pytest.mark.parametrize(
     "name_or_path, error, name",
-    [("/no/such/checkpoint", FileNotFoundError, "/no/such/checkpoint"),
-     ("./missing-folder", FileNotFoundError, "./missing-folder"),
-     ("runs/exp/export", FileNotFoundError, "runs/exp/export"),
-     (42, TypeError, "name_or_path")],
-)  # fmt: skip
+    [
+        ("/no/such/checkpoint", FileNotFoundError, "/no/such/checkpoint"),
+        ("./missing-folder", FileNotFoundError, "./missing-folder"),
+        ("runs/exp/export", FileNotFoundError, "runs/exp/export"),
+        (42, TypeError, "name_or_path"),
+    ],
+)
 def test_from_pretrained_rejects_missing_folders(name_or_path, error, name):
     assert_rejected(lambda: GPTLMHeadModel.from_pretrained(name_or_path), error, name)
 
@@ -150,10 +152,20 @@ def test_a_missing_folder_shaped_like_a_hub_id_is_named(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "name, path",
-    [("gpt2", False), ("EleutherAI/pythia-70m", False), ("Qwen/Qwen2.5-0.5B", False),
-     ("/abs/folder", True), ("./folder", True), ("../folder", True), ("~/models/x", True),
-     ("a/b/c", True), ("C:\\models\\x", True), ("my model", True), (".hidden", True)],
-)  # fmt: skip
+    [
+        ("gpt2", False),
+        ("EleutherAI/pythia-70m", False),
+        ("Qwen/Qwen2.5-0.5B", False),
+        ("/abs/folder", True),
+        ("./folder", True),
+        ("../folder", True),
+        ("~/models/x", True),
+        ("a/b/c", True),
+        ("C:\\models\\x", True),
+        ("my model", True),
+        (".hidden", True),
+    ],
+)
 def test_looks_like_path(name, path):
     from flash_attn.models.hf_checkpoint import looks_like_path
 

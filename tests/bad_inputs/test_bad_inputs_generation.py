@@ -44,8 +44,10 @@ def test_generate_rejects(model, arguments, error, name):
 
 @pytest.mark.parametrize(
     "arguments, error, name",
-    [(dict(temperature=float("inf")), ValueError, "temperature"),
-     (dict(top_k=-3), ValueError, "top_k")],
-)  # fmt: skip
+    [
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(top_k=-3), ValueError, "top_k"),
+    ],
+)
 def test_sample_rejects(arguments, error, name):
     assert_rejected(lambda: sample(torch.zeros(2, 5), **arguments), error, name)

@@ -57,10 +57,12 @@ def test_train_rejects_setting(override, error, name, tmp_path):
 
 @pytest.mark.parametrize(
     "override, error, name",
-    [("model.config.n_layer=0", ValueError, "n_layer"),
-     ("model.config.n_head=3", ValueError, "n_head"),
-     ("ckpt_path=/no/such/last.ckpt", FileNotFoundError, "/no/such/last.ckpt")],
-)  # fmt: skip
+    [
+        ("model.config.n_layer=0", ValueError, "n_layer"),
+        ("model.config.n_head=3", ValueError, "n_head"),
+        ("ckpt_path=/no/such/last.ckpt", FileNotFoundError, "/no/such/last.ckpt"),
+    ],
+)
 def test_train_rejects_model_and_checkpoint_settings(override, error, name, tmp_path):
     cfg = _config(tmp_path / "run", override)
     cfg.data.source.max_bytes = 20_000  # the quickstart corpus, small

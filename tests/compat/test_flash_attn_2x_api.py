@@ -134,8 +134,9 @@ def test_dense_and_packed_attention(device):
     _close(flash_attn.flash_attn_qkvpacked_func(qkv, 0.0, None, True, (3, 0)), expected)
     kv = torch.stack([k, v], dim=2)  # (B, S, 2, H, D)
     _close(flash_attn.flash_attn_kvpacked_func(q, kv, 0.0, None, True, (3, 0)), expected)
-    out, lse, probs = flash_attn.flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 0.0, None,
-                                                 False, True)  # fmt: skip
+    out, lse, probs = flash_attn.flash_attn_func(
+        q, k, v, 0.0, None, True, (-1, -1), 0.0, None, False, True
+    )
     assert lse.shape == (2, 4, 7) and probs.shape == (2, 4, 7, 7)
 
 
@@ -195,9 +196,24 @@ def test_varlen_with_block_table(device):
     with torch.no_grad():
         # q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, window, softcap, alibi,
         # deterministic, return_attn_probs, block_table
-        out = flash_attn.flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
-                                                5, 6, 0.0, None, True, (-1, -1), 0.0, None,
-                                                False, False, block_table)  # fmt: skip
+        out = flash_attn.flash_attn_varlen_func(
+            q,
+            k_cache,
+            v_cache,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            5,
+            6,
+            0.0,
+            None,
+            True,
+            (-1, -1),
+            0.0,
+            None,
+            False,
+            False,
+            block_table,
+        )
     for rows, keys in ((slice(0, 5), slice(0, 6)), (slice(5, 9), slice(6, 9))):
         expected = attention_ref(q[None, rows], k[None, keys], v[None, keys], None, True)[0]
         _close(out[None, rows], expected)
@@ -214,8 +230,9 @@ def test_kvcache_with_cache_leftpad(device):
         k_cache[b, start:6], v_cache[b, start:6] = history[1][b, start:], history[2][b, start:]
     # q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
     # cache_leftpad, block_table, softmax_scale, causal
-    out = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, None, None, cache_seqlens,
-                                             None, cache_leftpad, None, None, True)  # fmt: skip
+    out = flash_attn.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, None, None, cache_seqlens, None, cache_leftpad, None, None, True
+    )
     for b, start in enumerate(cache_leftpad.tolist()):
         keys = torch.cat([history[1][b : b + 1, start:], k[b : b + 1]], 1)
         values = torch.cat([history[2][b : b + 1, start:], v[b : b + 1]], 1)
@@ -253,8 +270,10 @@ def test_rotary_layers(device):
     _close(qkv[:, :, 1], expected_k)
     assert torch.equal(qkv[:, :, 2], v)
     x = torch.randn(2, 7, 4, 16, device=device)
-    _close(rotary_layers.apply_rotary_emb(x, cos, sin, False, False, 0, None, None),
-           rotary_layers.apply_rotary_emb_torch(x, cos[:7], sin[:7]))  # fmt: skip
+    _close(
+        rotary_layers.apply_rotary_emb(x, cos, sin, False, False, 0, None, None),
+        rotary_layers.apply_rotary_emb_torch(x, cos[:7], sin[:7]),
+    )
     kv = torch.randn(2, 7, 2, 4, 16, device=device)
     k = kv[:, :, 0].clone()
     rotary_layers.apply_rotary_emb_kv_(kv, cos, sin, False, 0)
@@ -271,8 +290,24 @@ def test_kvcache_rotary_positions_with_cache_leftpad(device):
     cache_seqlens = torch.tensor([6, 9], dtype=torch.int32, device=device)
     # q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
     # cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved
-    flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, None,
-                                       cache_leftpad, None, None, True, (-1, -1), 0.0, False)  # fmt: skip
+    flash_attn.flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cos,
+        sin,
+        cache_seqlens,
+        None,
+        cache_leftpad,
+        None,
+        None,
+        True,
+        (-1, -1),
+        0.0,
+        False,
+    )
     expected = rotary_layers.apply_rotary_emb(k, cos, sin, seqlen_offsets=cache_seqlens)
     for b, start in enumerate(cache_seqlens.tolist()):
         _close(k_cache[b, start : start + 2], expected[b])

@@ -107,32 +107,51 @@ def test_rms_norm_fn_rowscale_zero_centered_and_masks(device):
     rowscale = torch.rand(6, device=device)
     # ..., eps, dropout_p, rowscale, prenorm, residual_in_fp32, zero_centered_weight,
     # return_dropout_mask, out_dtype
-    out, res, mask, mask1 = ln.rms_norm_fn(x, w, None, residual, None, None, None, 1e-5, 0.0,
-                                           rowscale, True, True, True, True, torch.float16)  # fmt: skip
+    out, res, mask, mask1 = ln.rms_norm_fn(
+        x,
+        w,
+        None,
+        residual,
+        None,
+        None,
+        None,
+        1e-5,
+        0.0,
+        rowscale,
+        True,
+        True,
+        True,
+        True,
+        torch.float16,
+    )
     assert out.dtype == torch.float16 and res.dtype == torch.float32 and mask is mask1 is None
     h = x * rowscale[:, None] + residual
     _close(res, h)
     _close(out, F.rms_norm(h, (16,), w + 1, 1e-5), tol=2e-3)
-    expected = ln.rms_norm_ref(x, w, None, residual, None, None, None, 1e-5, 0.0, rowscale,
-                               True, True)  # fmt: skip
+    expected = ln.rms_norm_ref(
+        x, w, None, residual, None, None, None, 1e-5, 0.0, rowscale, True, True
+    )
     _close(out, expected[0], tol=2e-3)
 
 
 def test_residual_keeps_its_dtype_with_residual_in_fp32(device):
     x, w, b = _norm_inputs(device)[:3]
     residual = torch.randn_like(x).half()
-    _, res = ln.layer_norm_fn(x.half(), w.half(), b.half(), residual, prenorm=True,
-                              residual_in_fp32=True)  # fmt: skip
+    _, res = ln.layer_norm_fn(
+        x.half(), w.half(), b.half(), residual, prenorm=True, residual_in_fp32=True
+    )
     assert res.dtype == torch.float16
-    _, res = ln.layer_norm_fn(x.half(), w.half(), b.half(), None, prenorm=True,
-                              residual_in_fp32=True)  # fmt: skip
+    _, res = ln.layer_norm_fn(
+        x.half(), w.half(), b.half(), None, prenorm=True, residual_in_fp32=True
+    )
     assert res.dtype == torch.float32
 
 
 def test_reference_upcast(device):
     x, w, b, residual = (t.half() for t in _norm_inputs(device)[:4])
-    out, res = ln.layer_norm_ref(x, w, b, residual, None, None, None, 1e-5, 0.0, None, True,
-                                 False, None, None, True)  # fmt: skip
+    out, res = ln.layer_norm_ref(
+        x, w, b, residual, None, None, None, 1e-5, 0.0, None, True, False, None, None, True
+    )
     assert out.dtype == torch.float16 and res.dtype == torch.float32
     out, res = ln.layer_norm_ref(x, w, b, residual, prenorm=True)
     assert out.dtype == res.dtype == torch.float16
@@ -141,8 +160,9 @@ def test_reference_upcast(device):
 def test_layer_norm_linear_fn(device):
     x, w, b, residual = _norm_inputs(device)[:4]
     linear_weight, linear_bias = torch.randn(5, 16, device=device), torch.randn(5, device=device)
-    out, res = ln.layer_norm_linear_fn(x, w, b, linear_weight, linear_bias, residual, 1e-5, True,
-                                       False, False)  # fmt: skip
+    out, res = ln.layer_norm_linear_fn(
+        x, w, b, linear_weight, linear_bias, residual, 1e-5, True, False, False
+    )
     normed = F.layer_norm(x + residual, (16,), w, b, 1e-5)
     _close(out, F.linear(normed, linear_weight, linear_bias), tol=1e-4)
     _close(res, x + residual)
@@ -156,9 +176,11 @@ def test_norm_modules(device, module_name):
     out, res = module(x, residual, True, True)
     _close(res, x + residual)
     h = x + residual
-    expected = F.rms_norm(h, (16,), eps=1e-5) if module_name == "RMSNorm" else F.layer_norm(
-        h, (16,), eps=1e-5
-    )  # fmt: skip
+    expected = (
+        F.rms_norm(h, (16,), eps=1e-5)
+        if module_name == "RMSNorm"
+        else F.layer_norm(h, (16,), eps=1e-5)
+    )
     _close(out, expected)
     assert set(ln.RMSNorm(16).state_dict()) == {"weight"}
     zero_centered = getattr(ln, module_name)(16, 1e-5, 0.0, True, device)
@@ -185,11 +207,11 @@ def test_cross_entropy_loss_per_row(device):
     labels[0] = -100
     # logits, labels, precomputed_lse, label_smoothing, logit_scale, lse_square_scale,
     # ignore_index, inplace_backward, process_group
-    losses, z_losses = ce.cross_entropy_loss(logits, labels, None, 0.1, 0.5, 1e-2, -100, False,
-                                             None)  # fmt: skip
+    losses, z_losses = ce.cross_entropy_loss(
+        logits, labels, None, 0.1, 0.5, 1e-2, -100, False, None
+    )
     assert losses.shape == z_losses.shape == (7,) and losses.dtype == torch.float32
-    expected = cross_entropy_ref(logits.detach(), labels, 0.1, 1e-2, -100, "none",
-                                 logit_scale=0.5)  # fmt: skip
+    expected = cross_entropy_ref(logits.detach(), labels, 0.1, 1e-2, -100, "none", logit_scale=0.5)
     _close(losses, expected)
     lse = torch.logsumexp(0.5 * logits.detach(), -1)
     _close(z_losses, 1e-2 * lse.square() * (labels != -100))
@@ -206,5 +228,7 @@ def test_cross_entropy_loss_module(device):
     loss, z_loss = loss_fn(logits, labels, None)
     _close(loss, F.cross_entropy(logits, labels, label_smoothing=0.1))
     assert z_loss.item() == 0.0
-    _close(CrossEntropyLoss(reduction="none")(logits, labels), F.cross_entropy(
-        logits, labels, reduction="none"))  # fmt: skip
+    _close(
+        CrossEntropyLoss(reduction="none")(logits, labels),
+        F.cross_entropy(logits, labels, reduction="none"),
+    )

@@ -221,10 +221,17 @@ def test_trainer_steps_match_eager(saved, tmp_path):
     pytest.importorskip("accelerate")
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (8, 12))]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
         dataloader_num_workers=0,
-    )  # fmt: skip
+    )
     losses = []
     for model in (load(saved["llama"]), fa.apply_fused_ops(load(saved["llama"]))):
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
@@ -236,9 +243,13 @@ def test_trainer_steps_match_eager(saved, tmp_path):
 
 def test_unsupported_family_lists_the_supported_ones():
     config = transformers.OPTConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        ffn_dim=32,
+        num_attention_heads=2,
         word_embed_proj_dim=16,
-    )  # fmt: skip
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="gpt_neox.*llama.*'opt'"):
         fa.apply_fused_ops(model)

@@ -30,20 +30,32 @@ def test_generate_script_greedy_matches_hf(tmp_path, capsys):
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     tokenizer.save_pretrained(tmp_path)
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=32, n_layer=2,
-                                     n_head=2, initializer_range=0.3, bos_token_id=0,
-                                     eos_token_id=0)  # fmt: skip
+    config = transformers.GPT2Config(
+        vocab_size=len(WORDS),
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path)
 
     prompt = "w1 w2 w3"
     text = _load_script().main(
-        ["--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6",
-         "--top-k", "1"]
-    )  # fmt: skip
+        ["--checkpoint", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6", "--top-k", "1"]
+    )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                           do_sample=False, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    expected = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
     assert text.startswith(prompt) and len(text.split()) > 4  # something was generated
     assert "tokens/s" in capsys.readouterr().out

@@ -11,8 +11,15 @@ from flash_attn.models.gpt import GPTConfig, GPTLMHeadModel
 
 def _model(**overrides):
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=48,
-                       initializer_range=0.3, **overrides)  # fmt: skip
+    config = GPTConfig(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=97,
+        n_positions=48,
+        initializer_range=0.3,
+        **overrides,
+    )
     return GPTLMHeadModel(config).eval()
 
 

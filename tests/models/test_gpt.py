@@ -33,8 +33,10 @@ def test_preset_parameter_counts(name):
 def test_presets_listed_and_unknown():
     assert GPTConfig.presets()[:4] == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
     assert GPTConfig.from_preset("gpt3-1.3b").n_positions == 2048
-    assert abs(GPTLMHeadModel(GPTConfig.from_preset("gpt2"), device="meta").num_parameters()
-               - 124e6) < 1e6  # fmt: skip
+    assert (
+        abs(GPTLMHeadModel(GPTConfig.from_preset("gpt2"), device="meta").num_parameters() - 124e6)
+        < 1e6
+    )
     with pytest.raises(ValueError, match="unknown preset 'gpt5'.*gpt2-medium"):
         GPTConfig.from_preset("gpt5")
 
@@ -52,8 +54,14 @@ def test_config_errors():
 
 def test_gpt2_init_and_tied_vocab_padding():
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=4, n_embd=256, n_head=4, vocab_size=1000, n_positions=64,
-                       pad_vocab_size_multiple=128)  # fmt: skip
+    config = GPTConfig(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        vocab_size=1000,
+        n_positions=64,
+        pad_vocab_size_multiple=128,
+    )
     model = GPTLMHeadModel(config)
     assert model.transformer.embeddings.wte.weight.shape == (1024, 256)
     assert model.lm_head.weight is model.transformer.embeddings.wte.weight
@@ -105,15 +113,19 @@ def test_aligned_labels_equal_shifted_labels(linear_ce, reduction):
     torch.testing.assert_close(aligned.loss, shifted, atol=1e-6, rtol=1e-6)
 
 
-UNFUSED = dict(fused_dropout_add_ln=False, fused_mlp=False, fused_cross_entropy=False,
-               fused_rotary=False)  # fmt: skip
+UNFUSED = dict(
+    fused_dropout_add_ln=False, fused_mlp=False, fused_cross_entropy=False, fused_rotary=False
+)
 
 
 @pytest.mark.parametrize(
     "arch",
-    [dict(), dict(rotary_emb_fraction=0.5, n_head_kv=2, parallel_block=True),
-     dict(norm_type="rmsnorm", gated_mlp=True, activation="silu", rotary_emb_fraction=1.0)],
-)  # fmt: skip
+    [
+        dict(),
+        dict(rotary_emb_fraction=0.5, n_head_kv=2, parallel_block=True),
+        dict(norm_type="rmsnorm", gated_mlp=True, activation="silu", rotary_emb_fraction=1.0),
+    ],
+)
 def test_fused_triton_equals_unfused_torch(arch):
     """Every fused op on through the Triton kernels (interpreter) vs plain PyTorch: logits,
     loss and gradients."""

@@ -28,22 +28,34 @@ def _hf_config(family: str):
         return t.GPTNeoXConfig(intermediate_size=128, rotary_pct=0.5, **DECODER_SIZES)
     if family == "llama":
         return t.LlamaConfig(
-            intermediate_size=96, num_key_value_heads=2,
-            rope_scaling={"rope_type": "linear", "factor": 2.0}, **DECODER_SIZES,
-        )  # fmt: skip
+            intermediate_size=96,
+            num_key_value_heads=2,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            **DECODER_SIZES,
+        )
     if family == "llama3":  # Llama 3.1 frequency scaling, GQA, tied embeddings
         return t.LlamaConfig(
-            intermediate_size=96, num_key_value_heads=1, tie_word_embeddings=True,
+            intermediate_size=96,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
             rope_theta=500000.0,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
             **DECODER_SIZES,
-        )  # fmt: skip
+        )
     if family == "mistral":
         return t.MistralConfig(
-            intermediate_size=96, num_key_value_heads=1, head_dim=16, sliding_window=5,
+            intermediate_size=96,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=5,
             **DECODER_SIZES,
-        )  # fmt: skip
+        )
     if family == "opt":
         return t.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **DECODER_SIZES)
     if family == "gptj":
@@ -85,8 +97,13 @@ def test_logits_and_greedy_match_hf_torch(checkpoints, family):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
     prompt = ids[:, :4]
     ours = model.generate(prompt, 10, top_k=1)
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
-                         do_sample=False, eos_token_id=None)  # fmt: skip
+    theirs = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=None,
+    )
     assert torch.equal(ours, theirs), (ours, theirs)
     # The generated text is not one token repeated (the test would be weak otherwise).
     assert len(set(ours[0, 4:].tolist())) > 1
@@ -153,8 +170,11 @@ def test_tokenizer_ids_replace_the_models_but_keep_stop_lists():
     )
     merged = stored.with_ids({"bos_token_id": 3, "eos_token_id": 9, "pad_token_id": None})
     assert merged.ids == {"bos_token_id": 3, "eos_token_id": [7, 9], "pad_token_id": None}
-    assert merged.generation_json() == {"bos_token_id": 3, "eos_token_id": [7, 9],
-                                        "temperature": 0.6}  # fmt: skip
+    assert merged.generation_json() == {
+        "bos_token_id": 3,
+        "eos_token_id": [7, 9],
+        "temperature": 0.6,
+    }
     assert stored.with_ids({"eos_token_id": 5}).ids["eos_token_id"] == 5
 
 
@@ -225,10 +245,24 @@ def test_bad_folder(checkpoints, tmp_path):
         GPTLMHeadModel.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("arch", [dict(), dict(norm_type="rmsnorm", gated_mlp=True,
-                         activation="silu", rotary_emb_fraction=1.0, n_head_kv=2,
-                         qkv_proj_bias=False, out_proj_bias=False, mlp_fc1_bias=False,
-                         mlp_fc2_bias=False, tie_word_embeddings=False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(),
+        dict(
+            norm_type="rmsnorm",
+            gated_mlp=True,
+            activation="silu",
+            rotary_emb_fraction=1.0,
+            n_head_kv=2,
+            qkv_proj_bias=False,
+            out_proj_bias=False,
+            mlp_fc1_bias=False,
+            mlp_fc2_bias=False,
+            tie_word_embeddings=False,
+        ),
+    ],
+)
 def test_model_trained_here_opens_in_transformers(arch, tmp_path):
     from flash_attn.models.gpt import GPTConfig
 
@@ -242,8 +276,16 @@ def test_save_pretrained_rejects_other_layouts(tmp_path):
     from flash_attn.models.gpt import GPTConfig
 
     # a gated MLP with LayerNorm: no family has both
-    model = GPTLMHeadModel(GPTConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB,
-                                     gated_mlp=True, rotary_emb_fraction=0.5))  # fmt: skip
+    model = GPTLMHeadModel(
+        GPTConfig(
+            n_layer=1,
+            n_embd=32,
+            n_head=2,
+            vocab_size=VOCAB,
+            gated_mlp=True,
+            rotary_emb_fraction=0.5,
+        )
+    )
     with pytest.raises(ValueError, match=r"no Hugging Face layout(.|\n)*GPT-2.*gated_mlp=True"):
         model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="OPT layout cannot hold this model: .*gated_mlp=True"):

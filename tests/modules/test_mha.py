@@ -139,9 +139,13 @@ def test_varlen_equals_separate_sequences():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(num_heads_kv=2, rotary_emb_dim=8), dict(num_heads=4, rotary_emb_dim=12,
-     rotary_emb_interleaved=True), dict(use_alibi=True, window_size=(4, 0))],
-)  # fmt: skip
+    [
+        dict(),
+        dict(num_heads_kv=2, rotary_emb_dim=8),
+        dict(num_heads=4, rotary_emb_dim=12, rotary_emb_interleaved=True),
+        dict(use_alibi=True, window_size=(4, 0)),
+    ],
+)
 def test_kv_cache_decoding_equals_full_forward(kwargs):
     mha = _mha(causal=True, layer_idx=0, **kwargs)
     x = torch.randn(2, 12, E)

@@ -19,8 +19,28 @@ from benchmarks.common import attention_flops, benchmark_time, peak_memory, tflo
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_attention.py"
 main = runpy.run_path(str(SCRIPT))["main"]  # the command line, called in-process
-TINY = ["--b", "1", "--h", "2", "--q_len", "37", "--kv_len", "53", "--d", "16", "--device", "cpu",
-        "--repeats", "1", "--warmup", "0", "--block_m", "16", "--block_n", "16"]  # fmt: skip
+TINY = [
+    "--b",
+    "1",
+    "--h",
+    "2",
+    "--q_len",
+    "37",
+    "--kv_len",
+    "53",
+    "--d",
+    "16",
+    "--device",
+    "cpu",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--block_m",
+    "16",
+    "--block_n",
+    "16",
+]
 
 
 def _parse(line):
@@ -53,8 +73,18 @@ def test_flash_refuses_a_random_mask(capsys):
 
 
 def test_too_large_fails_with_the_memory_it_needs(capsys):
-    argv = ["--type", "normal", "--q_len", "1048576", "--kv_len", "1048576", "--d", "64",
-            "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--type",
+        "normal",
+        "--q_len",
+        "1048576",
+        "--kv_len",
+        "1048576",
+        "--d",
+        "64",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "GiB" in err and "free on cpu" in err
@@ -63,8 +93,18 @@ def test_too_large_fails_with_the_memory_it_needs(capsys):
 
 
 def test_standard_attention_memory_grows_with_the_score_matrix():
-    case = Case(method="normal", mode="fwd_bwd", batch=1, nheads=2, nheads_k=2, seqlen_q=256,
-                seqlen_k=256, headdim=16, dtype="fp32", device="cpu")  # fmt: skip
+    case = Case(
+        method="normal",
+        mode="fwd_bwd",
+        batch=1,
+        nheads=2,
+        nheads_k=2,
+        seqlen_q=256,
+        seqlen_k=256,
+        headdim=16,
+        dtype="fp32",
+        device="cpu",
+    )
     normal = run_case(case, timing=False).peak_bytes
     tiled = run_case(replace(case, method="reference"), timing=False).peak_bytes
     scores = 2 * 256 * 256 * 4
@@ -90,8 +130,17 @@ def test_sweep_writes_table_and_figures(tmp_path, monkeypatch):
     tiny.update(warmup=0, reference_blocks=16, max_seqlen={"reference": 32})
     tiny["memory"] = {**cpu["memory"], "nheads": 2, "headdim": 16, "seqlens": [64, 128]}
     monkeypatch.setitem(GRIDS, "cpu", tiny)
-    argv = ["--sweep", "--grid", "cpu", "--device", "cpu", "--out_dir", str(tmp_path),
-            "--machine", "test"]  # fmt: skip
+    argv = [
+        "--sweep",
+        "--grid",
+        "cpu",
+        "--device",
+        "cpu",
+        "--out_dir",
+        str(tmp_path),
+        "--machine",
+        "test",
+    ]
     assert main(argv) == 0
     md = (tmp_path / "attention_test.md").read_text()
     assert "## headdim 16, causal=True, fwd_bwd" in md and "## Memory" in md

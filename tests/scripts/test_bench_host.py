@@ -46,7 +46,10 @@ def test_rows_launches_and_no_host_reads(table):
 def test_bad_row_is_named():
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--rows", "no_such_row", "--out", "-"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "--rows" in result.stderr and "no_such_row" in result.stderr

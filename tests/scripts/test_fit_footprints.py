@@ -36,13 +36,19 @@ def test_fit_keeps_the_longest_clean_steps(tmp_path):
     path.write_text(REPORT)
     rows = ff.read_report(path, "_attn_bwd_dq_kernel")
     assert [(c.kwargs["BLOCK_N"], d, masked, spills) for c, d, masked, spills in rows][:3] == [
-        (16, 128, False, False), (32, 128, False, False), (64, 128, False, True)]  # fmt: skip
+        (16, 128, False, False),
+        (32, 128, False, False),
+        (64, 128, False, True),
+    ]
     value, terms, low, high = ff.fit(rows, "dq", 90)
     assert value == 2 and low <= high  # both groups keep their longest clean step
     base = ff.FOOTPRINTS["dq"]
     footprint = dataclasses.replace(base, registers={**base.registers, 90: (low, *terms)})
-    kept = [(c.kwargs["BLOCK_N"], masked) for c, d, masked, _ in rows
-            if footprint.fits(c, d, masked, 2, 90, 227 * 1024)]  # fmt: skip
+    kept = [
+        (c.kwargs["BLOCK_N"], masked)
+        for c, d, masked, _ in rows
+        if footprint.fits(c, d, masked, 2, 90, 227 * 1024)
+    ]
     assert sorted(kept) == [(16, False), (16, True), (32, False)]
     # One register more than the range allows keeps a config that spills.
     wider = dataclasses.replace(base, registers={90: (high + 1, *terms)})

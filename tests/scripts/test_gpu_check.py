@@ -11,8 +11,12 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_dry_run_runs_every_step(tmp_path):
-    result = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logs = {p.stem for p in tmp_path.glob("*.log")}
     assert {"tests", "ops", "model"} <= logs
