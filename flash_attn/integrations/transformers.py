@@ -9,7 +9,8 @@ the varlen kernel, packed batches' position_ids turned into cu_seqlens, sliding 
 with our functions in place of the flash-attn package's. ``apply_fused_ops`` changes module
 instances only: norms become our norm modules holding the same parameters, and the attention,
 MLP and causal-LM modules get an instance ``forward`` from ``hf_forwards``; no class attribute
-of transformers is touched, and the state dict keeps its keys.
+of transformers is touched, and the state dict keeps its keys. Models using this attention
+check the shape of position_ids before each forward (a pre-hook on the model instance).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from torch.nn.modules.module import register_module_module_registration_hook
+from transformers import AttentionInterface, PreTrainedModel
 from transformers import modeling_flash_attention_utils as hf_flash
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.pytorch_utils import Conv1D
@@ -152,6 +154,62 @@ def _check_packed_position_ids(position_ids, query, attention_mask) -> None:
             )
 
 
+def _check_position_ids(model, args, kwargs, *, parameters, extra_dims):
+    """Forward pre-hook of a model using our attention: position_ids (batch or 1, T) for T input
+    tokens; with extra_dims (families outside FAMILIES, such as multimodal rotary's (3, B, T)),
+    any leading dimensions. A wrong length would otherwise fail in transformers' rotary
+    embedding, before the attention sees position_ids, with a size error that names neither.
+    Shapes only: no device sync."""
+    given = dict(zip(parameters, args)) if args else {}
+    position_ids = kwargs.get("position_ids", given.get("position_ids"))
+    if position_ids is None:
+        return None
+    source = "input_ids"
+    tokens = kwargs.get(source, given.get(source))
+    if tokens is None:
+        source = "inputs_embeds"
+        tokens = kwargs.get(source, given.get(source))
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+        return None
+    batch, seqlen = tokens.shape[:2]
+    shape = tuple(position_ids.shape)
+    rank_ok = len(shape) >= 2 if extra_dims else len(shape) == 2
+    if not rank_ok or shape[-1] != seqlen or shape[-2] not in (1, batch):
+        expected = f"({batch}, {seqlen})" + (f" or (1, {seqlen})" if batch != 1 else "")
+        raise ValueError(
+            f"position_ids must have shape (batch, sequence length) = {expected}, one position "
+            f"per token of {source} {tuple(tokens.shape)}; got {shape}"
+        )
+    return None
+
+
+def _add_position_ids_check(model: nn.Module) -> None:
+    """Register :func:`_check_position_ids` on model, once, if its forward takes position_ids."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    parameters = tuple(inspect.signature(model.forward).parameters)
+    hooks = model._forward_pre_hooks.values()
+    if "position_ids" not in parameters or any(
+        getattr(hook, "func", None) is _check_position_ids for hook in hooks
+    ):
+        return
+    extra_dims = getattr(model.config, "model_type", None) not in FAMILIES
+    hook = partial(_check_position_ids, parameters=parameters, extra_dims=extra_dims)
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _check_position_ids_of_new_models(module, name, submodule) -> None:
+    """Module-registration hook (global, called when a module gets a submodule): a transformers
+    model built with attn_implementation="flash_attn_triton" gets the position_ids check.
+    transformers hands the attention function nothing at construction; this is the first time
+    our code sees the model. The check itself runs only on those models."""
+    if isinstance(module, PreTrainedModel):
+        implementation = getattr(module.config, "_attn_implementation", None)
+        if implementation == ATTENTION_NAME:
+            _add_position_ids_check(module)
+    return None
+
+
 def _padding_mask(*args, attention_mask=None, **kwargs):
     """transformers' flash-attention mask function, for the masks it can take: a 2-D
     (batch, seqlen) padding mask, or None (4-D masks reach the attention as they are)."""
@@ -164,15 +222,24 @@ def _padding_mask(*args, attention_mask=None, **kwargs):
     return flash_attention_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+_registration_hook = None  # handle of _check_position_ids_of_new_models, once registered
+
+
 def register() -> None:
     """Register "flash_attn_triton" with transformers' attention and mask interfaces.
 
     The mask function is transformers' flash-attention one: a 2D padding mask, or None; other
-    masks than 2-D and 4-D are refused by name.
+    masks than 2-D and 4-D are refused by name. Models built from now on with this attention
+    check their position_ids' shape before each forward (:func:`_check_position_ids`).
     """
+    global _registration_hook
     AttentionInterface.register(ATTENTION_NAME, flash_attn_triton_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
     _install_flash_functions()
+    if _registration_hook is None:
+        _registration_hook = register_module_module_registration_hook(
+            _check_position_ids_of_new_models
+        )
 
 
 @dataclass(frozen=True)
@@ -352,6 +419,7 @@ def apply_fused_ops(
             labels the logits are returned as before.
     Returns:
         model, patched. Its state dict keys, save_pretrained and PEFT adapters are unchanged.
+        Its forward checks the shape of position_ids (:func:`_check_position_ids`).
     Raises:
         ValueError: unsupported family, or a part that cannot be patched (nothing is changed).
     """
@@ -366,6 +434,8 @@ def apply_fused_ops(
     swaps, binds = _plan(model, family, config, attention, norm, rotary, mlp, loss)
     if attention:
         model.set_attn_implementation(ATTENTION_NAME)
+    for module in model.modules():
+        _add_position_ids_check(module)
     for parent, name, old in swaps:
         setattr(parent, name, _fused_norm(old, family.norm))
     for module, forward in binds:

@@ -5,6 +5,7 @@ tests (padding, packing, generation) compare fp32 models with assert_close at 1e
 model of width 64 over at most 16 tokens differs by summation order only, around 1e-7.
 """
 
+import inspect
 import subprocess
 import sys
 
@@ -166,6 +167,44 @@ def test_bad_attention_mask_or_position_ids_is_named(saved, inputs, message):
     ours = load_ours(saved["llama"], "attention")
     with pytest.raises((ValueError, TypeError), match=message):
         ours(torch.randint(0, VOCAB, (1, 6)), **inputs)
+
+
+WRONG_POSITION_IDS = {
+    "packed, one short": [[0, 1, 2, 0, 1]],
+    "packed, one long": [[0, 1, 2, 0, 1, 2, 3]],
+    "no batch dimension": [0, 1, 2, 3, 4, 5],
+    "batch of 2 for 1": [[0, 1, 2, 3, 4, 5]] * 2,
+}
+
+
+@pytest.mark.parametrize("mode", ["attention", "fused"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("positions", WRONG_POSITION_IDS.values(), ids=WRONG_POSITION_IDS.keys())
+def test_position_ids_not_matching_the_tokens_are_named(saved, family, mode, positions):
+    """Positions of another length fail in transformers' rotary (or position) embedding, before
+    our attention sees them; the model checks their shape first, given by keyword or position,
+    with input_ids or inputs_embeds."""
+    ours = load_ours(saved[family], mode)
+    ids, position_ids = torch.randint(0, VOCAB, (1, 6)), torch.tensor(positions)
+    expected = r"position_ids must have shape \(batch, sequence length\) = \(1, 6\)"
+    with pytest.raises(ValueError, match=expected + r", one position per token of input_ids"):
+        ours(ids, position_ids=position_ids)
+    index = list(inspect.signature(ours.forward).parameters).index("position_ids")
+    with pytest.raises(ValueError, match=expected):
+        ours(ids, *[None] * (index - 1), position_ids)
+    embeds = ours.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match=expected + r", one position per token of inputs_embeds"):
+        ours(inputs_embeds=embeds, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("mode", ["attention", "fused"])
+def test_position_ids_shared_by_the_batch(saved, mode):
+    """(1, T) positions for a batch of B, as transformers broadcasts them, still run."""
+    ids, position_ids = torch.randint(0, VOCAB, (2, 7)), torch.arange(7)[None]
+    with torch.no_grad():
+        expected = load(saved["llama"])(ids, position_ids=position_ids).logits
+        got = load_ours(saved["llama"], mode)(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt_neox"])
