@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -223,6 +224,77 @@ def test_resume_needs_the_same_layout(tmp_path):
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="data.num_workers"):
         other.setup("fit")
+
+
+# -- bad local files: named with what was expected, as the memmap path names them -----------
+EXPECTED = {
+    ".txt": "; expected UTF-8 text",
+    ".jsonl": "; expected JSON lines: one JSON object per line, with a string field 'text'",
+    ".parquet": "; expected a parquet file with a string column 'text'",
+}
+
+
+def _jsonl_with_a_broken_line(path, good_lines: int):
+    lines = [json.dumps({"text": doc}) for doc in make_documents(good_lines, seed=4)]
+    path.write_text("\n".join([*lines, '{"text": "cut short', *lines]) + "\n", encoding="utf-8")
+
+
+def _unreadable(path, monkeypatch):
+    """path as a file that cannot be opened (permissions do not stop root, this stand-in does)."""
+    import builtins
+
+    from training.data import file_checks
+
+    path.write_text('{"text": "a"}\n')
+
+    def refusing_open(name, *args, **kwargs):
+        if str(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return builtins.open(name, *args, **kwargs)
+
+    monkeypatch.setattr(file_checks, "open", refusing_open, raising=False)
+
+
+BAD_FILES = {  # file name -> (writes it, what the error says is wrong)
+    "fake.parquet": (lambda p, mp: p.write_bytes(b"not a parquet file"), "is not a parquet file"),
+    "empty.jsonl": (lambda p, mp: p.write_bytes(b""), "is empty"),
+    "broken.jsonl": (lambda p, mp: _jsonl_with_a_broken_line(p, 0), "line 1 is not JSON"),
+    "binary.txt": (lambda p, mp: p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff"), "is not UTF-8 text"),
+    "folder.jsonl": (lambda p, mp: p.mkdir(), "is a folder, not a file"),
+    "locked.jsonl": (_unreadable, r"cannot be read \(Permission denied\)"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_local_file_is_named_before_streaming(tmp_path, monkeypatch, name):
+    write, problem = BAD_FILES[name]
+    path = tmp_path / name
+    write(path, monkeypatch)
+    dm = _dm(tmp_path, str(path), streaming=True)
+    dm.source.pop("val_split")
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+        _batches(dm, 1)
+    message = str(info.value)
+    assert re.match(f"data.source.data_files: {re.escape(str(path))} {problem}", message)
+    assert EXPECTED[path.suffixes[0]] in message
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_broken_line_met_while_streaming_names_the_file(tmp_path, workers):
+    """A file the stream reaches only after training started: the error, raised in the
+    loader's worker, names the file, its line and what was expected."""
+    data_files = _corpus(tmp_path)
+    broken = tmp_path / "data" / "later.jsonl"
+    _jsonl_with_a_broken_line(broken, good_lines=30)
+    data_files["train"].append(str(broken))
+    dm = _dm(tmp_path, data_files, streaming=True, shuffle=False, num_workers=workers)
+    dm.setup("fit")
+    expected = f"data.source.data_files: {broken} line 31 is not JSON"
+    with pytest.raises(
+        ValueError, match=re.escape(expected) + ".*" + re.escape(EXPECTED[".jsonl"])
+    ):
+        _batches(dm)
 
 
 def test_memmap_skips_empty_documents_and_checks_the_text_field(tmp_path):

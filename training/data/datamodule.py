@@ -22,6 +22,7 @@ from training.data.sources import HubUnreachable, load_text_dataset
 from training.data.streaming import (
     StreamingWindows,
     StreamPositions,
+    checked,
     document_texts,
     open_streams,
 )
@@ -297,14 +298,19 @@ class GPTDataModule(L.LightningDataModule):
         return self.files
 
     def _open_streams(self) -> dict[str, Path]:
-        train, validation, fingerprint = open_streams(
+        train, validation, fingerprint, file_checks = open_streams(
             self.source, self.cache_dir, self.val_documents
         )
         text_field = self.source.get("text_field") or "text"
         self.tokenizer = self._build_tokenizer(
-            fingerprint, lambda: document_texts(train, text_field)
+            fingerprint, lambda: document_texts(checked(train, file_checks["train"]), text_field)
         )
-        self.streams = {"train": train, "validation": validation, "text_field": text_field}
+        self.streams = {
+            "train": train,
+            "validation": validation,
+            "text_field": text_field,
+            "file_checks": file_checks,
+        }
         return self.files
 
     def prepare_data(self) -> None:
@@ -361,9 +367,15 @@ class GPTDataModule(L.LightningDataModule):
                 self.streams["train"],
                 seed=self.seed,
                 shuffle_buffer=self.shuffle_buffer if self.shuffle else 0,
+                check_files=self.streams["file_checks"]["train"],
                 **common,
             ),
-            "validation": StreamingWindows(self.streams["validation"], repeat=False, **common),
+            "validation": StreamingWindows(
+                self.streams["validation"],
+                repeat=False,
+                check_files=self.streams["file_checks"]["validation"],
+                **common,
+            ),
         }
         pending = self._pending_state
         self.stream_positions = StreamPositions(rank, world, streams)
@@ -415,7 +427,8 @@ class GPTDataModule(L.LightningDataModule):
             return load_tokens(self.build()["train"], verify=False)[:max_tokens]
         self.build()
         chunks, count = [], 0
-        for text in document_texts(self.streams["train"], self.streams["text_field"]):
+        train = checked(self.streams["train"], self.streams["file_checks"]["train"])
+        for text in document_texts(train, self.streams["text_field"]):
             chunks.append(np.asarray(self.tokenizer.encode_batch([text])[0], dtype=np.int64))
             count += len(chunks[-1])
             if count >= max_tokens:

@@ -2,7 +2,9 @@
 
 ``datasets.load_dataset`` reports a file it cannot parse as a ``DatasetGenerationError``
 without the file's name; :func:`find_unreadable_file` reads the files again (decompressed,
-stopping at the first problem) to say which one is wrong and how.
+stopping at the first problem) to say which one is wrong and how. A stream reads its files as
+training goes: it checks them before it starts without reading them through, and again,
+read through, when reading fails.
 """
 
 from __future__ import annotations
@@ -28,6 +30,19 @@ def _open(path: str):
     import fsspec
 
     return fsspec.open(path, "rb", compression="infer").open()
+
+
+def _open_problem(path: str) -> str | None:
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return "does not exist"
+    except IsADirectoryError:
+        return "is a folder, not a file"
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    return None
 
 
 def _text_problem(path: str) -> str | None:
@@ -90,16 +105,25 @@ def _parquet_problem(path: str) -> str | None:
 _PROBLEM = {"text": _text_problem, "json": _json_problem, "parquet": _parquet_problem}
 
 
-def find_unreadable_file(files: list[str], builder: str, text_field: str) -> str | None:
+def find_unreadable_file(
+    files: list[str], builder: str, text_field: str, read_through: bool = True
+) -> str | None:
     """The first of files (all read by the datasets builder "text", "json" or "parquet")
     that cannot be read, as "<file> <what is wrong>; expected <format>"; None when each one
-    reads."""
+    reads.
+
+    read_through=False checks only what shows without reading a file through (for a stream,
+    which reads its files as training goes): a file missing, a folder or unreadable, a parquet
+    file without a parquet footer.
+    """
     problem_of = _PROBLEM.get(builder)
     if problem_of is None:
         return None
     expected = EXPECTED[builder].format(text_field=text_field)
     for path in files:
-        problem = problem_of(path)
+        problem = _open_problem(path)
+        if problem is None and (read_through or builder == "parquet"):
+            problem = problem_of(path)  # a parquet file's problem shows in its footer
         if problem is not None:
             return f"{path} {problem}; expected {expected}"
     return None

@@ -195,10 +195,10 @@ def _load_files(builder: str, resolved: dict, kwargs: dict, text_field: str, cac
     try:
         loaded = datasets.load_dataset(builder, data_files=resolved, cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # DatasetGenerationError, StopIteration ... name no file
-        _raise_if_unreadable(files, builder, text_field, exc)
+        raise_if_unreadable(files, builder, text_field, exc)
         raise
     if _holds_no_text(loaded.get("train"), text_field):
-        _raise_if_unreadable(files, builder, text_field)
+        raise_if_unreadable(files, builder, text_field)
     return loaded
 
 
@@ -209,8 +209,12 @@ def _holds_no_text(train, text_field: str) -> bool:
     return not any(str(text).strip() for text in train[text_field])
 
 
-def _raise_if_unreadable(files: list[str], builder: str, text_field: str, cause=None) -> None:
-    problem = find_unreadable_file(files, builder, text_field)
+def raise_if_unreadable(
+    files: list[str], builder: str, text_field: str, cause=None, read_through: bool = True
+) -> None:
+    """ValueError naming the first of files that cannot be read (see find_unreadable_file),
+    raised from cause; nothing when each one reads."""
+    problem = find_unreadable_file(files, builder, text_field, read_through)
     if problem is not None:
         raise ValueError(f"data.source.data_files: {problem}") from cause
 

@@ -7,6 +7,10 @@ data.num_workers=0); stream j of rank r reads the documents of slot r * streams 
 of the slots, else every slots-th document), so no two slots read the same document. Each
 batch says where its stream continues; the datamodule keeps the position of the last batch
 trained on of every stream, and a resumed run starts each stream there.
+
+Local files are checked before the stream opens as far as that needs no reading them through
+(missing, unreadable, not parquet); a file found bad only as it is read (a broken JSON line)
+stops the stream with an error naming it and what was expected, as the memmap path does.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import copy
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -23,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from training.data.packing import WindowPacker, require_text, window_batch
-from training.data.sources import files_builder_args, load_hub_dataset
+from training.data.sources import files_builder_args, load_hub_dataset, raise_if_unreadable
 from training.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -32,9 +37,15 @@ _READ_BLOCK = 256  # documents read together when there is no shuffling
 _ENCODE_BATCH = 64  # documents handed to the tokenizer at once
 
 
+FileCheck = Callable[[Exception | None], None]
+
+
 def open_streams(source: dict, cache_dir: str, val_documents: int):
-    """(train, validation) ``datasets.IterableDataset`` of a hub or files source, and a
-    fingerprint of the source (it keys a BPE tokenizer trained on it).
+    """(train, validation) ``datasets.IterableDataset`` of a hub or files source, a
+    fingerprint of the source (it keys a BPE tokenizer trained on it), and the file checks of
+    the two streams ({"train": check, "validation": check}, None for the hub): a check,
+    called with the error that stopped reading a stream (or None: it had no documents),
+    raises a ValueError naming the first of the stream's files that cannot be read.
 
     Without a validation split, the first val_documents documents of the training stream are
     held out. max_documents caps the training documents.
@@ -43,19 +54,31 @@ def open_streams(source: dict, cache_dir: str, val_documents: int):
 
     kind = source.get("kind")
     hf_cache = source.get("hf_cache_dir")
+    text_field = source.get("text_field") or "text"
+    checks: dict[str, FileCheck | None] = {}
     if kind == "hub":
         streams = load_hub_dataset(source, streaming=True, cache_dir=hf_cache)
         train_split = source.get("split") or "train"
         key = f"hub|{source.get('name')}|{source.get('config_name')}|{source.get('revision')}"
     elif kind == "files":
         builder, resolved, kwargs = files_builder_args(source)
-        streams = datasets.load_dataset(
-            builder,
-            data_files=resolved,
-            streaming=True,
-            cache_dir=hf_cache or os.path.join(cache_dir, "hf"),
-            **kwargs,
-        )
+        every_file = [f for fs in resolved.values() for f in fs]
+        raise_if_unreadable(every_file, builder, text_field, read_through=False)
+        checks = {
+            split: partial(raise_if_unreadable, files, builder, text_field)
+            for split, files in resolved.items()
+        }
+        try:  # the json builder reads the start of the first file for its columns
+            streams = datasets.load_dataset(
+                builder,
+                data_files=resolved,
+                streaming=True,
+                cache_dir=hf_cache or os.path.join(cache_dir, "hf"),
+                **kwargs,
+            )
+        except Exception as exc:  # StopIteration, ArrowInvalid ... name no file
+            raise_if_unreadable(every_file, builder, text_field, exc)
+            raise
         train_split = "train"
         key = "files|" + "|".join(
             f"{s}:{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}"
@@ -71,15 +94,30 @@ def open_streams(source: dict, cache_dir: str, val_documents: int):
         raise ValueError(f"data.source.split={train_split!r} is not one of {list(streams)}")
     train = streams[train_split]
     val_split = source.get("val_split")
+    validation_files = val_split
     if val_split and val_split in streams:
         validation = streams[val_split]
     else:
         validation, train = train.take(val_documents), train.skip(val_documents)
+        validation_files = train_split
     max_docs = source.get("max_documents")
     if max_docs:
         train = train.take(int(max_docs))
     key += f"|val={val_split}:{val_documents}|docs={max_docs}"
-    return train, validation, "stream-" + hashlib.sha256(key.encode()).hexdigest()
+    fingerprint = "stream-" + hashlib.sha256(key.encode()).hexdigest()
+    file_checks = {"train": checks.get(train_split), "validation": checks.get(validation_files)}
+    return train, validation, fingerprint, file_checks
+
+
+def checked(rows: Iterator[dict], check_files: FileCheck | None) -> Iterator[dict]:
+    """rows; an error reading them goes to check_files first, which names a bad local file
+    where it finds one (datasets' own errors name no file)."""
+    try:
+        yield from rows
+    except Exception as exc:
+        if check_files is not None:
+            check_files(exc)
+        raise
 
 
 def document_texts(documents, text_field: str) -> Iterator[str]:
@@ -122,6 +160,7 @@ class StreamingWindows(IterableDataset):
             from (seed, epoch, slot, block) (0: source order).
         repeat: start a new epoch when the documents run out (training) or stop (validation).
         document_mask: batches carry document_starts.
+        check_files: of the documents' local files (see :func:`open_streams`), or None.
     Item: {"tokens": (B, T + 1) int64, "document_starts": (B, T + 1) bool (document_mask
     only), "stream": int, "stream_state": dict, where the stream continues after it}.
     Before iterating, ``states[j]`` (None: the beginning) says where stream j starts and
@@ -143,12 +182,14 @@ class StreamingWindows(IterableDataset):
         shuffle_buffer: int = 0,
         repeat: bool = True,
         document_mask: bool = False,
+        check_files: FileCheck | None = None,
     ):
         self.documents, self.text_field, self.tokenizer = documents, text_field, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.streams = rank, world_size, streams
         self.seed, self.shuffle_buffer, self.repeat = seed, shuffle_buffer, repeat
         self.eos_for_mask = tokenizer.eos_id if document_mask else None
+        self.check_files = check_files
         self.states: list[dict | None] = [None] * streams
         self.rotation = 0
 
@@ -189,7 +230,8 @@ class StreamingWindows(IterableDataset):
             documents = self._slot_documents(stream)
             if source is not None:
                 documents.load_state_dict(source)
-            texts = document_texts(stream_rows(documents), self.text_field)
+            rows = checked(stream_rows(documents), self.check_files)
+            texts = document_texts(rows, self.text_field)
             seen_any = False
             while block_texts := list(islice(texts, self.shuffle_buffer or _READ_BLOCK)):
                 seen_any = True
@@ -205,6 +247,8 @@ class StreamingWindows(IterableDataset):
                         offset = 0
                 block, source, first_doc = block + 1, after_block, 0
             if not seen_any:
+                if self.check_files is not None:
+                    self.check_files(None)  # an empty file, rather than too few for the slots
                 raise ValueError(
                     f"stream {stream} of rank {self.rank} has no documents (epoch {epoch}): "
                     "too few documents or files for data.num_workers x devices"
