@@ -21,6 +21,8 @@ ARCHS = [80, 90]
 PLAIN = dict(
     HEAD_DIM=128,
     MASK_WINDOW=False,
+    MASK_LEFT=False,
+    HAS_ALIBI=False,
     DROPOUT=False,
     HAS_BIAS=False,
     SOFTCAP=False,
@@ -51,7 +53,8 @@ def test_committed_tables_end_in_a_rule_for_every_launch(arch):
         rules = table["kernels"][kernel]
         assert rules[-1]["when"] == {}, f"sm_{arch} {kernel}: no catch-all last rule"
         for rule in rules:
-            assert set(rule["when"]) <= set(PLAIN), rule  # names a launch has
+            assert set(rule["when"]) <= set(PLAIN) | {"any"}, rule  # names a launch has
+            assert set(rule["when"].get("any", [])) <= set(PLAIN), rule
             config = at.parse_config(rule["config"])
             assert at.config_label(config) == rule["config"]
 
@@ -75,6 +78,8 @@ def test_rules_match_values_and_lists():
     assert at.rule_applies({"HEAD_DIM": [64, 128], "dtype": "bf16"}, PLAIN)
     assert not at.rule_applies({"HEAD_DIM": [32, 64]}, PLAIN)
     assert not at.rule_applies({"MASK_WINDOW": True}, PLAIN)
+    assert at.rule_applies({"any": ["DROPOUT", "ATOMIC_DQ"], "dtype": "bf16"}, PLAIN)
+    assert not at.rule_applies({"any": ["DROPOUT", "HAS_BIAS"]}, PLAIN)
 
 
 def test_without_autotuning_a_launch_compiles_the_tables_config_only(compiled_kernels):

@@ -271,10 +271,11 @@ def load_table(arch: int) -> dict:
     arch without its own).
 
     A table: {"arch": 90, "about": text, "kernels": {"fwd": rules, "dkdv": rules, "dq": rules}},
-    each rule {"when": {name: value or [values]}, "config": label}. A rule applies when each
-    named argument of the launch (a kernel constant such as HEAD_DIM, MASK_WINDOW, DROPOUT,
-    seqlen_k_bucket, or "dtype": "bf16", "fp16", "fp32") equals its value or is in its list;
-    the first rule that applies gives the config, and each kernel's last rule applies always.
+    each rule {"when": {name: value or [values], "any": [flags]}, "config": label}. A rule
+    applies when each named argument of the launch (a kernel constant such as HEAD_DIM,
+    MASK_WINDOW, DROPOUT, seqlen_k_bucket, or "dtype": "bf16", "fp16", "fp32") equals its value
+    or is in its list, and one of the flags under "any" is on (:func:`rule_applies`); the first
+    rule that applies gives the config, and each kernel's last rule applies always.
     """
     user = os.environ.get("FLASH_ATTN_CONFIG_TABLE")
     if user:
@@ -286,8 +287,14 @@ def load_table(arch: int) -> dict:
 
 
 def rule_applies(when: dict, args: dict) -> bool:
-    """Whether every condition of a rule holds for the launch arguments ``args``."""
+    """Whether every condition of a rule holds for the launch arguments ``args``: each named
+    argument equals its value or is in its list, and of the flags listed under "any" (e.g.
+    ["DROPOUT", "HAS_BIAS"]), one at least is on."""
     for name, wanted in when.items():
+        if name == "any":
+            if not any(args[flag] for flag in wanted):
+                return False
+            continue
         value = args[name]
         if value not in wanted if isinstance(wanted, list) else value != wanted:
             return False
