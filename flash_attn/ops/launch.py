@@ -132,13 +132,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     values = args + tuple(kwargs.values()) if kwargs else args
-    key = [id(kernel), grid if type(grid) is tuple else _grid_key(grid), *kwargs]
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            key += (value.dtype, value.device, value.data_ptr() % 16 == 0)
-        else:
-            key.append(value)
-    key = tuple(key)
+    key = (
+        id(kernel),
+        grid if type(grid) is tuple else _grid_key(grid),
+        *kwargs,
+        *[
+            (v.dtype, v.device, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v
+            for v in values
+        ],
+    )
     entry = _plans.get(key)
     if entry is not None and entry[0].compiled is not None:
         entry[0].replay(values, entry[1])

@@ -484,7 +484,7 @@ def _layer_norm_bwd_kernel(
     DW,
     DB,
     DW1,
-    DB1,  # (num_programs, N) fp32 per-program partial sums, zero-initialised
+    DB1,  # (num_programs, N) fp32 per-program partial sums, zero-initialised unless SINGLE_BLOCK
     RowScale,  # (M,) read when HAS_ROWSCALE
     Mean,
     Rstd,  # (M,) fp32 from the forward
@@ -658,10 +658,6 @@ def _rows_2d(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _seed_arg(seed, device):
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
-
-
 def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
     """The kernel takes a pointer for every optional tensor: a placeholder it never reads."""
     return t if t is not None else placeholder
@@ -743,7 +739,7 @@ def layer_norm_fwd(
             _or(rowscale, mean),
             mean,
             rstd,
-            _seed_arg(seed, x.device),
+            _or(seed, mean),
             x.stride(0),
             x1.stride(0) if x1 is not None else 0,
             residual.stride(0) if residual is not None else 0,
@@ -829,11 +825,13 @@ def layer_norm_bwd(
     if residual_dtype is not None:
         dresidual = torch.empty((M, N), dtype=residual_dtype, device=dy.device)
     programs = _num_programs(M, x.device)
-    partials = torch.zeros(
+    block, single, num_warps = _block(N, max_block)
+    # A single-block kernel writes every program's partial row; a chunked one adds into them.
+    new_partials = torch.empty if single and M > 0 else torch.zeros
+    partials = new_partials(
         (4 if weight1 is not None else 2, programs, N), dtype=torch.float32, device=x.device
     )
     if M > 0:
-        block, single, num_warps = _block(N, max_block)
         with device_guard(x):
             launch(
                 _layer_norm_bwd_kernel,
@@ -854,7 +852,7 @@ def layer_norm_bwd(
                 _or(rowscale, mean),
                 mean,
                 rstd,
-                _seed_arg(seed, x.device),
+                _or(seed, mean),
                 x.stride(0),
                 M,
                 N,
@@ -872,6 +870,7 @@ def layer_norm_bwd(
                 SINGLE_BLOCK=single,
                 num_warps=num_warps,
             )
+    # Separate tensors, not views of one: a custom op's outputs may not alias each other.
     dweight, dbias = _summed(partials[0], weight.dtype), _summed(partials[1], weight.dtype)
     dweight1 = dbias1 = None
     if weight1 is not None:
