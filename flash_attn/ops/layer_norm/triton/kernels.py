@@ -23,6 +23,8 @@ partial buffer, and the launcher adds those rows up: no atomics, so it is bit-re
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -644,6 +646,7 @@ def _layer_norm_bwd_kernel(
             tl.store(DB1 + offs, db1, mask=mask)
 
 
+@functools.cache  # called at every launch, with a few distinct sizes
 def _block(N: int, max_block: int) -> tuple[int, bool, int]:
     """(BLOCK_N, SINGLE_BLOCK, num_warps) for rows of N elements."""
     block = triton.next_power_of_2(N)
@@ -766,11 +769,15 @@ def layer_norm_fwd(
 
 
 def _num_programs(M: int, device: torch.device) -> int:
+    return max(1, min(M, _max_programs(device)))
+
+
+@functools.cache  # the device's properties, read once rather than at every backward
+def _max_programs(device: torch.device) -> int:
     if device.type == "cuda" and not interpreter_enabled():
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(M, 2 * sms))
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     # The interpreter runs programs one after another: a few suffice to exercise the reduction.
-    return max(1, min(M, 4))
+    return 4
 
 
 def _summed(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
