@@ -123,22 +123,24 @@ _arg_names: dict = {}
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` through a :class:`LaunchPlan` kept per kernel, grid
-    and specialisation of the arguments: a tensor counts by its dtype, device and 16-byte
-    alignment (what Triton specialises on), anything else by its value. So every call after the
-    first of its kind goes straight to the compiled kernel; under the CPU interpreter it is the
-    usual launch."""
+    """``kernel[grid](*args, **kwargs)`` through a :class:`LaunchPlan` kept per kernel, grid,
+    current device and specialisation of the arguments: a tensor counts by its dtype and
+    16-byte alignment (what Triton specialises on), anything else by its value. So every call
+    after the first of its kind goes straight to the compiled kernel; under the CPU interpreter
+    it is the usual launch."""
     if _INTERPRETER or not isinstance(kernel, KernelInterface):  # or a stand-in kernel
         kernel[grid](*args, **kwargs)
         return
     values = args + tuple(kwargs.values()) if kwargs else args
-    key = [id(kernel), grid if type(grid) is tuple else _grid_key(grid), *kwargs]
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            key += (value.dtype, value.device, value.data_ptr() % 16 == 0)
-        else:
-            key.append(value)
-    key = tuple(key)
+    # The device is the current one (the launchers' device guard sets it), read once rather
+    # than from every tensor: a tensor's .device costs as much as its .dtype.
+    key = (
+        id(kernel),
+        grid if type(grid) is tuple else _grid_key(grid),
+        triton.runtime.driver.active.get_current_device(),
+        *kwargs,
+        *[(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values],
+    )
     entry = _plans.get(key)
     if entry is not None and entry[0].compiled is not None:
         entry[0].replay(values, entry[1])

@@ -108,17 +108,6 @@ class TritonLaunches:
         return launch
 
 
-def launch_key(t) -> tuple | None:
-    """What a check or a launch reads of an argument that may be a tensor: its shape, strides,
-    dtype, device and 16-byte alignment (Triton specialises pointers on it); None stays None,
-    and anything else counts by its identity (the checks then name it)."""
-    if t is None:
-        return None
-    if isinstance(t, torch.Tensor):
-        return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
-    return (type(t), id(t))
-
-
 def _layout_of(t):
     """A meta tensor with t's shape, strides and dtype (None stays None): what the launches
     read of an optional input, without keeping its memory alive."""

@@ -23,10 +23,11 @@ from flash_attn.ops.attention.checks import (
     check_flag,
     window_pair,
 )
-from flash_attn.ops.attention.function import attention_compiled, launch_key
+from flash_attn.ops.attention.function import attention_compiled
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch_dense
 from flash_attn.ops.backend import reads_values, resolve_backend
+from flash_attn.ops.custom_op import launch_key
 
 
 @dataclass(frozen=True)

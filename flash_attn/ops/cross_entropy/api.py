@@ -28,9 +28,11 @@ from flash_attn.ops.cross_entropy.reference import (
     reduce_loss,
     shard_of,
 )
+from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.utils.checks import check_float
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_plans = PlanCache()  # per call signature of cross_entropy_loss: whether the kernels serve it
 
 
 def check_cross_entropy_inputs(
@@ -119,11 +121,7 @@ def _per_row_triton(
     inplace_backward,
     process_group,
 ):
-    """(loss, z_loss) per row, (n_rows,) fp32, on the kernels."""
-    if logits.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"logits must be one of {KERNEL_DTYPES} for backend='triton', got {logits.dtype}"
-        )
+    """(loss, z_loss) per row, (n_rows,) fp32, on the kernels (logits of their dtypes)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     args = (
@@ -140,6 +138,31 @@ def _per_row_triton(
         return VocabParallelCrossEntropy.apply(*args, process_group)
     loss, z_loss, _ = cross_entropy_fwd_op(*args)
     return loss, z_loss
+
+
+def _check_inputs(
+    logits,
+    labels,
+    label_smoothing,
+    lse_square_scale,
+    ignore_index,
+    reduction,
+    logit_scale,
+    precomputed_lse,
+    process_group,
+) -> None:
+    """The checks of :func:`cross_entropy_loss` but the label values."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be a floating-point tensor, got {got}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (n_rows, vocab), got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have vocab >= 1 columns, got 0")
+    check_cross_entropy_inputs(
+        logits, labels, label_smoothing, ignore_index, reduction, lse_square_scale
+    )
+    _check_loss_options(logits, logit_scale, precomputed_lse, process_group)
 
 
 def cross_entropy_loss(
@@ -188,21 +211,43 @@ def cross_entropy_loss(
             logit_scale not a number > 0; precomputed_lse not a float (n_rows,) tensor;
             process_group not a ProcessGroup.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise TypeError(f"logits must be a floating-point tensor, got {got}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D (n_rows, vocab), got shape {tuple(logits.shape)}")
-    if logits.shape[1] == 0:
-        raise ValueError("logits must have vocab >= 1 columns, got 0")
-    check_cross_entropy_inputs(
-        logits, labels, label_smoothing, ignore_index, reduction, lse_square_scale
+    key = call_signature(
+        (logits, labels, precomputed_lse, process_group),
+        (
+            label_smoothing,
+            lse_square_scale,
+            ignore_index,
+            reduction,
+            inplace_backward,
+            logit_scale,
+            return_z_loss,
+            backend,
+        ),
     )
-    _check_loss_options(logits, logit_scale, precomputed_lse, process_group)
+    use_triton = _plans.get(key)
+    if use_triton is None:
+        _check_inputs(
+            logits,
+            labels,
+            label_smoothing,
+            lse_square_scale,
+            ignore_index,
+            reduction,
+            logit_scale,
+            precomputed_lse,
+            process_group,
+        )
+        use_triton = resolve_backend(backend, logits.device, logits.dtype) == "triton"
+        if use_triton and logits.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"logits must be one of {KERNEL_DTYPES} for backend='triton', got {logits.dtype}"
+            )
+        _plans.keep(key, use_triton)
+    # Where reading the labels costs no synchronisation: at every call.
     check_labels_in_range(labels, shard_of(logits, process_group)[1], ignore_index)
     labels = labels.long()
     options = (label_smoothing, lse_square_scale, ignore_index)
-    if resolve_backend(backend, logits.device, logits.dtype) == "torch":
+    if not use_triton:
         no_extension = logit_scale == 1.0 and precomputed_lse is None and process_group is None
         plain = no_extension and not return_z_loss and lse_square_scale == 0.0
         if plain and logits.dtype in (torch.float32, torch.float64):

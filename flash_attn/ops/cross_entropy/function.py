@@ -25,6 +25,8 @@ def uses_precomputed_lse(precomputed_lse, logit_scale: float, label_smoothing: f
 def _loss_and_z_loss(label_terms, lse, labels, lse_square_scale, ignore_index):
     """Per-row (loss, z_loss) fp32 from a row's label terms and its (whole-vocabulary) lse."""
     ignored = labels == ignore_index
+    if lse_square_scale == 0.0:
+        return torch.where(ignored, 0.0, label_terms + lse), torch.zeros_like(lse)
     z_loss = torch.where(ignored, 0.0, lse_square_scale * lse.square())
     return torch.where(ignored, 0.0, label_terms + lse + z_loss), z_loss
 
@@ -97,7 +99,7 @@ def _(dloss, logits, lse, labels, label_smoothing, logit_scale, lse_square_scale
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("flash_attn::cross_entropy_bwd_inplace", mutates_args=("logits",))
+@custom_op("flash_attn::cross_entropy_bwd_inplace", mutates_args=("logits",))
 def cross_entropy_bwd_inplace_op(
     dloss: torch.Tensor,
     logits: torch.Tensor,
@@ -138,7 +140,7 @@ def _backward(ctx, dloss, _dz_loss, _dlse):
     logits, lse, labels = ctx.saved_tensors
     if ctx.inplace_backward:
         # The logits are not needed after this: their storage receives the gradient.
-        torch.ops.flash_attn.cross_entropy_bwd_inplace(dloss, logits, lse, labels, *ctx.options)
+        cross_entropy_bwd_inplace_op(dloss, logits, lse, labels, *ctx.options)
         dlogits = logits
     else:
         dlogits = cross_entropy_bwd_op(dloss, logits, lse, labels, *ctx.options)

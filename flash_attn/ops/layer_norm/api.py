@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.layer_norm.function import layer_norm_fwd_op
 from flash_attn.ops.layer_norm.reference import (
     draw_keep_masks,
@@ -28,6 +29,7 @@ from flash_attn.ops.layer_norm.reference import (
 )
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_plans = PlanCache()  # per call signature of layer_norm_fn
 
 
 def _check_vector(name: str, t, hidden: int) -> None:
@@ -107,28 +109,36 @@ def _layer_norm_torch(*args):
     return layer_norm_with(_native_norm, keep, keep1, *args)
 
 
-def _flat(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
-    return t.reshape(-1, hidden) if t is not None else None
+class _NormPlan:
+    """What one call signature of :func:`layer_norm_fn` resolved to (checked on its first call):
+    the backend and, for Triton, the dtypes and the outputs the kernel stores."""
+
+    def __init__(
+        self,
+        backend,
+        x,
+        residual,
+        x1,
+        weight1,
+        dropout_p,
+        rowscale,
+        prenorm,
+        residual_in_fp32,
+        return_dropout_mask,
+        out_dtype,
+    ):
+        self.use_triton = backend == "triton"
+        self.residual_dtype = residual_dtype_for(x, residual, residual_in_fp32)
+        self.out_dtype = out_dtype or x.dtype
+        # residual_out is needed by the caller (prenorm) or by the backward (h is not x).
+        self.store = prenorm or any(t is not None for t in (residual, x1, rowscale))
+        self.store = self.store or dropout_p > 0.0
+        self.store_masks = return_dropout_mask and dropout_p > 0.0
+        self.has_out1 = weight1 is not None
+        self.has_mask1 = self.store_masks and x1 is not None
 
 
-def _layer_norm_triton(
-    x,
-    weight,
-    bias,
-    residual,
-    x1,
-    weight1,
-    bias1,
-    eps,
-    dropout_p,
-    rowscale,
-    prenorm,
-    residual_in_fp32,
-    zero_centered_weight,
-    is_rms_norm,
-    return_dropout_mask,
-    out_dtype,
-):
+def _check_triton_dtypes(x, weight, bias, residual, x1, weight1, bias1) -> None:
     named = (
         ("x", x),
         ("weight", weight),
@@ -141,45 +151,55 @@ def _layer_norm_triton(
     for name, t in named:
         if t is not None and t.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 {name}, got {t.dtype}")
-    shape, hidden = x.shape, x.shape[-1]
-    residual_dtype = residual_dtype_for(x, residual, residual_in_fp32)
+
+
+def _layer_norm_triton(
+    plan: _NormPlan,
+    x,
+    weight,
+    bias,
+    residual,
+    x1,
+    weight1,
+    bias1,
+    eps,
+    dropout_p,
+    rowscale,
+    prenorm,
+    zero_centered_weight,
+    is_rms_norm,
+    return_dropout_mask,
+):
     # The seed comes from torch's generator, so torch.manual_seed makes dropout reproducible.
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    # residual_out is needed by the caller (prenorm) or by the backward (h is not x).
-    store = prenorm or any(t is not None for t in (residual, x1, rowscale)) or dropout_p > 0.0
-    store_masks = return_dropout_mask and dropout_p > 0.0
     y, y1, residual_out, _, _, keep, keep1 = layer_norm_fwd_op(
-        _flat(x, hidden),
+        x,
         weight,
         bias,
-        _flat(residual, hidden),
-        _flat(x1, hidden),
+        residual,
+        x1,
         weight1,
         bias1,
-        rowscale.reshape(-1) if rowscale is not None else None,
+        rowscale,
         seed,
         float(eps),
         float(dropout_p),
         is_rms_norm,
         zero_centered_weight,
-        out_dtype or x.dtype,
-        residual_dtype,
-        store,
-        store_masks,
+        plan.out_dtype,
+        plan.residual_dtype,
+        plan.store,
+        plan.store_masks,
         prenorm,
     )
-
-    def shaped(t, present: bool):
-        return t.view(shape) if present else None
-
     return pack_outputs(
-        y.view(shape),
-        shaped(y1, weight1 is not None),
-        shaped(residual_out, prenorm),
-        shaped(keep, store_masks),
-        shaped(keep1, store_masks and x1 is not None),
+        y,
+        y1 if plan.has_out1 else None,
+        residual_out if prenorm else None,
+        keep if plan.store_masks else None,
+        keep1 if plan.has_mask1 else None,
         prenorm,
         return_dropout_mask,
     )
@@ -252,30 +272,78 @@ def layer_norm_fn(
             dropout_p outside [0, 1), rowscale with x1, bias1 without weight1.
         TypeError: non-float inputs or out / residual_out, or fp64 on the Triton backend.
     """
-    _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale)
-    _check_preallocated(out, residual_out, x)
-    args = (
-        x,
-        weight,
-        bias,
-        residual,
-        x1,
-        weight1,
-        bias1,
-        eps,
-        dropout_p,
-        rowscale,
-        prenorm,
-        residual_in_fp32,
-        zero_centered_weight,
-        is_rms_norm,
-        return_dropout_mask,
-        out_dtype,
+    key = call_signature(
+        (x, weight, bias, residual, x1, weight1, bias1, rowscale, out, residual_out),
+        (
+            eps,
+            dropout_p,
+            prenorm,
+            residual_in_fp32,
+            zero_centered_weight,
+            is_rms_norm,
+            return_dropout_mask,
+            out_dtype,
+            backend,
+        ),
     )
-    if resolve_backend(backend, x.device, x.dtype) == "triton":
-        result = _layer_norm_triton(*args)
+    plan = _plans.get(key)
+    if plan is None:
+        _check_inputs(x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale)
+        _check_preallocated(out, residual_out, x)
+        resolved = resolve_backend(backend, x.device, x.dtype)
+        if resolved == "triton":
+            _check_triton_dtypes(x, weight, bias, residual, x1, weight1, bias1)
+        plan = _NormPlan(
+            resolved,
+            x,
+            residual,
+            x1,
+            weight1,
+            dropout_p,
+            rowscale,
+            prenorm,
+            residual_in_fp32,
+            return_dropout_mask,
+            out_dtype,
+        )
+        plan = _plans.keep(key, plan)
+    if plan.use_triton:
+        result = _layer_norm_triton(
+            plan,
+            x,
+            weight,
+            bias,
+            residual,
+            x1,
+            weight1,
+            bias1,
+            eps,
+            dropout_p,
+            rowscale,
+            prenorm,
+            zero_centered_weight,
+            is_rms_norm,
+            return_dropout_mask,
+        )
     else:
-        result = _layer_norm_torch(*args)
+        result = _layer_norm_torch(
+            x,
+            weight,
+            bias,
+            residual,
+            x1,
+            weight1,
+            bias1,
+            eps,
+            dropout_p,
+            rowscale,
+            prenorm,
+            residual_in_fp32,
+            zero_centered_weight,
+            is_rms_norm,
+            return_dropout_mask,
+            out_dtype,
+        )
     if out is None and residual_out is None:
         return result
     return _write_into(result, out, residual_out, weight1 is not None, prenorm)

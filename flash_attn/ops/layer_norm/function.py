@@ -7,11 +7,22 @@ The kernels are imported inside each op so that ``import flash_attn`` works with
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from flash_attn.ops.custom_op import custom_op
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., N) -> (M, N): the rows the kernels normalise."""
+    return t.reshape(-1, t.shape[-1]) if t is not None and t.ndim != 2 else t
+
+
+def _shaped(t: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """A kernel's (M, N) output viewed in the caller's shape."""
+    return t.view(shape) if t is not None and len(shape) != 2 else t
 
 
 def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -42,22 +53,24 @@ def layer_norm_fwd_op(
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    """x, x1, residual (M, N) -> y, y1 (M, N) or (0,), residual_out (M, N) or (0,),
-    mean (M,), rstd (M,), keep, keep1 (M, N) bool or (0,)."""
+    """x, x1, residual (..., N) -> y, y1 x's shape or (0,), residual_out x's shape or (0,),
+    mean (M,), rstd (M,) (M rows of N), keep, keep1 x's shape, bool, or (0,). rowscale:
+    x.shape[:-1] or None."""
     from flash_attn.ops.layer_norm.triton.kernels import layer_norm_fwd
 
+    shape = x.shape
     y, y1, residual_out, mean, rstd, keep, keep1 = layer_norm_fwd(
-        x,
+        _rows(x),
         weight,
         bias,
         eps,
-        residual,
-        x1,
+        _rows(residual),
+        _rows(x1),
         weight1,
         bias1,
         dropout_p,
         seed,
-        rowscale,
+        rowscale.reshape(-1) if rowscale is not None else None,
         zero_centered_weight,
         is_rms_norm,
         out_dtype,
@@ -66,13 +79,13 @@ def layer_norm_fwd_op(
         store_dropout_mask,
     )
     return (
-        y,
-        _empty_if_none(y1, y),
-        _empty_if_none(residual_out, x, residual_dtype),
+        _shaped(y, shape),
+        _empty_if_none(_shaped(y1, shape), y),
+        _empty_if_none(_shaped(residual_out, shape), x, residual_dtype),
         mean,
         rstd,
-        _empty_if_none(keep, x, torch.bool),
-        _empty_if_none(keep1, x, torch.bool),
+        _empty_if_none(_shaped(keep, shape), x, torch.bool),
+        _empty_if_none(_shaped(keep1, shape), x, torch.bool),
     )
 
 
@@ -100,7 +113,7 @@ def _(
     def maybe(present, dtype):
         return x.new_empty(x.shape if present else (0,), dtype=dtype)
 
-    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    stats = x.new_empty((math.prod(x.shape[:-1]),), dtype=torch.float32)
     return (
         maybe(True, out_dtype),
         maybe(weight1 is not None, out_dtype),
@@ -133,22 +146,24 @@ def layer_norm_bwd_op(
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    """-> dx (M, N), dweight (N,), dbias (N,), dresidual (M, N), dx1 (M, N), dweight1 (N,),
-    dbias1 (N,); the last four (0,) where the forward had no such input."""
+    """dy, dy1, x, dresidual_out (..., N) -> dx x's shape, dweight (N,), dbias (N,), dresidual,
+    dx1 x's shape, dweight1 (N,), dbias1 (N,); the last four (0,) where the forward had no
+    such input."""
     from flash_attn.ops.layer_norm.triton.kernels import layer_norm_bwd
 
+    shape = x.shape
     dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = layer_norm_bwd(
-        dy,
-        x,
+        _rows(dy),
+        _rows(x),
         weight,
         mean,
         rstd,
-        dresidual_out,
-        dy1,
+        _rows(dresidual_out),
+        _rows(dy1),
         weight1,
         dropout_p,
         seed,
-        rowscale,
+        rowscale.reshape(-1) if rowscale is not None else None,
         zero_centered_weight,
         is_rms_norm,
         x_dtype,
@@ -156,11 +171,11 @@ def layer_norm_bwd_op(
         residual_dtype,
     )
     return (
-        dx,
+        _shaped(dx, shape),
         dweight,
         dbias,
-        _empty_if_none(dresidual, dy),
-        _empty_if_none(dx1, dy),
+        _empty_if_none(_shaped(dresidual, shape), dy),
+        _empty_if_none(_shaped(dx1, shape), dy),
         _empty_if_none(dweight1, weight),
         _empty_if_none(dbias1, weight),
     )

@@ -26,6 +26,7 @@ from flash_attn.ops.cross_entropy import (
     check_cross_entropy_inputs,
     check_labels_in_range,
 )
+from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.linear_cross_entropy.function import LinearCrossEntropyFunction
 from flash_attn.utils.checks import check_float
 
@@ -39,6 +40,71 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden_dim: int) -> int:
     Tiny heads get at least 2**22 logits (16 MB in fp32) per chunk.
     """
     return max(1, min(n_tokens, max(hidden_dim, 2**22 // max(vocab, 1))))
+
+
+_plans = PlanCache()  # per call signature: (backend, chunk_size, options, softcap)
+
+
+def _checked_plan(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    label_smoothing,
+    lse_square_scale,
+    reduction,
+    chunk_size,
+    softcap,
+    backend,
+) -> tuple:
+    """Check the arguments of :func:`linear_cross_entropy` but the label values; return its
+    plan: (backend, chunk_size, cross-entropy options, softcap)."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (vocab, hidden_dim), got {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be (..., hidden_dim) with hidden_dim = weight.shape[1] = "
+            f"{weight.shape[1]}, got hidden {tuple(hidden.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have vocab >= 1 rows, got 0")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(
+            f"hidden, weight and bias must share a dtype, got hidden {hidden.dtype}, "
+            f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be (vocab,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if isinstance(labels, torch.Tensor) and labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    softcap = check_float("softcap", softcap, low=0.0)
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (..., hidden_dim) -> (tokens, hidden_dim)
+    labels = labels.reshape(-1) if isinstance(labels, torch.Tensor) else labels
+    check_cross_entropy_inputs(
+        hidden, labels, label_smoothing, ignore_index, reduction, lse_square_scale, "hidden"
+    )
+    vocab = weight.shape[0]
+    backend = resolve_backend(backend, hidden.device, hidden.dtype)
+    if backend == "triton" and hidden.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"hidden must be one of {KERNEL_DTYPES} for backend='triton', got {hidden.dtype}"
+        )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], vocab, hidden.shape[1])
+    options = (float(label_smoothing), float(lse_square_scale), int(ignore_index))
+    return backend, chunk_size, options, softcap
 
 
 def linear_cross_entropy(
@@ -77,52 +143,34 @@ def linear_cross_entropy(
         ValueError: mismatched shapes or devices, unknown reduction, labels out of range,
             chunk_size < 1, softcap < 0.
     """
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (vocab, hidden_dim), got {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be (..., hidden_dim) with hidden_dim = weight.shape[1] = "
-            f"{weight.shape[1]}, got hidden {tuple(hidden.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have vocab >= 1 rows, got 0")
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(
-            f"hidden, weight and bias must share a dtype, got hidden {hidden.dtype}, "
-            f"weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be (vocab,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if isinstance(labels, torch.Tensor) and labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(labels.shape)}"
-        )
-    if weight.device != hidden.device:
-        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    softcap = check_float("softcap", softcap, low=0.0)
-    out_shape = labels.shape if isinstance(labels, torch.Tensor) else None
-    hidden = hidden.reshape(-1, hidden.shape[-1])  # (..., hidden_dim) -> (tokens, hidden_dim)
-    labels = labels.reshape(-1) if isinstance(labels, torch.Tensor) else labels
-    check_cross_entropy_inputs(
-        hidden, labels, label_smoothing, ignore_index, reduction, lse_square_scale, "hidden"
+    key = call_signature(
+        (hidden, weight, bias, labels),
+        (ignore_index, label_smoothing, lse_square_scale, reduction, chunk_size, softcap, backend),
     )
-    vocab = weight.shape[0]
-    check_labels_in_range(labels, vocab, ignore_index)
-    backend = resolve_backend(backend, hidden.device, hidden.dtype)
-    if backend == "triton" and hidden.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"hidden must be one of {KERNEL_DTYPES} for backend='triton', got {hidden.dtype}"
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.keep(
+            key,
+            _checked_plan(
+                hidden,
+                weight,
+                labels,
+                bias,
+                ignore_index,
+                label_smoothing,
+                lse_square_scale,
+                reduction,
+                chunk_size,
+                softcap,
+                backend,
+            ),
         )
-    if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], vocab, hidden.shape[1])
-    options = (float(label_smoothing), float(lse_square_scale), int(ignore_index))
+    backend, chunk_size, options, softcap = plan
+    out_shape = labels.shape
+    if hidden.ndim != 2:
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (..., hidden_dim) -> (tokens, hidden_dim)
+    labels = labels.reshape(-1) if labels.ndim != 1 else labels
+    check_labels_in_range(labels, weight.shape[0], ignore_index)  # where reads cost no sync
     labels = labels.long().contiguous()
     loss = LinearCrossEntropyFunction.apply(
         hidden,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Registers torch.ops.flash_attn.cross_entropy_fwd / cross_entropy_bwd_inplace, called below.
-import flash_attn.ops.cross_entropy.function  # noqa: F401
+from flash_attn.ops.cross_entropy.function import (
+    cross_entropy_bwd_inplace_op,
+    cross_entropy_fwd_op,
+)
 
 
 def _loss_and_dlogits_(logits, labels, dloss, options, backend):
@@ -23,13 +25,9 @@ def _loss_and_dlogits_(logits, labels, dloss, options, backend):
     label_smoothing, lse_square_scale, ignore_index = options
     if backend == "triton":
         kernel_options = (label_smoothing, 1.0, lse_square_scale, ignore_index)  # logit_scale 1
-        loss, _, lse = torch.ops.flash_attn.cross_entropy_fwd(
-            logits, labels, None, *kernel_options, True
-        )
+        loss, _, lse = cross_entropy_fwd_op(logits, labels, None, *kernel_options, True)
         if dloss is not None:
-            torch.ops.flash_attn.cross_entropy_bwd_inplace(
-                dloss, logits, lse, labels, *kernel_options
-            )
+            cross_entropy_bwd_inplace_op(dloss, logits, lse, labels, *kernel_options)
         return loss
     # Plain torch, in place on an fp32 view of the chunk (a copy only for fp16/bf16 logits):
     # exp(x - max) overwrites x, so the chunk needs no second chunk-sized buffer.

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.mlp.function import linear_act_fwd_op
 from flash_attn.ops.mlp.reference import ACTIVATION_FNS, gated_linear_ref, linear_activation_ref
 
@@ -62,22 +63,26 @@ def _autocast(x, weight, bias):
     return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
 
 
+_plans = PlanCache()  # per call signature: whether the kernels serve it
+
+
 def _linear_act(x, weight, bias, activation, gated, backend):
     x, weight, bias = _autocast(x, weight, bias)
-    _check(x, weight, bias, activation, gated)
-    backend = resolve_backend(backend, x.device, x.dtype)
-    if backend == "torch":
+    key = call_signature((x, weight, bias), (activation, gated, backend))
+    use_triton = _plans.get(key)
+    if use_triton is None:
+        _check(x, weight, bias, activation, gated)
+        resolved = resolve_backend(backend, x.device, x.dtype)
+        if resolved == "triton" and x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"x must be one of {KERNEL_DTYPES} for backend='triton', got {x.dtype}")
+        use_triton = _plans.keep(key, resolved == "triton")
+    if not use_triton:
         ref = gated_linear_ref if gated else linear_activation_ref
         return ref(x, weight, bias, activation)
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"x must be one of {KERNEL_DTYPES} for backend='triton', got {x.dtype}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    out, _ = linear_act_fwd_op(
-        x.reshape(-1, x.shape[-1]), weight, bias, activation, gated, needs_grad
-    )
-    return out.reshape(*x.shape[:-1], out.shape[-1])  # (tokens, out) -> (..., out)
+    return linear_act_fwd_op(x, weight, bias, activation, gated, needs_grad)[0]
 
 
 def linear_activation(

@@ -8,6 +8,7 @@ The kernels are imported inside each op so that ``import flash_attn`` works with
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -24,16 +25,25 @@ def linear_act_fwd_op(
     gated: bool,
     store_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> out (..., N), pre (M, N) or, gated, (M, 2N) for the M rows of x; pre is
+    (0,) without store_pre."""
     from flash_attn.ops.mlp.triton.kernels import linear_act_fwd
 
-    return linear_act_fwd(x, weight, bias, activation, gated, store_pre)
+    out, pre = linear_act_fwd(_rows(x), weight, bias, activation, gated, store_pre)
+    return (out.view(*x.shape[:-1], out.shape[-1]) if x.ndim != 2 else out), pre
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K)."""
+    return t.reshape(-1, t.shape[-1]) if t.ndim != 2 else t
 
 
 @linear_act_fwd_op.register_fake
 def _(x, weight, bias, activation, gated, store_pre):
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-    out = x.new_empty((x.shape[0], n_out))
-    pre = x.new_empty((x.shape[0], weight.shape[0]) if store_pre else (0,))
+    rows = math.prod(x.shape[:-1])
+    out = x.new_empty((*x.shape[:-1], n_out))
+    pre = x.new_empty((rows, weight.shape[0]) if store_pre else (0,))
     return out, pre
 
 
@@ -41,9 +51,10 @@ def _(x, weight, bias, activation, gated, store_pre):
 def linear_act_bwd_op(
     dout: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
 ) -> torch.Tensor:
+    """dout (..., N) -> dpre like pre (M, N) or (M, 2N)."""
     from flash_attn.ops.mlp.triton.kernels import linear_act_bwd
 
-    return linear_act_bwd(dout, pre, activation, gated)
+    return linear_act_bwd(_rows(dout), pre, activation, gated)
 
 
 @linear_act_bwd_op.register_fake
@@ -68,8 +79,8 @@ def _backward(ctx, dout, _dpre):
         )
     x, weight, pre = ctx.saved_tensors
     dpre = linear_act_bwd_op(dout, pre, ctx.activation, ctx.gated)
-    dx = dpre @ weight if ctx.needs_input_grad[0] else None
-    dweight = dpre.t() @ x if ctx.needs_input_grad[1] else None
+    dx = (dpre @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+    dweight = dpre.t() @ _rows(x) if ctx.needs_input_grad[1] else None
     dbias = dpre.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dweight, dbias, None, None, None
 

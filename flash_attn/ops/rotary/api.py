@@ -22,6 +22,7 @@ import functools
 import torch
 
 from flash_attn.ops.backend import resolve_backend
+from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.rotary.function import (
     rotary_backward,
     rotary_inplace_op,
@@ -31,6 +32,7 @@ from flash_attn.ops.rotary.function import (
 from flash_attn.ops.rotary.reference import apply_rotary_ref
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_plans = PlanCache()  # per call signature of apply_rotary: whether the kernel serves it
 
 
 class _RotaryInplace(torch.autograd.Function):
@@ -224,12 +226,22 @@ def apply_rotary(
         ValueError: shapes, rotary_dim > headdim, cos/sin shorter than seqlen + offset,
             bad cu_seqlens / max_seqlen / seqlen_offsets. TypeError: dtypes.
     """
-    _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen)
-    use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
-    if use_triton and x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 x, got {x.dtype}")
     offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
     offset_int = 0 if offsets_tensor is not None else seqlen_offsets
+    key = call_signature(
+        (x, cos, sin, offsets_tensor, cu_seqlens),
+        (offset_int, max_seqlen, interleaved, inplace, conjugate, backend),
+    )
+    use_triton = _plans.get(key)
+    reads = cu_seqlens is not None or offsets_tensor is not None
+    if use_triton is None or (reads and x.device.type == "cpu"):
+        # The checks of the values of CPU tensors run at every call (they cost no sync).
+        _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen)
+    if use_triton is None:
+        use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
+        if use_triton and x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 x, got {x.dtype}")
+        _plans.keep(key, use_triton)
     max_seqlen = max_seqlen if cu_seqlens is not None else x.shape[1]
     args = (x, cos, sin, offsets_tensor, offset_int, cu_seqlens, max_seqlen, interleaved, conjugate)
     if inplace:

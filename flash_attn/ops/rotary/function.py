@@ -51,7 +51,7 @@ def _(x, *args):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("flash_attn::rotary_", mutates_args=("x",))
+@custom_op("flash_attn::rotary_", mutates_args=("x",))
 def rotary_inplace_op(
     x: torch.Tensor,
     cos: torch.Tensor,

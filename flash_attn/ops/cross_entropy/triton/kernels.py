@@ -146,7 +146,9 @@ def cross_entropy_fwd(
     n_rows, n_cols = logits.shape
     block_n = _block_n(n_cols)
     n_blocks = triton.cdiv(n_cols, block_n)
-    lse_partial = torch.empty((n_rows, n_blocks), dtype=torch.float32, device=logits.device)
+    # One block per row (a vocabulary up to BLOCK_N): the partials are the results.
+    partial_shape = (n_rows, n_blocks) if n_blocks > 1 else (n_rows,)
+    lse_partial = torch.empty(partial_shape, dtype=torch.float32, device=logits.device)
     loss_partial = torch.empty_like(lse_partial)
     if n_rows > 0:
         with device_guard(logits):
@@ -168,8 +170,9 @@ def cross_entropy_fwd(
                 BLOCK_N=block_n,
                 num_warps=_num_warps(block_n),
             )
-    lse = torch.logsumexp(lse_partial, dim=1) if n_blocks > 1 else lse_partial[:, 0]
-    return loss_partial.sum(dim=1), lse.contiguous()
+    if n_blocks == 1:
+        return loss_partial, lse_partial
+    return loss_partial.sum(dim=1), torch.logsumexp(lse_partial, dim=1)
 
 
 def cross_entropy_bwd(

@@ -23,6 +23,8 @@ partial buffer, and the launcher adds those rows up: no atomics, so it is bit-re
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -484,7 +486,7 @@ def _layer_norm_bwd_kernel(
     DW,
     DB,
     DW1,
-    DB1,  # (num_programs, N) fp32 per-program partial sums, zero-initialised
+    DB1,  # (num_programs, N) fp32 per-program partial sums, zero-initialised unless SINGLE_BLOCK
     RowScale,  # (M,) read when HAS_ROWSCALE
     Mean,
     Rstd,  # (M,) fp32 from the forward
@@ -644,6 +646,7 @@ def _layer_norm_bwd_kernel(
             tl.store(DB1 + offs, db1, mask=mask)
 
 
+@functools.cache  # called at every launch, with a few distinct sizes
 def _block(N: int, max_block: int) -> tuple[int, bool, int]:
     """(BLOCK_N, SINGLE_BLOCK, num_warps) for rows of N elements."""
     block = triton.next_power_of_2(N)
@@ -656,10 +659,6 @@ def _block(N: int, max_block: int) -> tuple[int, bool, int]:
 def _rows_2d(t: torch.Tensor | None) -> torch.Tensor | None:
     """A (M, N) tensor whose columns are unit-stride (rows may have any stride), or None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def _seed_arg(seed, device):
-    return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
@@ -743,7 +742,7 @@ def layer_norm_fwd(
             _or(rowscale, mean),
             mean,
             rstd,
-            _seed_arg(seed, x.device),
+            _or(seed, mean),
             x.stride(0),
             x1.stride(0) if x1 is not None else 0,
             residual.stride(0) if residual is not None else 0,
@@ -770,11 +769,15 @@ def layer_norm_fwd(
 
 
 def _num_programs(M: int, device: torch.device) -> int:
+    return max(1, min(M, _max_programs(device)))
+
+
+@functools.cache  # the device's properties, read once rather than at every backward
+def _max_programs(device: torch.device) -> int:
     if device.type == "cuda" and not interpreter_enabled():
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(M, 2 * sms))
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     # The interpreter runs programs one after another: a few suffice to exercise the reduction.
-    return max(1, min(M, 4))
+    return 4
 
 
 def _summed(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -829,11 +832,13 @@ def layer_norm_bwd(
     if residual_dtype is not None:
         dresidual = torch.empty((M, N), dtype=residual_dtype, device=dy.device)
     programs = _num_programs(M, x.device)
-    partials = torch.zeros(
+    block, single, num_warps = _block(N, max_block)
+    # A single-block kernel writes every program's partial row; a chunked one adds into them.
+    new_partials = torch.empty if single and M > 0 else torch.zeros
+    partials = new_partials(
         (4 if weight1 is not None else 2, programs, N), dtype=torch.float32, device=x.device
     )
     if M > 0:
-        block, single, num_warps = _block(N, max_block)
         with device_guard(x):
             launch(
                 _layer_norm_bwd_kernel,
@@ -854,7 +859,7 @@ def layer_norm_bwd(
                 _or(rowscale, mean),
                 mean,
                 rstd,
-                _seed_arg(seed, x.device),
+                _or(seed, mean),
                 x.stride(0),
                 M,
                 N,
@@ -872,6 +877,7 @@ def layer_norm_bwd(
                 SINGLE_BLOCK=single,
                 num_warps=num_warps,
             )
+    # Separate tensors, not views of one: a custom op's outputs may not alias each other.
     dweight, dbias = _summed(partials[0], weight.dtype), _summed(partials[1], weight.dtype)
     dweight1 = dbias1 = None
     if weight1 is not None:
