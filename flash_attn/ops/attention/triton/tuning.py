@@ -335,5 +335,15 @@ def write_table(path) -> dict:
     kernels = {name: tuned.get(name, []) + rules for name, rules in base["kernels"].items()}
     about = f"autotuned on sm_{arch} ({len(sum(tuned.values(), []))} rules), then: "
     table = {"arch": arch, "about": about + base.get("about", ""), "kernels": kernels}
-    Path(path).write_text(json.dumps(table, indent=1) + "\n")
+    Path(path).write_text(table_text(table))
     return table
+
+
+def table_text(table: dict) -> str:
+    """A config table as JSON with one rule per line (how the committed tables are written)."""
+    kernels = ",\n".join(
+        f'  "{name}": [\n' + ",\n".join(f"   {json.dumps(rule)}" for rule in rules) + "\n  ]"
+        for name, rules in table["kernels"].items()
+    )
+    head = f'{{\n "arch": {table["arch"]},\n "about": {json.dumps(table["about"])},\n'
+    return head + f' "kernels": {{\n{kernels}\n }}\n}}\n'
