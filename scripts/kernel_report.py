@@ -302,7 +302,9 @@ def render(todo, results, arch: int, command: str, minutes: float, unpruned=Fals
         "Every autotune config of the kernels' spaces is listed; kept: whether the pruning for "
         f"sm_{arch} keeps it."
         if unpruned
-        else f"Every autotune config that the kernel's pruning for sm_{arch} keeps is listed.",
+        else "Each launch is compiled with the config it runs with: an attention kernel's from "
+        f"its config table for sm_{arch} (with --tuned or --config: every config its pruning "
+        "keeps), an autotuned kernel's every config its pruning keeps.",
         "",
         "Columns: registers per thread; spill stores/loads in bytes; shared memory per block; "
         "MMA instructions in the SASS (HGMMA = wgmma, HMMA = mma.sync) and whether all of them "

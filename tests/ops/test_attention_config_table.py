@@ -156,3 +156,13 @@ def test_every_table_config_computes_attention_and_its_gradients(label, monkeypa
         for name, ours, e, p in zip(["out", "dq", "dk", "dv"], (out, *grads), exact, plain):
             where = f"{label} deterministic={deterministic} {name}"
             assert_within_criterion(ours, e, p, torch.float16, where)
+
+
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_a_bad_config_table_file_is_named(compiled_kernels, monkeypatch, tmp_path, content):
+    path = tmp_path / "table.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("FLASH_ATTN_CONFIG_TABLE", str(path))
+    with pytest.raises(ValueError, match="FLASH_ATTN_CONFIG_TABLE=.*table.json"):
+        at.load_table(90)

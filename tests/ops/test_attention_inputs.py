@@ -94,6 +94,7 @@ BAD_OPTIONS = [
     (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
     (dict(causal="no"), TypeError, "causal must be a bool"),
     (dict(causal=2), TypeError, "causal must be a bool"),
+    (dict(deterministic="yes"), TypeError, "deterministic must be a bool"),
     (dict(softcap=-1.0), ValueError, "softcap must be"),
     (
         dict(alibi_slopes=torch.ones(4, dtype=torch.float16)),

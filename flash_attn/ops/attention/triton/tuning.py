@@ -279,7 +279,10 @@ def load_table(arch: int) -> dict:
     """
     user = os.environ.get("FLASH_ATTN_CONFIG_TABLE")
     if user:
-        table = _read_table(user)
+        try:
+            table = _read_table(user)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"FLASH_ATTN_CONFIG_TABLE={user}: not a config table ({e})") from e
         if table.get("arch") == arch:
             return table
     path = TABLES / f"sm{arch}.json"
