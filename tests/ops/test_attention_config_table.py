@@ -73,7 +73,7 @@ def test_the_first_rule_that_applies_gives_the_config(compiled_kernels):
         assert at.config_label(at.table_config("fwd", dropout_and_bias)) == "64x32 w4 s2"
         assert at.config_label(at.table_config("fwd", dict(PLAIN, DROPOUT=True))) == "64x64 w4 s3"
     with at.pruning_for(86):  # no table of its own: sm_80's
-        assert at.table_config("dq", PLAIN) == at.parse_config("64x64 w4 s2")
+        assert at.table_config("dq", PLAIN) == at.parse_config("64x32 w8 s2")
 
 
 def test_rules_match_values_and_lists():
@@ -127,7 +127,7 @@ def test_a_written_table_keeps_the_tuned_configs_first(compiled_kernels, monkeyp
         assert at.table_config("fwd", tuned) == chosen
         assert at.config_label(at.table_config("fwd", PLAIN)) == "64x64 w4 s3"  # not tuned
     with at.pruning_for(80):  # a table for another arch is not read
-        assert at.table_config("fwd", dict(PLAIN, HEAD_DIM=64)) == at.parse_config("64x64 w4 s2")
+        assert at.table_config("fwd", dict(PLAIN, HEAD_DIM=64)) == at.parse_config("64x32 w8 s2")
 
 
 @pytest.mark.parametrize("label", sorted(table_configs(80) | table_configs(90)))
