@@ -76,6 +76,12 @@ def test_the_first_rule_that_applies_gives_the_config(compiled_kernels):
         assert at.table_config("dq", PLAIN) == at.parse_config("64x32 w8 s2")
 
 
+@pytest.mark.parametrize("label", ["256x64 w8 s2", "64x8 w4 s2"])
+def test_a_config_outside_the_blocks_the_launchers_assume_is_refused(label):
+    with pytest.raises(ValueError, match="BLOCK_M and BLOCK_N must be in"):
+        at.parse_config(label)
+
+
 def test_rules_match_values_and_lists():
     assert at.rule_applies({}, PLAIN)
     assert at.rule_applies({"HEAD_DIM": [64, 128], "dtype": "bf16"}, PLAIN)

@@ -247,6 +247,9 @@ def parse_config(label: str) -> triton.Config:
     """The config of a label such as "128x64 w4 s2" (BLOCK_M x BLOCK_N, warps, stages)."""
     blocks, warps, stages = label.split()
     block_m, block_n = (int(b) for b in blocks.split("x"))
+    if not 16 <= min(block_m, block_n) <= max(block_m, block_n) <= MAX_BLOCK:
+        # The launchers drop bounds checks on lengths that are multiples of MAX_BLOCK.
+        raise ValueError(f"config {label!r}: BLOCK_M and BLOCK_N must be in [16, {MAX_BLOCK}]")
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n},
         num_warps=int(warps.removeprefix("w")),
