@@ -130,6 +130,7 @@ class AttentionFunction(torch.autograd.Function):
         out, lse, probs = launches.attend(*tensors)
         probs = probs if probs is not None else q.new_empty(0)
         ctx.mark_non_differentiable(lse, probs)
+        ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
         ctx.save_for_backward(
             q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed
         )
@@ -140,6 +141,8 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse, _dprobs):
         if ctx.paged:
             raise ValueError(_PAGED_BACKWARD)
+        if dout is None:  # the output's gradient is undefined (a function upstream gave None)
+            return (None,) * 11
         q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
         bias_requires_grad = ctx.needs_input_grad[3]
         launch = ctx.launches.backward(q, k, v, bias_requires_grad)
@@ -363,6 +366,7 @@ def _setup_context(ctx, inputs, output):
     key_ranges, k_batch_idx, block_table, num_splits, *options, return_probs = rest
     out, lse, probs = output
     ctx.mark_non_differentiable(lse, probs)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
     ctx.save_for_backward(q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed)
     ctx.max_seqlens, ctx.options, ctx.inputs = (max_q, max_k), options, len(inputs)
     ctx.paged = block_table is not None
@@ -371,6 +375,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse, _dprobs):
     if ctx.paged:
         raise ValueError(_PAGED_BACKWARD)
+    if dout is None:  # the output's gradient is undefined (a function upstream returned None)
+        return (None,) * ctx.inputs
     q, k, v, out, lse, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
     bias_requires_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = attention_backward_op(

@@ -134,9 +134,12 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (label_smoothing, logit_scale, lse_square_scale, ignore_index)
     ctx.inplace_backward = inplace
     ctx.mark_non_differentiable(z_loss, lse)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
 
 
 def _backward(ctx, dloss, _dz_loss, _dlse):
+    if dloss is None:  # the loss's gradient is undefined (a function upstream returned None)
+        return (None,) * 8
     logits, lse, labels = ctx.saved_tensors
     if ctx.inplace_backward:
         # The logits are not needed after this: their storage receives the gradient.

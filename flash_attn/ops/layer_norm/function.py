@@ -217,11 +217,13 @@ def _(
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, _, dropout_p, *flags = inputs
-    is_rms_norm, zero_centered_weight, _, _, store, _, prenorm = flags
+    is_rms_norm, zero_centered_weight, out_dtype, _, store, _, prenorm = flags
     _, _, residual_out, mean, rstd, keep, keep1 = output
     # The backward needs the normalised input h: residual_out when it was written, else x.
     ctx.save_for_backward(residual_out if store else x, weight, weight1, mean, rstd, rowscale, seed)
     ctx.mark_non_differentiable(mean, rstd, keep, keep1)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
+    ctx.out_dtype = out_dtype
     ctx.has_bias, ctx.has_bias1 = bias is not None, bias1 is not None
     ctx.x_dtype = x.dtype
     ctx.x1_dtype = x1.dtype if x1 is not None else None
@@ -232,6 +234,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dy1, dresidual_out, *_):
     h, weight, weight1, mean, rstd, rowscale, seed = ctx.saved_tensors
+    if dy is None:  # only residual_out was differentiated
+        dy = torch.zeros_like(h, dtype=ctx.out_dtype)
+    if weight1 is not None and dy1 is None:
+        dy1 = torch.zeros_like(h, dtype=ctx.out_dtype)
     dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = layer_norm_bwd_op(
         dy,
         dy1 if weight1 is not None else None,

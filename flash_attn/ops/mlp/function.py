@@ -69,6 +69,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.activation, ctx.gated, ctx.store_pre = activation, gated, store_pre
     ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
 
 
 def _backward(ctx, dout, _dpre):
@@ -77,6 +78,8 @@ def _backward(ctx, dout, _dpre):
             "linear_activation ran without storing its pre-activation (no input required grad "
             "or grad mode was off), so it cannot be differentiated"
         )
+    if dout is None:  # the output's gradient is undefined (a function upstream returned None)
+        return (None,) * 6
     x, weight, pre = ctx.saved_tensors
     dpre = linear_act_bwd_op(dout, pre, ctx.activation, ctx.gated)
     dx = (dpre @ weight).view(x.shape) if ctx.needs_input_grad[0] else None

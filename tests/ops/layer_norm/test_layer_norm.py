@@ -455,6 +455,37 @@ def test_rowscale_scales_rows_and_their_gradient():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["out", "residual_out", "out1"])
+def test_gradient_through_one_output(backend, used):
+    """The backward runs when only some outputs are differentiated (the others' gradients are
+    undefined, not zeros): each input's gradient is that of the outputs used."""
+    x, weight, bias, residual = _inputs(4, 16, torch.float32)
+    x, weight, residual = _leaves(x, weight, residual)
+    weight1 = weight.detach().flip(0).requires_grad_()
+    out, out1, residual_out = layer_norm_fn(
+        x, weight, bias, residual, weight1=weight1, prenorm=True, backend=backend
+    )
+    {"out": out, "residual_out": residual_out, "out1": out1}[used].sum().backward()
+    if used == "residual_out":  # h = x + residual: the norm's weights get nothing
+        torch.testing.assert_close(x.grad, torch.ones_like(x))
+        assert weight.grad is None or not weight.grad.any()
+        assert weight1.grad is None or not weight1.grad.any()
+        return
+    h = (x + residual).detach()
+    xhat = F.layer_norm(h, (16,), eps=1e-6)
+    used_weight, other = (weight, weight1) if used == "out" else (weight1, weight)
+    torch.testing.assert_close(used_weight.grad, xhat.sum(0), atol=1e-5, rtol=1e-5)
+    assert other.grad is None or not other.grad.any()
+    # d/dh of sum(xhat * w) for LayerNorm: rstd * (w - mean(w) - xhat * mean(w * xhat)).
+    w = used_weight.detach()
+    rstd = (h.var(-1, unbiased=False, keepdim=True) + 1e-6).rsqrt()
+    wx = (w * xhat).mean(-1, keepdim=True)
+    expected = rstd * (w - w.mean() - xhat * wx)
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(residual.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_out_dtype_and_preallocated_outputs(backend):
     x, weight, bias, residual = _inputs(3, 24, torch.float32)
     out = torch.empty(3, 24, dtype=torch.float16, device=DEVICE)
