@@ -687,15 +687,16 @@ def test_triton_rejects_fp64():
 
 
 _COMPILE_FOR_SM90 = """
-from flash_attn.ops.layer_norm.triton.kernels import _layer_norm_bwd_kernel, _layer_norm_fwd_kernel
+from flash_attn.ops.layer_norm.triton.kernels import (
+    _layer_norm_bwd_kernel, _layer_norm_fwd_kernel, _sum_partials_kernel)
 from benchmarks.triton_compile import compile_for_gpu
 
 h, f, i64, i32 = "*fp16", "*fp32", "i64", "i32"
 fwd = dict(X=h, X1=h, R=f, W=h, B=h, W1=h, B1=h, Y=h, Y1=h, RESIDUAL_OUT=f, KEEP="*i1",
            KEEP1="*i1", RowScale=f, Mean=f, Rstd=f, Seed="*i64", stride_x_row=i64,
            stride_x1_row=i64, stride_r_row=i64, M=i32, N=i32, eps="fp32", dropout_p="fp32")
-bwd = dict(X=f, W=h, W1=h, DY=h, DY1=h, DRESIDUAL_OUT=f, DX=h, DX1=h, DRESIDUAL=f, DW=f, DB=f,
-           DW1=f, DB1=f, RowScale=f, Mean=f, Rstd=f, Seed="*i64", stride_x_row=i64, M=i32,
+bwd = dict(X=f, W=h, W1=h, DY=h, DY1=h, DRESIDUAL_OUT=f, DX=h, DX1=h, DRESIDUAL=f, Partials=f,
+           RowScale=f, Mean=f, Rstd=f, Seed="*i64", stride_x_row=i64, M=i32,
            N=i32, rows_per_program=i32, dropout_p="fp32")
 # Plain fused norms, then every feature at once (parallel outputs, x1, zero-centred weights).
 for rms, single, extra in ((False, True, False), (True, False, False), (False, True, True),
@@ -709,6 +710,8 @@ for rms, single, extra in ((False, True, False), (True, False, False), (False, T
         IS_RMS_NORM=rms, HAS_W1=extra, HAS_X1=extra, HAS_ROWSCALE=not extra,
         ZERO_CENTERED_WEIGHT=extra, HAS_DROPOUT=True, HAS_DRESIDUAL_OUT=True,
         STORE_DRESIDUAL=True, BLOCK_N=1024 if single else 4096, SINGLE_BLOCK=single))
+    compile_for_gpu(_sum_partials_kernel, dict(Partials=f, DW=h, DB=h, DW1=h, DB1=h, P=i32, N=i32),
+                    dict(HAS_W1=extra, BLOCK_N=256))
 print("compiled")
 """
 

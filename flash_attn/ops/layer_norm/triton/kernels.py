@@ -18,7 +18,8 @@ Dropout draws from Philox keyed by a seed tensor and the element's flat index: r
 for x, (M + row) * N + col for x1, so the backward regenerates the masks instead of storing
 them (they are stored only when the caller asks to see them). The backward splits rows among a
 few programs; each sums the weight and bias gradients over its rows into its own row of an fp32
-partial buffer, and the launcher adds those rows up: no atomics, so it is bit-reproducible.
+partial buffer, and a second kernel adds those rows up in order and casts the sums to the
+weights' dtypes: no atomics, so it is bit-reproducible.
 """
 
 from __future__ import annotations
@@ -483,10 +484,8 @@ def _layer_norm_bwd_kernel(
     DX,  # (M, N) contiguous gradient w.r.t. x (through the dropout and rowscale)
     DX1,  # (M, N) contiguous gradient w.r.t. x1; written when HAS_X1
     DRESIDUAL,  # (M, N) contiguous gradient w.r.t. residual; written when STORE_DRESIDUAL
-    DW,
-    DB,
-    DW1,
-    DB1,  # (num_programs, N) fp32 per-program partial sums, zero-initialised unless SINGLE_BLOCK
+    Partials,  # (2 or 4, num_programs, N) fp32 per-program sums of dweight, dbias (and dweight1,
+    # dbias1), zero-initialised unless SINGLE_BLOCK
     RowScale,  # (M,) read when HAS_ROWSCALE
     Mean,
     Rstd,  # (M,) fp32 from the forward
@@ -515,10 +514,11 @@ def _layer_norm_bwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     offs = tl.arange(0, BLOCK_N)
-    DW += pid.to(tl.int64) * N
-    DB += pid.to(tl.int64) * N
-    DW1 += pid.to(tl.int64) * N
-    DB1 += pid.to(tl.int64) * N
+    slab = tl.num_programs(0).to(tl.int64) * N  # one (num_programs, N) slab per partial sum
+    DW = Partials + pid.to(tl.int64) * N
+    DB = DW + slab
+    DW1 = DB + slab
+    DB1 = DW1 + slab
     if SINGLE_BLOCK:
         # The weight gradients accumulate in registers over this program's rows.
         mask = offs < N
@@ -644,6 +644,43 @@ def _layer_norm_bwd_kernel(
         if HAS_W1:
             tl.store(DW1 + offs, dw1, mask=mask)
             tl.store(DB1 + offs, db1, mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    Partials,  # (2 or 4, P, N) fp32, as the backward kernel wrote them
+    DW,
+    DB,  # (N,) in the weight's dtype
+    DW1,
+    DB1,  # (N,) in weight1's dtype; written when HAS_W1
+    P,
+    N,
+    HAS_W1: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Each program adds up BLOCK_N columns of every slab over the P program rows, in order."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    slab = P.to(tl.int64) * N
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p in range(P):
+        row = Partials + p * N + cols
+        dw += tl.load(row, mask=mask, other=0.0)
+        db += tl.load(row + slab, mask=mask, other=0.0)
+        if HAS_W1:
+            dw1 += tl.load(row + 2 * slab, mask=mask, other=0.0)
+            db1 += tl.load(row + 3 * slab, mask=mask, other=0.0)
+    tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=mask)
+    tl.store(DB + cols, db.to(DB.dtype.element_ty), mask=mask)
+    if HAS_W1:
+        tl.store(DW1 + cols, dw1.to(DW1.dtype.element_ty), mask=mask)
+        tl.store(DB1 + cols, db1.to(DB1.dtype.element_ty), mask=mask)
+
+
+SUM_BLOCK = 256  # columns per program of the partial sums' reduction
 
 
 @functools.cache  # called at every launch, with a few distinct sizes
@@ -780,10 +817,6 @@ def _max_programs(device: torch.device) -> int:
     return 4
 
 
-def _summed(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return partial.sum(0).to(dtype)
-
-
 def layer_norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -803,7 +836,8 @@ def layer_norm_bwd(
     residual_dtype: torch.dtype | None = None,
     max_block: int = MAX_BLOCK,
 ):
-    """Launch the backward kernel.
+    """Launch the backward kernels: the input gradients with per-program weight-gradient sums,
+    then the sums of those in order.
 
     Args:
         dy: (M, N) gradient of y. x: (M, N) the normalised input h, i.e. the forward's
@@ -834,10 +868,16 @@ def layer_norm_bwd(
     programs = _num_programs(M, x.device)
     block, single, num_warps = _block(N, max_block)
     # A single-block kernel writes every program's partial row; a chunked one adds into them.
-    new_partials = torch.empty if single and M > 0 else torch.zeros
+    new_partials = torch.empty if single else torch.zeros
     partials = new_partials(
         (4 if weight1 is not None else 2, programs, N), dtype=torch.float32, device=x.device
     )
+    # Separate tensors, not views of one: a custom op's outputs may not alias each other.
+    new_grad = torch.empty_like if M > 0 else torch.zeros_like
+    dweight, dbias = new_grad(weight), new_grad(weight)
+    dweight1 = dbias1 = None
+    if weight1 is not None:
+        dweight1, dbias1 = new_grad(weight1), new_grad(weight1)
     if M > 0:
         with device_guard(x):
             launch(
@@ -852,10 +892,7 @@ def layer_norm_bwd(
                 dx,
                 _or(dx1, dx),
                 _or(dresidual, dx),
-                partials[0],
-                partials[1],
-                partials[-2],
-                partials[-1],
+                partials,
                 _or(rowscale, mean),
                 mean,
                 rstd,
@@ -863,7 +900,7 @@ def layer_norm_bwd(
                 x.stride(0),
                 M,
                 N,
-                triton.cdiv(M, programs),
+                -(-M // programs),
                 dropout_p,
                 IS_RMS_NORM=is_rms_norm,
                 HAS_W1=weight1 is not None,
@@ -877,9 +914,18 @@ def layer_norm_bwd(
                 SINGLE_BLOCK=single,
                 num_warps=num_warps,
             )
-    # Separate tensors, not views of one: a custom op's outputs may not alias each other.
-    dweight, dbias = _summed(partials[0], weight.dtype), _summed(partials[1], weight.dtype)
-    dweight1 = dbias1 = None
-    if weight1 is not None:
-        dweight1, dbias1 = _summed(partials[2], weight1.dtype), _summed(partials[3], weight1.dtype)
+        launch(
+            _sum_partials_kernel,
+            (-(-N // SUM_BLOCK),),
+            partials,
+            dweight,
+            dbias,
+            _or(dweight1, dweight),
+            _or(dbias1, dbias),
+            programs,
+            N,
+            HAS_W1=weight1 is not None,
+            BLOCK_N=SUM_BLOCK,
+            num_warps=2,
+        )
     return dx, dweight, dbias, dresidual, dx1, dweight1, dbias1
