@@ -273,6 +273,50 @@ def _gpt2_step():
     return call
 
 
+def _autograd_floor():
+    x = torch.randn(2, 16, 2, 32, dtype=torch.float16, requires_grad=True)
+    dy = torch.randn_like(x)
+    return lambda: (x * 2).backward(dy)
+
+
+class _PlainBlock(torch.nn.Module):
+    """A pre-norm GPT-2 block in plain PyTorch modules and SDPA, as minimal GPT codebases
+    write it."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.fc, self.fc_out = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):  # (B, S, E) -> (B, S, E)
+        q, k, v = self.qkv(self.ln_1(x)).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D) -> (B, H, S, D)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).flatten(2))
+        gelu = torch.nn.functional.gelu(self.fc(self.ln_2(x)), approximate="tanh")
+        return x + self.fc_out(gelu)
+
+
+def _gpt2_step_plain():
+    """The model of :func:`_gpt2_step` in plain PyTorch: what host time PyTorch itself costs."""
+    width, vocab = 32, 64
+    embed, positions = torch.nn.Embedding(vocab, width), torch.nn.Embedding(64, width)
+    blocks = torch.nn.ModuleList(_PlainBlock(width, heads=2) for _ in range(12))
+    ln_f = torch.nn.LayerNorm(width)
+    input_ids = torch.randint(0, vocab, (1, 16))
+
+    def call():
+        x = embed(input_ids) + positions(torch.arange(16))
+        for block in blocks:
+            x = block(x)
+        logits = torch.nn.functional.linear(ln_f(x), embed.weight)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids.flatten()).backward()
+
+    return call
+
+
 ROWS = {
     "trivial": ("a trivial 4-argument launch (the unit)", _trivial),
     "flash_attn_func": ("`flash_attn_func` forward, no grad", _flash_attn_func),
@@ -287,6 +331,12 @@ ROWS = {
     "linear_cross_entropy": ("linear cross-entropy, forward + backward", _linear_cross_entropy),
     "fused_mlp": ("fused MLP, forward + backward", _fused_mlp),
     "gpt2_step": ("12-layer GPT-2-shaped model, forward + backward (fp32)", _gpt2_step),
+    # References: what PyTorch alone costs on the host.
+    "autograd_floor": ("reference: PyTorch `x * 2`, forward + backward", _autograd_floor),
+    "gpt2_step_plain": (
+        "reference: the same model in plain PyTorch modules and SDPA, forward + backward",
+        _gpt2_step_plain,
+    ),
 }
 
 
@@ -322,7 +372,7 @@ def run(rows: list[str], calls: int) -> list[dict]:
     for name in rows:
         units.append(measure(trivial, calls)[0])
         label, build = ROWS[name]
-        repeats = max(5, calls // 10) if name == "gpt2_step" else calls
+        repeats = max(5, calls // 10) if name.startswith("gpt2_step") else calls
         measured.append((name, label, *measure(build(), repeats)))
     units.append(measure(trivial, calls)[0])
     unit = min(units)

@@ -18,6 +18,7 @@ ROWS = {  # row -> kernel launches of one call
     "flash_attn_func": 1,
     "flash_attn_func_fwd_bwd": 4,  # forward; delta, dK/dV and dQ
     "rotary": 2,
+    "autograd_floor": 0,  # a reference row: PyTorch alone
 }
 
 
