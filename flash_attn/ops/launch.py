@@ -1,5 +1,6 @@
-"""What every Triton launcher shares: the device guard, launch plans, and two small helpers
-(the JIT function under a kernel's wrappers, the configs with the largest tiles).
+"""What every Triton launcher shares: the device guard, launch plans, host integer helpers
+(``cdiv``, ``next_power_of_2``) and two small helpers (the JIT function under a kernel's
+wrappers, the configs with the largest tiles).
 
 Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
 :func:`flash_attn.ops.backend.interpreter_enabled`).
@@ -14,6 +15,17 @@ import triton
 from triton.runtime.jit import KernelInterface
 
 from flash_attn.ops.backend import interpreter_enabled
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (``triton.cdiv`` is a constexpr function: several times
+    slower on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for 0), as ``triton.next_power_of_2`` on the host."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def unwrap_jit(kernel):

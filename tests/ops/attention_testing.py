@@ -4,6 +4,8 @@ Criterion: the error of ours against an fp64 reference is at most twice the erro
 PyTorch at the same precision, plus a tiny atol.
 """
 
+import typing
+
 import torch
 
 from tests.testing import kernel_device
@@ -60,10 +62,15 @@ def compare(ours_fn, reference_at, tensors, dout, dtype, name):
         assert_within_criterion(o, r, p, dtype, f"{name} {label}")
 
 
+# Triton types of the fields of Scoring, by their annotations (stride_bias: (b, h, m, n)).
+_SCALAR_TYPES = {tuple: ("i32",) * 4, int: "i32", float: "fp32"}
+
+
 def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
     """Triton types of the runtime arguments of an attention kernel, for
     :func:`benchmarks.triton_compile.compile_for_gpu`: q, k, v and the outputs in
     ``dtype``, the rest as the launchers pass them (see ``kernel_constants``)."""
+    from flash_attn.ops.attention.triton.forward import Scoring
     from flash_attn.ops.launch import unwrap_jit
 
     strides = ("i32",) * 3
@@ -80,10 +87,8 @@ def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
         "stride_lse": ("i32",) * 2,
         "CuSeqlensK": "*i32",
         "SeqlensK": "*i32",
-        "stride_bias": ("i32",) * 4,
         "Slopes": "*fp32",
-        "softmax_scale": "fp32",
-        "softcap": "fp32",
+        "scoring": Scoring(*(_SCALAR_TYPES[t] for t in typing.get_type_hints(Scoring).values())),
     }
     types = {}
     for name in unwrap_jit(kernel).arg_names:

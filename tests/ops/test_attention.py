@@ -234,6 +234,22 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_ops_schema_names_the_options_in_their_order():
+    """The custom ops take AttentionOptions' fields last, by position: the written-out schema
+    must name them in the dataclass's order, with the types of their defaults."""
+    import dataclasses
+
+    from flash_attn.ops.attention.function import OPTIONS_SCHEMA
+    from flash_attn.ops.attention.options import AttentionOptions
+
+    declared = [arg.rsplit(" ", 1) for arg in OPTIONS_SCHEMA.split(", ")]
+    fields = dataclasses.fields(AttentionOptions)
+    assert [name for _, name in declared] == [f.name for f in fields]
+    schema_types = {"float": float, "bool": bool, "SymInt": int}
+    opts = AttentionOptions(0.5)
+    assert [schema_types[t] for t, _ in declared] == [type(v) for v in opts.values()]
+
+
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="compiled kernels need a GPU")
 def test_bfloat16_on_gpu():
     for case in CASES:

@@ -18,9 +18,9 @@ def build(kernel, **constexprs):
 
 blocks = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32")
 for on in (False, True):
-    flags = dict(VARLEN=on, HAS_SEQLENS_K=False, HAS_BIAS=on, HAS_ALIBI=on, SOFTCAP=on,
-                 MASK_WINDOW=on, MASK_LEFT=on, DROPOUT=on, EVEN_M=not on, EVEN_N=not on,
-                 **blocks)
+    features = fwd.Features(SCORE_MODS=on, SOFTCAP=on, HAS_BIAS=on, HAS_ALIBI=on, MASK_WINDOW=on,
+                            MASK_LEFT=on, DROPOUT=on, EVEN_M=not on, EVEN_N=not on)
+    flags = dict(VARLEN=on, HAS_SEQLENS_K=False, FEATURES=features, **blocks)
     forward = {k: v for k, v in flags.items() if k != "HAS_SEQLENS_K"}
     build(fwd._attn_fwd_kernel, **forward, STORE_PROBS=on, RERUN_STAGES=1 + on)
     build(fwd._attn_decode_kernel, **forward, HAS_KV_BATCH_IDX=not on, PAGED=on, SPLIT_KV=not on,

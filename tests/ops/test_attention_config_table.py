@@ -17,15 +17,12 @@ from tests.ops.attention_testing import assert_within_criterion
 
 KERNELS = ["fwd", "dkdv", "dq"]
 ARCHS = [80, 90]
-# A launch's arguments as table rules see them (kernel_constants' names, and the dtype).
+NO_FEATURES = forward.Features(**{name: False for name in forward.Features._fields})
+# A launch's arguments as table rules see them (kernel_constants' names with the features by
+# name, and the dtype).
 PLAIN = dict(
     HEAD_DIM=128,
-    MASK_WINDOW=False,
-    MASK_LEFT=False,
-    HAS_ALIBI=False,
-    DROPOUT=False,
-    HAS_BIAS=False,
-    SOFTCAP=False,
+    **NO_FEATURES._asdict(),
     ATOMIC_DQ=True,
     seqlen_q_bucket=4096,
     seqlen_k_bucket=4096,
@@ -105,7 +102,7 @@ def test_autotuning_is_opt_in_and_zeroes_the_dq_accumulator(compiled_kernels, mo
     kernel, config = at.kernel_config("dkdv", backward._attn_bwd_dkdv_kernel, {}, torch.float16)
     assert isinstance(kernel, triton.runtime.Autotuner) and config == {}
     assert kernel.reset_to_zero == ["DQAccum"]
-    assert "ATOMIC_DQ" in kernel.keys and "SOFTCAP" in kernel.keys
+    assert "ATOMIC_DQ" in kernel.keys and "FEATURES" in kernel.keys
     assert at.kernel_config("dkdv", backward._attn_bwd_dkdv_kernel, {}, torch.float16)[0] is kernel
 
 
@@ -114,7 +111,8 @@ def test_a_written_table_keeps_the_tuned_configs_first(compiled_kernels, monkeyp
     FLASH_ATTN_CONFIG_TABLE makes launches read it."""
     monkeypatch.setenv("FLASH_ATTN_AUTOTUNE", "1")
     tuner = at.kernel_config("fwd", forward._attn_fwd_kernel, {}, torch.float16)[0]
-    key = tuple(dict(PLAIN, HEAD_DIM=64)[name] for name in tuner.keys)
+    launch = dict(PLAIN, HEAD_DIM=64, FEATURES=NO_FEATURES)  # as the autotuner sees a launch
+    key = tuple(launch[name] for name in tuner.keys)
     chosen = at.parse_config("128x32 w8 s3")
     monkeypatch.setattr(tuner, "cache", {(*key, "torch.float16", "torch.float16"): chosen})
     path = tmp_path / "table.json"
@@ -123,7 +121,7 @@ def test_a_written_table_keeps_the_tuned_configs_first(compiled_kernels, monkeyp
     assert json.loads(path.read_text()) == written
     rules = written["kernels"]["fwd"]
     assert rules[0] == {
-        "when": {**dict(zip(tuner.keys, key)), "dtype": "fp16"},
+        "when": {**at.flat(dict(zip(tuner.keys, key))), "dtype": "fp16"},
         "config": "128x32 w8 s3",
     }
     assert rules[1:] == at.load_table(90)["kernels"]["fwd"]

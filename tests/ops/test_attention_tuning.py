@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from flash_attn.ops.attention.triton import tuning as at  # noqa: E402
+from flash_attn.ops.attention.triton.forward import Features  # noqa: E402
 from flash_attn.ops.mlp.triton import kernels as mlp  # noqa: E402
 
 ATTENTION = ["fwd", "dkdv", "dq"]
@@ -25,7 +26,8 @@ def kept(kernel, configs, arch, head_dim, masked, dtype=torch.bfloat16):
     q = torch.empty(0, dtype=dtype, device="meta")
     with at.pruning_for(arch):
         prune = at.prune_by(kernel)["early_config_prune"]
-        return prune(configs, {"Q": q}, HEAD_DIM=head_dim, MASK_WINDOW=masked)
+        features = Features(**{name: False for name in Features._fields} | {"MASK_WINDOW": masked})
+        return prune(configs, {"Q": q}, HEAD_DIM=head_dim, FEATURES=features)
 
 
 def label(c):

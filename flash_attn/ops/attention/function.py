@@ -166,7 +166,8 @@ class AttentionFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # torch.library ops, for torch.compile
 
-_OPTIONS_SCHEMA = (
+# The fields of AttentionOptions, in their order: the ops take them last, as ``*options``.
+OPTIONS_SCHEMA = (
     "float softmax_scale, bool causal, SymInt window_left, SymInt window_right, float softcap, "
     "float dropout_p, bool deterministic"
 )
@@ -182,7 +183,7 @@ _CACHE_SCHEMA = "Tensor? key_ranges, Tensor? k_batch_idx, Tensor? block_table, i
     "flash_attn::attention_forward",
     mutates_args=(),
     schema=f"(Tensor q, Tensor k, Tensor v, {_INPUTS_SCHEMA}, {_CACHE_SCHEMA}, "
-    f"{_OPTIONS_SCHEMA}, bool return_probs) -> (Tensor, Tensor, Tensor)",
+    f"bool return_probs, {OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)",
 )
 def attention_forward_op(
     q,
@@ -199,21 +200,13 @@ def attention_forward_op(
     k_batch_idx,
     block_table,
     num_splits,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    deterministic,
     return_probs,
+    *options,
 ):
     """(out, lse, probs); probs is empty unless return_probs (an op cannot return None)."""
     from flash_attn.ops.attention.triton.forward import attention_fwd
 
-    opts = AttentionOptions(
-        softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic
-    )
+    opts = AttentionOptions(*options)
     probs = q.new_zeros(_probs_shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, return_probs))
     out, lse = attention_fwd(
         q,
@@ -261,14 +254,8 @@ def _(
     k_batch_idx,
     block_table,
     num_splits,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    deterministic,
     return_probs,
+    *options,
 ):
     if cu_seqlens_q is not None:
         lse_shape = (q.shape[1], q.shape[0])  # (H, total_q)
@@ -282,7 +269,7 @@ def _(
     "flash_attn::attention_backward",
     mutates_args=(),
     schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_INPUTS_SCHEMA}, "
-    f"{_OPTIONS_SCHEMA}, bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"bool bias_requires_grad, {OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def attention_backward_op(
     dout,
@@ -298,21 +285,13 @@ def attention_backward_op(
     max_seqlen_q,
     max_seqlen_k,
     seed,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    deterministic,
     bias_requires_grad,
+    *options,
 ):
     """(dq, dk, dv, dbias); dbias is empty without bias_requires_grad."""
     from flash_attn.ops.attention.triton.backward import attention_bwd
 
-    opts = AttentionOptions(
-        softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic
-    )
+    opts = AttentionOptions(*options)
     dq, dk, dv, dbias = attention_bwd(
         dout,
         q,
@@ -348,14 +327,8 @@ def _(
     max_seqlen_q,
     max_seqlen_k,
     seed,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    dropout_p,
-    deterministic,
     bias_requires_grad,
+    *options,
 ):
     dbias = bias.new_empty(bias.shape) if bias_requires_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
@@ -363,7 +336,7 @@ def _(
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, *rest = inputs
-    key_ranges, k_batch_idx, block_table, num_splits, *options, return_probs = rest
+    key_ranges, k_batch_idx, block_table, num_splits, return_probs, *options = rest
     out, lse, probs = output
     ctx.mark_non_differentiable(lse, probs)
     ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
@@ -392,8 +365,8 @@ def _backward(ctx, dout, _dlse, _dprobs):
         cu_seqlens_k,
         *ctx.max_seqlens,
         seed,
-        *ctx.options,
         bias_requires_grad,
+        *ctx.options,
     )
     grads = (dq, dk, dv, dbias if bias_requires_grad else None)
     return grads + (None,) * (ctx.inputs - len(grads))
@@ -438,12 +411,6 @@ def attention_compiled(
         k_batch_idx,
         block_table,
         num_splits,
-        opts.softmax_scale,
-        opts.causal,
-        opts.window_left,
-        opts.window_right,
-        opts.softcap,
-        opts.dropout_p,
-        opts.deterministic,
         return_probs,
+        *opts.values(),
     )

@@ -5,7 +5,7 @@ the torch backend, the Triton custom ops and the Triton launchers all take an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,8 @@ class AttentionOptions:
     """Scalar options of attention (the tensors that modify the scores travel beside them).
 
     Every field is a plain scalar so that the custom ops can take them one by one, in this
-    order (``flash_attn.ops.attention`` derives their schema from these fields).
+    order (:meth:`values`), as their written-out schema names them
+    (``flash_attn.ops.attention.function.OPTIONS_SCHEMA``; a test keeps the two in step).
     """
 
     softmax_scale: float
@@ -51,7 +52,14 @@ class AttentionOptions:
             bool(deterministic),
         )
 
+    def values(self) -> tuple:
+        """The fields' values in their order: the custom ops' last arguments."""
+        return tuple(getattr(self, name) for name in _FIELD_NAMES)
+
     @property
     def window_size(self) -> tuple[int, int]:
         """(left, right) as in the public API."""
         return (self.window_left, self.window_right)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(AttentionOptions))

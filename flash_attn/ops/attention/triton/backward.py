@@ -31,8 +31,6 @@ from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.triton.forward import (
     LOG2E,
     Dropout,
-    Features,
-    Scoring,
     block_indices,
     contiguous_strides,
     dropout_keep,
@@ -52,7 +50,7 @@ from flash_attn.ops.attention.triton.forward import (
     token_strides_of,
 )
 from flash_attn.ops.attention.triton.tuning import kernel_config
-from flash_attn.ops.launch import LaunchPlan, device_guard
+from flash_attn.ops.launch import LaunchPlan, cdiv, device_guard
 
 
 class Queries(NamedTuple):
@@ -358,13 +356,8 @@ def _attn_bwd_dkdv_kernel(
     CuSeqlensK,
     SeqlensK,  # as in the forward
     Bias,
-    stride_bias,
     Slopes,
-    stride_slope_b,
-    softmax_scale,
-    softcap,
-    window_left,
-    window_right,
+    scoring,  # as in the forward
     Seed,
     dropout_p,
     nheads,
@@ -377,16 +370,9 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_SEQLENS_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    MASK_WINDOW: tl.constexpr,
-    MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    FEATURES: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     DBIAS: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -394,17 +380,8 @@ def _attn_bwd_dkdv_kernel(
     # One program owns BLOCK_N keys of one key/value head and sums over every query head of
     # its group, so dK and dV are written once, without atomics.
     lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
-    scoring = Scoring(
-        Bias,
-        stride_bias,
-        Slopes,
-        stride_slope_b,
-        softmax_scale,
-        softcap,
-        window_left,
-        window_right,
-    )
     # With the roles swapped, the window's parts trade places.
+    window_left, window_right = scoring.window_left, scoring.window_right
     order = heavy_last(window_right, window_left)
     start_n, _, off_b, off_hk = program_block(BLOCK_N, nheads_k, order)
     group_size = nheads // nheads_k
@@ -424,16 +401,13 @@ def _attn_bwd_dkdv_kernel(
     k = tl.load(k_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs + offs_d[None, :], mask=kv_mask, other=0.0)
     k_dq = k
-    if ATOMIC_DQ and MASK_WINDOW:
+    if ATOMIC_DQ and FEATURES.MASK_WINDOW:
         # A masked key's dS is 0, and 0 * (NaN or inf in its k) must not reach dQ.
         k_dq = tl.where((k - k) == 0, k, 0.0)
     seed = 0
-    if DROPOUT:
+    if FEATURES.DROPOUT:
         seed = tl.load(Seed)
 
-    FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
-    )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Query blocks that see none of these keys (causal, window) are skipped, and those that see
@@ -456,7 +430,9 @@ def _attn_bwd_dkdv_kernel(
         )
         bh = off_b * nheads + off_h
         dbias = ScoreGrads(DBias, bh.to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)
-        mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
+        mods = score_mods(
+            Bias, Slopes, scoring, off_b, off_h, seqlen_q, seqlen_k, FEATURES.HAS_ALIBI
+        )
         dropout = Dropout(seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
         dk, dv = _attn_bwd_dkdv_inner(
             dk,
@@ -483,7 +459,7 @@ def _attn_bwd_dkdv_kernel(
         )
         # With the roles swapped, the window's left edge (or the last queries) masks the last
         # query blocks, its right edge (causal: the diagonal) the first ones.
-        if MASK_LEFT or not EVEN_M:
+        if FEATURES.MASK_LEFT or not FEATURES.EVEN_M:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk,
                 dv,
@@ -507,7 +483,7 @@ def _attn_bwd_dkdv_kernel(
                 BLOCK_M,
                 BLOCK_N,
             )
-        if MASK_WINDOW:
+        if FEATURES.MASK_WINDOW:
             dk, dv = _attn_bwd_dkdv_inner(
                 dk,
                 dv,
@@ -532,7 +508,7 @@ def _attn_bwd_dkdv_kernel(
                 BLOCK_N,
             )
 
-    dk = dk * softmax_scale
+    dk = dk * scoring.softmax_scale
     out_offs = head_start(0, stride_dk, off_b, off_hk, k_start) + cols[:, None] * stride_dk[1]
     out_offs += offs_d[None, :]
     tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -558,13 +534,8 @@ def _attn_bwd_dq_kernel(
     CuSeqlensK,
     SeqlensK,  # as in the forward
     Bias,
-    stride_bias,
     Slopes,
-    stride_slope_b,
-    softmax_scale,
-    softcap,
-    window_left,
-    window_right,
+    scoring,  # as in the forward
     Seed,
     dropout_p,
     nheads,
@@ -577,15 +548,8 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_SEQLENS_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    MASK_WINDOW: tl.constexpr,
-    MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    FEATURES: tl.constexpr,
     DBIAS: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -593,16 +557,6 @@ def _attn_bwd_dq_kernel(
     # The deterministic schedule's second pass: one program owns a query block and sums its dQ
     # over the key blocks in registers, recomputing the scores and dP.
     lengths = (CuSeqlensQ, CuSeqlensK, SeqlensK)
-    scoring = Scoring(
-        Bias,
-        stride_bias,
-        Slopes,
-        stride_slope_b,
-        softmax_scale,
-        softcap,
-        window_left,
-        window_right,
-    )
     max_seqlen_q = seqlen_q
     max_seqlen_k = seqlen_k
     start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = (
@@ -610,6 +564,8 @@ def _attn_bwd_dq_kernel(
             Q,
             stride_q,
             lengths,
+            Bias,
+            Slopes,
             scoring,
             Seed,
             dropout_p,
@@ -617,11 +573,10 @@ def _attn_bwd_dq_kernel(
             seqlen_q,
             seqlen_k,
             head_dim,
+            FEATURES,
             HEAD_DIM,
             VARLEN,
             HAS_SEQLENS_K,
-            HAS_ALIBI,
-            DROPOUT,
             BLOCK_M,
         )
     )
@@ -646,12 +601,9 @@ def _attn_bwd_dq_kernel(
     )
     dbias = ScoreGrads(DBias, dropout.bh.to(tl.int64) * max_seqlen_q * max_seqlen_k, max_seqlen_k)
 
-    FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
-    )
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, lo_full, hi_full, hi = key_range(
-        start_m, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N
+        start_m, seqlen_q, seqlen_k, scoring.window_left, scoring.window_right, BLOCK_M, BLOCK_N
     )
     dq = _attn_bwd_dq_inner(
         dq,
@@ -673,7 +625,7 @@ def _attn_bwd_dq_kernel(
         HEAD_DIM,
         BLOCK_N,
     )
-    if MASK_WINDOW or not EVEN_N:
+    if FEATURES.MASK_WINDOW or not FEATURES.EVEN_N:
         dq = _attn_bwd_dq_inner(
             dq,
             q,
@@ -694,7 +646,7 @@ def _attn_bwd_dq_kernel(
             HEAD_DIM,
             BLOCK_N,
         )
-    if MASK_LEFT:
+    if FEATURES.MASK_LEFT:
         dq = _attn_bwd_dq_inner(
             dq,
             q,
@@ -716,7 +668,7 @@ def _attn_bwd_dq_kernel(
             BLOCK_N,
         )
 
-    dq = dq * softmax_scale
+    dq = dq * scoring.softmax_scale
     tl.store(DQ + do_offs, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -778,7 +730,7 @@ class BackwardLaunch:
             VARLEN=varlen,
             BLOCK_M=64,
         )
-        row_grid = (batch * nheads, triton.cdiv(seqlen_q, 64))
+        row_grid = (batch * nheads, cdiv(seqlen_q, 64))
         self.preprocess = LaunchPlan(
             _attn_bwd_preprocess_kernel, row_grid, ZERO_DQ=self.atomic_dq, **rows
         )
@@ -794,7 +746,7 @@ class BackwardLaunch:
         kernel, config = kernel_config("dkdv", _attn_bwd_dkdv_kernel, dkdv, q.dtype)
         self.dkdv = LaunchPlan(
             kernel,
-            lambda meta: (batch * nheads_k, triton.cdiv(seqlen_k, meta["BLOCK_N"])),
+            lambda meta: (batch * nheads_k, cdiv(seqlen_k, meta["BLOCK_N"])),
             **dkdv,
             **config,
         )
@@ -810,7 +762,7 @@ class BackwardLaunch:
             kernel, config = kernel_config("dq", _attn_bwd_dq_kernel, dq, q.dtype)
             self.dq = LaunchPlan(
                 kernel,
-                lambda meta: (batch * nheads, triton.cdiv(seqlen_q, meta["BLOCK_M"])),
+                lambda meta: (batch * nheads, cdiv(seqlen_q, meta["BLOCK_M"])),
                 **dq,
                 **config,
             )

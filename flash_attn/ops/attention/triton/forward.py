@@ -23,11 +23,16 @@ the mask instead of storing it.
 
 Kernel arguments that belong together travel as tuples: each tensor's (batch, token, head)
 strides (``stride_q``, ..., see :func:`head_start`), the sequence offsets (``lengths``, see
-:func:`sequence`) and the score modifiers (``scoring``, see :func:`score_mods`). Every kernel
-that owns a query block starts with :func:`query_block`; what the score modifiers
-of one head need travels as one tuple (``mods``, see :func:`score_mods`), and so does what
-the dropout mask needs (``dropout``, see :func:`dropout_keep`). The compile-time features of a
-launch travel as one constexpr, ``FEATURES`` (see :class:`Features`).
+:func:`sequence`), the score modifiers' scalars (``scoring``, a :class:`Scoring`) and the
+compile-time features of a launch (``FEATURES``, a :class:`Features`), the last two built by
+:func:`kernel_constants` on the host, so that the kernels' signatures do not change with the
+score modifiers. Every kernel that owns a query block starts with :func:`query_block`; what
+the score modifiers of one head need travels as one tuple (``mods``, see :func:`score_mods`),
+and so does what the dropout mask needs (``dropout``, see :func:`dropout_keep`).
+
+Adding a score modifier: its flag in :class:`Features`, its scalars in :class:`Scoring`, both
+set in :func:`kernel_constants` from :class:`~flash_attn.ops.attention.options.AttentionOptions`,
+and its term in :func:`scores` (with its derivative where it is not additive, as the softcap's).
 
 Two forward kernels share every piece above: ``_attn_fwd_kernel`` for training (dense and
 varlen batches), and ``_attn_decode_kernel`` for reading a KV cache or paged keys (each batch
@@ -45,15 +50,16 @@ import triton.language as tl
 
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.triton.tuning import MAX_BLOCK, kernel_config, target_arch
-from flash_attn.ops.launch import LaunchPlan, device_guard
+from flash_attn.ops.launch import LaunchPlan, cdiv, device_guard, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 class Features(NamedTuple):
-    """The compile-time features of a launch, built once by each kernel from its parameters of
-    these names and passed down as one constexpr (``FEATURES.SOFTCAP``, ...)."""
+    """The compile-time features of a launch: one constexpr kernel argument, ``FEATURES``,
+    built by :func:`kernel_constants` (``FEATURES.SOFTCAP``, ...)."""
 
+    SCORE_MODS: tl.constexpr  # any of the three below: the scores need more than a scale
     SOFTCAP: tl.constexpr  # softcap * tanh(s / softcap)
     HAS_BIAS: tl.constexpr  # + bias
     HAS_ALIBI: tl.constexpr  # - slope * |i - j| (bottom-right aligned)
@@ -65,31 +71,30 @@ class Features(NamedTuple):
 
 
 class Scoring(NamedTuple):
-    """The kernels' score-modifier arguments, named once (see :func:`score_mods`)."""
+    """The score modifiers' scalars: one kernel argument, ``scoring``, built by
+    :func:`kernel_constants`. The tensors they read are kernel arguments of their own, ``Bias``
+    (broadcastable to (B, H, Sq, Sk), read when HAS_BIAS) and ``Slopes`` ((H,) or (B, H) fp32,
+    read when HAS_ALIBI), which a launch plan replaces at every call."""
 
-    Bias: tl.tensor  # broadcastable to (B, H, Sq, Sk), read when HAS_BIAS
     stride_bias: tuple  # (b, h, m, n)
-    Slopes: tl.tensor  # (H,) or (B, H) fp32, read when HAS_ALIBI
-    stride_slope_b: tl.tensor
-    softmax_scale: tl.tensor
-    softcap: tl.tensor
-    window_left: tl.tensor  # keys visible before the diagonal (seqlen_q + seqlen_k: unlimited)
-    window_right: tl.tensor  # keys visible after it
+    stride_slope_b: int  # 0 for (H,) slopes
+    softmax_scale: float
+    softcap: float
+    window_left: int  # keys visible before the diagonal (seqlen_q + seqlen_k: unlimited)
+    window_right: int  # keys visible after it
 
 
 class ScoreMods(NamedTuple):
-    """What :func:`scores` needs for one head of one batch entry (built by :func:`score_mods`)."""
+    """What :func:`scores` needs for one head of one batch entry (built by :func:`score_mods`):
+    the launch's :class:`Scoring` and what is particular to the head."""
 
+    scoring: tuple  # a Scoring
     seqlen_q: tl.tensor
     seqlen_k: tl.tensor
-    softmax_scale: tl.tensor
-    softcap: tl.tensor
     bias_base: tl.tensor  # the head's bias, (Sq, Sk) with strides (stride_bias_m, _n)
     stride_bias_m: tl.tensor
     stride_bias_n: tl.tensor
     slope: tl.tensor  # ALiBi slope of the head
-    window_left: tl.tensor
-    window_right: tl.tensor
 
 
 class Dropout(NamedTuple):
@@ -149,25 +154,15 @@ def tanh(x):
 
 
 @triton.jit
-def score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI: tl.constexpr):
-    """The :class:`ScoreMods` of head off_h of batch entry off_b; scoring: a :class:`Scoring`."""
+def score_mods(Bias, Slopes, scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI: tl.constexpr):
+    """The :class:`ScoreMods` of head off_h of batch entry off_b; Bias, Slopes and scoring (a
+    :class:`Scoring`): the kernel's arguments of these names."""
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n = scoring.stride_bias
-    bias_base = scoring.Bias + off_b * stride_bias_b + off_h * stride_bias_h
+    bias_base = Bias + off_b * stride_bias_b + off_h * stride_bias_h
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(scoring.Slopes + off_b * scoring.stride_slope_b + off_h)
-    return ScoreMods(
-        seqlen_q,
-        seqlen_k,
-        scoring.softmax_scale,
-        scoring.softcap,
-        bias_base,
-        stride_bias_m,
-        stride_bias_n,
-        slope,
-        scoring.window_left,
-        scoring.window_right,
-    )
+        slope = tl.load(Slopes + off_b * scoring.stride_slope_b + off_h)
+    return ScoreMods(scoring, seqlen_q, seqlen_k, bias_base, stride_bias_m, stride_bias_n, slope)
 
 
 @triton.jit
@@ -185,15 +180,15 @@ def scores(
     tile, (1, M) and (N, 1) for a k q^T tile. MASKED: -inf where not visible (outside the
     window or the sequences, bounds skipped along an EVEN dimension); without it every score
     of the tile must be visible. mods: a :class:`ScoreMods`."""
-    seqlen_q, seqlen_k = mods.seqlen_q, mods.seqlen_k
-    window_left, window_right = mods.window_left, mods.window_right
+    seqlen_q, seqlen_k, scoring = mods.seqlen_q, mods.seqlen_k, mods.scoring
+    window_left, window_right = scoring.window_left, scoring.window_right
     dsoftcap = 1.0
     if FEATURES.SOFTCAP:
-        t = tanh(qk * (mods.softmax_scale / mods.softcap))
-        s = t * (mods.softcap * LOG2E)
+        t = tanh(qk * (scoring.softmax_scale / scoring.softcap))
+        s = t * (scoring.softcap * LOG2E)
         dsoftcap = 1.0 - t * t
     else:
-        s = qk * (mods.softmax_scale * LOG2E)
+        s = qk * (scoring.softmax_scale * LOG2E)
     if FEATURES.HAS_BIAS:
         in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
         bias_ptrs = mods.bias_base + rows * mods.stride_bias_m + cols * mods.stride_bias_n
@@ -363,6 +358,8 @@ def query_block(
     Q,
     stride_q,
     lengths,
+    Bias,
+    Slopes,
     scoring,
     Seed,
     dropout_p,
@@ -370,11 +367,10 @@ def query_block(
     seqlen_q,
     seqlen_k,
     head_dim,
+    FEATURES: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_SEQLENS_K: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """What a program that owns a query block (see :func:`program_block`) starts from:
@@ -395,9 +391,9 @@ def query_block(
     q_ptrs = q_base + rows[:, None] * stride_q[1] + offs_d[None, :]
     q_mask = (rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    mods = score_mods(scoring, off_b, off_h, seqlen_q, seqlen_k, HAS_ALIBI)
+    mods = score_mods(Bias, Slopes, scoring, off_b, off_h, seqlen_q, seqlen_k, FEATURES.HAS_ALIBI)
     seed = 0
-    if DROPOUT:
+    if FEATURES.DROPOUT:
         seed = tl.load(Seed)
     dropout = Dropout(seed, bh, max_seqlen_q, max_seqlen_k, dropout_p)
     return start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout
@@ -438,7 +434,7 @@ def _attn_fwd_inner(
     makes them; every other row is bit for bit what it is without."""
     k_src, v_src, in_dim, pages = keys
     seqlen_k = mods.seqlen_k
-    qk_scale = mods.softmax_scale * LOG2E
+    qk_scale = mods.scoring.softmax_scale * LOG2E
     STAGES: tl.constexpr = GUARD if GUARD else None  # None: the config's num_stages
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -449,7 +445,7 @@ def _attn_fwd_inner(
             bad = nonfinite_rows(v)
             v = tl.where(bad[:, None], 0.0, v).to(v.dtype)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        if MASKED or FEATURES.SOFTCAP or FEATURES.HAS_BIAS or FEATURES.HAS_ALIBI:
+        if MASKED or FEATURES.SCORE_MODS:
             s, _ = scores(qk, rows[:, None], cols[None, :], mods, FEATURES, MASKED)
             if GUARD and MASKED:
                 s = tl.where(bad[None, :] & (s > float("-inf")), float("nan"), s)
@@ -648,6 +644,8 @@ def _forward_program(
     stride_o,
     stride_lse,
     lengths,
+    Bias,
+    Slopes,
     scoring,
     Seed,
     dropout_p,
@@ -678,14 +676,15 @@ def _forward_program(
     BLOCK_N: tl.constexpr,
 ):
     """The forward of the query block this program owns: the body of both forward kernels,
-    whose arguments of these names it takes (lengths: see :func:`sequence`; scoring: a
-    :class:`Scoring`)."""
+    whose arguments of these names it takes (lengths: see :func:`sequence`)."""
     # q stays in SRAM for the whole loop over keys.
     start_m, off_b, off_h, q_start, seqlen_q, k_start, seqlen_k, rows, q, mods, dropout = (
         query_block(
             Q,
             stride_q,
             lengths,
+            Bias,
+            Slopes,
             scoring,
             Seed,
             dropout_p,
@@ -693,11 +692,10 @@ def _forward_program(
             seqlen_q,
             seqlen_k,
             head_dim,
+            FEATURES,
             HEAD_DIM,
             VARLEN,
             HAS_SEQLENS_K,
-            FEATURES.HAS_ALIBI,
-            FEATURES.DROPOUT,
             BLOCK_M,
         )
     )
@@ -788,13 +786,8 @@ def _attn_fwd_kernel(
     CuSeqlensQ,
     CuSeqlensK,  # see sequence()
     Bias,
-    stride_bias,
     Slopes,
-    stride_slope_b,  # see Scoring
-    softmax_scale,
-    softcap,
-    window_left,
-    window_right,
+    scoring,  # see Scoring
     Seed,
     dropout_p,  # (1,) int64, read when DROPOUT
     P,  # (B, H, max_Sq, max_Sk) like Q: the probabilities, written when STORE_PROBS
@@ -807,15 +800,8 @@ def _attn_fwd_kernel(
     seqlen_k_bucket,  # autotune key only
     HEAD_DIM: tl.constexpr,
     VARLEN: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    MASK_WINDOW: tl.constexpr,
-    MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    FEATURES: tl.constexpr,
     STORE_PROBS: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     # Pipeline stages of the guarded rerun (see _attn_fwd_inner): 1 (none) on sm_90, whose
     # wgmma reads its operands from shared memory; 2 on older GPUs, where an unpipelined loop
     # stages its tiles in registers (it spills at head dim 256).
@@ -825,12 +811,6 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """The training forward: dense or varlen batches."""
-    FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
-    )
-    scoring = Scoring(
-        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right
-    )
     _forward_program(
         Q,
         K,
@@ -843,6 +823,8 @@ def _attn_fwd_kernel(
         stride_o,
         stride_lse,
         (CuSeqlensQ, CuSeqlensK, CuSeqlensK),
+        Bias,
+        Slopes,
         scoring,
         Seed,
         dropout_p,
@@ -890,13 +872,8 @@ def _attn_decode_kernel(
     CuSeqlensK,
     SeqlensK,  # see sequence()
     Bias,
-    stride_bias,
     Slopes,
-    stride_slope_b,  # see Scoring
-    softmax_scale,
-    softcap,
-    window_left,
-    window_right,
+    scoring,  # see Scoring
     Seed,
     dropout_p,
     KBatchIdx,  # (B,) int32 cache row of each batch entry, read when HAS_KV_BATCH_IDX
@@ -917,17 +894,10 @@ def _attn_decode_kernel(
     HEAD_DIM: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_KV_BATCH_IDX: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    MASK_WINDOW: tl.constexpr,
-    MASK_LEFT: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    FEATURES: tl.constexpr,
     PAGED: tl.constexpr,
     SPLIT_KV: tl.constexpr,
     STORE_PROBS: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
     RERUN_STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -935,12 +905,6 @@ def _attn_decode_kernel(
 ):
     """The forward over a KV cache or paged keys: each batch entry sees the keys
     [SeqlensK[b, 0], SeqlensK[b, 1]) of its cache row (KBatchIdx[b]) or of its pages."""
-    FEATURES: tl.constexpr = Features(
-        SOFTCAP, HAS_BIAS, HAS_ALIBI, MASK_WINDOW, MASK_LEFT, DROPOUT, EVEN_M, EVEN_N
-    )
-    scoring = Scoring(
-        Bias, stride_bias, Slopes, stride_slope_b, softmax_scale, softcap, window_left, window_right
-    )
     _forward_program(
         Q,
         K,
@@ -953,6 +917,8 @@ def _attn_decode_kernel(
         stride_o,
         stride_lse,
         (CuSeqlensQ, CuSeqlensK, SeqlensK),
+        Bias,
+        Slopes,
         scoring,
         Seed,
         dropout_p,
@@ -1029,37 +995,43 @@ def kernel_constants(
     slope_stride = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         slope_stride = alibi_slopes.stride(0)
+    has_bias, has_alibi, softcap = bias is not None, alibi_slopes is not None, opts.softcap > 0.0
     return dict(
         stride_q=token_strides(q, varlen),
         stride_k=token_strides(k, varlen and not paged),
-        stride_bias=tuple(bias.stride()) if bias is not None else (0, 0, 0, 0),
-        stride_slope_b=slope_stride,
-        softmax_scale=opts.softmax_scale,
-        softcap=opts.softcap,
-        window_left=left,
-        window_right=right,
+        scoring=Scoring(
+            stride_bias=tuple(bias.stride()) if has_bias else (0, 0, 0, 0),
+            stride_slope_b=slope_stride,
+            softmax_scale=opts.softmax_scale,
+            softcap=opts.softcap,
+            window_left=left,
+            window_right=right,
+        ),
         dropout_p=opts.dropout_p,
         nheads=nheads,
         nheads_k=k.shape[-2],
         seqlen_q=seqlen_q,
         seqlen_k=seqlen_k,
         head_dim=head_dim,
-        seqlen_q_bucket=triton.next_power_of_2(seqlen_q),
-        seqlen_k_bucket=triton.next_power_of_2(seqlen_k),
-        HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
+        seqlen_q_bucket=next_power_of_2(seqlen_q),
+        seqlen_k_bucket=next_power_of_2(seqlen_k),
+        HEAD_DIM=max(16, next_power_of_2(head_dim)),
         VARLEN=varlen,
         HAS_SEQLENS_K=key_ranges,
-        HAS_BIAS=bias is not None,
-        HAS_ALIBI=alibi_slopes is not None,
-        SOFTCAP=opts.softcap > 0.0,
-        MASK_WINDOW=left < unlimited or right < unlimited,
-        MASK_LEFT=left < unlimited,
-        DROPOUT=opts.dropout_p > 0.0,
+        FEATURES=Features(
+            SCORE_MODS=softcap or has_bias or has_alibi,
+            SOFTCAP=softcap,
+            HAS_BIAS=has_bias,
+            HAS_ALIBI=has_alibi,
+            MASK_WINDOW=left < unlimited or right < unlimited,
+            MASK_LEFT=left < unlimited,
+            DROPOUT=opts.dropout_p > 0.0,
+            # Lengths that are multiples of every block size need no bounds masks.
+            EVEN_M=not varlen and seqlen_q % MAX_BLOCK == 0,
+            EVEN_N=not varlen and not key_ranges and seqlen_k % MAX_BLOCK == 0,
+        ),
         # fp32 inputs get full-precision products, to match torch.matmul's default (no TF32).
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # Lengths that are multiples of every block size need no bounds masks.
-        EVEN_M=not varlen and seqlen_q % MAX_BLOCK == 0,
-        EVEN_N=not varlen and not key_ranges and seqlen_k % MAX_BLOCK == 0,
     )
 
 
@@ -1172,7 +1144,7 @@ class ForwardLaunch:
         self.num_splits, self.varlen = num_splits, varlen
         split = num_splits > 1
         # Keys per split: a multiple of any BLOCK_N.
-        keys_per_split = triton.cdiv(triton.cdiv(constants["seqlen_k"], num_splits), 128) * 128
+        keys_per_split = cdiv(cdiv(constants["seqlen_k"], num_splits), 128) * 128
         # Partial results in fp32, one slice per split; split 0 is where one split writes.
         out_shape = (num_splits, *q.shape) if num_splits > 1 else q.shape
         out_dtype = torch.float32 if num_splits > 1 else q.dtype
@@ -1185,7 +1157,7 @@ class ForwardLaunch:
         seqlen_q, programs = constants["seqlen_q"], batch * constants["nheads"]
 
         def grid(meta):
-            return (programs, triton.cdiv(seqlen_q, meta["BLOCK_M"]), num_splits)
+            return (programs, cdiv(seqlen_q, meta["BLOCK_M"]), num_splits)
 
         constants.update(
             stride_v=token_strides(v, varlen and not paged),

@@ -176,7 +176,7 @@ def prune_by(kernel: str) -> dict:
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        shape = (args["HEAD_DIM"], args["MASK_WINDOW"], args["Q"].element_size())
+        shape = (args["HEAD_DIM"], args["FEATURES"].MASK_WINDOW, args["Q"].element_size())
         where = (target_arch(), shared_memory_limit())
         kept = [c for c in configs if footprint.fits(c, *shape, *where)]
         group = lambda c: (c.kwargs[footprint.owned], c.num_warps)  # noqa: E731
@@ -185,18 +185,9 @@ def prune_by(kernel: str) -> dict:
     return {"early_config_prune": prune}
 
 
-# Retune when the head dim, a feature that changes what a tile holds, the schedule of the
-# backward or the order of magnitude of the lengths change (the names a kernel has).
-TUNE_KEY = [
-    "HEAD_DIM",
-    "MASK_WINDOW",
-    "DROPOUT",
-    "HAS_BIAS",
-    "SOFTCAP",
-    "ATOMIC_DQ",
-    "seqlen_q_bucket",
-    "seqlen_k_bucket",
-]
+# Retune when the head dim, the features, the schedule of the backward or the order of
+# magnitude of the lengths change (the names a kernel has).
+TUNE_KEY = ["HEAD_DIM", "FEATURES", "ATOMIC_DQ", "seqlen_q_bucket", "seqlen_k_bucket"]
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # The JIT kernels that take their config from here, by name, and the space each draws from.
 TUNED_KERNELS = {
@@ -232,7 +223,7 @@ def kernel_config(kernel: str, fn, constants: dict, dtype: torch.dtype) -> tuple
     num_stages, one compile per kernel and key."""
     if autotuning():
         return autotuned(kernel, fn), {}
-    config = table_config(kernel, {**constants, "dtype": DTYPE_NAMES[dtype]})
+    config = table_config(kernel, {**flat(constants), "dtype": DTYPE_NAMES[dtype]})
     return fn, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
@@ -292,6 +283,15 @@ def load_table(arch: int) -> dict:
     return _read_table(str(path if path.exists() else TABLES / "sm80.json"))
 
 
+def flat(args: dict) -> dict:
+    """``args`` with the fields of its ``FEATURES`` (a ``Features``) in its place, by name: what
+    the rules of a config table name."""
+    features = args.get("FEATURES")
+    if features is None:
+        return args
+    return {**{k: v for k, v in args.items() if k != "FEATURES"}, **features._asdict()}
+
+
 def rule_applies(when: dict, args: dict) -> bool:
     """Whether every condition of a rule holds for the launch arguments ``args``: each named
     argument equals its value or is in its list, and of the flags listed under "any" (e.g.
@@ -325,7 +325,7 @@ def tuned_rules() -> dict:
     rules = {}
     for (kernel, _), tuner in _autotuners.items():
         for key, config in tuner.cache.items():
-            when = dict(zip(tuner.keys, key))
+            when = flat(dict(zip(tuner.keys, key)))
             when["dtype"] = DTYPE_NAMES[getattr(torch, key[len(tuner.keys)].split(".")[-1])]
             rules.setdefault(kernel, []).append({"when": when, "config": config_label(config)})
     return rules
