@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import device_guard, launch
+from flash_attn.ops.launch import cdiv, device_guard, launch, next_power_of_2
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def _cross_entropy_bwd_kernel(
 def _block_n(n_cols: int) -> int:
     # The interpreter runs programs one by one in NumPy, so it prefers a few wide blocks.
     cap = 16384 if interpreter_enabled() else 8192
-    return min(triton.next_power_of_2(max(n_cols, 1)), cap)
+    return min(next_power_of_2(max(n_cols, 1)), cap)
 
 
 def _num_warps(block_n: int) -> int:
@@ -145,7 +145,7 @@ def cross_entropy_fwd(
     """
     n_rows, n_cols = logits.shape
     block_n = _block_n(n_cols)
-    n_blocks = triton.cdiv(n_cols, block_n)
+    n_blocks = cdiv(n_cols, block_n)
     # One block per row (a vocabulary up to BLOCK_N): the partials are the results.
     partial_shape = (n_rows, n_blocks) if n_blocks > 1 else (n_rows,)
     lse_partial = torch.empty(partial_shape, dtype=torch.float32, device=logits.device)
@@ -210,7 +210,7 @@ def cross_entropy_bwd(
         with device_guard(logits):
             launch(
                 _cross_entropy_bwd_kernel,
-                (n_rows, triton.cdiv(n_cols, block_n)),
+                (n_rows, cdiv(n_cols, block_n)),
                 dlogits,
                 logits,
                 labels,

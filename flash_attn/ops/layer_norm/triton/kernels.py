@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import device_guard, launch
+from flash_attn.ops.launch import device_guard, launch, next_power_of_2
 
 # Rows longer than this are processed in chunks (64 KiB of fp64 would not fit; 8192 fp32 does).
 MAX_BLOCK = 8192
@@ -686,7 +686,7 @@ SUM_BLOCK = 256  # columns per program of the partial sums' reduction
 @functools.cache  # called at every launch, with a few distinct sizes
 def _block(N: int, max_block: int) -> tuple[int, bool, int]:
     """(BLOCK_N, SINGLE_BLOCK, num_warps) for rows of N elements."""
-    block = triton.next_power_of_2(N)
+    block = next_power_of_2(N)
     if block <= max_block:
         return block, True, min(max(block // 256, 1), 8)
     block = min(CHUNK_BLOCK, max_block)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import device_guard, largest, launch
+from flash_attn.ops.launch import cdiv, device_guard, largest, launch
 
 
 @triton.jit
@@ -248,7 +248,7 @@ def linear_act_fwd(
     pre = torch.empty(pre_shape, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out, pre
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with device_guard(x):
         launch(
             _linear_act_fwd_kernel,
@@ -293,7 +293,7 @@ def linear_act_bwd(dout: torch.Tensor, pre: torch.Tensor, activation: str, gated
     with device_guard(dout):
         launch(
             _act_bwd_kernel,
-            (triton.cdiv(M, block_m), triton.cdiv(N, block_n)),
+            (cdiv(M, block_m), cdiv(N, block_n)),
             dout,
             pre,
             dpre,

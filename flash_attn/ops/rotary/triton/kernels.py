@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import device_guard, launch
+from flash_attn.ops.launch import cdiv, device_guard, launch, next_power_of_2
 
 
 @triton.jit
@@ -139,8 +139,8 @@ def rotary_fwd(
     offsets_tensor = isinstance(seqlen_offsets, torch.Tensor)
     # The interpreter runs programs one after another in NumPy: few, large blocks are fastest.
     block_m = 64 if interpreter_enabled() else (8 if rotary_dim_half > 64 else 16)
-    block_m = min(block_m, max(triton.next_power_of_2(seqlen), 1))
-    grid = (triton.cdiv(seqlen, block_m), nheads, batch)
+    block_m = min(block_m, max(next_power_of_2(seqlen), 1))
+    grid = (cdiv(seqlen, block_m), nheads, batch)
     with device_guard(x):
         launch(
             _rotary_kernel,
@@ -166,7 +166,7 @@ def rotary_fwd(
             IS_VARLEN=is_varlen,
             IS_OFFSETS_TENSOR=offsets_tensor,
             BLOCK_M=block_m,
-            BLOCK_K=max(triton.next_power_of_2(rotary_dim_half), 2),
+            BLOCK_K=max(next_power_of_2(rotary_dim_half), 2),
             num_warps=4 if rotary_dim_half * block_m >= 1024 else 2,
         )
     return out
