@@ -1,7 +1,9 @@
 """scripts/gpu_check.sh --dry-run: every step of the GPU check, on CPU at tiny sizes."""
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ def test_dry_run_runs_every_step(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},  # this interpreter, not .venv/bin/python
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logs = {p.stem for p in tmp_path.glob("*.log")}

@@ -126,21 +126,27 @@ def test_loop_counts_hopper_integer_work_wgmma_groups_atomics_and_the_unmasked_c
     assert kr.unmasked_loop(kr.parse_sass(loop(0x100, whole))) is None
 
 
-def run_report(args, output):
-    """Tables of the script's report for ``args``, by kernel: a list of {column: cell} rows."""
+def start_report(args, output) -> subprocess.Popen:
+    """The script on ``args``, writing ``output``, started in a child process."""
     pytest.importorskip("triton")
-    result = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(SCRIPT), *args, "--output", str(output)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "0"},
     )
-    if result.returncode != 0 and "not found" in result.stderr.lower():
+
+
+def report_tables(proc: subprocess.Popen, output):
+    """Tables of the report a :func:`start_report` child writes, by kernel: a list of
+    {column: cell} rows."""
+    _, stderr = proc.communicate(timeout=600)
+    if proc.returncode != 0 and "not found" in stderr.lower():
         pytest.skip("Triton's ptxas, cuobjdump or nvdisasm is not available")
-    if result.returncode != 0:  # not an AssertionError: the xfail below must not absorb it
-        pytest.fail(result.stderr[-3000:])
+    if proc.returncode != 0:  # not an AssertionError: the xfail below must not absorb it
+        pytest.fail(stderr[-3000:])
     tables, kernel, columns = {}, None, None
     for line in output.read_text().splitlines():
         if line.startswith("## "):
@@ -155,14 +161,36 @@ def run_report(args, output):
     return tables
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    return run_report(SUBSET, tmp_path_factory.mktemp("report") / "report.md")
+BACKWARD = [
+    *("--arch", "90", "--dtype", "bf16", "--head-dim", "64", "--feature", "full"),
+    *("--kernel", "_attn_bwd_dkdv_kernel", "--kernel", "_attn_bwd_dq_kernel"),
+]
 
 
 @pytest.fixture(scope="module")
-def report_sm80(tmp_path_factory):
-    return run_report(SUBSET_SM80, tmp_path_factory.mktemp("report") / "report_sm80.md")
+def reports(tmp_path_factory):
+    """The reports of SUBSET, SUBSET_SM80 and BACKWARD, by name: the three children run at
+    once (each is mostly a single-threaded start-up and compile)."""
+    folder = tmp_path_factory.mktemp("report")
+    runs = {"sm90": SUBSET, "sm80": SUBSET_SM80, "backward": BACKWARD}
+    started = {name: start_report(args, folder / f"{name}.md") for name, args in runs.items()}
+    try:
+        return {name: report_tables(proc, folder / f"{name}.md") for name, proc in started.items()}
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def report(reports):
+    return reports["sm90"]
+
+
+@pytest.fixture(scope="module")
+def report_sm80(reports):
+    return reports["sm80"]
 
 
 def test_report_has_real_figures(report):
@@ -208,10 +236,8 @@ def test_sm80_prunes_and_compiles_for_sm80(report_sm80):
 
 
 @pytest.fixture(scope="module")
-def report_backward(tmp_path_factory):
-    args = ["--arch", "90", "--dtype", "bf16", "--head-dim", "64", "--feature", "full"]
-    args += ["--kernel", "_attn_bwd_dkdv_kernel", "--kernel", "_attn_bwd_dq_kernel"]
-    return run_report(args, tmp_path_factory.mktemp("report") / "report_backward.md")
+def report_backward(reports):
+    return reports["backward"]
 
 
 def test_the_backward_takes_five_products_per_tile_pair_or_seven_deterministic(report_backward):

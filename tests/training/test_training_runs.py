@@ -18,6 +18,7 @@ from training_testing import (
     compose_config,
     losses_by_step,
     run_train_py,
+    step_checkpoint_overrides,
     tiny_overrides,
     two_cpu_process_args,
 )
@@ -229,57 +230,55 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, corp
     )
 
 
-def test_ddp_resume_continues_each_rank_shard(tmp_path, cache_dir, corpus):
-    full = run_train_py(
-        two_cpu_process_args(corpus, cache_dir, tmp_path / "full", 6, "ddp"), cache_dir
-    )
-    part = run_train_py(
-        two_cpu_process_args(corpus, cache_dir, tmp_path / "part", 3, "ddp"), cache_dir
-    )
-    for proc in (full, part):
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-4000:]
-    ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    resumed = run_train_py(
-        [
-            *two_cpu_process_args(corpus, cache_dir, tmp_path / "resumed", 6, "ddp"),
-            f"ckpt_path={ckpt}",
-        ],
-        cache_dir,
-    )
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out[-4000:]
-    want, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "resumed")
-    assert sorted(got) == list(range(1, 7))
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, cache_dir, corpus):
+    """Two train.py runs of two CPU processes (DDP, gloo): 6 steps, validating at step 6,
+    keeping the checkpoint of step 3 (checkpoints/at-3.ckpt) beside last.ckpt and sampling on
+    rank 0 at the end; then a run resumed from that checkpoint to step 6. The folders of both
+    runs and the first run's output."""
+    root = tmp_path_factory.mktemp("ddp")
+    full_dir, resumed_dir = root / "full", root / "resumed"
+    args = [
+        *(
+            a
+            for a in two_cpu_process_args(corpus, cache_dir, full_dir, 6, "ddp")
+            if "sample" not in a
+        ),
+        "trainer.val_check_interval=6",
+    ]
+    proc = run_train_py([*args, *step_checkpoint_overrides(3)], cache_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    ckpt = full_dir / "checkpoints" / "at-3.ckpt"
+    args = [
+        *two_cpu_process_args(corpus, cache_dir, resumed_dir, 6, "ddp"),
+        "trainer.val_check_interval=6",
+        f"ckpt_path={ckpt}",
+    ]
+    resumed = run_train_py(args, cache_dir)
+    resumed_out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_out[-4000:]
+    return full_dir, resumed_dir, out
+
+
+def test_ddp_resume_continues_each_rank_shard(ddp_runs):
+    full_dir, resumed_dir, _ = ddp_runs
+    want, got = losses_by_step(full_dir), losses_by_step(resumed_dir)
+    assert sorted(want) == list(range(1, 7))
+    assert sorted(got) == list(range(1, 7))  # the curve's points up to step 3 come along
     for step in got:  # rank 0's loss; its batches depend on both ranks' shard positions
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
 
 
-def test_ddp_two_cpu_processes(tmp_path, cache_dir, corpus):
-    run_dir = tmp_path / "ddp"
-    args = [
-        *tiny_overrides(corpus, cache_dir, run_dir)[:-2],
-        f"hydra.run.dir={run_dir}",
-        "logger=csv",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32",
-        "trainer.strategy=ddp",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-    ]
-    proc = run_train_py(args, cache_dir)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    state = torch.load(
-        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
-    assert state["global_step"] == 3
-    assert state["tokens_seen"] == 3 * 2 * 2 * 32  # steps x ranks x batch x seq_len
-    sampler = state["GPTDataModule"]["train_sampler"]
-    assert sampler["world_size"] == 2 and sampler["consumed"] == 3 * 2 * 2
-    assert "val bits/byte" in out
+def test_ddp_two_cpu_processes(ddp_runs):
+    run_dir, _, out = ddp_runs
+    for name, step in (("at-3.ckpt", 3), ("last.ckpt", 6)):
+        state = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+        assert state["global_step"] == step, name
+        assert state["tokens_seen"] == step * 2 * 2 * 32, name  # steps x ranks x batch x seq_len
+        sampler = state["GPTDataModule"]["train_sampler"]
+        assert sampler["world_size"] == 2 and sampler["consumed"] == step * 2 * 2, name
+    assert "val bits/byte" in out and "--- sample" in out
 
 
 class MicroBatchLosses(L.Callback):
