@@ -59,35 +59,37 @@ class LaunchPlan:
     Args:
         kernel: a ``@triton.jit`` function, or one wrapped by ``triton.autotune``.
         grid: a tuple, or a function of the bound arguments (the config's included).
+        tensors: the names of the arguments a call passes, in the order it passes them: the
+            tensors that change from call to call.
         constants: every argument that stays the same at this key (scalars, strides, constexprs,
             placeholder tensors), and compile options (num_warps, ...) for a kernel that does not
             autotune.
-    A call passes the tensors by name, the same names at every call; under the CPU interpreter
-    every call takes the usual path (there is nothing compiled to call).
+    Under the CPU interpreter every call takes the usual path (there is nothing compiled to
+    call).
     """
 
-    def __init__(self, kernel, grid, **constants):
+    def __init__(self, kernel, grid, tensors: tuple[str, ...], **constants):
         self.kernel = kernel
         self.grid = grid
+        self.names = tuple(tensors)
         self.constants = constants
         self.compiled = None
 
-    def __call__(self, **tensors) -> None:
+    def __call__(self, *tensors) -> None:
+        """Launch with ``tensors``, one for each of the plan's names, in their order."""
         if self.compiled is None:
-            self._first_call(tensors)
+            if len(tensors) != len(self.names):
+                raise TypeError(f"launch plan: expected tensors {self.names}, got {len(tensors)}")
+            self._first_call(dict(zip(self.names, tensors)))
             return
-        if tensors.keys() != self.slots.keys():
-            raise TypeError(
-                f"launch plan: expected tensors {sorted(self.slots)}, got {sorted(tensors)}"
-            )
         args = self.args.copy()
-        for name, tensor in tensors.items():
-            args[self.slots[name]] = tensor
+        for slot, tensor in zip(self.slot_list, tensors):
+            args[slot] = tensor
         self._launch(args)
 
     def replay(self, values: tuple, positions: tuple) -> None:
-        """Launch with the tensors ``values[i]`` for i in ``positions``, in the order the first
-        call named them (a launch plan of :func:`launch` after its first call)."""
+        """Launch with the tensors ``values[i]`` for i in ``positions``, one for each of the
+        plan's names (what :func:`launch` does after a plan's first call)."""
         args = self.args.copy()
         for slot, position in zip(self.slot_list, positions):
             args[slot] = values[position]
@@ -118,8 +120,7 @@ class LaunchPlan:
         grid = self.grid(arguments) if callable(self.grid) else self.grid
         self.dims = tuple(grid) + (1,) * (3 - len(grid))
         names = list(arguments)
-        self.slots = {name: names.index(name) for name in tensors}
-        self.slot_list = tuple(self.slots.values())
+        self.slot_list = tuple(names.index(name) for name in tensors)
         # The tensors of this call are replaced at every call: the plan does not keep them.
         self.args = [None if name in tensors else value for name, value in arguments.items()]
         self.device = triton.runtime.driver.active.get_current_device()
@@ -166,10 +167,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         named = dict(zip(names, args)) | kwargs
         positions = tuple(i for i, v in enumerate(values) if isinstance(v, torch.Tensor))
         constants = {n: v for n, v in named.items() if not isinstance(v, torch.Tensor)}
-        entry = _plans[key] = (LaunchPlan(kernel, grid, **constants), positions)
+        all_names = [*names[: len(args)], *kwargs]
+        tensor_names = tuple(all_names[i] for i in positions)
+        entry = _plans[key] = (LaunchPlan(kernel, grid, tensor_names, **constants), positions)
     plan, positions = entry
-    names = [*_arg_names[kernel][: len(args)], *kwargs]
-    plan(**{names[i]: values[i] for i in positions})
+    plan(*[values[i] for i in positions])
 
 
 def _grid_key(grid) -> tuple:

@@ -54,3 +54,51 @@ def test_bad_row_is_named():
     )
     assert result.returncode != 0
     assert "--rows" in result.stderr and "no_such_row" in result.stderr
+
+
+# Each launch's kernel arguments on the stand-in driver, first through Triton's own path (the
+# first call of a shape), then replayed by the launch plans: with the same input tensors, the
+# same arguments in the same places (the outputs are fresh tensors of the same kind).
+_REPLAY = """
+import sys
+sys.path.insert(0, "scripts")
+import bench_host
+import torch
+
+bench_host.install_stand_in()
+calls = []
+bench_host._StandInUtils.launch = lambda self, *launch_args: calls[-1].append(launch_args[-1])
+
+
+def kind(arg):
+    if type(arg) is torch.Tensor:
+        return ("tensor", arg.dtype, tuple(arg.shape), arg.stride())
+    return arg
+
+
+for row in ("flash_attn_func_fwd_bwd", "layer_norm", "rotary"):
+    call = bench_host.ROWS[row][1]()
+    for _ in range(2):
+        calls.append([])
+        call()
+    first, replayed = calls[-2], calls[-1]
+    assert len(first) == len(replayed) > 0, (row, len(first), len(replayed))
+    for a, b in zip(first, replayed):
+        assert [kind(x) for x in a] == [kind(x) for x in b], row
+    # The tensors both calls pass (inputs, placeholders) are in the same places: no two swapped.
+    # (The lists keep every tensor alive, so no id is reused.)
+    ids = [{id(x) for args in call for x in args if type(x) is torch.Tensor} for call in calls[-2:]]
+    both = ids[0] & ids[1]
+    assert both, row
+    for a, b in zip(first, replayed):
+        assert all(x is y for x, y in zip(a, b) if id(x) in both or id(y) in both), row
+print("replayed")
+"""
+
+
+def test_replayed_launches_pass_what_the_first_launch_passed():
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-c", _REPLAY], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0 and "replayed" in result.stdout, result.stderr[-3000:]

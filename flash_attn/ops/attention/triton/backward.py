@@ -29,6 +29,7 @@ import triton.language as tl
 
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.triton.forward import (
+    KERNEL_TENSORS,
     LOG2E,
     Dropout,
     block_indices,
@@ -732,8 +733,14 @@ class BackwardLaunch:
         )
         row_grid = (batch * nheads, cdiv(seqlen_q, 64))
         self.preprocess = LaunchPlan(
-            _attn_bwd_preprocess_kernel, row_grid, ZERO_DQ=self.atomic_dq, **rows
+            _attn_bwd_preprocess_kernel,
+            row_grid,
+            ("Out", "DO", "Delta", "DQAccum", "CuSeqlensQ"),
+            ZERO_DQ=self.atomic_dq,
+            **rows,
         )
+        # What the dK/dV and dQ kernels read beside KERNEL_TENSORS, after what they write.
+        reads = ("V", "DO", "Lse", "Delta", "SeqlensK", *KERNEL_TENSORS)
         common = dict(
             stride_v=token_strides(v, varlen), stride_o=stride_o, stride_lse=stride_lse, **constants
         )
@@ -747,6 +754,7 @@ class BackwardLaunch:
         self.dkdv = LaunchPlan(
             kernel,
             lambda meta: (batch * nheads_k, cdiv(seqlen_k, meta["BLOCK_N"])),
+            ("DK", "DV", "DQAccum", "DBias", *reads),
             **dkdv,
             **config,
         )
@@ -754,6 +762,7 @@ class BackwardLaunch:
             self.dq = LaunchPlan(
                 _attn_bwd_dq_finish_kernel,
                 row_grid,
+                ("DQAccum", "DQ", "CuSeqlensQ"),
                 softmax_scale=opts.softmax_scale,
                 **rows,
             )
@@ -763,6 +772,7 @@ class BackwardLaunch:
             self.dq = LaunchPlan(
                 kernel,
                 lambda meta: (batch * nheads, cdiv(seqlen_q, meta["BLOCK_M"])),
+                ("DQ", "DBias", *reads),
                 **dq,
                 **config,
             )
@@ -798,27 +808,28 @@ class BackwardLaunch:
         dbias = None
         if self.dbias_shape is not None:
             dbias = torch.zeros(self.dbias_shape, dtype=torch.float32, device=q.device)
+        placeholder = self.placeholder
         tensors = kernel_tensors(
             q,
             k,
-            self.placeholder,
+            placeholder,
             bias=bias,
             alibi_slopes=alibi_slopes,
             cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k,
-            key_ranges=key_ranges,
             seed=seed,
         )
-        common = dict(V=v, DO=do, Lse=lse, Delta=delta, **tensors)
+        seqlens_k = key_ranges if key_ranges is not None else placeholder
+        reads = (v, do, lse, delta, seqlens_k, *tensors)  # as the plans' "reads"
         dbias_out = dbias if dbias is not None else delta
-        cu_seqlens_q = tensors["CuSeqlensQ"]
+        cu_seqlens_q = cu_seqlens_q if cu_seqlens_q is not None else placeholder
         with device_guard(q):
-            self.preprocess(Out=out, DO=do, Delta=delta, DQAccum=dq_accum, CuSeqlensQ=cu_seqlens_q)
-            self.dkdv(DK=dk, DV=dv, DQAccum=dq_accum, DBias=dbias_out, **common)
+            self.preprocess(out, do, delta, dq_accum, cu_seqlens_q)
+            self.dkdv(dk, dv, dq_accum, dbias_out, *reads)
             if self.atomic_dq:
-                self.dq(DQAccum=dq_accum, DQ=dq, CuSeqlensQ=cu_seqlens_q)
+                self.dq(dq_accum, dq, cu_seqlens_q)
             else:
-                self.dq(DQ=dq, DBias=dbias_out, **common)
+                self.dq(dq, dbias_out, *reads)
         return dq, dk, dv, dbias
 
 

@@ -1035,6 +1035,10 @@ def kernel_constants(
     )
 
 
+# The tensor arguments every attention kernel takes, in the order of kernel_tensors.
+KERNEL_TENSORS = ("Q", "K", "CuSeqlensQ", "CuSeqlensK", "Bias", "Slopes", "Seed")
+
+
 def kernel_tensors(
     q,
     k,
@@ -1044,24 +1048,18 @@ def kernel_tensors(
     alibi_slopes=None,
     cu_seqlens_q=None,
     cu_seqlens_k=None,
-    key_ranges=None,
     seed=None,
-) -> dict:
-    """The tensor arguments that every attention kernel takes, by name; ``placeholder`` (an
-    empty int32 tensor on q's device) stands for those a launch does not read."""
-
-    def given(t):
-        return t if t is not None else placeholder
-
-    return dict(
-        Q=q,
-        K=k,
-        CuSeqlensQ=given(cu_seqlens_q),
-        CuSeqlensK=given(cu_seqlens_k),
-        SeqlensK=given(key_ranges),
-        Bias=given(bias),
-        Slopes=given(alibi_slopes),
-        Seed=given(seed),
+) -> tuple:
+    """The tensors of :data:`KERNEL_TENSORS`, in its order; ``placeholder`` (an empty int32
+    tensor on q's device) stands for those a launch does not read."""
+    return (
+        q,
+        k,
+        cu_seqlens_q if cu_seqlens_q is not None else placeholder,
+        cu_seqlens_k if cu_seqlens_k is not None else placeholder,
+        bias if bias is not None else placeholder,
+        alibi_slopes if alibi_slopes is not None else placeholder,
+        seed if seed is not None else placeholder,
     )
 
 
@@ -1181,7 +1179,10 @@ class ForwardLaunch:
             )
         kernel = _attn_decode_kernel if self.decode else _attn_fwd_kernel
         kernel, config = kernel_config("fwd", kernel, constants, q.dtype)
-        self.launch = LaunchPlan(kernel, grid, **constants, **config)
+        # The decoding kernel also reads each batch entry's key range, cache row and pages.
+        decoding = ("SeqlensK", "KBatchIdx", "BlockTable") if self.decode else ()
+        tensors = ("V", "Out", "Lse", "P", *decoding, *KERNEL_TENSORS)
+        self.launch = LaunchPlan(kernel, grid, tensors, **constants, **config)
 
     def __call__(
         self,
@@ -1213,16 +1214,15 @@ class ForwardLaunch:
             alibi_slopes=alibi_slopes,
             cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k,
-            key_ranges=key_ranges,
             seed=seed,
         )
+        decoding = ()
         if self.decode:
-            tensors["KBatchIdx"] = k_batch_idx if k_batch_idx is not None else placeholder
-            tensors["BlockTable"] = block_table if block_table is not None else placeholder
-        else:
-            del tensors["SeqlensK"]
+            decoding = tuple(
+                t if t is not None else placeholder for t in (key_ranges, k_batch_idx, block_table)
+            )
         with device_guard(q):
-            self.launch(V=v, Out=out, Lse=lse, P=probs if probs is not None else out, **tensors)
+            self.launch(v, out, lse, probs if probs is not None else out, *decoding, *tensors)
         if self.num_splits == 1:
             return out, lse
         return _combine_splits(out, lse, self.dtype, self.varlen)
