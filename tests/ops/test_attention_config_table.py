@@ -65,7 +65,7 @@ def test_the_first_rule_that_applies_gives_the_config(compiled_kernels):
             at.config_label(at.table_config("fwd", dict(wide, MASK_WINDOW=True))) == "64x32 w8 s2"
         )
         # fp32's rule comes first, whatever the head dim; combined features take smaller tiles.
-        assert at.config_label(at.table_config("fwd", dict(wide, dtype="fp32"))) == "16x16 w4 s1"
+        assert at.config_label(at.table_config("fwd", dict(wide, dtype="fp32"))) == "16x16 w8 s1"
         dropout_and_bias = dict(PLAIN, DROPOUT=True, HAS_BIAS=True)
         assert at.config_label(at.table_config("fwd", dropout_and_bias)) == "64x32 w4 s2"
         assert at.config_label(at.table_config("fwd", dict(PLAIN, DROPOUT=True))) == "64x64 w4 s3"
