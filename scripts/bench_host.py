@@ -12,10 +12,10 @@ on the CPU and the kernels compute nothing. Shapes are tiny, so that what PyTorc
 the CPU (a matmul of the fused MLP, the model's linear layers) costs little beside the host work;
 host work does not grow with them. Each row is the median CPU thread time of one call
 in µs, and in units of a trivial launch (a 4-argument ``@triton.jit`` kernel called the usual
-way, ``kernel[grid](...)``), measured in the same run, so that figures compare across
-machines. ``launches`` counts the kernel launches of one call, ``host reads`` the reads of
-tensor values on the host (``.item()``, ``.tolist()``, ``bool(t)``, ...), each of which is a
-host-device synchronisation on a GPU.
+way, ``kernel[grid](...)``), timed in turn with each row, so that figures compare across
+machines and a slow spell of a shared machine cancels out. ``launches`` counts the kernel
+launches of one call, ``host reads`` the reads of tensor values on the host (``.item()``,
+``.tolist()``, ``bool(t)``, ...), each of which is a host-device synchronisation on a GPU.
 """
 
 from __future__ import annotations
@@ -345,57 +345,62 @@ ROWS = {
 }
 
 
-def measure(call, calls: int, warmup: int = 3, batches: int = 5) -> tuple[float, int, int]:
-    """(µs of CPU thread time per call, launches per call, host reads per call). The calls run
-    in ``batches``; the time is the fastest batch's median (a shared machine has slow spells
-    that make a whole batch up to 2x slower, never faster)."""
+def _median_time(call, calls: int) -> float:
+    """Median CPU thread time of ``calls`` calls, in µs."""
+    times = []
+    for _ in range(max(1, calls)):
+        start = time.thread_time_ns()
+        call()
+        times.append((time.thread_time_ns() - start) / 1000)
+    return statistics.median(times)
+
+
+def measure(call, unit, calls: int, warmup: int = 3, batches: int = 7) -> tuple:
+    """(µs of CPU thread time per call, units, launches per call, host reads per call, µs of
+    the unit: its fastest batch's median). The calls run in ``batches``, each right after a
+    batch of the trivial launch ``unit``: a shared machine has slow spells that make a stretch
+    of calls up to 2x slower, and a row and its unit measured back to back slow down together.
+    µs is the fastest batch's median; units the median over the batches of the row's median
+    over its unit's."""
     for _ in range(warmup):  # the first call compiles and builds the launch plans
         call()
+        unit()
     LAUNCHES[0] = 0
     with HostReads() as reads:
         call()
     launches, host_reads = LAUNCHES[0], reads.count
-    medians = []
+    times, ratios, unit_times = [], [], []
     for _ in range(batches):
-        times = []
-        for _ in range(max(1, calls // batches)):
-            start = time.thread_time_ns()
-            call()
-            times.append((time.thread_time_ns() - start) / 1000)
-        medians.append(statistics.median(times))
-    return min(medians), launches, host_reads
+        unit_times.append(_median_time(unit, UNIT_CALLS))
+        times.append(_median_time(call, calls // batches))
+        ratios.append(times[-1] / unit_times[-1])
+    return min(times), statistics.median(ratios), launches, host_reads, min(unit_times)
+
+
+UNIT_CALLS = 25  # trivial launches timed before each batch of a row
 
 
 def run(rows: list[str], calls: int) -> list[dict]:
-    """Measure ``rows`` (names of :data:`ROWS`). The unit, a trivial launch, is measured before
-    every row and after the last; the fastest of those medians divides every row (on a shared
-    machine one of them can come out 2x slower, never faster)."""
+    """Measure ``rows`` (names of :data:`ROWS`), each against the unit, a trivial launch, timed
+    in turn with it (see :func:`measure`)."""
     install_stand_in()
     torch.manual_seed(0)
     trivial = _trivial()
-    units, measured = [], []
+    results, unit_times = [], []
     for name in rows:
-        units.append(measure(trivial, calls)[0])
         label, build = ROWS[name]
-        repeats = max(5, calls // 10) if name.startswith("gpt2_step") else calls
-        measured.append((name, label, *measure(build(), repeats)))
-    units.append(measure(trivial, calls)[0])
-    unit = min(units)
-    print(
-        f"unit: {unit:.1f} µs (the fastest of {len(units)}, up to {max(units):.1f})",
-        file=sys.stderr,
-    )
-    results = []
-    for name, label, us, launches, reads in measured:
+        repeats = max(7, calls // 10) if name.startswith("gpt2_step") else calls
+        us, units, launches, reads, unit_us = measure(build(), trivial, repeats)
         results.append(
-            dict(row=name, label=label, us=us, units=us / unit, launches=launches, host_reads=reads)
+            dict(row=name, label=label, us=us, units=units, launches=launches, host_reads=reads)
         )
+        unit_times.append(unit_us)
         print(
-            f"{name:24s} {us:9.1f} µs {us / unit:7.1f} units {launches:4d} launches "
-            f"{reads:3d} host reads",
+            f"{name:24s} {us:9.1f} µs {units:7.1f} units {launches:4d} launches "
+            f"{reads:3d} host reads (unit {unit_us:.1f} µs)",
             file=sys.stderr,
         )
-    return results, unit
+    return results, statistics.median(unit_times)
 
 
 def markdown(results: list[dict], unit: float, machine: str) -> str:
@@ -403,9 +408,11 @@ def markdown(results: list[dict], unit: float, machine: str) -> str:
         f"# Host time per call ({machine}, torch {torch.__version__}, Triton {triton.__version__})",
         "",
         "`python scripts/bench_host.py`: CPU thread time of one call with Triton's driver",
-        "replaced by a stand-in (every kernel compiled for sm_90, no driver call); units of a",
-        f"trivial launch measured in the same run ({unit:.1f} µs: the fastest of its medians,",
-        "measured before each row). Each row is the fastest of five batches' medians.",
+        "replaced by a stand-in (every kernel compiled for sm_90, no driver call). Each row runs",
+        "in seven batches, each right after a batch of trivial launches: µs is the fastest",
+        "batch's median, units the median over the batches of the row's median over the trivial",
+        f"launch's ({unit:.1f} µs here, the median of its fastest batches), so that a slow spell",
+        "of the machine cancels out.",
         "",
         "| path | µs per call | units of a trivial launch | launches | host reads (syncs) |",
         "|---|---|---|---|---|",
