@@ -234,7 +234,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dy1, dresidual_out, *_):
     h, weight, weight1, mean, rstd, rowscale, seed = ctx.saved_tensors
-    if dy is None:  # only residual_out was differentiated
+    if dy is None:  # out was not differentiated (only residual_out or out1 were)
         dy = torch.zeros_like(h, dtype=ctx.out_dtype)
     if weight1 is not None and dy1 is None:
         dy1 = torch.zeros_like(h, dtype=ctx.out_dtype)
