@@ -1,6 +1,6 @@
 """What every Triton launcher shares: the device guard, launch plans, host integer helpers
-(``cdiv``, ``next_power_of_2``) and two small helpers (the JIT function under a kernel's
-wrappers, the configs with the largest tiles).
+(``cdiv``, ``next_power_of_2``) and small helpers (contiguous aligned tensors, the JIT function
+under a kernel's wrappers, the configs with the largest tiles).
 
 Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
 :func:`flash_attn.ops.backend.interpreter_enabled`).
@@ -26,6 +26,14 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (0 for 0), as ``triton.next_power_of_2`` on the host."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def contiguous_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous and at a 16-byte aligned address (a copy only where t is not both): what a
+    launch plan needs of a tensor whose layout its key did not record, such as a gradient
+    handed to a backward (Triton specialises pointers on their alignment)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def unwrap_jit(kernel):

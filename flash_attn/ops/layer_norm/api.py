@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
 from flash_attn.ops.custom_op import PlanCache, call_signature
-from flash_attn.ops.layer_norm.function import layer_norm_fwd_op
+from flash_attn.ops.layer_norm.function import NormFunction, NormLaunches, layer_norm_fwd_op
 from flash_attn.ops.layer_norm.reference import (
     draw_keep_masks,
     layer_norm_with,
@@ -136,6 +136,7 @@ class _NormPlan:
         self.store_masks = return_dropout_mask and dropout_p > 0.0
         self.has_out1 = weight1 is not None
         self.has_mask1 = self.store_masks and x1 is not None
+        self.launches = None  # the Triton launches, built by the first eager call
 
 
 def _check_triton_dtypes(x, weight, bias, residual, x1, weight1, bias1) -> None:
@@ -174,26 +175,28 @@ def _layer_norm_triton(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    y, y1, residual_out, _, _, keep, keep1 = layer_norm_fwd_op(
-        x,
-        weight,
-        bias,
-        residual,
-        x1,
-        weight1,
-        bias1,
-        rowscale,
-        seed,
-        float(eps),
-        float(dropout_p),
-        is_rms_norm,
-        zero_centered_weight,
-        plan.out_dtype,
-        plan.residual_dtype,
-        plan.store,
-        plan.store_masks,
-        prenorm,
+    tensors = (x, weight, bias, residual, x1, weight1, bias1, rowscale, seed)
+    options = dict(
+        eps=float(eps),
+        dropout_p=float(dropout_p),
+        is_rms_norm=is_rms_norm,
+        zero_centered_weight=zero_centered_weight,
+        out_dtype=plan.out_dtype,
+        residual_dtype=plan.residual_dtype,
+        store_residual_out=plan.store,
+        store_dropout_mask=plan.store_masks,
     )
+    if torch.compiler.is_compiling():
+        y, y1, residual_out, _, _, keep, keep1 = layer_norm_fwd_op(
+            *tensors, *options.values(), prenorm
+        )
+    else:
+        if plan.launches is None:
+            plan.launches = NormLaunches(*tensors, prenorm=prenorm, **options)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            y, y1, residual_out, keep, keep1 = NormFunction.apply(*tensors, plan.launches)
+        else:
+            y, y1, residual_out, _, _, keep, keep1 = plan.launches.forward(*tensors)
     return pack_outputs(
         y,
         y1 if plan.has_out1 else None,

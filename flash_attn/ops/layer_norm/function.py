@@ -1,28 +1,173 @@
-"""The Triton path of LayerNorm / RMSNorm behind autograd: the custom ops
-``flash_attn::layer_norm_fwd`` and ``flash_attn::layer_norm_bwd`` (fake implementations give
-the output shapes, so ``torch.compile`` traces them) and the autograd formula that joins them.
+"""The Triton path of LayerNorm / RMSNorm behind autograd, two ways over the same launches (as
+attention's):
 
-The kernels are imported inside each op so that ``import flash_attn`` works without Triton.
+- Eager: :class:`NormFunction`, one ``torch.autograd.Function`` whose forward and backward call
+  the :class:`NormLaunches` of the call signature (``api.py`` keeps them in its plan).
+- Under ``torch.compile``: the custom ops ``flash_attn::layer_norm_fwd`` and
+  ``flash_attn::layer_norm_bwd``, whose fake implementations give the output shapes, with an
+  autograd formula.
+
+Both keep what the backward needs in a :class:`NormGradInfo` and differentiate by
+:func:`_input_grads`. The kernels are imported inside each op so that ``import flash_attn``
+works without Triton.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from flash_attn.ops.custom_op import custom_op
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(..., N) -> (M, N): the rows the kernels normalise."""
-    return t.reshape(-1, t.shape[-1]) if t is not None and t.ndim != 2 else t
+class NormGradInfo(NamedTuple):
+    """What the backward reads of the forward besides its saved tensors."""
+
+    out_dtype: torch.dtype
+    x_dtype: torch.dtype
+    x1_dtype: torch.dtype | None  # None without x1
+    residual_dtype: torch.dtype | None  # None without a residual
+    has_bias: bool
+    has_bias1: bool
+    dropout_p: float
+    is_rms_norm: bool
+    zero_centered_weight: bool
+    prenorm: bool  # residual_out is an output, with a gradient of its own
 
 
-def _shaped(t: torch.Tensor | None, shape) -> torch.Tensor | None:
-    """A kernel's (M, N) output viewed in the caller's shape."""
-    return t.view(shape) if t is not None and len(shape) != 2 else t
+def _grad_info(x, bias, residual, x1, bias1, dropout_p, flags) -> NormGradInfo:
+    """The :class:`NormGradInfo` of a forward: its inputs and the flags is_rms_norm,
+    zero_centered_weight, out_dtype, prenorm."""
+    is_rms_norm, zero_centered_weight, out_dtype, prenorm = flags
+    return NormGradInfo(
+        out_dtype=out_dtype,
+        x_dtype=x.dtype,
+        x1_dtype=x1.dtype if x1 is not None else None,
+        residual_dtype=residual.dtype if residual is not None else None,
+        has_bias=bias is not None,
+        has_bias1=bias1 is not None,
+        dropout_p=dropout_p,
+        is_rms_norm=is_rms_norm,
+        zero_centered_weight=zero_centered_weight,
+        prenorm=prenorm,
+    )
+
+
+def _input_grads(info: NormGradInfo, saved: tuple, dy, dy1, dresidual_out, backward) -> tuple:
+    """The gradients of (x, weight, bias, residual, x1, weight1, bias1), None where there is no
+    such input. saved: the forward's (h, weight, weight1, mean, rstd, rowscale, seed);
+    backward: the launches, called as :class:`~flash_attn.ops.layer_norm.triton.kernels.
+    NormBackward` is."""
+    h, weight, weight1, mean, rstd, rowscale, seed = saved
+    if dy is None:  # out was not differentiated (only residual_out or out1 were)
+        dy = torch.zeros_like(h, dtype=info.out_dtype)
+    if weight1 is not None and dy1 is None:
+        dy1 = torch.zeros_like(h, dtype=info.out_dtype)
+    dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = backward(
+        dy,
+        dy1 if weight1 is not None else None,
+        h,
+        weight,
+        weight1,
+        mean,
+        rstd,
+        dresidual_out if info.prenorm else None,
+        rowscale,
+        seed,
+    )
+    return (
+        dx,
+        dweight,
+        dbias if info.has_bias else None,
+        dresidual if info.residual_dtype is not None else None,
+        dx1 if info.x1_dtype is not None else None,
+        dweight1 if weight1 is not None else None,
+        dbias1 if info.has_bias1 else None,
+    )
+
+
+class NormLaunches:
+    """The forward and backward launches of one call signature of ``layer_norm_fn``, built from
+    its first call's tensors (their metadata only): ``forward`` is a ``NormForward``,
+    ``backward`` runs a ``NormBackward``.
+
+    Args: the nine tensors of :class:`NormFunction`, ``prenorm``, and ``NormForward``'s
+    options (eps, dropout_p, is_rms_norm, zero_centered_weight, out_dtype, residual_dtype,
+    store_residual_out, store_dropout_mask).
+    """
+
+    def __init__(
+        self, x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, *, prenorm, **options
+    ):
+        from flash_attn.ops.layer_norm.triton.kernels import NormForward
+
+        self.forward = NormForward(
+            x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, **options
+        )
+        flags = (options["is_rms_norm"], options["zero_centered_weight"])
+        flags += (self.forward.out_dtype, prenorm)
+        self.info = _grad_info(x, bias, residual, x1, bias1, options["dropout_p"], flags)
+        self.has_rowscale = rowscale is not None
+        self.store = options["store_residual_out"]
+        self._backward = {}
+
+    def backward(self, dy, dy1, h, weight, weight1, mean, rstd, dresidual_out, rowscale, seed):
+        """The backward launches (``NormBackward``'s call), built on first use with or without
+        the gradient of residual_out (prenorm, where residual_out was differentiated)."""
+        has_dresidual_out = dresidual_out is not None
+        launch = self._backward.get(has_dresidual_out)
+        if launch is None:
+            from flash_attn.ops.layer_norm.triton.kernels import NormBackward
+
+            info = self.info
+            launch = self._backward[has_dresidual_out] = NormBackward(
+                h,
+                weight,
+                weight1,
+                has_dresidual_out=has_dresidual_out,
+                has_rowscale=self.has_rowscale,
+                dropout_p=info.dropout_p,
+                zero_centered_weight=info.zero_centered_weight,
+                is_rms_norm=info.is_rms_norm,
+                x_dtype=info.x_dtype,
+                x1_dtype=info.x1_dtype,
+                residual_dtype=info.residual_dtype,
+            )
+        return launch(dy, dy1, h, weight, weight1, mean, rstd, dresidual_out, rowscale, seed)
+
+
+class NormFunction(torch.autograd.Function):
+    """y, y1, residual_out, keep, keep1 = NormFunction.apply(x, weight, bias, residual, x1,
+    weight1, bias1, rowscale, seed, launches): the forward of ``launches`` (a
+    :class:`NormLaunches`), outputs as it returns them, None where not stored; gradients flow to
+    the seven inputs before rowscale."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, x1, weight1, bias1, rowscale, seed, launches):
+        y, y1, residual_out, mean, rstd, keep, keep1 = launches.forward(
+            x, weight, bias, residual, x1, weight1, bias1, rowscale, seed
+        )
+        if keep is not None:
+            ctx.mark_non_differentiable(*(t for t in (keep, keep1) if t is not None))
+        ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
+        h = residual_out if launches.store else x
+        ctx.save_for_backward(h, weight, weight1, mean, rstd, rowscale, seed)
+        ctx.launches = launches
+        return y, y1, residual_out, keep, keep1
+
+    @staticmethod
+    def backward(ctx, dy, dy1, dresidual_out, _dkeep, _dkeep1):
+        launches = ctx.launches
+        grads = _input_grads(
+            launches.info, ctx.saved_tensors, dy, dy1, dresidual_out, launches.backward
+        )
+        return grads + (None,) * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops, for torch.compile
 
 
 def _empty_if_none(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -58,19 +203,18 @@ def layer_norm_fwd_op(
     x.shape[:-1] or None."""
     from flash_attn.ops.layer_norm.triton.kernels import layer_norm_fwd
 
-    shape = x.shape
     y, y1, residual_out, mean, rstd, keep, keep1 = layer_norm_fwd(
-        _rows(x),
+        x,
         weight,
         bias,
         eps,
-        _rows(residual),
-        _rows(x1),
+        residual,
+        x1,
         weight1,
         bias1,
         dropout_p,
         seed,
-        rowscale.reshape(-1) if rowscale is not None else None,
+        rowscale,
         zero_centered_weight,
         is_rms_norm,
         out_dtype,
@@ -79,13 +223,13 @@ def layer_norm_fwd_op(
         store_dropout_mask,
     )
     return (
-        _shaped(y, shape),
-        _empty_if_none(_shaped(y1, shape), y),
-        _empty_if_none(_shaped(residual_out, shape), x, residual_dtype),
+        y,
+        _empty_if_none(y1, y),
+        _empty_if_none(residual_out, x, residual_dtype),
         mean,
         rstd,
-        _empty_if_none(_shaped(keep, shape), x, torch.bool),
-        _empty_if_none(_shaped(keep1, shape), x, torch.bool),
+        _empty_if_none(keep, x, torch.bool),
+        _empty_if_none(keep1, x, torch.bool),
     )
 
 
@@ -151,19 +295,18 @@ def layer_norm_bwd_op(
     such input."""
     from flash_attn.ops.layer_norm.triton.kernels import layer_norm_bwd
 
-    shape = x.shape
     dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = layer_norm_bwd(
-        _rows(dy),
-        _rows(x),
+        dy,
+        x,
         weight,
         mean,
         rstd,
-        _rows(dresidual_out),
-        _rows(dy1),
+        dresidual_out,
+        dy1,
         weight1,
         dropout_p,
         seed,
-        rowscale.reshape(-1) if rowscale is not None else None,
+        rowscale,
         zero_centered_weight,
         is_rms_norm,
         x_dtype,
@@ -171,11 +314,11 @@ def layer_norm_bwd_op(
         residual_dtype,
     )
     return (
-        _shaped(dx, shape),
+        dx,
         dweight,
         dbias,
-        _empty_if_none(_shaped(dresidual, shape), dy),
-        _empty_if_none(_shaped(dx1, shape), dy),
+        _empty_if_none(dresidual, dy),
+        _empty_if_none(dx1, dy),
         _empty_if_none(dweight1, weight),
         _empty_if_none(dbias1, weight),
     )
@@ -223,48 +366,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(residual_out if store else x, weight, weight1, mean, rstd, rowscale, seed)
     ctx.mark_non_differentiable(mean, rstd, keep, keep1)
     ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
-    ctx.out_dtype = out_dtype
-    ctx.has_bias, ctx.has_bias1 = bias is not None, bias1 is not None
-    ctx.x_dtype = x.dtype
-    ctx.x1_dtype = x1.dtype if x1 is not None else None
-    ctx.residual_dtype = residual.dtype if residual is not None else None
-    ctx.dropout_p, ctx.is_rms_norm, ctx.zero_centered_weight = dropout_p, is_rms_norm, flags[1]
-    ctx.prenorm = prenorm
+    flags = (is_rms_norm, zero_centered_weight, out_dtype, prenorm)
+    ctx.info = _grad_info(x, bias, residual, x1, bias1, dropout_p, flags)
 
 
 def _backward(ctx, dy, dy1, dresidual_out, *_):
-    h, weight, weight1, mean, rstd, rowscale, seed = ctx.saved_tensors
-    if dy is None:  # out was not differentiated (only residual_out or out1 were)
-        dy = torch.zeros_like(h, dtype=ctx.out_dtype)
-    if weight1 is not None and dy1 is None:
-        dy1 = torch.zeros_like(h, dtype=ctx.out_dtype)
-    dx, dweight, dbias, dresidual, dx1, dweight1, dbias1 = layer_norm_bwd_op(
-        dy,
-        dy1 if weight1 is not None else None,
-        h,
-        weight,
-        weight1,
-        mean,
-        rstd,
-        dresidual_out if ctx.prenorm else None,
-        rowscale,
-        seed,
-        ctx.dropout_p,
-        ctx.is_rms_norm,
-        ctx.zero_centered_weight,
-        ctx.x_dtype,
-        ctx.x1_dtype,
-        ctx.residual_dtype,
-    )
-    return (
-        dx,
-        dweight,
-        dbias if ctx.has_bias else None,
-        dresidual if ctx.residual_dtype is not None else None,
-        dx1 if ctx.x1_dtype is not None else None,
-        dweight1 if weight1 is not None else None,
-        dbias1 if ctx.has_bias1 else None,
-    ) + (None,) * 11
+    info = ctx.info
+
+    def backward(*tensors):  # the launches' ten tensors, then the options
+        return layer_norm_bwd_op(
+            *tensors,
+            info.dropout_p,
+            info.is_rms_norm,
+            info.zero_centered_weight,
+            info.x_dtype,
+            info.x1_dtype,
+            info.residual_dtype,
+        )
+
+    grads = _input_grads(info, ctx.saved_tensors, dy, dy1, dresidual_out, backward)
+    return grads + (None,) * 11
 
 
 layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)

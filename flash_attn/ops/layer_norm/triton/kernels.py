@@ -31,7 +31,14 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import device_guard, launch, next_power_of_2
+from flash_attn.ops.custom_op import PlanCache, call_signature
+from flash_attn.ops.launch import (
+    LaunchPlan,
+    cdiv,
+    contiguous_aligned,
+    device_guard,
+    next_power_of_2,
+)
 
 # Rows longer than this are processed in chunks (64 KiB of fp64 would not fit; 8192 fp32 does).
 MAX_BLOCK = 8192
@@ -693,14 +700,327 @@ def _block(N: int, max_block: int) -> tuple[int, bool, int]:
     return block, False, min(max(block // 256, 1), 8)
 
 
-def _rows_2d(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A (M, N) tensor whose columns are unit-stride (rows may have any stride), or None."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+def _row_layout(t: torch.Tensor | None) -> tuple[bool, int]:
+    """How a launch reads t (..., N) as M rows: (copy, row stride). A tensor whose columns are
+    unit-stride and whose leading dimensions collapse into one strided dimension is read in
+    place; any other is copied contiguous first (row stride N). None: (False, 0)."""
+    if t is None:
+        return False, 0
+    n = t.shape[-1]
+    if t.ndim < 2:
+        return t.stride(-1) != 1, n
+    if t.stride(-1) != 1 and n > 1:
+        return True, n
+    try:
+        return False, t.view(-1, n).stride(0)
+    except RuntimeError:  # the leading dimensions do not collapse without a copy
+        return True, n
+
+
+def _rows_in(t: torch.Tensor | None, copy: bool) -> torch.Tensor | None:
+    """t as :func:`_row_layout` said a launch reads it."""
+    return t.contiguous() if copy else t
 
 
 def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
     """The kernel takes a pointer for every optional tensor: a placeholder it never reads."""
     return t if t is not None else placeholder
+
+
+class NormForward:
+    """The forward kernel at one call signature (shapes, strides, dtypes, options): built from
+    the first call's tensors (their metadata only), then called with each call's tensors.
+
+    Args (construction; the call takes the nine tensors, None where absent):
+        x: (..., N); residual, x1: x's shape or None; weight: (N,); bias: (N,) or None.
+        weight1, bias1: (N,) or None: a second affine output y1 of the same normalised h.
+        rowscale: x.shape[:-1] or None: x is scaled by rowscale[row] before the dropout.
+        seed: (1,) int64 on x's device, required when dropout_p > 0.
+        eps, dropout_p, is_rms_norm: the normalisation.
+        zero_centered_weight: the affine weights are weight + 1 and weight1 + 1.
+        out_dtype: dtype of y and y1 (default x's dtype).
+        residual_dtype: dtype of residual_out (default x's dtype).
+        store_residual_out: write h = dropout(x * rowscale) + dropout(x1) + residual.
+        store_dropout_mask: write the bool keep masks of x and x1.
+        max_block: rows longer than this are processed in chunks (tests lower it).
+    Call returns (y, y1, residual_out, mean, rstd, keep, keep1):
+        y: x's shape, contiguous, out_dtype; y1: the same, or None without weight1.
+        residual_out: x's shape, contiguous, residual_dtype, or None when not stored.
+        mean, rstd: (M,) fp32 for M = x.numel() // N rows (mean is 0 for RMSNorm).
+        keep, keep1: x's shape, bool dropout keep masks of x and x1, or None when not stored
+            (keep1 is None without x1).
+    """
+
+    def __init__(
+        self,
+        x,
+        weight,
+        bias,
+        residual,
+        x1,
+        weight1,
+        bias1,
+        rowscale,
+        seed,
+        *,
+        eps: float,
+        dropout_p: float = 0.0,
+        is_rms_norm: bool = False,
+        zero_centered_weight: bool = False,
+        out_dtype: torch.dtype | None = None,
+        residual_dtype: torch.dtype | None = None,
+        store_residual_out: bool = False,
+        store_dropout_mask: bool = False,
+        max_block: int = MAX_BLOCK,
+    ):
+        self.shape, n = x.shape, x.shape[-1]
+        self.rows = x.numel() // n if n else 0
+        (self.copy_x, stride_x), (self.copy_x1, stride_x1), (self.copy_r, stride_r) = (
+            _row_layout(x),
+            _row_layout(x1),
+            _row_layout(residual),
+        )
+        self.device = x.device
+        self.out_dtype = out_dtype or x.dtype
+        self.residual_dtype = (residual_dtype or x.dtype) if store_residual_out else None
+        self.has_out1 = weight1 is not None
+        self.keep_masks = (store_dropout_mask, store_dropout_mask and x1 is not None)
+        block, single, num_warps = _block(n, max_block)
+        self.launch = LaunchPlan(
+            _layer_norm_fwd_kernel,
+            (self.rows,),
+            _FWD_TENSORS,
+            stride_x_row=stride_x,
+            stride_x1_row=stride_x1,
+            stride_r_row=stride_r,
+            M=self.rows,
+            N=n,
+            eps=eps,
+            dropout_p=dropout_p,
+            IS_RMS_NORM=is_rms_norm,
+            HAS_X1=x1 is not None,
+            HAS_RESIDUAL=residual is not None,
+            HAS_ROWSCALE=rowscale is not None,
+            HAS_BIAS=bias is not None,
+            HAS_W1=weight1 is not None,
+            HAS_B1=bias1 is not None,
+            ZERO_CENTERED_WEIGHT=zero_centered_weight,
+            HAS_DROPOUT=dropout_p > 0.0,
+            STORE_RESIDUAL_OUT=store_residual_out,
+            STORE_DROPOUT_MASK=store_dropout_mask,
+            BLOCK_N=block,
+            SINGLE_BLOCK=single,
+            num_warps=num_warps,
+        )
+
+    def __call__(self, x, weight, bias, residual, x1, weight1, bias1, rowscale, seed):
+        shape, device = self.shape, self.device
+        y = torch.empty(shape, dtype=self.out_dtype, device=device)
+        y1 = torch.empty(shape, dtype=self.out_dtype, device=device) if self.has_out1 else None
+        residual_out = None
+        if self.residual_dtype is not None:
+            residual_out = torch.empty(shape, dtype=self.residual_dtype, device=device)
+        keep = torch.empty(shape, dtype=torch.bool, device=device) if self.keep_masks[0] else None
+        keep1 = torch.empty(shape, dtype=torch.bool, device=device) if self.keep_masks[1] else None
+        mean = torch.empty((self.rows,), dtype=torch.float32, device=device)
+        rstd = torch.empty((self.rows,), dtype=torch.float32, device=device)
+        if self.rows == 0:
+            return y, y1, residual_out, mean, rstd, keep, keep1
+        x = _rows_in(x, self.copy_x)
+        with device_guard(x):
+            self.launch(
+                x,
+                _rows_in(x1, self.copy_x1) if x1 is not None else x,
+                _rows_in(residual, self.copy_r) if residual is not None else x,
+                weight.contiguous(),
+                bias.contiguous() if bias is not None else y,
+                weight1.contiguous() if weight1 is not None else y,
+                bias1.contiguous() if bias1 is not None else y,
+                y,
+                _or(y1, y),
+                _or(residual_out, y),
+                _or(keep, y),
+                _or(keep1, y),
+                rowscale.contiguous() if rowscale is not None else mean,
+                mean,
+                rstd,
+                _or(seed, mean),
+            )
+        return y, y1, residual_out, mean, rstd, keep, keep1
+
+
+_FWD_TENSORS = (
+    "X",
+    "X1",
+    "R",
+    "W",
+    "B",
+    "W1",
+    "B1",
+    "Y",
+    "Y1",
+    "RESIDUAL_OUT",
+    "KEEP",
+    "KEEP1",
+    "RowScale",
+    "Mean",
+    "Rstd",
+    "Seed",
+)
+
+
+@functools.cache  # the device's properties, read once rather than at every backward
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda" and not interpreter_enabled():
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    # The interpreter runs programs one after another: a few suffice to exercise the reduction.
+    return 4
+
+
+class NormBackward:
+    """The backward kernels at one call signature: the input gradients with per-program
+    weight-gradient sums, then the sums of those in order. Built from the metadata of the
+    forward's (see :class:`NormForward`); called with each backward's tensors.
+
+    Args (construction):
+        h: (..., N) the normalised input: the forward's residual_out when it stored one, else its
+            x. weight: (N,); weight1: (N,) or None.
+        has_dresidual_out: the calls pass the gradient of residual_out (prenorm).
+        has_rowscale, dropout_p, zero_centered_weight, is_rms_norm: as given to the forward.
+        x_dtype: dtype of dx (default h's).
+        x1_dtype: dtype of dx1; None when the forward had no x1.
+        residual_dtype: dtype of the residual gradient; None when there was no residual.
+        max_block: as for the forward.
+    Call (dy, dy1, h, weight, weight1, mean, rstd, dresidual_out, rowscale, seed): dy, dy1,
+    dresidual_out of h's shape (any layout: they are made contiguous), dy1 None without weight1,
+    dresidual_out None unless has_dresidual_out; the others as given to the forward and
+    returned by it. Returns (dx, dweight, dbias, dresidual, dx1, dweight1, dbias1): dx h's shape,
+    through the dropout and rowscale; dweight, dbias (N,) in weight's dtype (dbias whether or
+    not there was a bias); dresidual h's shape in residual_dtype, or None; dx1 in x1_dtype, or
+    None; dweight1, dbias1 (N,) in weight1's dtype, or None without weight1.
+    """
+
+    def __init__(
+        self,
+        h,
+        weight,
+        weight1,
+        *,
+        has_dresidual_out: bool,
+        has_rowscale: bool = False,
+        dropout_p: float = 0.0,
+        zero_centered_weight: bool = False,
+        is_rms_norm: bool = False,
+        x_dtype: torch.dtype | None = None,
+        x1_dtype: torch.dtype | None = None,
+        residual_dtype: torch.dtype | None = None,
+        max_block: int = MAX_BLOCK,
+    ):
+        self.shape, n = h.shape, h.shape[-1]
+        self.rows = h.numel() // n if n else 0
+        self.copy_h, stride_h = _row_layout(h)
+        self.device = h.device
+        self.x_dtype, self.x1_dtype = x_dtype or h.dtype, x1_dtype
+        self.residual_dtype = residual_dtype
+        programs = _max_programs(h.device) if self.rows else 1
+        programs = max(1, min(self.rows, programs))
+        block, single, num_warps = _block(n, max_block)
+        # A single-block kernel writes every program's partial row; a chunked one adds into them.
+        self.new_partials = torch.empty if single else torch.zeros
+        self.partials_shape = (4 if weight1 is not None else 2, programs, n)
+        self.has_w1 = weight1 is not None
+        self.input_grads = LaunchPlan(
+            _layer_norm_bwd_kernel,
+            (programs,),
+            _BWD_TENSORS,
+            stride_x_row=stride_h,
+            M=self.rows,
+            N=n,
+            rows_per_program=cdiv(self.rows, programs),
+            dropout_p=dropout_p,
+            IS_RMS_NORM=is_rms_norm,
+            HAS_W1=weight1 is not None,
+            HAS_X1=x1_dtype is not None,
+            HAS_ROWSCALE=has_rowscale,
+            ZERO_CENTERED_WEIGHT=zero_centered_weight,
+            HAS_DROPOUT=dropout_p > 0.0,
+            HAS_DRESIDUAL_OUT=has_dresidual_out,
+            STORE_DRESIDUAL=residual_dtype is not None,
+            BLOCK_N=block,
+            SINGLE_BLOCK=single,
+            num_warps=num_warps,
+        )
+        self.sum_partials = LaunchPlan(
+            _sum_partials_kernel,
+            (cdiv(n, SUM_BLOCK),),
+            ("Partials", "DW", "DB", "DW1", "DB1"),
+            P=programs,
+            N=n,
+            HAS_W1=weight1 is not None,
+            BLOCK_N=SUM_BLOCK,
+            num_warps=2,
+        )
+
+    def __call__(self, dy, dy1, h, weight, weight1, mean, rstd, dresidual_out, rowscale, seed):
+        shape, device = self.shape, self.device
+        dy = contiguous_aligned(dy)
+        dy1 = contiguous_aligned(dy1) if dy1 is not None else None
+        dresidual_out = contiguous_aligned(dresidual_out) if dresidual_out is not None else None
+        dx = torch.empty(shape, dtype=self.x_dtype, device=device)
+        dx1 = torch.empty(shape, dtype=self.x1_dtype, device=device) if self.x1_dtype else None
+        dresidual = None
+        if self.residual_dtype is not None:
+            dresidual = torch.empty(shape, dtype=self.residual_dtype, device=device)
+        # Separate tensors, not views of one: a custom op's outputs may not alias each other.
+        new_grad = torch.empty_like if self.rows else torch.zeros_like
+        dweight, dbias = new_grad(weight), new_grad(weight)
+        dweight1 = dbias1 = None
+        if self.has_w1:
+            dweight1, dbias1 = new_grad(weight1), new_grad(weight1)
+        if self.rows == 0:
+            return dx, dweight, dbias, dresidual, dx1, dweight1, dbias1
+        partials = self.new_partials(self.partials_shape, dtype=torch.float32, device=device)
+        with device_guard(dy):
+            self.input_grads(
+                _rows_in(h, self.copy_h),
+                weight.contiguous(),
+                weight1.contiguous() if weight1 is not None else dx,
+                dy,
+                _or(dy1, dy),
+                _or(dresidual_out, dy),
+                dx,
+                _or(dx1, dx),
+                _or(dresidual, dx),
+                partials,
+                rowscale.contiguous() if rowscale is not None else mean,
+                mean,
+                rstd,
+                _or(seed, mean),
+            )
+            self.sum_partials(partials, dweight, dbias, _or(dweight1, dweight), _or(dbias1, dbias))
+        return dx, dweight, dbias, dresidual, dx1, dweight1, dbias1
+
+
+_BWD_TENSORS = (
+    "X",
+    "W",
+    "W1",
+    "DY",
+    "DY1",
+    "DRESIDUAL_OUT",
+    "DX",
+    "DX1",
+    "DRESIDUAL",
+    "Partials",
+    "RowScale",
+    "Mean",
+    "Rstd",
+    "Seed",
+)
+
+# -- the launches as functions, one plan per call signature ------------------------------------
+
+_forward_plans, _backward_plans = PlanCache(), PlanCache()
 
 
 def layer_norm_fwd(
@@ -723,98 +1043,24 @@ def layer_norm_fwd(
     store_dropout_mask: bool = False,
     max_block: int = MAX_BLOCK,
 ):
-    """Launch the forward kernel. Inputs are assumed validated (see ``flash_attn.ops.layer_norm``).
-
-    Args:
-        x: (M, N); residual, x1: (M, N) or None; weight: (N,); bias: (N,) or None.
-        weight1, bias1: (N,) or None: a second affine output y1 of the same normalised h.
-        seed: (1,) int64 on x's device, required when dropout_p > 0.
-        rowscale: (M,) or None: x is scaled by rowscale[row] before the dropout.
-        zero_centered_weight: the affine weights are weight + 1 and weight1 + 1.
-        out_dtype: dtype of y and y1 (default x's dtype).
-        residual_dtype: dtype of residual_out (default x's dtype).
-        store_residual_out: write h = dropout(x * rowscale) + dropout(x1) + residual.
-        store_dropout_mask: write the bool keep masks of x and x1.
-        max_block: rows longer than this are processed in chunks (tests lower it).
-    Returns:
-        y: (M, N) contiguous in out_dtype; y1: the same, or None without weight1.
-        residual_out: (M, N) contiguous in residual_dtype, or None when not stored.
-        mean, rstd: (M,) fp32 (mean is 0 for RMSNorm).
-        keep, keep1: (M, N) bool dropout keep masks of x and x1, or None when not stored
-            (keep1 is None without x1).
-    """
-    M, N = x.shape
-    x, x1, residual = _rows_2d(x), _rows_2d(x1), _rows_2d(residual)
-    new = dict(dtype=out_dtype or x.dtype, device=x.device)
-    y = torch.empty((M, N), **new)
-    y1 = torch.empty((M, N), **new) if weight1 is not None else None
-    residual_out = None
-    if store_residual_out:
-        residual_out = torch.empty((M, N), dtype=residual_dtype or x.dtype, device=x.device)
-    keep = keep1 = None
-    if store_dropout_mask:
-        keep = torch.empty((M, N), dtype=torch.bool, device=x.device)
-        keep1 = torch.empty_like(keep) if x1 is not None else None
-    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    if M == 0:
-        return y, y1, residual_out, mean, rstd, keep, keep1
-    block, single, num_warps = _block(N, max_block)
-    with device_guard(x):
-        launch(
-            _layer_norm_fwd_kernel,
-            (M,),
-            x,
-            _or(x1, x),
-            _or(residual, x),
-            weight,
-            _or(bias, weight),
-            _or(weight1, weight),
-            _or(bias1, weight),
-            y,
-            _or(y1, y),
-            _or(residual_out, y),
-            _or(keep, y),
-            _or(keep1, y),
-            _or(rowscale, mean),
-            mean,
-            rstd,
-            _or(seed, mean),
-            x.stride(0),
-            x1.stride(0) if x1 is not None else 0,
-            residual.stride(0) if residual is not None else 0,
-            M,
-            N,
-            eps,
-            dropout_p,
-            IS_RMS_NORM=is_rms_norm,
-            HAS_X1=x1 is not None,
-            HAS_RESIDUAL=residual is not None,
-            HAS_ROWSCALE=rowscale is not None,
-            HAS_BIAS=bias is not None,
-            HAS_W1=weight1 is not None,
-            HAS_B1=bias1 is not None,
-            ZERO_CENTERED_WEIGHT=zero_centered_weight,
-            HAS_DROPOUT=dropout_p > 0.0,
-            STORE_RESIDUAL_OUT=store_residual_out,
-            STORE_DROPOUT_MASK=store_dropout_mask,
-            BLOCK_N=block,
-            SINGLE_BLOCK=single,
-            num_warps=num_warps,
-        )
-    return y, y1, residual_out, mean, rstd, keep, keep1
-
-
-def _num_programs(M: int, device: torch.device) -> int:
-    return max(1, min(M, _max_programs(device)))
-
-
-@functools.cache  # the device's properties, read once rather than at every backward
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda" and not interpreter_enabled():
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    # The interpreter runs programs one after another: a few suffice to exercise the reduction.
-    return 4
+    """The forward launch of :class:`NormForward` for these tensors and options (its arguments
+    and return value), through a plan kept per call signature. Inputs are assumed validated
+    (see ``flash_attn.ops.layer_norm``)."""
+    tensors = (x, weight, bias, residual, x1, weight1, bias1, rowscale, seed)
+    options = dict(
+        eps=eps,
+        dropout_p=dropout_p,
+        is_rms_norm=is_rms_norm,
+        zero_centered_weight=zero_centered_weight,
+        out_dtype=out_dtype,
+        residual_dtype=residual_dtype,
+        store_residual_out=store_residual_out,
+        store_dropout_mask=store_dropout_mask,
+        max_block=max_block,
+    )
+    key = call_signature(tensors, tuple(options.values()))
+    plan = _forward_plans.get(key) or _forward_plans.keep(key, NormForward(*tensors, **options))
+    return plan(*tensors)
 
 
 def layer_norm_bwd(
@@ -836,96 +1082,21 @@ def layer_norm_bwd(
     residual_dtype: torch.dtype | None = None,
     max_block: int = MAX_BLOCK,
 ):
-    """Launch the backward kernels: the input gradients with per-program weight-gradient sums,
-    then the sums of those in order.
-
-    Args:
-        dy: (M, N) gradient of y. x: (M, N) the normalised input h, i.e. the forward's
-            residual_out when it stored one, else its x. mean, rstd: the forward's (M,) fp32
-            statistics.
-        dresidual_out: (M, N) gradient of residual_out (prenorm), or None.
-        dy1, weight1: (M, N) gradient of y1 and (N,) weight1, or None without weight1.
-        dropout_p, seed, rowscale, zero_centered_weight, is_rms_norm: as given to the forward.
-        x_dtype: dtype of dx (default dy's).
-        x1_dtype: dtype of dx1; None when the forward had no x1.
-        residual_dtype: dtype of the residual gradient; None when there was no residual.
-    Returns:
-        dx: (M, N), through the dropout and rowscale. dweight, dbias: (N,) in weight's dtype
-        (dbias is the bias gradient whether or not there was a bias). dresidual: (M, N) in
-        residual_dtype, or None. dx1: (M, N) in x1_dtype, or None. dweight1, dbias1: (N,) in
-        weight1's dtype, or None without weight1.
-    """
-    M, N = x.shape
-    x = _rows_2d(x)
-    dy = dy.contiguous()
-    dy1 = dy1.contiguous() if dy1 is not None else None
-    dresidual_out = dresidual_out.contiguous() if dresidual_out is not None else None
-    dx = torch.empty((M, N), dtype=x_dtype or dy.dtype, device=dy.device)
-    dx1 = torch.empty((M, N), dtype=x1_dtype, device=dy.device) if x1_dtype else None
-    dresidual = None
-    if residual_dtype is not None:
-        dresidual = torch.empty((M, N), dtype=residual_dtype, device=dy.device)
-    programs = _num_programs(M, x.device)
-    block, single, num_warps = _block(N, max_block)
-    # A single-block kernel writes every program's partial row; a chunked one adds into them.
-    new_partials = torch.empty if single else torch.zeros
-    partials = new_partials(
-        (4 if weight1 is not None else 2, programs, N), dtype=torch.float32, device=x.device
+    """The backward launches of :class:`NormBackward` (x is its h) for these tensors and
+    options, through a plan kept per call signature; returns what the plan returns."""
+    options = dict(
+        has_dresidual_out=dresidual_out is not None,
+        has_rowscale=rowscale is not None,
+        dropout_p=dropout_p,
+        zero_centered_weight=zero_centered_weight,
+        is_rms_norm=is_rms_norm,
+        x_dtype=x_dtype,
+        x1_dtype=x1_dtype,
+        residual_dtype=residual_dtype,
+        max_block=max_block,
     )
-    # Separate tensors, not views of one: a custom op's outputs may not alias each other.
-    new_grad = torch.empty_like if M > 0 else torch.zeros_like
-    dweight, dbias = new_grad(weight), new_grad(weight)
-    dweight1 = dbias1 = None
-    if weight1 is not None:
-        dweight1, dbias1 = new_grad(weight1), new_grad(weight1)
-    if M > 0:
-        with device_guard(x):
-            launch(
-                _layer_norm_bwd_kernel,
-                (programs,),
-                x,
-                weight,
-                _or(weight1, weight),
-                dy,
-                _or(dy1, dy),
-                _or(dresidual_out, dy),
-                dx,
-                _or(dx1, dx),
-                _or(dresidual, dx),
-                partials,
-                _or(rowscale, mean),
-                mean,
-                rstd,
-                _or(seed, mean),
-                x.stride(0),
-                M,
-                N,
-                -(-M // programs),
-                dropout_p,
-                IS_RMS_NORM=is_rms_norm,
-                HAS_W1=weight1 is not None,
-                HAS_X1=dx1 is not None,
-                HAS_ROWSCALE=rowscale is not None,
-                ZERO_CENTERED_WEIGHT=zero_centered_weight,
-                HAS_DROPOUT=dropout_p > 0.0,
-                HAS_DRESIDUAL_OUT=dresidual_out is not None,
-                STORE_DRESIDUAL=dresidual is not None,
-                BLOCK_N=block,
-                SINGLE_BLOCK=single,
-                num_warps=num_warps,
-            )
-        launch(
-            _sum_partials_kernel,
-            (-(-N // SUM_BLOCK),),
-            partials,
-            dweight,
-            dbias,
-            _or(dweight1, dweight),
-            _or(dbias1, dbias),
-            programs,
-            N,
-            HAS_W1=weight1 is not None,
-            BLOCK_N=SUM_BLOCK,
-            num_warps=2,
-        )
-    return dx, dweight, dbias, dresidual, dx1, dweight1, dbias1
+    key = call_signature((x, weight, weight1), tuple(options.values()))
+    plan = _backward_plans.get(key)
+    if plan is None:
+        plan = _backward_plans.keep(key, NormBackward(x, weight, weight1, **options))
+    return plan(dy, dy1, x, weight, weight1, mean, rstd, dresidual_out, rowscale, seed)
