@@ -51,7 +51,7 @@ from flash_attn.ops.attention.triton.forward import (
     token_strides_of,
 )
 from flash_attn.ops.attention.triton.tuning import kernel_config
-from flash_attn.ops.launch import LaunchPlan, cdiv, device_guard
+from flash_attn.ops.launch import LaunchPlan, cdiv, contiguous_aligned, device_guard
 
 
 class Queries(NamedTuple):
@@ -796,7 +796,7 @@ class BackwardLaunch:
         """(dq, dk, dv, dbias): contiguous, the inputs' shapes and dtypes; dbias fp32 (batch,
         nheads, max_seqlen_q, max_seqlen_k) (the caller sums broadcast dims) or None. do, out:
         like q; lse: the forward's; the other tensors exactly as given to the forward."""
-        do = do.contiguous()
+        do = contiguous_aligned(do)  # its layout is not in the plan's key
         out = out.contiguous()
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
