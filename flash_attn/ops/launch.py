@@ -1,6 +1,7 @@
 """What every Triton launcher shares: the device guard, launch plans, host integer helpers
-(``cdiv``, ``next_power_of_2``) and small helpers (contiguous aligned tensors, the JIT function
-under a kernel's wrappers, the configs with the largest tiles).
+(``cdiv``, ``next_power_of_2``) and small helpers (contiguous aligned tensors, a tensor's
+strides as rows, the JIT function under a kernel's wrappers, the configs with the largest
+tiles).
 
 Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
 :func:`flash_attn.ops.backend.interpreter_enabled`).
@@ -34,6 +35,18 @@ def contiguous_aligned(t: torch.Tensor) -> torch.Tensor:
     handed to a backward (Triton specialises pointers on their alignment)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def row_strides(t: torch.Tensor) -> tuple[int, int] | None:
+    """The (row, column) strides of t (..., N) read as M rows of N, with no copy; None where
+    its leading dimensions do not collapse into one strided dimension (a launch then copies it
+    contiguous)."""
+    if t.numel() == 0:
+        return t.shape[-1], 1
+    try:
+        return t.view(-1, t.shape[-1]).stride()
+    except RuntimeError:
+        return None
 
 
 def unwrap_jit(kernel):

@@ -3,8 +3,8 @@ the Triton kernels (``triton/``) and the plain-PyTorch reference.
 
     api.py          layer_norm_fn, rms_norm_fn, layer_norm_linear_fn: checks, picks the backend;
                     the torch backend (native F.layer_norm / F.rms_norm)
-    function.py     the custom ops flash_attn::layer_norm_fwd / layer_norm_bwd (fake
-                    implementations, autograd formula) over the kernels
+    function.py     autograd: eager, NormFunction over launches kept per call signature;
+                    under torch.compile, the custom ops flash_attn::layer_norm_fwd / layer_norm_bwd
     reference.py    the math in plain PyTorch: test oracle; helpers the torch backend shares
     triton/         kernels.py: the forward and backward kernels and their launchers
 

@@ -3,8 +3,8 @@ GeGLU) and the MLP: the functional API, its autograd, the Triton kernels (``trit
 plain-PyTorch reference.
 
     api.py          linear_activation, gated_linear, fused_mlp: checks, picks the backend
-    function.py     the custom ops flash_attn::linear_act_fwd / linear_act_bwd (fake
-                    implementations, autograd formula) over the kernels
+    function.py     autograd: eager, LinearActFunction over launches kept per call signature;
+                    under torch.compile, the custom ops flash_attn::linear_act_fwd / linear_act_bwd
     reference.py    the math in plain PyTorch: torch backend and test oracle; ACTIVATION_FNS
     triton/         kernels.py: the matmul + activation kernel, the activation's backward
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
 from flash_attn.ops.custom_op import PlanCache, call_signature
-from flash_attn.ops.mlp.function import linear_act_fwd_op
+from flash_attn.ops.mlp.function import LinearActFunction, LinearActLaunches, linear_act_fwd_op
 from flash_attn.ops.mlp.reference import ACTIVATION_FNS, gated_linear_ref, linear_activation_ref
 
 ACTIVATIONS = tuple(ACTIVATION_FNS)
@@ -63,26 +63,48 @@ def _autocast(x, weight, bias):
     return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
 
 
-_plans = PlanCache()  # per call signature: whether the kernels serve it
+class _LinearActPlan:
+    """What one call signature of :func:`_linear_act` resolved to (checked on its first call):
+    the backend and, for Triton, the launches, built by the first eager call that needs them
+    (with gradients: :class:`LinearActLaunches`; without: a forward storing nothing else)."""
+
+    def __init__(self, use_triton: bool):
+        self.use_triton = use_triton
+        self.launches = self.forward = None
+
+
+_plans = PlanCache()  # per call signature of _linear_act
 
 
 def _linear_act(x, weight, bias, activation, gated, backend):
     x, weight, bias = _autocast(x, weight, bias)
     key = call_signature((x, weight, bias), (activation, gated, backend))
-    use_triton = _plans.get(key)
-    if use_triton is None:
+    plan = _plans.get(key)
+    if plan is None:
         _check(x, weight, bias, activation, gated)
         resolved = resolve_backend(backend, x.device, x.dtype)
         if resolved == "triton" and x.dtype not in KERNEL_DTYPES:
             raise TypeError(f"x must be one of {KERNEL_DTYPES} for backend='triton', got {x.dtype}")
-        use_triton = _plans.keep(key, resolved == "triton")
-    if not use_triton:
+        plan = _plans.keep(key, _LinearActPlan(resolved == "triton"))
+    if not plan.use_triton:
         ref = gated_linear_ref if gated else linear_activation_ref
         return ref(x, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return linear_act_fwd_op(x, weight, bias, activation, gated, needs_grad)[0]
+    if torch.compiler.is_compiling():
+        return linear_act_fwd_op(x, weight, bias, activation, gated, needs_grad)[0]
+    if needs_grad:
+        if plan.launches is None:
+            plan.launches = LinearActLaunches(x, weight, bias, activation=activation, gated=gated)
+        return LinearActFunction.apply(x, weight, bias, plan.launches)
+    if plan.forward is None:
+        from flash_attn.ops.mlp.triton.kernels import LinearActForward
+
+        plan.forward = LinearActForward(
+            x, weight, bias, activation=activation, gated=gated, store_pre=False
+        )
+    return plan.forward(x, weight, bias)[0]
 
 
 def linear_activation(

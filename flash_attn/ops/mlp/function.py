@@ -1,9 +1,14 @@
-"""The Triton path of linear + activation behind autograd: the custom ops
-``flash_attn::linear_act_fwd`` (the activation in the matmul's epilogue, optionally storing the
-pre-activation) and ``flash_attn::linear_act_bwd`` (the activation's derivative), with fake
-implementations and an autograd formula (the two matmuls of the backward are cuBLAS's).
+"""The Triton path of linear + activation behind autograd, two ways over the same launches (as
+attention's and the norms'):
 
-The kernels are imported inside each op so that ``import flash_attn`` works without Triton.
+- Eager: :class:`LinearActFunction`, one ``torch.autograd.Function`` whose forward and backward
+  call the :class:`LinearActLaunches` of the call signature (``api.py`` keeps them in its plan).
+- Under ``torch.compile``: the custom ops ``flash_attn::linear_act_fwd`` (the activation in the
+  matmul's epilogue, optionally storing the pre-activation) and ``flash_attn::linear_act_bwd``
+  (the activation's derivative), with fake implementations and an autograd formula.
+
+Both differentiate by :func:`_input_grads` (the two matmuls of the backward are cuBLAS's). The
+kernels are imported inside each op so that ``import flash_attn`` works without Triton.
 """
 
 from __future__ import annotations
@@ -14,6 +19,61 @@ from typing import Optional
 import torch
 
 from flash_attn.ops.custom_op import custom_op
+
+
+def _input_grads(saved: tuple, dpre, has_bias: bool, needs_input_grad) -> tuple:
+    """(dx, dweight, dbias) from the pre-activation's gradient dpre (M, N) or (M, 2N); None
+    where an input needs none. saved: the forward's (x, weight, pre)."""
+    x, weight, _ = saved
+    dx = (dpre @ weight).view(x.shape) if needs_input_grad[0] else None
+    dweight = dpre.t() @ x.reshape(-1, x.shape[-1]) if needs_input_grad[1] else None
+    dbias = dpre.sum(0) if has_bias and needs_input_grad[2] else None
+    return dx, dweight, dbias
+
+
+class LinearActLaunches:
+    """The forward (storing the pre-activation) and backward launches of one call signature of
+    ``linear_activation`` / ``gated_linear`` with gradients, built from its first call's
+    tensors (their metadata only)."""
+
+    def __init__(self, x, weight, bias, *, activation: str, gated: bool):
+        from flash_attn.ops.mlp.triton.kernels import LinearActForward
+
+        self.activation, self.gated = activation, gated
+        self.forward = LinearActForward(
+            x, weight, bias, activation=activation, gated=gated, store_pre=True
+        )
+        self._backward = None
+
+    def backward(self, dout, pre):
+        """dpre from dout (``ActBackward``'s call), built on first use."""
+        if self._backward is None:
+            from flash_attn.ops.mlp.triton.kernels import ActBackward
+
+            self._backward = ActBackward(pre, activation=self.activation, gated=self.gated)
+        return self._backward(dout, pre)
+
+
+class LinearActFunction(torch.autograd.Function):
+    """out = LinearActFunction.apply(x, weight, bias, launches): the forward of ``launches`` (a
+    :class:`LinearActLaunches`); gradients flow to x, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, launches):
+        out, pre = launches.forward(x, weight, bias)
+        ctx.save_for_backward(x, weight, pre)
+        ctx.launches, ctx.has_bias = launches, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        dpre = ctx.launches.backward(dout, saved[2])
+        return *_input_grads(saved, dpre, ctx.has_bias, ctx.needs_input_grad), None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops, for torch.compile
 
 
 @custom_op("flash_attn::linear_act_fwd")
@@ -29,13 +89,7 @@ def linear_act_fwd_op(
     (0,) without store_pre."""
     from flash_attn.ops.mlp.triton.kernels import linear_act_fwd
 
-    out, pre = linear_act_fwd(_rows(x), weight, bias, activation, gated, store_pre)
-    return (out.view(*x.shape[:-1], out.shape[-1]) if x.ndim != 2 else out), pre
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., K) -> (M, K)."""
-    return t.reshape(-1, t.shape[-1]) if t.ndim != 2 else t
+    return linear_act_fwd(x, weight, bias, activation, gated, store_pre)
 
 
 @linear_act_fwd_op.register_fake
@@ -54,7 +108,7 @@ def linear_act_bwd_op(
     """dout (..., N) -> dpre like pre (M, N) or (M, 2N)."""
     from flash_attn.ops.mlp.triton.kernels import linear_act_bwd
 
-    return linear_act_bwd(_rows(dout), pre, activation, gated)
+    return linear_act_bwd(dout, pre, activation, gated)
 
 
 @linear_act_bwd_op.register_fake
@@ -80,12 +134,9 @@ def _backward(ctx, dout, _dpre):
         )
     if dout is None:  # the output's gradient is undefined (a function upstream returned None)
         return (None,) * 6
-    x, weight, pre = ctx.saved_tensors
-    dpre = linear_act_bwd_op(dout, pre, ctx.activation, ctx.gated)
-    dx = (dpre @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-    dweight = dpre.t() @ _rows(x) if ctx.needs_input_grad[1] else None
-    dbias = dpre.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dweight, dbias, None, None, None
+    saved = ctx.saved_tensors
+    dpre = linear_act_bwd_op(dout, saved[2], ctx.activation, ctx.gated)
+    return *_input_grads(saved, dpre, ctx.has_bias, ctx.needs_input_grad), None, None, None
 
 
 linear_act_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -38,6 +38,7 @@ from flash_attn.ops.launch import (
     contiguous_aligned,
     device_guard,
     next_power_of_2,
+    row_strides,
 )
 
 # Rows longer than this are processed in chunks (64 KiB of fp64 would not fit; 8192 fp32 does).
@@ -706,15 +707,10 @@ def _row_layout(t: torch.Tensor | None) -> tuple[bool, int]:
     place; any other is copied contiguous first (row stride N). None: (False, 0)."""
     if t is None:
         return False, 0
-    n = t.shape[-1]
-    if t.ndim < 2:
-        return t.stride(-1) != 1, n
-    if t.stride(-1) != 1 and n > 1:
-        return True, n
-    try:
-        return False, t.view(-1, n).stride(0)
-    except RuntimeError:  # the leading dimensions do not collapse without a copy
-        return True, n
+    strides = row_strides(t)
+    if strides is None or (strides[1] != 1 and t.shape[-1] > 1):
+        return True, t.shape[-1]
+    return False, strides[0]
 
 
 def _rows_in(t: torch.Tensor | None, copy: bool) -> torch.Tensor | None:

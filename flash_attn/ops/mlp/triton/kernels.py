@@ -10,19 +10,29 @@ Backward: an elementwise kernel applies the activation's derivative to the saved
 (dpre = dout * act'(pre), or its gated form); the two matmuls dx = dpre @ W and dW = dpre.T @ x
 are left to cuBLAS, which is as fast as anything written here for plain matmuls.
 
-Layout: x (M, K) any strides; W (N, K) or (2N, K) gated, any strides (``nn.Linear`` layout);
-bias (N,) or (2N,); out (M, N) contiguous; pre (M, N) or (M, 2N) contiguous. Accumulation and
+Layout: x (..., K) any strides; W (N, K) or (2N, K) gated, any strides (``nn.Linear`` layout);
+bias (N,) or (2N,); out (..., N) contiguous; pre (M, N) or (M, 2N) contiguous. Accumulation and
 the activation are in fp32; results are cast to x's dtype when stored.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import cdiv, device_guard, largest, launch
+from flash_attn.ops.custom_op import PlanCache, call_signature
+from flash_attn.ops.launch import (
+    LaunchPlan,
+    cdiv,
+    contiguous_aligned,
+    device_guard,
+    largest,
+    row_strides,
+)
 
 
 @triton.jit
@@ -220,6 +230,108 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+class LinearActForward:
+    """The forward kernel at one call signature (shapes, strides, dtypes, options): built from
+    the first call's tensors (their metadata only), then called with each call's tensors.
+
+    Args (construction; the call takes x, weight, bias):
+        x: (..., K) fp32/fp16/bf16, any strides.
+        weight: (N, K), or (2N, K) = [W_up; W_gate] when gated; x's dtype, any strides.
+        bias: None, (N,) or (2N,).
+        activation: a key of ``flash_attn.ops.mlp.reference.ACTIVATION_FNS``.
+        gated: up * act(gate) rather than act(x @ weight.T + bias).
+        store_pre: also return the pre-activation, needed by :class:`ActBackward`.
+    Call returns (out, pre):
+        out: (..., N) contiguous in x's dtype.
+        pre: (M, N), or (M, 2N) = [up, gate] when gated, for the M rows of x, in x's dtype;
+            an empty (0,) tensor when store_pre is False.
+    """
+
+    def __init__(self, x, weight, bias, *, activation: str, gated: bool, store_pre: bool):
+        k, n = x.shape[-1], weight.shape[0] // 2 if gated else weight.shape[0]
+        rows = math.prod(x.shape[:-1])
+        strides = row_strides(x)
+        self.copy_x = strides is None
+        stride_xm, stride_xk = (k, 1) if self.copy_x else strides
+        self.out_shape = (*x.shape[:-1], n)
+        self.pre_shape = (rows, weight.shape[0]) if store_pre else (0,)
+        self.dtype, self.device = x.dtype, x.device
+        self.empty = rows == 0 or n == 0
+
+        def grid(meta):
+            return (cdiv(rows, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
+
+        self.launch = LaunchPlan(
+            _linear_act_fwd_kernel,
+            grid,
+            ("X", "W", "Bias", "Out", "Pre"),
+            M=rows,
+            N=n,
+            K=k,
+            stride_xm=stride_xm,
+            stride_xk=stride_xk,
+            stride_wn=weight.stride(0),
+            stride_wk=weight.stride(1),
+            ACTIVATION=activation,
+            GATED=gated,
+            HAS_BIAS=bias is not None,
+            STORE_PRE=store_pre,
+            DOT_PRECISION=_dot_precision(x.dtype),
+            GROUP_M=8,
+        )
+
+    def __call__(self, x, weight, bias):
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        pre = torch.empty(self.pre_shape, dtype=self.dtype, device=self.device)
+        if self.empty:
+            return out, pre
+        x = x.contiguous() if self.copy_x else x
+        with device_guard(x):
+            self.launch(x, weight, bias if bias is not None else x, out, pre)
+        return out, pre
+
+
+class ActBackward:
+    """The activation's backward at one call signature: dpre = dout * act'(pre) (or its gated
+    form), from the output gradient and the forward's stored pre-activation.
+
+    Args (construction): pre: (M, N), or (M, 2N) when gated, as the forward stored it;
+        activation, gated: as given to the forward.
+    Call (dout, pre): dout (..., N) of the forward's out shape, any layout. Returns dpre like
+    pre (contiguous, pre's dtype); the matmuls with it give dx and dW.
+    """
+
+    def __init__(self, pre, *, activation: str, gated: bool):
+        rows, n = pre.shape[0], pre.shape[1] // 2 if gated else pre.shape[1]
+        self.empty = rows == 0 or n == 0
+        block_m, block_n = 32, 128
+        self.launch = LaunchPlan(
+            _act_bwd_kernel,
+            (cdiv(rows, block_m), cdiv(n, block_n)),
+            ("DOut", "Pre", "DPre"),
+            M=rows,
+            N=n,
+            ACTIVATION=activation,
+            GATED=gated,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
+
+    def __call__(self, dout, pre):
+        dpre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
+        if self.empty:
+            return dpre
+        dout = contiguous_aligned(dout)
+        with device_guard(dout):
+            self.launch(dout, pre, dpre)
+        return dpre
+
+
+# -- the launches as functions, one plan per call signature ------------------------------------
+
+_forward_plans, _backward_plans = PlanCache(), PlanCache()
+
+
 def linear_act_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -228,80 +340,23 @@ def linear_act_fwd(
     gated: bool = False,
     store_pre: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(x @ weight.T + bias), or the gated up * act(gate). Inputs assumed validated.
-
-    Args:
-        x: (M, K) fp32/fp16/bf16, any strides.
-        weight: (N, K), or (2N, K) = [W_up; W_gate] when gated; x's dtype.
-        bias: None, (N,) or (2N,).
-        activation: a key of ``flash_attn.ops.mlp.reference.ACTIVATION_FNS``.
-        store_pre: also return the pre-activation, needed by :func:`linear_act_bwd`.
-    Returns:
-        out: (M, N) contiguous in x's dtype.
-        pre: (M, N), or (M, 2N) = [up, gate] when gated, in x's dtype; an empty (0,) tensor
-            when store_pre is False.
-    """
-    M, K = x.shape
-    N = weight.shape[0] // 2 if gated else weight.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    pre_shape = (M, weight.shape[0]) if store_pre else (0,)
-    pre = torch.empty(pre_shape, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return out, pre
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    with device_guard(x):
-        launch(
-            _linear_act_fwd_kernel,
-            grid,
-            x,
-            weight,
-            bias if bias is not None else x,
-            out,
-            pre,
-            M,
-            N,
-            K,
-            x.stride(0),
-            x.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            ACTIVATION=activation,
-            GATED=gated,
-            HAS_BIAS=bias is not None,
-            STORE_PRE=store_pre,
-            DOT_PRECISION=_dot_precision(x.dtype),
-            GROUP_M=8,
-        )
-    return out, pre
+    """act(x @ weight.T + bias), or the gated up * act(gate): :class:`LinearActForward`'s
+    launch (its arguments and return value) through a plan kept per call signature. Inputs are
+    assumed validated."""
+    options = dict(activation=activation, gated=gated, store_pre=store_pre)
+    key = call_signature((x, weight, bias), tuple(options.values()))
+    plan = _forward_plans.get(key)
+    if plan is None:
+        plan = _forward_plans.keep(key, LinearActForward(x, weight, bias, **options))
+    return plan(x, weight, bias)
 
 
 def linear_act_bwd(dout: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool = False):
-    """Gradient of the pre-activation from the output gradient.
-
-    Args:
-        dout: (M, N) gradient of the output.
-        pre: (M, N), or (M, 2N) when gated, from :func:`linear_act_fwd`.
-    Returns:
-        dpre: like ``pre`` (contiguous, pre's dtype); the matmuls with it give dx and dW.
-    """
-    M, N = dout.shape
-    dout = dout.contiguous()
-    dpre = torch.empty_like(pre, memory_format=torch.contiguous_format)
-    if M == 0 or N == 0:
-        return dpre
-    block_m, block_n = 32, 128
-    with device_guard(dout):
-        launch(
-            _act_bwd_kernel,
-            (cdiv(M, block_m), cdiv(N, block_n)),
-            dout,
-            pre,
-            dpre,
-            M,
-            N,
-            ACTIVATION=activation,
-            GATED=gated,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-        )
-    return dpre
+    """Gradient of the pre-activation from the output gradient: :class:`ActBackward`'s launch
+    (dout (..., N); pre as the forward stored it; returns dpre like pre) through a plan kept
+    per call signature."""
+    key = call_signature((pre,), (activation, gated))
+    plan = _backward_plans.get(key)
+    if plan is None:
+        plan = _backward_plans.keep(key, ActBackward(pre, activation=activation, gated=gated))
+    return plan(dout, pre)
