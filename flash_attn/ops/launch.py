@@ -119,7 +119,8 @@ class LaunchPlan:
     def _launch(self, args: list) -> None:
         driver = triton.runtime.driver.active
         stream = driver.get_current_stream(self.device)
-        enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+        enter = _active_hook(triton.knobs.runtime.launch_enter_hook)
+        leave = _active_hook(triton.knobs.runtime.launch_exit_hook)
         metadata = self.compiled.launch_metadata(self.dims, stream, *args) if enter else None
         self.run(
             *self.dims, stream, self.function, self.packed_metadata, metadata, enter, leave, *args
@@ -148,6 +149,13 @@ class LaunchPlan:
         self.run, self.function = compiled.run, compiled.function
         self.packed_metadata = compiled.packed_metadata
         self.compiled = compiled
+
+
+def _active_hook(hook):
+    """A launch hook, or None where there is none to call: Triton 3.9 keeps its hooks in a
+    chain that is never None, and a launch with a chain builds the hooks' metadata even when the
+    chain is empty."""
+    return hook if getattr(hook, "calls", True) else None
 
 
 _INTERPRETER = interpreter_enabled()  # read once, as Triton reads it when kernels are defined

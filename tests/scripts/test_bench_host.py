@@ -64,10 +64,11 @@ import sys
 sys.path.insert(0, "scripts")
 import bench_host
 import torch
+import triton
 
 bench_host.install_stand_in()
 calls = []
-bench_host._StandInUtils.launch = lambda self, *launch_args: calls[-1].append(launch_args[-1])
+bench_host._StandInUtils.launch = lambda self, *launch_args: calls[-1].append(launch_args)
 
 
 def kind(arg):
@@ -81,17 +82,27 @@ for row in ("flash_attn_func_fwd_bwd", "layer_norm", "rotary"):
     for _ in range(2):
         calls.append([])
         call()
-    first, replayed = calls[-2], calls[-1]
+    first, replayed = ([launch[-1] for launch in launches] for launches in calls[-2:])
     assert len(first) == len(replayed) > 0, (row, len(first), len(replayed))
     for a, b in zip(first, replayed):
         assert [kind(x) for x in a] == [kind(x) for x in b], row
     # The tensors both calls pass (inputs, placeholders) are in the same places: no two swapped.
     # (The lists keep every tensor alive, so no id is reused.)
-    ids = [{id(x) for args in call for x in args if type(x) is torch.Tensor} for call in calls[-2:]]
+    ids = [{id(x) for a in c for x in a if isinstance(x, torch.Tensor)} for c in (first, replayed)]
     both = ids[0] & ids[1]
     assert both, row
     for a, b in zip(first, replayed):
         assert all(x is y for x, y in zip(a, b) if id(x) in both or id(y) in both), row
+    # The launch hooks reach the driver's launch while someone added one (the plans skip them,
+    # and the metadata built for them, while Triton's chain of hooks is empty).
+    chain = triton.knobs.runtime.launch_enter_hook
+    assert not any(arg is chain for launch in calls[-1] for arg in launch), row
+    hook = lambda metadata: None  # noqa: E731
+    chain.add(hook)
+    calls.append([])
+    call()
+    chain.remove(hook)
+    assert calls[-1] and all(any(arg is chain for arg in launch) for launch in calls[-1]), row
 print("replayed")
 """
 
