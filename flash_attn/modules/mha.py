@@ -276,12 +276,8 @@ class MHA(nn.Module):
     def _project_qkv(self, x):
         """x (..., E) -> q (..., H, D), k and v (..., H_kv, D)."""
         qkv = self.Wqkv(x)  # (..., E) -> (..., (H + 2 * H_kv) * D)
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim
-        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # (..., H * D) -> (..., H, D)
-        k = k.unflatten(-1, (self.num_heads_kv, self.head_dim))  # -> (..., H_kv, D)
-        v = v.unflatten(-1, (self.num_heads_kv, self.head_dim))  # -> (..., H_kv, D)
-        return q, k, v
+        heads = qkv.unflatten(-1, (-1, self.head_dim))  # -> (..., H + 2 * H_kv, D)
+        return heads.split([self.num_heads, self.num_heads_kv, self.num_heads_kv], dim=-2)
 
     def _rotate(self, q, k, cu_seqlens=None, max_seqlen=None):
         if self.rotary_emb is None:

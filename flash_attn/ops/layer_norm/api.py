@@ -154,6 +154,21 @@ def _check_triton_dtypes(x, weight, bias, residual, x1, weight1, bias1) -> None:
             raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 {name}, got {t.dtype}")
 
 
+def _kernel_options(plan: _NormPlan, eps, dropout_p, is_rms_norm, zero_centered_weight) -> dict:
+    """The forward's options after the tensors, in the order of ``flash_attn::layer_norm_fwd``
+    (``NormForward``'s keywords)."""
+    return dict(
+        eps=float(eps),
+        dropout_p=float(dropout_p),
+        is_rms_norm=is_rms_norm,
+        zero_centered_weight=zero_centered_weight,
+        out_dtype=plan.out_dtype,
+        residual_dtype=plan.residual_dtype,
+        store_residual_out=plan.store,
+        store_dropout_mask=plan.store_masks,
+    )
+
+
 def _layer_norm_triton(
     plan: _NormPlan,
     x,
@@ -176,27 +191,20 @@ def _layer_norm_triton(
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     tensors = (x, weight, bias, residual, x1, weight1, bias1, rowscale, seed)
-    options = dict(
-        eps=float(eps),
-        dropout_p=float(dropout_p),
-        is_rms_norm=is_rms_norm,
-        zero_centered_weight=zero_centered_weight,
-        out_dtype=plan.out_dtype,
-        residual_dtype=plan.residual_dtype,
-        store_residual_out=plan.store,
-        store_dropout_mask=plan.store_masks,
-    )
     if torch.compiler.is_compiling():
+        options = _kernel_options(plan, eps, dropout_p, is_rms_norm, zero_centered_weight)
         y, y1, residual_out, _, _, keep, keep1 = layer_norm_fwd_op(
             *tensors, *options.values(), prenorm
         )
     else:
-        if plan.launches is None:
-            plan.launches = NormLaunches(*tensors, prenorm=prenorm, **options)
+        launches = plan.launches
+        if launches is None:
+            options = _kernel_options(plan, eps, dropout_p, is_rms_norm, zero_centered_weight)
+            launches = plan.launches = NormLaunches(*tensors, prenorm=prenorm, **options)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            y, y1, residual_out, keep, keep1 = NormFunction.apply(*tensors, plan.launches)
+            y, y1, residual_out, keep, keep1 = NormFunction.apply(*tensors, launches)
         else:
-            y, y1, residual_out, _, _, keep, keep1 = plan.launches.forward(*tensors)
+            y, y1, residual_out, _, _, keep, keep1 = launches.forward(*tensors)
     return pack_outputs(
         y,
         y1 if plan.has_out1 else None,
