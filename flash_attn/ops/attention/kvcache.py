@@ -27,7 +27,7 @@ from flash_attn.ops.attention.function import attention_compiled
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch_dense
 from flash_attn.ops.backend import reads_values, resolve_backend
-from flash_attn.ops.custom_op import launch_key
+from flash_attn.ops.custom_op import PlanCache, call_signature
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ def gather_pages(cache: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> Te
     return cache[pages, positions % cache.shape[1]]
 
 
-def _cache_layout(q, k_cache, cache_batch_idx, block_table) -> CacheLayout:
+def _check_layout(q, k_cache, cache_batch_idx, block_table) -> None:
+    """cache_batch_idx and block_table: int32, one row per batch entry, not both; without
+    either, k_cache has q's batch."""
     batch = q.shape[0]
     expected = (
         ("cache_batch_idx", cache_batch_idx, 1, f"({batch},)"),
@@ -97,31 +99,20 @@ def _cache_layout(q, k_cache, cache_batch_idx, block_table) -> CacheLayout:
             and t.shape[0] == batch
         ):
             raise ValueError(f"{name} must be an int32 tensor of shape {shape}")
-    if block_table is not None:
-        if cache_batch_idx is not None:
-            raise ValueError("pass cache_batch_idx or block_table, not both")
-        return CacheLayout(
-            torch.arange(batch, device=q.device),
-            block_table,
-            k_cache.shape[1],
-            block_table.shape[1] * k_cache.shape[1],
-        )
-    if cache_batch_idx is None and k_cache.shape[0] != batch:
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError("pass cache_batch_idx or block_table, not both")
+    if block_table is None and cache_batch_idx is None and k_cache.shape[0] != batch:
         raise ValueError(
             f"k_cache must have batch {batch} like q (or pass cache_batch_idx), got "
             f"{k_cache.shape[0]}"
         )
-    rows = (
-        cache_batch_idx.long()
-        if cache_batch_idx is not None
-        else torch.arange(batch, device=q.device)
-    )
-    return CacheLayout(rows, None, k_cache.shape[1], k_cache.shape[1])
 
 
-def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout: CacheLayout):
-    """cache_seqlens as a (batch,) int32 tensor, after checking it and the other cache inputs."""
-    batch, seqlen_new = q.shape[0], 0
+def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, block_table) -> None:
+    """k and v (given together, shaped like the cache's heads), cache_seqlens (an int, an int32
+    (batch,) tensor, or None without k and v) and cache_leftpad, as far as their metadata
+    tells."""
+    batch = q.shape[0]
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values), or neither")
     if k is not None:
@@ -131,45 +122,43 @@ def _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout: 
                 f"k must have (nheads_k, headdim) = {tuple(k_cache.shape[2:])} like "
                 f"k_cache, got {tuple(k.shape[2:])}"
             )
-        seqlen_new = k.shape[1]
-    if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    elif cache_seqlens is None:
+    if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when appending k and v to the cache")
-        cache_seqlens = torch.full((batch,), layout.capacity, dtype=torch.int32, device=q.device)
-    elif not (
+    elif not isinstance(cache_seqlens, int) and not (
         isinstance(cache_seqlens, Tensor)
         and cache_seqlens.shape == (batch,)
         and cache_seqlens.dtype == torch.int32
     ):
         raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape ({batch},)")
-    _check_leftpad(cache_leftpad, q, layout)
-    if reads_values(q):  # reading the values would synchronise with a GPU
-        if (cache_seqlens < 0).any():
-            raise ValueError("cache_seqlens must be >= 0")
-        if (
-            cache_leftpad is not None
-            and ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any()
-        ):
-            raise ValueError(
-                f"cache_leftpad must be in [0, cache_seqlens] for each batch entry, got "
-                f"{cache_leftpad.tolist()} with cache_seqlens {cache_seqlens.tolist()}"
-            )
-        if layout.block_table is not None:
-            check_block_table(layout.block_table, k_cache, cache_seqlens + seqlen_new, batch)
-        else:
-            _check_cache_rows(layout.rows, k_cache.shape[0], appending=k is not None)
-            longest = int((cache_seqlens + seqlen_new).max().item())
-            if longest > layout.capacity:
-                raise ValueError(
-                    f"the cache is too short: cache_seqlens + {seqlen_new} new tokens "
-                    f"reach {longest} > the cache's {layout.capacity} positions"
-                )
-    return cache_seqlens.to(q.device)
+    _check_leftpad(cache_leftpad, q, block_table)
 
 
-def _check_leftpad(cache_leftpad, q: Tensor, layout: CacheLayout) -> None:
+def _check_cache_values(k_cache, seqlen_new, cache_seqlens, cache_leftpad, layout) -> None:
+    """The values of cache_seqlens, cache_leftpad and the cache rows or pages (read only where
+    reading them does not synchronise with a GPU)."""
+    if (cache_seqlens < 0).any():
+        raise ValueError("cache_seqlens must be >= 0")
+    if cache_leftpad is not None and ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any():
+        raise ValueError(
+            f"cache_leftpad must be in [0, cache_seqlens] for each batch entry, got "
+            f"{cache_leftpad.tolist()} with cache_seqlens {cache_seqlens.tolist()}"
+        )
+    if layout.block_table is not None:
+        check_block_table(
+            layout.block_table, k_cache, cache_seqlens + seqlen_new, cache_seqlens.shape[0]
+        )
+        return
+    _check_cache_rows(layout.rows, k_cache.shape[0], appending=seqlen_new > 0)
+    longest = int((cache_seqlens + seqlen_new).max().item())
+    if longest > layout.capacity:
+        raise ValueError(
+            f"the cache is too short: cache_seqlens + {seqlen_new} new tokens "
+            f"reach {longest} > the cache's {layout.capacity} positions"
+        )
+
+
+def _check_leftpad(cache_leftpad, q: Tensor, block_table) -> None:
     if cache_leftpad is None:
         return
     batch = q.shape[0]
@@ -181,7 +170,7 @@ def _check_leftpad(cache_leftpad, q: Tensor, layout: CacheLayout) -> None:
         raise ValueError(f"cache_leftpad must be an int32 tensor of shape ({batch},)")
     if cache_leftpad.device != q.device:
         raise ValueError(f"cache_leftpad is on {cache_leftpad.device} but q is on {q.device}")
-    if layout.block_table is not None:
+    if block_table is not None:
         raise ValueError("pass cache_leftpad or block_table, not both (as the official package)")
 
 
@@ -289,80 +278,155 @@ def flash_attn_with_kvcache(
     Returns:
         out (batch, seqlen_q, nheads, headdim), and softmax_lse when asked for.
     """
-    window_size = window_pair(window_size)
-    causal = check_flag("causal", causal)
-    check_attention_inputs(
-        q,
-        k_cache,
-        v_cache,
-        0.0,
-        softmax_scale,
-        window_size,
-        softcap,
-        alibi_slopes,
-        same_batch=False,
+    tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad)
+    tensors += (block_table, alibi_slopes)
+    seqlens_tensor = cache_seqlens if isinstance(cache_seqlens, Tensor) else None
+    options = (cache_seqlens if seqlens_tensor is None else None, softmax_scale, causal)
+    options += (window_size, softcap, rotary_interleaved, num_splits, backend)
+    key = call_signature((*tensors, seqlens_tensor), options)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.keep(key, _DecodePlan(*tensors, cache_seqlens, *options[1:]))
+    layout = CacheLayout(
+        cache_batch_idx.long() if cache_batch_idx is not None else plan.rows,
+        block_table,
+        plan.page_size,
+        plan.capacity,
     )
-    if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos and rotary_sin must be given together")
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
-    layout = _cache_layout(q, k_cache, cache_batch_idx, block_table)
-    cache_seqlens = _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, layout)
+    cache_seqlens = plan.seqlens if seqlens_tensor is None else seqlens_tensor
+    if reads_values(q):  # reading the values would synchronise with a GPU
+        seqlen_new = k.shape[1] if k is not None else 0
+        _check_cache_values(k_cache, seqlen_new, cache_seqlens, cache_leftpad, layout)
     if rotary_cos is not None:
-        local = causal or window_size != (-1, -1)
         # At the cache slots, also after a cache_leftpad, as the official kernel: scores depend
         # on distances only, so the padding changes nothing but the angles stored in the cache.
         q, k = _rotate(
-            q, k, rotary_cos, rotary_sin, cache_seqlens, local, rotary_interleaved, backend
+            q, k, rotary_cos, rotary_sin, cache_seqlens, plan.local, rotary_interleaved, backend
         )
     if k is not None:
         # Append in place: entry b's new tokens go to positions cache_seqlens[b] + 0, 1, ...
-        positions = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)
-        index = layout.index(positions)
+        index = layout.index(cache_seqlens.long()[:, None] + plan.new_positions)
         k_cache[index] = k
         v_cache[index] = v
         seqlens_k = cache_seqlens + k.shape[1]
     else:
         seqlens_k = cache_seqlens
-    opts = AttentionOptions.create(q.shape[-1], softmax_scale, causal, window_size, softcap)
     keys = CacheKeys(layout, cache_leftpad, seqlens_k)
     out, lse = _attend_to_cache(
-        q,
-        k_cache,
-        v_cache,
-        keys,
-        cache_batch_idx,
-        opts,
-        alibi_slopes,
-        num_splits,
-        return_softmax_lse,
-        backend,
+        plan, q, k_cache, v_cache, keys, cache_batch_idx, alibi_slopes, return_softmax_lse
     )
     return (out, lse) if return_softmax_lse else out
 
 
+_plans = PlanCache(max_plans=256)  # per call signature of flash_attn_with_kvcache
+
+
+class _DecodePlan:
+    """What one call signature of :func:`flash_attn_with_kvcache` resolved to, checked on its
+    first call (the arguments in the function's order, cache_seqlens after the tensors): the
+    options, the backend, the cache's geometry, the index tensors every call of the signature
+    shares and, for Triton, the forward launch (built on first use)."""
+
+    def __init__(
+        self,
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_batch_idx,
+        cache_leftpad,
+        block_table,
+        alibi_slopes,
+        cache_seqlens,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        rotary_interleaved,
+        num_splits,
+        backend,
+    ):
+        window_size = window_pair(window_size)
+        causal = check_flag("causal", causal)
+        check_attention_inputs(
+            q,
+            k_cache,
+            v_cache,
+            0.0,
+            softmax_scale,
+            window_size,
+            softcap,
+            alibi_slopes,
+            same_batch=False,
+        )
+        if (rotary_cos is None) != (rotary_sin is None):
+            raise ValueError("rotary_cos and rotary_sin must be given together")
+        if not isinstance(num_splits, int) or num_splits < 0:
+            raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
+        _check_layout(q, k_cache, cache_batch_idx, block_table)
+        _check_cache_inputs(q, k_cache, k, v, cache_seqlens, cache_leftpad, block_table)
+        batch, device = q.shape[0], q.device
+        self.opts = AttentionOptions.create(
+            q.shape[-1], softmax_scale, causal, window_size, softcap
+        )
+        self.local = causal or window_size != (-1, -1)
+        self.backend = resolve_backend(backend, device, q.dtype)
+        self.num_splits = num_splits
+        self.page_size = k_cache.shape[1]
+        paged = block_table is not None
+        self.capacity = block_table.shape[1] * self.page_size if paged else self.page_size
+        self.rows = torch.arange(batch, device=device)  # cache row b, without cache_batch_idx
+        self.seqlens = None  # (batch,) int32 for an int cache_seqlens (None: the whole cache)
+        if not isinstance(cache_seqlens, Tensor):
+            filled = self.capacity if cache_seqlens is None else cache_seqlens
+            self.seqlens = torch.full((batch,), filled, dtype=torch.int32, device=device)
+        self.new_positions = torch.arange(k.shape[1], device=device) if k is not None else None
+        self.launch = None
+
+    def forward_launch(self, q, k_cache, v_cache, alibi_slopes, cache_batch_idx, block_table):
+        """The Triton forward launch of the signature, built on first use."""
+        if self.launch is None:
+            from flash_attn.ops.attention.triton.forward import ForwardLaunch
+
+            self.launch = ForwardLaunch(
+                q,
+                k_cache,
+                v_cache,
+                self.opts,
+                batch=q.shape[0],
+                alibi_slopes=alibi_slopes,
+                max_seqlen_k=self.capacity,
+                key_ranges=True,
+                num_splits=self.num_splits or _auto_num_splits(q, self.capacity, q.shape[2]),
+                kv_batch_idx=cache_batch_idx is not None,
+                block_table=block_table,
+            )
+        return self.launch
+
+
 def _attend_to_cache(
+    plan: _DecodePlan,
     q,
     k_cache,
     v_cache,
     keys: CacheKeys,
     cache_batch_idx,
-    opts,
     alibi_slopes,
-    num_splits,
     return_lse,
-    backend,
 ):
     """(out, lse) of q attending to each batch entry's keys in the cache. The torch path
     computes lse only when return_lse (it then materialises the scores of each batch entry);
     the Triton path always has it."""
-    layout = keys.layout
-    if resolve_backend(backend, q.device, q.dtype) == "triton":
+    layout, opts = keys.layout, plan.opts
+    if plan.backend == "triton":
         from flash_attn.ops.attention.triton.forward import key_ranges_of
 
         key_ranges = key_ranges_of(keys.ends.to(torch.int32), keys.leftpad)
         if torch.compiler.is_compiling():  # the op that torch.compile traces
-            splits = num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
+            splits = plan.num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
             out, lse, _ = attention_compiled(
                 q,
                 k_cache,
@@ -376,8 +440,8 @@ def _attend_to_cache(
                 num_splits=splits,
             )
             return out, lse
-        launch = _cache_launch(
-            q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout, num_splits
+        launch = plan.forward_launch(
+            q, k_cache, v_cache, alibi_slopes, cache_batch_idx, layout.block_table
         )
         return launch(
             q,
@@ -408,33 +472,3 @@ def _attend_to_cache(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses) if return_lse else None
-
-
-_launches: dict = {}  # call signature -> ForwardLaunch
-
-
-def _cache_launch(q, k_cache, v_cache, opts, alibi_slopes, cache_batch_idx, layout, num_splits):
-    """The forward launch of a decoding step, one per call signature (shapes, strides, dtypes,
-    options), so that the steps of a generation go straight to the compiled kernel."""
-    from flash_attn.ops.attention.triton.forward import ForwardLaunch
-
-    tensors = (q, k_cache, v_cache, alibi_slopes, cache_batch_idx, layout.block_table)
-    key = (*map(launch_key, tensors), opts, num_splits)
-    launch = _launches.get(key)
-    if launch is None:
-        if len(_launches) >= 256:
-            del _launches[next(iter(_launches))]
-        launch = _launches[key] = ForwardLaunch(
-            q,
-            k_cache,
-            v_cache,
-            opts,
-            batch=q.shape[0],
-            alibi_slopes=alibi_slopes,
-            max_seqlen_k=layout.capacity,
-            key_ranges=True,
-            num_splits=num_splits or _auto_num_splits(q, layout.capacity, q.shape[2]),
-            kv_batch_idx=cache_batch_idx is not None,
-            block_table=layout.block_table,
-        )
-    return launch
