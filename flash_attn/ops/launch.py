@@ -1,6 +1,8 @@
 """What every Triton launcher shares: the device guard, launch plans, host integer helpers
-(``cdiv``, ``next_power_of_2``) and small helpers (contiguous aligned tensors, the JIT function
-under a kernel's wrappers, the configs with the largest tiles).
+(``cdiv``, ``next_power_of_2``), small helpers (contiguous aligned tensors, the JIT function
+under a kernel's wrappers, the configs with the largest tiles), and the keys and caches of
+what a call signature resolved to (:func:`launch_key`, :func:`call_signature`,
+:class:`PlanCache`; ``flash_attn.ops.custom_op`` re-exports them).
 
 Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
 :func:`flash_attn.ops.backend.interpreter_enabled`).
@@ -9,6 +11,7 @@ Imported by the ``triton/`` folders of the op packages; it imports torch and tri
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -186,3 +189,60 @@ def _grid_key(grid) -> tuple:
     """A grid function by its code and the values it closes over."""
     cells = grid.__closure__ or ()
     return (id(grid.__code__), *(cell.cell_contents for cell in cells))
+
+
+# -- what a call signature resolved to, kept per signature -----------------------------------
+
+
+def launch_key(t) -> tuple | None:
+    """What a check or a launch reads of an argument that may be a tensor: its shape, strides,
+    dtype, device and 16-byte alignment (Triton specialises pointers on it); None stays None,
+    and anything else counts by its identity (the checks then name it)."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    return (type(t), id(t))
+
+
+def call_signature(tensors: tuple, options: tuple) -> tuple | None:
+    """The key of a call's plan: the :func:`launch_key` of each of ``tensors``, the values of
+    ``options`` (plain scalars, dtypes, strings) and ``FLASH_ATTN_BACKEND``; None while
+    ``torch.compile`` traces (it traces the checks and the op instead)."""
+    if torch.compiler.is_compiling():
+        return None
+    return (*map(launch_key, tensors), *options, os.environ.get("FLASH_ATTN_BACKEND"))
+
+
+def _hashable(key) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+class PlanCache:
+    """What the first call of each call signature checked and derived (its plan), so that later
+    calls of the signature skip the checks. ``get`` of an unknown key (or of None, or of an
+    unhashable one) is None; ``keep`` stores a plan under a key (one that ``get`` can find) and
+    returns it, dropping the oldest plan past ``max_plans``."""
+
+    def __init__(self, max_plans: int = 1024):
+        self.max_plans = max_plans
+        self.plans: dict = {}
+
+    def get(self, key):
+        if key is None:
+            return None
+        try:
+            return self.plans.get(key)
+        except TypeError:  # an option that is not hashable: no plan, the checks name it
+            return None
+
+    def keep(self, key, plan):
+        if key is not None and _hashable(key):
+            if len(self.plans) >= self.max_plans:
+                del self.plans[next(iter(self.plans))]
+            self.plans[key] = plan
+        return plan

@@ -31,9 +31,10 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.launch import (
     LaunchPlan,
+    PlanCache,
+    call_signature,
     cdiv,
     contiguous_aligned,
     device_guard,
