@@ -21,7 +21,7 @@ import torch
 
 from flash_attn.ops.cross_entropy.reference import combined_lse, shard_of, summed
 from flash_attn.ops.custom_op import custom_op
-from flash_attn.ops.launch import contiguous_aligned
+from flash_attn.ops.launch import PlanCache, contiguous_aligned
 
 
 def uses_precomputed_lse(precomputed_lse, logit_scale: float, label_smoothing: float) -> bool:
@@ -146,6 +146,71 @@ class CrossEntropyLaunches:
 
     def _launch_backward(self, dloss, logits, lse, labels, inplace):
         return self.backward_kernel(dloss, logits, lse, labels)
+
+
+class _ChunkLosses:
+    """The forward and in-place backward launches of :func:`chunk_losses_` at one chunk shape,
+    dtype and options (built from the first chunk's tensors, their metadata only)."""
+
+    def __init__(self, logits, labels, options: tuple, dloss_stride: int):
+        from flash_attn.ops.cross_entropy.triton.kernels import (
+            CrossEntropyBackward,
+            CrossEntropyForward,
+        )
+
+        label_smoothing, lse_square_scale, ignore_index = options
+        shared = dict(label_smoothing=label_smoothing, ignore_index=ignore_index)
+        self.forward = CrossEntropyForward(logits, labels, **shared)
+        self.backward = CrossEntropyBackward(
+            logits,
+            labels,
+            dloss_stride=dloss_stride,
+            inplace=True,
+            lse_square_scale=lse_square_scale,
+            **shared,
+        )
+        self.ignore_index, self.lse_square_scale = ignore_index, lse_square_scale
+
+    def __call__(self, logits, labels, dloss):
+        label_terms, lse = self.forward(logits, labels)
+        if dloss is not None:
+            self.backward(dloss, logits, lse, labels)
+        # label_terms is this call's own buffer: the loss is summed into it.
+        loss = label_terms.add_(lse)
+        if self.lse_square_scale != 0.0:
+            loss.add_(self.lse_square_scale * lse.square())
+        return torch.where(labels == self.ignore_index, 0.0, loss)
+
+
+_chunk_plans = PlanCache(256)  # per chunk shape, dtype, options and dloss stride
+
+
+def chunk_losses_(logits, labels, dloss, options: tuple):
+    """Per-row loss (n_rows,) fp32 of a chunk of logits (n_rows, vocab), contiguous, fresh (as
+    a matmul returns them), with the gradient dloss * dloss_row/dx written over them when
+    dloss (n_rows,) fp32, any stride (0: one value for every row), is given. options:
+    (label_smoothing, lse_square_scale, ignore_index); labels (n_rows,) int64, contiguous.
+    The launches are kept per chunk shape, dtype and options; under ``torch.compile``, the
+    custom ops."""
+    label_smoothing, lse_square_scale, ignore_index = options
+    if torch.compiler.is_compiling():
+        kernel_options = (label_smoothing, 1.0, lse_square_scale, ignore_index)  # logit_scale 1
+        loss, _, lse = cross_entropy_fwd_op(logits, labels, None, *kernel_options, True)
+        if dloss is not None:
+            cross_entropy_bwd_inplace_op(dloss, logits, lse, labels, *kernel_options)
+        return loss
+    labels = contiguous_aligned(labels)  # a slice of the labels: aligned or copied
+    dloss_stride = None
+    if dloss is not None:
+        dloss_stride = dloss.stride(0)
+        if dloss_stride != 0:
+            dloss = contiguous_aligned(dloss)
+            dloss_stride = 1
+    key = (logits.shape, logits.dtype, logits.device, options, dloss_stride)
+    plan = _chunk_plans.get(key)
+    if plan is None:
+        plan = _chunk_plans.keep(key, _ChunkLosses(logits, labels, options, dloss_stride or 0))
+    return plan(logits, labels, dloss)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
