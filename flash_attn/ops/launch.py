@@ -1,10 +1,9 @@
 """What every Triton launcher shares: the device guard, launch plans, host integer helpers
-(``cdiv``, ``next_power_of_2``) and small helpers (contiguous aligned tensors, a tensor's
-strides as rows, the JIT function under a kernel's wrappers, the configs with the largest
-tiles).
+(``cdiv``, ``next_power_of_2``) and small helpers (a tensor's strides as rows, the JIT function
+under a kernel's wrappers, the configs with the largest tiles).
 
-Imported by the ``triton/`` folders of the op packages; it imports torch and triton only (and
-:func:`flash_attn.ops.backend.interpreter_enabled`).
+Imported by the ``triton/`` folders of the op packages; it imports torch and triton only. What
+a launcher keeps per call signature is keyed and cached by :mod:`flash_attn.ops.plans`.
 """
 
 from __future__ import annotations
@@ -13,9 +12,6 @@ import contextlib
 
 import torch
 import triton
-from triton.runtime.jit import KernelInterface
-
-from flash_attn.ops.backend import interpreter_enabled
 
 
 def cdiv(a: int, b: int) -> int:
@@ -27,14 +23,6 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (0 for 0), as ``triton.next_power_of_2`` on the host."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
-def contiguous_aligned(t: torch.Tensor) -> torch.Tensor:
-    """t contiguous and at a 16-byte aligned address (a copy only where t is not both): what a
-    launch plan needs of a tensor whose layout its key did not record, such as a gradient
-    handed to a backward (Triton specialises pointers on their alignment)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def row_strides(t: torch.Tensor) -> tuple[int, int] | None:
@@ -156,54 +144,3 @@ def _active_hook(hook):
     chain that is never None, and a launch with a chain builds the hooks' metadata even when the
     chain is empty."""
     return hook if getattr(hook, "calls", True) else None
-
-
-_INTERPRETER = interpreter_enabled()  # read once, as Triton reads it when kernels are defined
-MAX_PLANS = 4096  # launch plans kept by :func:`launch`; the oldest is dropped past this
-_plans: dict = {}
-_arg_names: dict = {}
-
-
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` through a :class:`LaunchPlan` kept per kernel, grid,
-    current device and specialisation of the arguments: a tensor counts by its dtype and
-    16-byte alignment (what Triton specialises on), anything else by its value. So every call
-    after the first of its kind goes straight to the compiled kernel; under the CPU interpreter
-    it is the usual launch."""
-    if _INTERPRETER or not isinstance(kernel, KernelInterface):  # or a stand-in kernel
-        kernel[grid](*args, **kwargs)
-        return
-    values = args + tuple(kwargs.values()) if kwargs else args
-    # The device is the current one (the launchers' device guard sets it), read once rather
-    # than from every tensor: a tensor's .device costs as much as its .dtype.
-    key = (
-        id(kernel),
-        grid if type(grid) is tuple else _grid_key(grid),
-        triton.runtime.driver.active.get_current_device(),
-        *kwargs,
-        *[(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values],
-    )
-    entry = _plans.get(key)
-    if entry is not None and entry[0].compiled is not None:
-        entry[0].replay(values, entry[1])
-        return
-    if entry is None:
-        if len(_plans) >= MAX_PLANS:
-            del _plans[next(iter(_plans))]
-        names = _arg_names.get(kernel)
-        if names is None:
-            names = _arg_names[kernel] = unwrap_jit(kernel).arg_names
-        named = dict(zip(names, args)) | kwargs
-        positions = tuple(i for i, v in enumerate(values) if isinstance(v, torch.Tensor))
-        constants = {n: v for n, v in named.items() if not isinstance(v, torch.Tensor)}
-        all_names = [*names[: len(args)], *kwargs]
-        tensor_names = tuple(all_names[i] for i in positions)
-        entry = _plans[key] = (LaunchPlan(kernel, grid, tensor_names, **constants), positions)
-    plan, positions = entry
-    plan(*[values[i] for i in positions])
-
-
-def _grid_key(grid) -> tuple:
-    """A grid function by its code and the values it closes over."""
-    cells = grid.__closure__ or ()
-    return (id(grid.__code__), *(cell.cell_contents for cell in cells))

@@ -214,17 +214,22 @@ def test_env_override_selects_backend(monkeypatch):
 
 
 def test_import_and_cpu_path_without_triton(tmp_path):
-    """With triton unimportable, flash_attn imports and the torch backend works."""
+    """With triton unimportable (no wheels for macOS or Windows), flash_attn, its models and
+    the fused ops import, and the torch backend works."""
     blocker = tmp_path / "triton"
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('triton blocked for this test')\n")
     code = (
         "import torch, flash_attn\n"
+        "import flash_attn.models.gpt, flash_attn.ops.cross_entropy, flash_attn.ops.mlp\n"
+        "import flash_attn.ops.linear_cross_entropy, flash_attn.ops.rotary\n"
+        "from flash_attn.ops.layer_norm import layer_norm_fn\n"
         "from flash_attn.ops.backend import triton_available\n"
         "assert not triton_available()\n"
         "q = torch.randn(1, 5, 2, 8)\n"
         "out = flash_attn.flash_attn_func(q, q, q, causal=True)\n"
         "assert out.shape == q.shape\n"
+        "assert layer_norm_fn(q, torch.ones(8), None).shape == q.shape\n"
         "try:\n"
         "    flash_attn.flash_attn_func(q, q, q, backend='triton')\n"
         "except ValueError as e:\n"

@@ -3,7 +3,8 @@
 import torch
 import triton
 
-from flash_attn.ops.launch import cdiv, contiguous_aligned, next_power_of_2
+from flash_attn.ops.launch import cdiv, next_power_of_2
+from flash_attn.ops.plans import contiguous_aligned
 
 
 def test_host_helpers_agree_with_triton():

@@ -32,7 +32,7 @@ from flash_attn.ops.attention.kvcache import gather_pages
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch
 from flash_attn.ops.backend import reads_values, resolve_backend
-from flash_attn.ops.custom_op import launch_key
+from flash_attn.ops.plans import launch_key
 
 MAX_PLANS = 1024  # call signatures kept; the oldest is dropped past this
 

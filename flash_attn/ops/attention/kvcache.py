@@ -27,7 +27,7 @@ from flash_attn.ops.attention.function import attention_compiled
 from flash_attn.ops.attention.options import AttentionOptions
 from flash_attn.ops.attention.torch_backend import attention_torch_dense
 from flash_attn.ops.backend import reads_values, resolve_backend
-from flash_attn.ops.custom_op import PlanCache, call_signature
+from flash_attn.ops.plans import PlanCache, call_signature
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ path never materialises the softmax: the forward keeps one fp32 log-sum-exp per 
 recomputes the probabilities from it, and with ``inplace_backward=True`` writes the gradient over
 the logits, so a (tokens, vocab) loss costs one logits-sized buffer instead of three.
 
-The Triton path is the custom ops of ``function.py``. ``cross_entropy_loss_2x`` has flash-attn
-2.x's signature (per-row results). The modules (``CrossEntropyLoss``) are in
-``flash_attn.modules.losses``.
+The Triton path is, in eager mode, ``function.py``'s :class:`CrossEntropyFunction` over the
+launches of the call signature (kept in its plan), and under ``torch.compile`` its custom ops.
+``cross_entropy_loss_2x`` has flash-attn 2.x's signature (per-row results). The modules
+(``CrossEntropyLoss``) are in ``flash_attn.modules.losses``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import torch.nn.functional as F
 
 from flash_attn.ops.backend import reads_values, resolve_backend
 from flash_attn.ops.cross_entropy.function import (
+    CrossEntropyFunction,
+    CrossEntropyLaunches,
     VocabParallelCrossEntropy,
     cross_entropy_fwd_op,
+    uses_precomputed_lse,
 )
 from flash_attn.ops.cross_entropy.reference import (
     REDUCTIONS,
@@ -28,11 +32,23 @@ from flash_attn.ops.cross_entropy.reference import (
     reduce_loss,
     shard_of,
 )
-from flash_attn.ops.custom_op import PlanCache, call_signature
+from flash_attn.ops.plans import PlanCache, call_signature
 from flash_attn.utils.checks import check_float
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_plans = PlanCache()  # per call signature of cross_entropy_loss: whether the kernels serve it
+_plans = PlanCache()  # per call signature of cross_entropy_loss: a _LossPlan
+
+
+class _LossPlan:
+    """What one call signature of :func:`cross_entropy_loss` resolved to (checked on its first
+    call): the backend, what the kernels need copied, and their launches (built by the first
+    eager call without a process group)."""
+
+    def __init__(self, use_triton: bool, logits, labels):
+        self.use_triton = use_triton
+        self.copy_logits = logits.stride(-1) != 1  # the kernels read unit-stride columns
+        self.convert_labels = labels.dtype != torch.int64 or not labels.is_contiguous()
+        self.launches = None
 
 
 def check_cross_entropy_inputs(
@@ -140,6 +156,47 @@ def _per_row_triton(
     return loss, z_loss
 
 
+def _loss_eager(
+    plan: _LossPlan,
+    logits,
+    labels,
+    precomputed_lse,
+    label_smoothing,
+    logit_scale,
+    lse_square_scale,
+    ignore_index,
+    inplace_backward,
+    reduction,
+    return_z_loss,
+):
+    """The Triton path outside ``torch.compile``: the plan's launches, under
+    :class:`CrossEntropyFunction` where a gradient is needed; returns what
+    :func:`cross_entropy_loss` returns."""
+    if plan.copy_logits:
+        logits = logits.contiguous()
+    if plan.convert_labels:
+        labels = labels.long().contiguous()
+    if plan.launches is None:
+        plan.launches = CrossEntropyLaunches(
+            logits,
+            labels,
+            label_smoothing=float(label_smoothing),
+            logit_scale=float(logit_scale),
+            lse_square_scale=float(lse_square_scale),
+            ignore_index=int(ignore_index),
+            inplace_backward=bool(inplace_backward),
+            use_precomputed_lse=uses_precomputed_lse(precomputed_lse, logit_scale, label_smoothing),
+            reduction=reduction,
+            return_z_loss=return_z_loss,
+        )
+    if torch.is_grad_enabled() and (
+        logits.requires_grad or (precomputed_lse is not None and precomputed_lse.requires_grad)
+    ):
+        return CrossEntropyFunction.apply(logits, labels, precomputed_lse, plan.launches)
+    loss, z_loss, _, _ = plan.launches.forward(logits, labels, precomputed_lse)
+    return (loss, z_loss) if return_z_loss else loss
+
+
 def _check_inputs(
     logits,
     labels,
@@ -224,8 +281,8 @@ def cross_entropy_loss(
             backend,
         ),
     )
-    use_triton = _plans.get(key)
-    if use_triton is None:
+    plan = _plans.get(key)
+    if plan is None:
         _check_inputs(
             logits,
             labels,
@@ -242,12 +299,26 @@ def cross_entropy_loss(
             raise TypeError(
                 f"logits must be one of {KERNEL_DTYPES} for backend='triton', got {logits.dtype}"
             )
-        _plans.keep(key, use_triton)
+        plan = _plans.keep(key, _LossPlan(use_triton, logits, labels))
     # Where reading the labels costs no synchronisation: at every call.
     check_labels_in_range(labels, shard_of(logits, process_group)[1], ignore_index)
+    if plan.use_triton and process_group is None and not torch.compiler.is_compiling():
+        return _loss_eager(
+            plan,
+            logits,
+            labels,
+            precomputed_lse,
+            label_smoothing,
+            logit_scale,
+            lse_square_scale,
+            ignore_index,
+            inplace_backward,
+            reduction,
+            return_z_loss,
+        )
     labels = labels.long()
     options = (label_smoothing, lse_square_scale, ignore_index)
-    if not use_triton:
+    if not plan.use_triton:
         no_extension = logit_scale == 1.0 and precomputed_lse is None and process_group is None
         plain = no_extension and not return_z_loss and lse_square_scale == 0.0
         if plain and logits.dtype in (torch.float32, torch.float64):

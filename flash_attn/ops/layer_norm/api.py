@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.layer_norm.function import NormFunction, NormLaunches, layer_norm_fwd_op
 from flash_attn.ops.layer_norm.reference import (
     draw_keep_masks,
@@ -27,6 +26,7 @@ from flash_attn.ops.layer_norm.reference import (
     pack_outputs,
     residual_dtype_for,
 )
+from flash_attn.ops.plans import PlanCache, call_signature
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _plans = PlanCache()  # per call signature of layer_norm_fn

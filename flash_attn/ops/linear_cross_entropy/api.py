@@ -26,8 +26,8 @@ from flash_attn.ops.cross_entropy import (
     check_cross_entropy_inputs,
     check_labels_in_range,
 )
-from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.linear_cross_entropy.function import LinearCrossEntropyFunction
+from flash_attn.ops.plans import PlanCache, call_signature
 from flash_attn.utils.checks import check_float
 
 

@@ -1,7 +1,8 @@
 """The chunked LM head + cross-entropy behind autograd: :class:`LinearCrossEntropyFunction`.
 
 Only one (chunk, vocab) block of logits lives at a time; on the triton backend each chunk goes
-through the custom ops of the fused cross-entropy (``flash_attn.ops.cross_entropy.function``).
+through the fused cross-entropy's launches (``flash_attn.ops.cross_entropy.function.
+chunk_losses_``: kept per chunk shape, its custom ops under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -9,10 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flash_attn.ops.cross_entropy.function import (
-    cross_entropy_bwd_inplace_op,
-    cross_entropy_fwd_op,
-)
+from flash_attn.ops.cross_entropy.function import chunk_losses_
 
 
 def _loss_and_dlogits_(logits, labels, dloss, options, backend):
@@ -22,13 +20,9 @@ def _loss_and_dlogits_(logits, labels, dloss, options, backend):
     ``dloss`` (chunk,) fp32, the upstream gradient of each row's loss, is given; with scratch
     values otherwise (torch backend).
     """
-    label_smoothing, lse_square_scale, ignore_index = options
     if backend == "triton":
-        kernel_options = (label_smoothing, 1.0, lse_square_scale, ignore_index)  # logit_scale 1
-        loss, _, lse = cross_entropy_fwd_op(logits, labels, None, *kernel_options, True)
-        if dloss is not None:
-            cross_entropy_bwd_inplace_op(dloss, logits, lse, labels, *kernel_options)
-        return loss
+        return chunk_losses_(logits, labels, dloss, options)
+    label_smoothing, lse_square_scale, ignore_index = options
     # Plain torch, in place on an fp32 view of the chunk (a copy only for fp16/bf16 logits):
     # exp(x - max) overwrites x, so the chunk needs no second chunk-sized buffer.
     x = logits.float()
@@ -177,7 +171,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             weight,
             bias,
             labels,
-            valid.float() if any(needs) else None,
+            # Ignored rows get no gradient from the kernels / where below: every row's dloss
+            # is 1, one value broadcast (stride 0).
+            one.expand(labels.shape[0]) if any(needs) else None,
             torch.nan_to_num(scale, posinf=0.0),
             options,
             softcap,

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.mlp.function import LinearActFunction, LinearActLaunches, linear_act_fwd_op
 from flash_attn.ops.mlp.reference import ACTIVATION_FNS, gated_linear_ref, linear_activation_ref
+from flash_attn.ops.plans import PlanCache, call_signature
 
 ACTIVATIONS = tuple(ACTIVATION_FNS)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

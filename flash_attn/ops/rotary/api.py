@@ -4,12 +4,14 @@
     q = apply_rotary(q, cos, sin, seqlen_offsets=cache_lengths)   # decoding with a KV cache
     q = apply_rotary(q, cos, sin, cu_seqlens=cu, max_seqlen=m)    # (total, H, D) varlen
 
-The Triton path is the custom op ``flash_attn::rotary`` (fake + autograd: the backward is the
-same rotation conjugated), so ``torch.compile`` traces it; ``inplace=True`` goes through the
-mutating op ``flash_attn::rotary_``. The torch path is native PyTorch for the common GPT-NeoX
-case and the plain-PyTorch reference otherwise. On both, ``inplace=True`` accepts a leaf that
-requires grad, as flash-attn 2.x does: its values are overwritten and its ``.grad`` is the
-rotated-back gradient. ``flash_attn.ops.triton.rotary`` re-exports ``apply_rotary``.
+The Triton path is, in eager mode, :class:`~flash_attn.ops.rotary.function.RotaryFunction` over
+the launches of the call signature (kept in its plan), and under ``torch.compile`` the custom op
+``flash_attn::rotary`` (fake + autograd: the backward is the same rotation conjugated);
+``inplace=True`` goes through the mutating op ``flash_attn::rotary_``. The torch path is native
+PyTorch for the common GPT-NeoX case and the plain-PyTorch reference otherwise. On both,
+``inplace=True`` accepts a leaf that requires grad, as flash-attn 2.x does: its values are
+overwritten and its ``.grad`` is the rotated-back gradient. ``flash_attn.ops.triton.rotary``
+re-exports ``apply_rotary``.
 
 Below it, flash-attn 2.x's functional rotary (``apply_rotary_emb``, ``apply_rotary_emb_qkv_``,
 ``apply_rotary_emb_kv_``), which ``flash_attn.layers.rotary`` re-exports.
@@ -22,8 +24,10 @@ import functools
 import torch
 
 from flash_attn.ops.backend import resolve_backend
-from flash_attn.ops.custom_op import PlanCache, call_signature
+from flash_attn.ops.plans import PlanCache, call_signature
 from flash_attn.ops.rotary.function import (
+    RotaryFunction,
+    RotaryLaunches,
     rotary_backward,
     rotary_inplace_op,
     rotary_op,
@@ -32,7 +36,17 @@ from flash_attn.ops.rotary.function import (
 from flash_attn.ops.rotary.reference import apply_rotary_ref
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_plans = PlanCache()  # per call signature of apply_rotary: whether the kernel serves it
+_plans = PlanCache()  # per call signature of apply_rotary: a _RotaryPlan
+
+
+class _RotaryPlan:
+    """What one call signature of :func:`apply_rotary` resolved to (checked on its first call):
+    the backend and, for the Triton path out of place, its launches (built by the first eager
+    call)."""
+
+    def __init__(self, use_triton: bool):
+        self.use_triton = use_triton
+        self.launches = None
 
 
 class _RotaryInplace(torch.autograd.Function):
@@ -232,21 +246,34 @@ def apply_rotary(
         (x, cos, sin, offsets_tensor, cu_seqlens),
         (offset_int, max_seqlen, interleaved, inplace, conjugate, backend),
     )
-    use_triton = _plans.get(key)
+    plan = _plans.get(key)
     reads = cu_seqlens is not None or offsets_tensor is not None
-    if use_triton is None or (reads and x.device.type == "cpu"):
+    if plan is None or (reads and x.device.type == "cpu"):
         # The checks of the values of CPU tensors run at every call (they cost no sync).
         _check_inputs(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen)
-    if use_triton is None:
+    if plan is None:
         use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
         if use_triton and x.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes fp16, bf16 or fp32 x, got {x.dtype}")
-        _plans.keep(key, use_triton)
+        plan = _plans.keep(key, _RotaryPlan(use_triton))
     max_seqlen = max_seqlen if cu_seqlens is not None else x.shape[1]
+    if plan.use_triton and not inplace and not torch.compiler.is_compiling():
+        tensors = (x, cos, sin, offsets_tensor, cu_seqlens)
+        if plan.launches is None:
+            plan.launches = RotaryLaunches(
+                *tensors,
+                seqlen_offset=offset_int,
+                max_seqlen=max_seqlen,
+                interleaved=interleaved,
+                conjugate=conjugate,
+            )
+        if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+            return RotaryFunction.apply(*tensors, plan.launches)
+        return plan.launches.forward(*tensors)
     args = (x, cos, sin, offsets_tensor, offset_int, cu_seqlens, max_seqlen, interleaved, conjugate)
     if inplace:
-        return _RotaryInplace.apply(*args, use_triton)
-    return rotary_op(*args) if use_triton else _rotary_torch(*args)
+        return _RotaryInplace.apply(*args, plan.use_triton)
+    return rotary_op(*args) if plan.use_triton else _rotary_torch(*args)
 
 
 # flash-attn 2.x's functional rotary (``flash_attn.layers.rotary`` re-exports it). Layouts:

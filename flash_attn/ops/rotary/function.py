@@ -1,9 +1,14 @@
-"""The Triton path of rotary embedding behind autograd: the custom op ``flash_attn::rotary``
-(fake implementation and autograd formula: the backward is the same rotation conjugated), so
-``torch.compile`` traces it, and the mutating op ``flash_attn::rotary_`` of ``inplace=True``
-(whose autograd is in ``api.py``: mutating custom ops take no formula).
+"""The Triton path of rotary embedding behind autograd, two ways over the same launches (as
+LayerNorm's):
 
-The kernels are imported inside each op so that ``import flash_attn`` works without Triton.
+- Eager: :class:`RotaryFunction`, one ``torch.autograd.Function`` whose forward and backward
+  call the :class:`RotaryLaunches` of the call signature (``api.py`` keeps them in its plan).
+- Under ``torch.compile``: the custom op ``flash_attn::rotary`` (fake implementation and
+  autograd formula), and the mutating op ``flash_attn::rotary_`` of ``inplace=True`` (whose
+  autograd is in ``api.py``: mutating custom ops take no formula; it serves eager calls too).
+
+Both differentiate by :func:`_input_grad`: the backward is the same rotation conjugated. The
+kernels are imported inside each op so that ``import flash_attn`` works without Triton.
 """
 
 from __future__ import annotations
@@ -13,6 +18,68 @@ from typing import Optional
 import torch
 
 from flash_attn.ops.custom_op import custom_op
+from flash_attn.ops.plans import contiguous_aligned
+
+
+def _input_grad(saved: tuple, dout: torch.Tensor, rotate_back):
+    """The gradient of x: dout rotated back by -angle (a rotation's inverse is its transpose).
+    saved: the forward's (cos, sin, seqlen_offsets, cu_seqlens); rotate_back: called with dout
+    and those four."""
+    cos, sin, seqlen_offsets, cu_seqlens = saved
+    return rotate_back(dout, cos, sin, seqlen_offsets, cu_seqlens)
+
+
+class RotaryLaunches:
+    """The forward and backward launches of one call signature of ``apply_rotary`` (out of
+    place), built from its first call's tensors (their metadata only): ``forward`` is a
+    :class:`~flash_attn.ops.rotary.triton.kernels.RotaryLaunch`; ``backward`` rotates a
+    gradient back with another, built on first use.
+
+    Args: the five tensors of :class:`RotaryFunction` (x, cos, sin, seqlen_offsets or None,
+    cu_seqlens or None) and ``RotaryLaunch``'s options (seqlen_offset, max_seqlen, interleaved,
+    conjugate).
+    """
+
+    def __init__(self, x, cos, sin, seqlen_offsets, cu_seqlens, **options):
+        from flash_attn.ops.rotary.triton.kernels import RotaryLaunch
+
+        self.options = options
+        self.forward = RotaryLaunch(x, cos, sin, seqlen_offsets, cu_seqlens, **options)
+        self._backward = {}
+
+    def backward(self, dout, cos, sin, seqlen_offsets, cu_seqlens):
+        """dout (x's shape, any layout: made contiguous and aligned, as the launch was built
+        for) rotated back by -angle; x's shape, contiguous."""
+        dout = contiguous_aligned(dout)
+        launch = self._backward.get(dout.dtype)
+        if launch is None:
+            from flash_attn.ops.rotary.triton.kernels import RotaryLaunch
+
+            options = dict(self.options, conjugate=not self.options["conjugate"])
+            launch = RotaryLaunch(dout, cos, sin, seqlen_offsets, cu_seqlens, **options)
+            self._backward[dout.dtype] = launch
+        return launch(dout, cos, sin, seqlen_offsets, cu_seqlens)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """out = RotaryFunction.apply(x, cos, sin, seqlen_offsets, cu_seqlens, launches): the
+    forward of ``launches`` (a :class:`RotaryLaunches`), x's shape and dtype, contiguous; the
+    gradient flows to x."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, seqlen_offsets, cu_seqlens, launches):
+        ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+        ctx.launches = launches
+        return launches.forward(x, cos, sin, seqlen_offsets, cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, dout):
+        dx = _input_grad(ctx.saved_tensors, dout, ctx.launches.backward)
+        return dx, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops, for torch.compile (and the in-place rotation)
 
 
 # Both custom ops take: x, cos, sin, seqlen_offsets (a (batch,) tensor, or None for the int
@@ -85,19 +152,20 @@ def rotary_setup_context(ctx, inputs, output):
 
 
 def rotary_backward(ctx, dout):
-    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
-    # A rotation's inverse is its transpose: rotate the gradient back by -angle.
-    dx = rotary_op(
-        dout,
-        cos,
-        sin,
-        seqlen_offsets,
-        ctx.seqlen_offset,
-        cu_seqlens,
-        ctx.max_seqlen,
-        ctx.interleaved,
-        not ctx.conjugate,
-    )
+    def rotate_back(dout, cos, sin, seqlen_offsets, cu_seqlens):
+        return rotary_op(
+            dout,
+            cos,
+            sin,
+            seqlen_offsets,
+            ctx.seqlen_offset,
+            cu_seqlens,
+            ctx.max_seqlen,
+            ctx.interleaved,
+            not ctx.conjugate,
+        )
+
+    dx = _input_grad(ctx.saved_tensors, dout, rotate_back)
     return dx, None, None, None, None, None, None, None, None
 
 

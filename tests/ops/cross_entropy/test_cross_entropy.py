@@ -165,6 +165,64 @@ def test_module_matches_nn_cross_entropy():
     assert "label_smoothing=0.1" in repr(ours)
 
 
+def _misaligned(t):
+    """A copy of t one element into a fresh buffer: contiguous, not 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    assert view.data_ptr() % 16 != 0
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "column_strided"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_strided_logits_and_gradient_views_in_repeated_calls(layout, reduction, inplace):
+    """Logits read in place through their row stride (a slice of wider rows) or copied (a
+    non-unit column stride), int32 labels, and for reduction="none" an upstream gradient that
+    is a non-contiguous then a misaligned view: every call of the signature, the first (which
+    builds the launches) and later ones, matches F.cross_entropy."""
+    device = kernel_device()
+    labels = torch.randint(0, 37, (9,), dtype=torch.int32, device=device)
+    labels[2] = -100
+    for _ in range(3):
+        wide = torch.randn(9, 50, device=device, requires_grad=True)
+        column_major = wide.t().contiguous().t()
+        logits = wide[:, 3:40] if layout == "row_strided" else column_major[:, :37]
+        loss = cross_entropy_loss(
+            logits, labels, 0.1, reduction=reduction, inplace_backward=inplace, backend="triton"
+        )
+        ref_loss = F.cross_entropy(
+            logits.detach(), labels.long(), label_smoothing=0.1, reduction=reduction
+        )
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        weights = torch.linspace(0.5, 1.5, 18, device=device)
+        grads = [torch.tensor(0.7, device=device)]
+        if reduction == "none":
+            grads = [weights[::2], _misaligned(weights[:9])]
+        for dloss in grads:
+            x = logits.detach().clone().requires_grad_()
+            ref = F.cross_entropy(x, labels.long(), label_smoothing=0.1, reduction=reduction)
+            (ref_grad,) = torch.autograd.grad(ref, x, dloss)
+            (grad,) = torch.autograd.grad(loss, wide, dloss, retain_graph=not inplace)
+            cols = slice(3, 40) if layout == "row_strided" else slice(0, 37)
+            torch.testing.assert_close(grad[:, cols], ref_grad, rtol=1e-5, atol=1e-7)
+            if inplace:
+                break  # the logits' storage now holds the gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_without_grad_matches_with_grad(reduction):
+    device = kernel_device()
+    logits, labels = _inputs(6, 40, torch.float16, device, n_ignored=2)
+    opts = dict(lse_square_scale=1e-2, reduction=reduction, return_z_loss=True, backend="triton")
+    with torch.no_grad():
+        loss, z_loss = cross_entropy_loss(logits, labels, **opts)
+    assert not loss.requires_grad
+    expected = cross_entropy_loss(logits, labels, **opts)
+    torch.testing.assert_close(loss, expected[0].detach())
+    torch.testing.assert_close(z_loss, expected[1])
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_torch_compile_traces_triton_path(inplace):
     device = kernel_device()

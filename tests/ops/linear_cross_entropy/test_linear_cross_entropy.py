@@ -120,6 +120,35 @@ def test_matches_lm_head_plus_f_cross_entropy(backend, reduction, eps):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_misaligned_chunks_in_repeated_calls(reduction):
+    """Chunks of 5 tokens (labels and per-token gradients sliced off 16-byte boundaries, a
+    shorter last chunk: two chunk shapes) and, for reduction="none", a non-contiguous upstream
+    gradient: every call, the first (which builds the chunk launches) and later ones, matches
+    the full-logits oracle."""
+    device = kernel_device()
+    for _ in range(3):
+        tensors, labels = _inputs(13, 8, 40, torch.float32, device, n_ignored=2)
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        loss = linear_cross_entropy(
+            leaves[0],
+            leaves[1],
+            labels,
+            leaves[2],
+            reduction=reduction,
+            chunk_size=5,
+            backend="triton",
+        )
+        dloss = torch.linspace(0.5, 1.5, 26, device=device)[::2] if reduction == "none" else None
+        grads = torch.autograd.grad(loss, leaves, dloss)
+        refs = [t.detach().clone().requires_grad_() for t in tensors]
+        ref = linear_cross_entropy_ref(refs[0], refs[1], labels, refs[2], reduction=reduction)
+        ref_grads = torch.autograd.grad(ref, refs, dloss)
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+        for g, g_ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_upstream_gradient_frozen_weight_no_bias(backend):
     device = _device(backend)

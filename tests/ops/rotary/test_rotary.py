@@ -206,6 +206,48 @@ def test_strided_input():
     torch.testing.assert_close(q2, out)
 
 
+def _misaligned(t):
+    """A copy of t one element into a fresh buffer: contiguous, not 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    assert view.data_ptr() % 16 != 0
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("layout", ["qkv_slice", "last_dim_strided"])
+def test_strided_input_forward_and_backward_in_repeated_calls(layout):
+    """x read through its strides (a slice of qkv) or copied (a non-unit last stride), and a
+    backward whose gradient is a non-contiguous then a misaligned view: every call of the
+    signature, the first (which builds the launches) and later ones, matches the reference."""
+    cos, sin = _tables(20, 16)
+    for _ in range(3):
+        if layout == "qkv_slice":
+            qkv = torch.randn(2, 11, 3, 4, 16, device=DEVICE)
+            x = qkv[:, :, 1]
+        else:
+            x = torch.randn(2, 11, 4, 32, device=DEVICE)[..., ::2]
+        x.requires_grad_()
+        out = apply_rotary(x, cos, sin, 2, backend="triton")
+        torch.testing.assert_close(out, apply_rotary_ref(x.detach(), cos, sin, 2))
+        for dout in (
+            torch.randn(2, 4, 11, 16, device=DEVICE).transpose(1, 2),
+            _misaligned(torch.randn(2, 11, 4, 16, device=DEVICE)),
+        ):
+            (dx,) = torch.autograd.grad(out, x, dout, retain_graph=True)
+            _, dx_ref = _value_and_grad(lambda t: apply_rotary_ref(t, cos, sin, 2), x, dout)
+            torch.testing.assert_close(dx, dx_ref)
+
+
+def test_partial_rotary_dim_without_grad():
+    """rotary_dim < headdim (the tail copied), out of place without autograd, twice."""
+    cos, sin = _tables(12, 6)
+    for _ in range(2):
+        x = torch.randn(2, 5, 3, 10, device=DEVICE)
+        with torch.no_grad():
+            out = apply_rotary(x, cos, sin, interleaved=True, backend="triton")
+        torch.testing.assert_close(out, apply_rotary_ref(x, cos, sin, interleaved=True))
+
+
 def test_torch_compile_traces_the_triton_path():
     cos, sin = _tables(40, 8)
     offsets = torch.tensor([1, 4], dtype=torch.int32, device=DEVICE)

@@ -51,7 +51,8 @@ from flash_attn.ops.attention.triton.forward import (
     token_strides_of,
 )
 from flash_attn.ops.attention.triton.tuning import kernel_config
-from flash_attn.ops.launch import LaunchPlan, cdiv, contiguous_aligned, device_guard
+from flash_attn.ops.launch import LaunchPlan, cdiv, device_guard
+from flash_attn.ops.plans import contiguous_aligned
 
 
 class Queries(NamedTuple):

@@ -1,4 +1,6 @@
-"""Cross-entropy with label smoothing, logit scale and z-loss in Triton, and its launchers.
+"""Cross-entropy with label smoothing, logit scale and z-loss in Triton, and its launches
+(:class:`CrossEntropyForward`, :class:`CrossEntropyBackward`, built once per call signature;
+the functions :func:`cross_entropy_fwd` and :func:`cross_entropy_bwd` keep one per signature).
 
 Layout: logits (n_rows, n_cols) with a unit column stride, labels (n_rows,) int64. The vocabulary
 is split into column blocks of BLOCK_N: program (row, block) reduces its block to a partial
@@ -27,7 +29,13 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.launch import cdiv, device_guard, launch, next_power_of_2
+from flash_attn.ops.launch import (
+    LaunchPlan,
+    cdiv,
+    device_guard,
+    next_power_of_2,
+)
+from flash_attn.ops.plans import PlanCache, call_signature, contiguous_aligned
 
 
 @triton.jit
@@ -120,6 +128,139 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 2048 else 8
 
 
+class CrossEntropyForward:
+    """The forward kernel at one call signature (shapes, strides, dtypes, options): built from
+    the first call's tensors (their metadata only), then called with each call's tensors.
+
+    Args (construction; the call takes logits and labels):
+        logits: (n_rows, n_cols) fp32/fp16/bf16 with a unit column stride, any row stride: the
+            classes [class_start, class_start + n_cols) of total_classes (default n_cols).
+        labels: (n_rows,) int64, contiguous, each in [0, total_classes) or ignore_index.
+        label_smoothing, ignore_index: as in the module docstring.
+        logit_scale: > 0, multiplies the logits first.
+    Call returns (label_terms, lse), each (n_rows,) fp32:
+        label_terms: -(1 - eps) * x[y] (where y is in this shard) - eps / total_classes * sum(x);
+            0 where the label is ignore_index.
+        lse: logsumexp of this shard's scaled logits (ignored rows too).
+        The loss is label_terms + lse once both are summed / logsumexp'ed over the shards.
+    """
+
+    def __init__(
+        self,
+        logits,
+        labels,
+        *,
+        label_smoothing: float,
+        ignore_index: int,
+        logit_scale: float = 1.0,
+        class_start: int = 0,
+        total_classes: int | None = None,
+    ):
+        n_rows, n_cols = logits.shape
+        block_n = _block_n(n_cols)
+        n_blocks = cdiv(n_cols, block_n)
+        self.device = logits.device
+        # One block per row (a vocabulary up to BLOCK_N): the partials are the results.
+        self.partial_shape = (n_rows, n_blocks) if n_blocks > 1 else (n_rows,)
+        self.combine = n_blocks > 1
+        self.empty = n_rows == 0
+        self.launch = LaunchPlan(
+            _cross_entropy_fwd_kernel,
+            (n_rows, n_blocks),
+            ("Logits", "Labels", "LsePartial", "LossPartial"),
+            stride_row=logits.stride(0),
+            n_cols=n_cols,
+            n_blocks=n_blocks,
+            label_smoothing=float(label_smoothing),
+            logit_scale=float(logit_scale),
+            ignore_index=int(ignore_index),
+            class_start=int(class_start),
+            total_classes=int(total_classes or n_cols),
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )
+
+    def __call__(self, logits, labels):
+        lse_partial = torch.empty(self.partial_shape, dtype=torch.float32, device=self.device)
+        loss_partial = torch.empty(self.partial_shape, dtype=torch.float32, device=self.device)
+        if not self.empty:
+            with device_guard(logits):
+                self.launch(logits, labels, lse_partial, loss_partial)
+        if self.combine:
+            return loss_partial.sum(dim=1), torch.logsumexp(lse_partial, dim=1)
+        return loss_partial, lse_partial
+
+
+class CrossEntropyBackward:
+    """The backward kernel at one call signature: built from the metadata of the logits and
+    labels (as given to :class:`CrossEntropyForward`) and the layout of the per-row gradient;
+    called with each backward's tensors.
+
+    Args (construction):
+        logits, labels: as given to the forward.
+        dloss_stride: the stride of the calls' dloss (0: one value broadcast to every row).
+        inplace: write the gradient over the logits (each program reads its block before
+            writing it); else into a new contiguous tensor.
+        label_smoothing, lse_square_scale, ignore_index, logit_scale, class_start,
+        total_classes: as given to the forward (lse_square_scale: the z-loss weight).
+    Call (dloss, logits, lse, labels): dloss (n_rows,) fp32 with the stride given, lse (n_rows,)
+    fp32 contiguous, the log-sum-exp of the whole row (combined over the shards). Returns
+    dlogits (n_rows, n_cols) in the logits' dtype (the logits themselves in place).
+    """
+
+    def __init__(
+        self,
+        logits,
+        labels,
+        *,
+        dloss_stride: int,
+        inplace: bool,
+        label_smoothing: float,
+        lse_square_scale: float,
+        ignore_index: int,
+        logit_scale: float = 1.0,
+        class_start: int = 0,
+        total_classes: int | None = None,
+    ):
+        n_rows, n_cols = logits.shape
+        block_n = _block_n(n_cols)
+        self.shape, self.dtype, self.device = logits.shape, logits.dtype, logits.device
+        self.inplace = inplace
+        self.empty = n_rows == 0
+        self.launch = LaunchPlan(
+            _cross_entropy_bwd_kernel,
+            (n_rows, cdiv(n_cols, block_n)),
+            ("DLogits", "Logits", "Labels", "Lse", "DLoss"),
+            stride_dlogits_row=logits.stride(0) if inplace else n_cols,
+            stride_logits_row=logits.stride(0),
+            stride_dloss=dloss_stride,
+            n_cols=n_cols,
+            label_smoothing=float(label_smoothing),
+            logit_scale=float(logit_scale),
+            lse_square_scale=float(lse_square_scale),
+            ignore_index=int(ignore_index),
+            class_start=int(class_start),
+            total_classes=int(total_classes or n_cols),
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_n),
+        )
+
+    def __call__(self, dloss, logits, lse, labels):
+        if self.inplace:
+            dlogits = logits
+        else:
+            dlogits = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if not self.empty:
+            with device_guard(logits):
+                self.launch(dlogits, logits, labels, lse, dloss)
+        return dlogits
+
+
+# -- the launches as functions, one plan per call signature ------------------------------------
+
+_forward_plans, _backward_plans = PlanCache(), PlanCache()
+
+
 def cross_entropy_fwd(
     logits,
     labels,
@@ -129,8 +270,9 @@ def cross_entropy_fwd(
     class_start=0,
     total_classes=None,
 ):
-    """Per-row label terms and log-sum-exp of one vocabulary shard. Inputs are assumed validated
-    (see ``flash_attn.ops.cross_entropy``).
+    """Per-row label terms and log-sum-exp of one vocabulary shard: the launch of
+    :class:`CrossEntropyForward` (its arguments and return value) through a plan kept per call
+    signature. Inputs are assumed validated (see ``flash_attn.ops.cross_entropy``).
 
     Args:
         logits: (n_rows, n_cols) fp32/fp16/bf16 with a unit column stride: the classes
@@ -138,41 +280,20 @@ def cross_entropy_fwd(
         labels: (n_rows,) int64, each in [0, total_classes) or equal to ignore_index.
         logit_scale: > 0, multiplies the logits first.
     Returns:
-        label_terms: (n_rows,) fp32, -(1 - eps) * x[y] (where y is in this shard)
-            - eps / total_classes * sum(x); 0 where the label is ignore_index.
-        lse: (n_rows,) fp32, logsumexp of this shard's scaled logits (ignored rows too).
-        The loss is label_terms + lse once both are summed / logsumexp'ed over the shards.
+        label_terms, lse: (n_rows,) fp32 each (see :class:`CrossEntropyForward`).
     """
-    n_rows, n_cols = logits.shape
-    block_n = _block_n(n_cols)
-    n_blocks = cdiv(n_cols, block_n)
-    # One block per row (a vocabulary up to BLOCK_N): the partials are the results.
-    partial_shape = (n_rows, n_blocks) if n_blocks > 1 else (n_rows,)
-    lse_partial = torch.empty(partial_shape, dtype=torch.float32, device=logits.device)
-    loss_partial = torch.empty_like(lse_partial)
-    if n_rows > 0:
-        with device_guard(logits):
-            launch(
-                _cross_entropy_fwd_kernel,
-                (n_rows, n_blocks),
-                logits,
-                labels,
-                lse_partial,
-                loss_partial,
-                logits.stride(0),
-                n_cols,
-                n_blocks,
-                float(label_smoothing),
-                float(logit_scale),
-                int(ignore_index),
-                int(class_start),
-                int(total_classes or n_cols),
-                BLOCK_N=block_n,
-                num_warps=_num_warps(block_n),
-            )
-    if n_blocks == 1:
-        return loss_partial, lse_partial
-    return loss_partial.sum(dim=1), torch.logsumexp(lse_partial, dim=1)
+    options = dict(
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        logit_scale=logit_scale,
+        class_start=class_start,
+        total_classes=total_classes,
+    )
+    key = call_signature((logits, labels), tuple(options.values()))
+    plan = _forward_plans.get(key)
+    if plan is None:
+        plan = _forward_plans.keep(key, CrossEntropyForward(logits, labels, **options))
+    return plan(logits, labels)
 
 
 def cross_entropy_bwd(
@@ -188,45 +309,38 @@ def cross_entropy_bwd(
     class_start=0,
     total_classes=None,
 ):
-    """Gradient of the per-row loss with respect to the logits (of one vocabulary shard).
+    """Gradient of the per-row loss with respect to the logits (of one vocabulary shard): the
+    launch of :class:`CrossEntropyBackward` through a plan kept per call signature.
 
     Args:
         dloss: (n_rows,) gradient of the per-row loss (any float dtype, any stride).
         logits, labels, label_smoothing, ignore_index, logit_scale, class_start, total_classes:
             as in the forward.
         lse: (n_rows,) fp32 log-sum-exp of the whole row (combined over the shards).
-        dlogits: (n_rows, n_cols) output buffer with a unit column stride; pass ``logits``
-            itself to write the gradient over the logits (each program reads its block before
-            writing it, so this is safe). Allocated like ``logits`` when None.
+        dlogits: None, or ``logits`` itself to write the gradient over the logits (each
+            program reads its block before writing it, so this is safe); another tensor
+            (n_rows, n_cols) with a unit column stride receives a copy of the gradient.
     Returns:
-        dlogits: (n_rows, n_cols) in the logits' dtype.
+        dlogits: (n_rows, n_cols) in the logits' dtype (contiguous, or the logits / dlogits
+        given).
     """
-    n_rows, n_cols = logits.shape
-    if dlogits is None:
-        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    dloss = dloss.to(torch.float32)
-    block_n = _block_n(n_cols)
-    if n_rows > 0:
-        with device_guard(logits):
-            launch(
-                _cross_entropy_bwd_kernel,
-                (n_rows, cdiv(n_cols, block_n)),
-                dlogits,
-                logits,
-                labels,
-                lse,
-                dloss,
-                dlogits.stride(0),
-                logits.stride(0),
-                dloss.stride(0),
-                n_cols,
-                float(label_smoothing),
-                float(logit_scale),
-                float(lse_square_scale),
-                int(ignore_index),
-                int(class_start),
-                int(total_classes or n_cols),
-                BLOCK_N=block_n,
-                num_warps=_num_warps(block_n),
-            )
-    return dlogits
+    if dloss.dtype != torch.float32:
+        dloss = dloss.to(torch.float32)
+    lse = contiguous_aligned(lse)
+    inplace = dlogits is logits
+    options = dict(
+        dloss_stride=dloss.stride(0),
+        inplace=inplace,
+        label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale,
+        ignore_index=ignore_index,
+        logit_scale=logit_scale,
+        class_start=class_start,
+        total_classes=total_classes,
+    )
+    key = call_signature((dloss, logits, labels), tuple(options.values()))
+    plan = _backward_plans.get(key)
+    if plan is None:
+        plan = _backward_plans.keep(key, CrossEntropyBackward(logits, labels, **options))
+    out = plan(dloss, logits, lse, labels)
+    return out if dlogits is None or inplace else dlogits.copy_(out)

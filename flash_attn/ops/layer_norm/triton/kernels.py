@@ -31,15 +31,14 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.launch import (
     LaunchPlan,
     cdiv,
-    contiguous_aligned,
     device_guard,
     next_power_of_2,
     row_strides,
 )
+from flash_attn.ops.plans import PlanCache, call_signature, contiguous_aligned
 
 # Rows longer than this are processed in chunks (64 KiB of fp64 would not fit; 8192 fp32 does).
 MAX_BLOCK = 8192

@@ -24,15 +24,14 @@ import triton
 import triton.language as tl
 
 from flash_attn.ops.backend import interpreter_enabled
-from flash_attn.ops.custom_op import PlanCache, call_signature
 from flash_attn.ops.launch import (
     LaunchPlan,
     cdiv,
-    contiguous_aligned,
     device_guard,
     largest,
     row_strides,
 )
+from flash_attn.ops.plans import PlanCache, call_signature, contiguous_aligned
 
 
 @triton.jit
