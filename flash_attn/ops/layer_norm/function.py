@@ -134,6 +134,7 @@ class NormLaunches:
                 x_dtype=info.x_dtype,
                 x1_dtype=info.x1_dtype,
                 residual_dtype=info.residual_dtype,
+                share_dx=True,  # autograd takes one tensor as two inputs' gradient
             )
         return launch(dy, dy1, h, weight, weight1, mean, rstd, dresidual_out, rowscale, seed)
 

@@ -485,6 +485,33 @@ def test_gradient_through_one_output(backend, used):
     torch.testing.assert_close(residual.grad, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_residual_gradient_is_x_gradient_written_once(dropout_p):
+    """Without dropout or rowscale, h = x + residual gives x and residual the same gradient:
+    the backward writes it once and hands both the same tensor (each leaf still gets a .grad
+    of its own). With dropout they differ and both are written."""
+    x0, weight, bias, residual0 = _inputs(6, 32, torch.float32)
+    grads = {}
+    results = {}
+    for backend in BACKENDS:
+        x, residual = (t.detach().requires_grad_() for t in (x0, residual0))
+        seen_x, seen_r = x * 1.0, residual * 1.0  # non-leaves: their hooks see what arrives
+        seen_x.register_hook(lambda g: grads.__setitem__("x", g))
+        seen_r.register_hook(lambda g: grads.__setitem__("residual", g))
+        torch.manual_seed(0)
+        out, res = layer_norm_fn(
+            seen_x, weight, bias, seen_r, dropout_p=dropout_p, prenorm=True, backend=backend
+        )
+        (out.square().sum() + res.sum()).backward()
+        if backend == "triton":
+            assert (grads["x"] is grads["residual"]) == (dropout_p == 0.0)
+        assert x.grad.data_ptr() != residual.grad.data_ptr()
+        results[backend] = (x.grad, residual.grad)
+    if dropout_p == 0.0:  # the backends draw different masks
+        for got, expected in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_dtype_and_preallocated_outputs(backend):
     x, weight, bias, residual = _inputs(3, 24, torch.float32)

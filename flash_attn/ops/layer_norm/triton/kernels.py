@@ -885,6 +885,9 @@ class NormBackward:
         x_dtype: dtype of dx (default h's).
         x1_dtype: dtype of dx1; None when the forward had no x1.
         residual_dtype: dtype of the residual gradient; None when there was no residual.
+        share_dx: return dx itself as the residual's gradient where the two are equal (no
+            dropout, no rowscale, residual_dtype x_dtype): one tensor written instead of two.
+            For autograd's eager path only (a custom op's outputs may not alias).
         max_block: as for the forward.
     Call (dy, dy1, h, weight, weight1, mean, rstd, dresidual_out, rowscale, seed): dy, dy1,
     dresidual_out of h's shape (any layout: they are made contiguous), dy1 None without weight1,
@@ -909,6 +912,7 @@ class NormBackward:
         x_dtype: torch.dtype | None = None,
         x1_dtype: torch.dtype | None = None,
         residual_dtype: torch.dtype | None = None,
+        share_dx: bool = False,
         max_block: int = MAX_BLOCK,
     ):
         self.shape, n = h.shape, h.shape[-1]
@@ -917,6 +921,10 @@ class NormBackward:
         self.device = h.device
         self.x_dtype, self.x1_dtype = x_dtype or h.dtype, x1_dtype
         self.residual_dtype = residual_dtype
+        # dh/dresidual = dh = dh/dx where nothing scales or drops x on its way into h.
+        self.share_dx = share_dx and (
+            residual_dtype == self.x_dtype and dropout_p == 0.0 and not has_rowscale
+        )
         programs = _max_programs(h.device) if self.rows else 1
         programs = max(1, min(self.rows, programs))
         block, single, num_warps = _block(n, max_block)
@@ -940,7 +948,7 @@ class NormBackward:
             ZERO_CENTERED_WEIGHT=zero_centered_weight,
             HAS_DROPOUT=dropout_p > 0.0,
             HAS_DRESIDUAL_OUT=has_dresidual_out,
-            STORE_DRESIDUAL=residual_dtype is not None,
+            STORE_DRESIDUAL=residual_dtype is not None and not self.share_dx,
             BLOCK_N=block,
             SINGLE_BLOCK=single,
             num_warps=num_warps,
@@ -964,7 +972,9 @@ class NormBackward:
         dx = torch.empty(shape, dtype=self.x_dtype, device=device)
         dx1 = torch.empty(shape, dtype=self.x1_dtype, device=device) if self.x1_dtype else None
         dresidual = None
-        if self.residual_dtype is not None:
+        if self.share_dx:
+            dresidual = dx
+        elif self.residual_dtype is not None:
             dresidual = torch.empty(shape, dtype=self.residual_dtype, device=device)
         # Separate tensors, not views of one: a custom op's outputs may not alias each other.
         new_grad = torch.empty_like if self.rows else torch.zeros_like
