@@ -20,7 +20,7 @@ def _rotary_tables(seqlen, rotary_dim, device):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_token_by_token_decoding_equals_full_causal_attention(backend, num_splits):
     device, _ = device_and_dtypes(backend)
-    batch, prompt, steps, nheads, nheads_k, headdim = 2, 37, 6, 4, 2, 32
+    batch, prompt, steps, nheads, nheads_k, headdim = 2, 37, 6, 2, 1, 32  # GQA 2:1
     total = prompt + steps
     q, k, v = (
         torch.randn(batch, total, h, headdim, device=device) for h in (nheads, nheads_k, nheads_k)
@@ -204,7 +204,7 @@ def test_left_padded_cache_decodes_as_the_unpadded_cache(backend, num_splits):
     them), with garbage in the padding, decode, rotary included, exactly as each prompt alone
     in an unpadded cache."""
     device, _ = device_and_dtypes(backend)
-    batch, capacity, nheads, nheads_k, headdim = 3, 40, 4, 2, 32
+    batch, capacity, nheads, nheads_k, headdim = 3, 40, 2, 1, 32  # GQA 2:1
     lengths, width, steps = [9, 3, 14], 14, 3
     leftpad = torch.tensor([width - n for n in lengths], dtype=torch.int32, device=device)
     cos, sin = _rotary_tables(capacity, 16, device)
