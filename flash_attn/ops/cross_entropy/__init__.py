@@ -3,8 +3,10 @@ functional API, its autograd, the Triton kernels (``triton/``) and the plain-PyT
 
     api.py          cross_entropy_loss: checks, picks the backend; the checks that
                     linear_cross_entropy shares; flash-attn 2.x's per-row cross_entropy_loss_2x
-    function.py     the custom ops flash_attn::cross_entropy_fwd / _bwd / _bwd_inplace (fake
-                    implementations, autograd formula) and the vocabulary-parallel Function
+    function.py     autograd: eager, CrossEntropyFunction over launches kept per call
+                    signature; the custom ops flash_attn::cross_entropy_fwd / _bwd /
+                    _bwd_inplace (fake implementations, autograd formula); the
+                    vocabulary-parallel Function
     reference.py    the math in plain PyTorch: torch backend beyond F.cross_entropy, oracle
     triton/         kernels.py: the forward and backward kernels and their launchers
 

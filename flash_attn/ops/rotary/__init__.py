@@ -4,7 +4,8 @@ and the plain-PyTorch reference.
     api.py          apply_rotary: checks, picks the backend, the torch backend, the in-place
                     autograd; flash-attn 2.x's apply_rotary_emb, apply_rotary_emb_qkv_,
                     apply_rotary_emb_kv_
-    function.py     the custom ops flash_attn::rotary (fake, autograd) and flash_attn::rotary_
+    function.py     autograd: eager, RotaryFunction over launches kept per call signature;
+                    the custom ops flash_attn::rotary (fake, autograd) and flash_attn::rotary_
                     (in place) over the kernel
     reference.py    the math in plain PyTorch: test oracle; flash-attn 2.x's
                     apply_rotary_emb_torch
