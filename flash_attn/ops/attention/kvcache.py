@@ -293,7 +293,7 @@ def flash_attn_with_kvcache(
         plan.page_size,
         plan.capacity,
     )
-    cache_seqlens = plan.seqlens if seqlens_tensor is None else seqlens_tensor
+    cache_seqlens = plan.seqlens if seqlens_tensor is None else seqlens_tensor.to(q.device)
     if reads_values(q):  # reading the values would synchronise with a GPU
         seqlen_new = k.shape[1] if k is not None else 0
         _check_cache_values(k_cache, seqlen_new, cache_seqlens, cache_leftpad, layout)
