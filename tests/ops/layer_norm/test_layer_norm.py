@@ -485,6 +485,29 @@ def test_gradient_through_one_output(backend, used):
     torch.testing.assert_close(residual.grad, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+def test_strided_inputs(layout):
+    """(batch, seqlen, hidden) inputs whose rows are strided: a slice of wider rows is read in
+    place through its row stride, a transposed tensor (its rows do not collapse into one
+    strided dimension) is copied; both give the torch backend's outputs and gradients."""
+    hidden = 24
+    if layout == "sliced":
+        x0 = torch.randn(2, 5, 40, device=DEVICE)[..., 8 : 8 + hidden]  # row stride 40
+    else:
+        x0 = torch.randn(2, hidden, 5, device=DEVICE).transpose(1, 2)  # (2, 5, 24)
+    residual0 = torch.randn(2, 5, hidden, device=DEVICE)
+    weight0 = 1 + 0.5 * torch.randn(hidden, device=DEVICE)
+    dy = torch.randn(2, 5, hidden, device=DEVICE)
+    results = {}
+    for backend in BACKENDS:
+        x, residual, weight = (t.detach().requires_grad_() for t in (x0, residual0, weight0))
+        out, res = layer_norm_fn(x, weight, None, residual, prenorm=True, backend=backend)
+        torch.autograd.backward([out, res], [dy, dy])
+        results[backend] = (out, res, x.grad, residual.grad, weight.grad)
+    for got, expected in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_residual_gradient_is_x_gradient_written_once(dropout_p):
     """Without dropout or rowscale, h = x + residual gives x and residual the same gradient:
