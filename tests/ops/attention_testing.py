@@ -87,6 +87,10 @@ def kernel_arg_types(kernel, dtype: str = "fp16") -> dict:
         "stride_lse": ("i32",) * 2,
         "CuSeqlensK": "*i32",
         "SeqlensK": "*i32",
+        "Seqlens": "*i32",  # the cache update's lengths, rows, left padding and key ranges
+        "Rows": "*i32",
+        "Leftpad": "*i32",
+        "KeyRanges": "*i32",
         "Slopes": "*fp32",
         "scoring": Scoring(*(_SCALAR_TYPES[t] for t in typing.get_type_hints(Scoring).values())),
     }

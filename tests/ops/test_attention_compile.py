@@ -7,7 +7,7 @@ so every kernel is also compiled, with its features off and all on, by Triton's 
 from tests.testing import assert_compiles_for_gpu
 
 _COMPILE = """
-from flash_attn.ops.attention.triton import backward as bwd, forward as fwd
+from flash_attn.ops.attention.triton import backward as bwd, cache, forward as fwd
 from benchmarks.triton_compile import compile_for_gpu
 from tests.ops.attention_testing import kernel_arg_types
 
@@ -31,6 +31,9 @@ for on in (False, True):
 rows = dict(HEAD_DIM=128, VARLEN=True, BLOCK_M=64)
 build(bwd._attn_bwd_preprocess_kernel, ZERO_DQ=True, **rows)
 build(bwd._attn_bwd_dq_finish_kernel, **rows)
+for paged in (False, True):  # the KV cache's update: rows or pages, with or without left padding
+    build(cache._append_kernel, S_NEW=1, H=8, D=128, HAS_ROWS=not paged, PAGED=paged,
+          HAS_LEFTPAD=not paged, BLOCK_H=8, BLOCK_D=128)
 print("compiled")
 """
 

@@ -242,3 +242,26 @@ def test_left_padded_cache_decodes_as_the_unpadded_cache(backend, num_splits):
             one = slice(b, b + 1)
             expected = step(alone, one, slice(t, t + 1), cache_seqlens=n + t - width)
             torch.testing.assert_close(out[one], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_the_decoding_step():
+    """Under torch.compile (fullgraph) the Triton path appends to the cache and attends as
+    eagerly, where eager calls take the one-launch cache update."""
+    pytest.importorskip("triton")
+    device, _ = device_and_dtypes("triton")
+    q = torch.randn(2, 1, 4, 16, device=device)
+    k, v = (torch.randn(2, 1, 2, 16, device=device) for _ in "kv")
+    caches = [torch.randn(2, 32, 2, 16, device=device) for _ in "kv"]
+    seqlens = torch.tensor([5, 17], dtype=torch.int32, device=device)
+
+    def step(q, k_cache, v_cache, k, v, seqlens):
+        return flash_attn_with_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True, backend="triton"
+        )
+
+    eager_caches, compiled_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    eager = step(q, *eager_caches, k, v, seqlens)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, *compiled_caches, k, v, seqlens), eager)
+    for got, expected in zip(compiled_caches, eager_caches):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -303,6 +303,31 @@ def flash_attn_with_kvcache(
         q, k = _rotate(
             q, k, rotary_cos, rotary_sin, cache_seqlens, plan.local, rotary_interleaved, backend
         )
+    if plan.backend == "triton" and not torch.compiler.is_compiling():
+        # One launch appends k and v and writes the key ranges, one attends.
+        key_ranges = plan.cache_append(k, v, k_cache, v_cache, cache_batch_idx, block_table)(
+            k,
+            v,
+            k_cache,
+            v_cache,
+            cache_seqlens.contiguous(),
+            cache_batch_idx.contiguous() if cache_batch_idx is not None else None,
+            block_table,
+            cache_leftpad.contiguous() if cache_leftpad is not None else None,
+        )
+        launch = plan.forward_launch(
+            q, k_cache, v_cache, alibi_slopes, cache_batch_idx, block_table
+        )
+        out, lse = launch(
+            q,
+            k_cache,
+            v_cache,
+            alibi_slopes=alibi_slopes,
+            key_ranges=key_ranges,
+            k_batch_idx=cache_batch_idx,
+            block_table=block_table,
+        )
+        return (out, lse) if return_softmax_lse else out
     if k is not None:
         # Append in place: entry b's new tokens go to positions cache_seqlens[b] + 0, 1, ...
         index = layout.index(cache_seqlens.long()[:, None] + plan.new_positions)
@@ -384,7 +409,26 @@ class _DecodePlan:
             filled = self.capacity if cache_seqlens is None else cache_seqlens
             self.seqlens = torch.full((batch,), filled, dtype=torch.int32, device=device)
         self.new_positions = torch.arange(k.shape[1], device=device) if k is not None else None
-        self.launch = None
+        self.has_leftpad = cache_leftpad is not None
+        self.append = self.launch = None
+
+    def cache_append(self, k, v, k_cache, v_cache, cache_batch_idx, block_table):
+        """The Triton cache update of the signature (append and key ranges), built on first
+        use."""
+        if self.append is None:
+            from flash_attn.ops.attention.triton.cache import CacheAppend
+
+            self.append = CacheAppend(
+                k,
+                v,
+                k_cache,
+                v_cache,
+                batch=self.rows.shape[0],
+                has_rows=cache_batch_idx is not None,
+                block_table=block_table,
+                has_leftpad=self.has_leftpad,
+            )
+        return self.append
 
     def forward_launch(self, q, k_cache, v_cache, alibi_slopes, cache_batch_idx, block_table):
         """The Triton forward launch of the signature, built on first use."""
@@ -417,41 +461,28 @@ def _attend_to_cache(
     alibi_slopes,
     return_lse,
 ):
-    """(out, lse) of q attending to each batch entry's keys in the cache. The torch path
-    computes lse only when return_lse (it then materialises the scores of each batch entry);
-    the Triton path always has it."""
+    """(out, lse) of q attending to each batch entry's keys in the cache, on the torch backend
+    or, under ``torch.compile``, through the op it traces (eager Triton calls take
+    :class:`~flash_attn.ops.attention.triton.cache.CacheAppend` and the plan's forward launch).
+    The torch path computes lse only when return_lse (it then materialises the scores of each
+    batch entry)."""
     layout, opts = keys.layout, plan.opts
     if plan.backend == "triton":
         from flash_attn.ops.attention.triton.forward import key_ranges_of
 
-        key_ranges = key_ranges_of(keys.ends.to(torch.int32), keys.leftpad)
-        if torch.compiler.is_compiling():  # the op that torch.compile traces
-            splits = plan.num_splits or _auto_num_splits(q, layout.capacity, q.shape[2])
-            out, lse, _ = attention_compiled(
-                q,
-                k_cache,
-                v_cache,
-                opts,
-                alibi_slopes=alibi_slopes,
-                max_seqlen_k=layout.capacity,
-                key_ranges=key_ranges,
-                k_batch_idx=cache_batch_idx,
-                block_table=layout.block_table,
-                num_splits=splits,
-            )
-            return out, lse
-        launch = plan.forward_launch(
-            q, k_cache, v_cache, alibi_slopes, cache_batch_idx, layout.block_table
-        )
-        return launch(
+        out, lse, _ = attention_compiled(
             q,
             k_cache,
             v_cache,
+            opts,
             alibi_slopes=alibi_slopes,
-            key_ranges=key_ranges,
+            max_seqlen_k=layout.capacity,
+            key_ranges=key_ranges_of(keys.ends.to(torch.int32), keys.leftpad),
             k_batch_idx=cache_batch_idx,
             block_table=layout.block_table,
+            num_splits=plan.num_splits or _auto_num_splits(q, layout.capacity, q.shape[2]),
         )
+        return out, lse
     starts = keys.leftpad.tolist() if keys.leftpad is not None else [0] * q.shape[0]
     outs, lses = [], []
     for b, (start, end) in enumerate(zip(starts, keys.ends.tolist())):
