@@ -96,14 +96,6 @@ class LaunchPlan:
             args[slot] = tensor
         self._launch(args)
 
-    def replay(self, values: tuple, positions: tuple) -> None:
-        """Launch with the tensors ``values[i]`` for i in ``positions``, one for each of the
-        plan's names (what :func:`launch` does after a plan's first call)."""
-        args = self.args.copy()
-        for slot, position in zip(self.slot_list, positions):
-            args[slot] = values[position]
-        self._launch(args)
-
     def _launch(self, args: list) -> None:
         driver = triton.runtime.driver.active
         stream = driver.get_current_stream(self.device)

@@ -7,7 +7,8 @@ LayerNorm's):
   autograd formula), and the mutating op ``flash_attn::rotary_`` of ``inplace=True`` (whose
   autograd is in ``api.py``: mutating custom ops take no formula; it serves eager calls too).
 
-Both differentiate by :func:`_input_grad`: the backward is the same rotation conjugated. The
+Both differentiate alike: the backward is the same rotation conjugated (a rotation's inverse is
+its transpose), given the saved (cos, sin, seqlen_offsets, cu_seqlens). The
 kernels are imported inside each op so that ``import flash_attn`` works without Triton.
 """
 
@@ -19,14 +20,6 @@ import torch
 
 from flash_attn.ops.custom_op import custom_op
 from flash_attn.ops.plans import contiguous_aligned
-
-
-def _input_grad(saved: tuple, dout: torch.Tensor, rotate_back):
-    """The gradient of x: dout rotated back by -angle (a rotation's inverse is its transpose).
-    saved: the forward's (cos, sin, seqlen_offsets, cu_seqlens); rotate_back: called with dout
-    and those four."""
-    cos, sin, seqlen_offsets, cu_seqlens = saved
-    return rotate_back(dout, cos, sin, seqlen_offsets, cu_seqlens)
 
 
 class RotaryLaunches:
@@ -74,7 +67,7 @@ class RotaryFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        dx = _input_grad(ctx.saved_tensors, dout, ctx.launches.backward)
+        dx = ctx.launches.backward(dout, *ctx.saved_tensors)  # saved: cos, sin, offsets, cu
         return dx, None, None, None, None, None
 
 
@@ -152,20 +145,18 @@ def rotary_setup_context(ctx, inputs, output):
 
 
 def rotary_backward(ctx, dout):
-    def rotate_back(dout, cos, sin, seqlen_offsets, cu_seqlens):
-        return rotary_op(
-            dout,
-            cos,
-            sin,
-            seqlen_offsets,
-            ctx.seqlen_offset,
-            cu_seqlens,
-            ctx.max_seqlen,
-            ctx.interleaved,
-            not ctx.conjugate,
-        )
-
-    dx = _input_grad(ctx.saved_tensors, dout, rotate_back)
+    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
+    dx = rotary_op(
+        dout,
+        cos,
+        sin,
+        seqlen_offsets,
+        ctx.seqlen_offset,
+        cu_seqlens,
+        ctx.max_seqlen,
+        ctx.interleaved,
+        not ctx.conjugate,
+    )
     return dx, None, None, None, None, None, None, None, None
 
 
